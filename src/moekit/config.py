@@ -1,0 +1,187 @@
+"""Configuration of an MoE layer: one kw-only dataclass, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+ROUTERS = (
+    "softmax_topk",
+    "noisy_topk",
+    "switch",
+    "sigmoid_topk",
+    "top_p",
+    "expert_choice",
+    "soft",
+    "dense",
+)
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+OVERFLOW_POLICIES = ("drop", "reroute")
+# Routers where every token goes to a fixed set of slots and capacity does not apply.
+_NO_CAPACITY_ROUTERS = ("soft", "dense")
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Emit a UserWarning the first time a given message is seen in this process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """Everything that defines one MoE layer.
+
+    Shapes: d_model (D) is the token width, d_hidden (F) the hidden width of each routed
+    expert, num_experts (E) the number of routed experts, top_k (K) the experts per token.
+    """
+
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int = 2
+    router: str = "softmax_topk"
+    activation: str = "swiglu"
+
+    # Capacity: C = ceil(capacity_factor * T * top_k / E); None = dropless.
+    capacity_factor: float | None = None
+    overflow: str = "drop"  # "drop" or "reroute" (to the next-ranked expert with room)
+    batch_priority: bool = False  # V-MoE: highest router score claims capacity first
+
+    # Router options (each is used by the routers named in its comment).
+    renormalize: bool = True  # softmax_topk, noisy_topk, sigmoid_topk, top_p: weights sum to 1
+    jitter_eps: float = 0.01  # switch: input *= U(1 - eps, 1 + eps) in training
+    top_p: float = 0.5  # top_p: smallest expert set whose probabilities reach p (max top_k)
+    num_groups: int = 1  # sigmoid_topk: experts split into groups (DeepSeek-V3 n_group)
+    topk_groups: int = 1  # sigmoid_topk: groups each token may use (topk_group)
+    routed_scaling: float = 1.0  # sigmoid_topk: routed output scale (DeepSeek-V3: 2.5)
+    bias_update_rate: float = 1e-3  # sigmoid_topk: aux-loss-free balancing step size
+    slots_per_expert: int = 1  # soft: slots each expert processes per sequence
+
+    # Shared (always-on) experts, DeepSeekMoE / Qwen-MoE. Hidden width per shared expert
+    # defaults to d_hidden; they run as one dense MLP of width num_shared * d_shared_hidden.
+    num_shared_experts: int = 0
+    d_shared_hidden: int | None = None
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared output
+
+    # Loss coefficients: out.aux_loss = sum(coef * unweighted part).
+    balance_loss_coef: float = 0.01  # Switch eq. (4): N * sum_i f_i * P_i
+    z_loss_coef: float = 0.0  # ST-MoE eq. (5): mean logsumexp(logits)^2
+    importance_loss_coef: float = 0.0  # Shazeer 2017: CV^2 of importance
+    load_loss_coef: float = 0.0  # Shazeer 2017: CV^2 of (smooth, for noisy_topk) load
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_hidden", "num_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.router == "dense":
+            # The classic form runs every expert; top_k is fixed by the definition.
+            self.top_k = self.num_experts
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"the switch router is top-1; got top_k ({self.top_k})")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k ({self.top_k!r}) must be >= 1")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor ({self.capacity_factor}) must be > 0 or None")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(
+                f"unknown overflow policy {self.overflow!r}; choose one of "
+                f"{', '.join(OVERFLOW_POLICIES)}"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps ({self.jitter_eps}) must be in [0, 1)")
+        if self.slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert ({self.slots_per_expert}) must be >= 1")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts ({self.num_shared_experts}) must be >= 0")
+        if self.d_shared_hidden is not None and self.d_shared_hidden < 1:
+            raise ValueError(f"d_shared_hidden ({self.d_shared_hidden}) must be >= 1")
+        for name in ("balance_loss_coef", "z_loss_coef", "importance_loss_coef", "load_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        self._check_groups()
+        self._warn_settings_without_effect()
+
+    def _check_groups(self) -> None:
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            raise ValueError(
+                f"num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})"
+            )
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(
+                f"topk_groups ({self.topk_groups}) must be in [1, num_groups ({self.num_groups})]"
+            )
+        experts_reachable = self.topk_groups * (self.num_experts // self.num_groups)
+        if self.top_k > experts_reachable:
+            raise ValueError(
+                f"top_k ({self.top_k}) exceeds the experts in topk_groups ({self.topk_groups}) "
+                f"groups of {self.num_experts // self.num_groups}"
+            )
+
+    def _warn_settings_without_effect(self) -> None:
+        if self.capacity_factor is not None and self.router in _NO_CAPACITY_ROUTERS:
+            warn_once(f"capacity_factor has no effect with the {self.router!r} router")
+        if self.capacity_factor is None and (self.overflow != "drop" or self.batch_priority):
+            warn_once("overflow and batch_priority have no effect when capacity_factor is None")
+        if self.router == "expert_choice" and (self.overflow != "drop" or self.batch_priority):
+            warn_once("overflow and batch_priority have no effect with expert_choice routing")
+        if self.num_groups > 1 and self.router != "sigmoid_topk":
+            warn_once("num_groups/topk_groups only apply to the sigmoid_topk router")
+        if self.load_loss_coef > 0 and self.router != "noisy_topk":
+            warn_once(
+                "load_loss_coef: the load of non-noisy routers is a hard count with no "
+                "gradient; the load loss only trains the noisy_topk router"
+            )
+
+    @property
+    def gated(self) -> bool:
+        """True for GLU activations, whose up projection has two halves (gate, up)."""
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def shared_hidden(self) -> int:
+        """Total hidden width of the shared experts (0 without them)."""
+        return self.num_shared_experts * (self.d_shared_hidden or self.d_hidden)
+
+    def segmented(self, factor: int) -> MoEConfig:
+        """Fine-grained expert segmentation (DeepSeekMoE): each expert split into `factor`.
+
+        num_experts and top_k grow by `factor`, d_hidden shrinks by it, so the total and the
+        active parameters stay the same while the routing gets finer.
+        """
+        if factor < 1 or self.d_hidden % factor:
+            raise ValueError(f"factor ({factor}) must be >= 1 and divide d_hidden ({self.d_hidden})")
+        return dataclasses.replace(
+            self,
+            num_experts=self.num_experts * factor,
+            top_k=self.top_k * factor,
+            d_hidden=self.d_hidden // factor,
+        )
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for a batch of num_tokens: ceil(cf * T * top_k / E), None = no limit."""
+        factor = self.capacity_factor
+        if self.router == "expert_choice":
+            factor = 1.0 if factor is None else factor
+        elif factor is None or self.router in _NO_CAPACITY_ROUTERS:
+            return None
+        if num_tokens == 0:
+            return 0
+        capacity = max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+        # An expert can hold at most every token once.
+        return min(capacity, num_tokens)

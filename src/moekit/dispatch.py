@@ -1,0 +1,143 @@
+"""Local dispatch: move tokens into expert-grouped rows and back.
+
+# T tokens, D model, E experts, K top_k, A assignments (T*K), R routed rows (kept ones)
+
+Every plan has the same contract: `dispatch(x_TD) -> x_RD` with rows grouped by expert
+(counts_E rows for expert 0, then expert 1, ...), and `combine(y_RD) -> y_TD`.
+An expert-parallel dispatcher replaces these with all-to-all versions (parallel/).
+
+Token choice is a permutation of the T*K assignment slots (argsort by expert), so its
+backward is the inverse permutation plus a sum over K: gathers only, no index_add scatter
+(which runs serially on CPU). Dropped assignments are sorted behind the kept rows and
+never computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .routing.base import ExpertChoice, SoftAssignment
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """x_RD = x_TD[token_of_row_R]; backward gathers each token's K rows and sums them."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_of_row_R, row_of_slot_A, top_k):
+        ctx.save_for_backward(row_of_slot_A)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, token_of_row_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (row_of_slot_A,) = ctx.saved_tensors
+        grad_TKD = _rows_to_slots(grad_RD, row_of_slot_A).view(-1, ctx.top_k, grad_RD.shape[-1])
+        return grad_TKD.sum(dim=1), None, None, None
+
+
+class _UnpermuteAndMix(torch.autograd.Function):
+    """y_TD = sum_k w_TK * y_RD[row_of_slot]; dropped slots read a zero row."""
+
+    @staticmethod
+    def forward(ctx, y_RD, weights_TK, row_of_slot_A, slot_of_row_R):
+        T, K = weights_TK.shape
+        y_TKD = _rows_to_slots(y_RD, row_of_slot_A).view(T, K, -1)
+        w_T1K = weights_TK.to(y_RD.dtype).unsqueeze(1)
+        ctx.save_for_backward(y_TKD, w_T1K, slot_of_row_R)
+        ctx.weights_dtype = weights_TK.dtype
+        return torch.bmm(w_T1K, y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_TKD, w_T1K, slot_of_row_R = ctx.saved_tensors
+        grad_TD = grad_TD.contiguous()
+        grad_w_TK = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1)
+        # d y_TKD = w_TK (outer) grad_TD, read back in row order.
+        grad_y_AD = (w_T1K.transpose(1, 2) * grad_TD.unsqueeze(1)).flatten(0, 1)
+        grad_y_RD = grad_y_AD.index_select(0, slot_of_row_R)
+        return grad_y_RD, grad_w_TK.to(ctx.weights_dtype), None, None
+
+
+def _rows_to_slots(rows_RD: Tensor, row_of_slot_A: Tensor) -> Tensor:
+    """rows_RD gathered into slot order; slots whose row index is R get zeros."""
+    padded = torch.cat([rows_RD, rows_RD.new_zeros(1, rows_RD.shape[-1])])
+    return padded.index_select(0, row_of_slot_A)
+
+
+class TokenChoicePlan:
+    """Permutation dispatch for token-choice routing.
+
+    Args:
+        ids_TK: expert per assignment; kept_TK: bool, False for dropped or unused slots;
+        weights_TK: combine weights (0 where not kept).
+    """
+
+    def __init__(self, ids_TK: Tensor, kept_TK: Tensor | None, weights_TK: Tensor, num_experts: int):
+        T, K = ids_TK.shape
+        self.top_k = K
+        self.weights_TK = weights_TK
+        expert_A = ids_TK.flatten() if kept_TK is None else torch.where(kept_TK, ids_TK, num_experts).flatten()
+        # Stable sort: within an expert, rows keep token order (deterministic, cache friendly).
+        slot_order_A = torch.argsort(expert_A, stable=True)
+        self.counts_E = torch.bincount(expert_A, minlength=num_experts + 1)[:num_experts]
+        self.num_rows = T * K if kept_TK is None else int(self.counts_E.sum())
+        self.slot_of_row_R = slot_order_A[: self.num_rows]
+        self.token_of_row_R = self.slot_of_row_R // K
+        # Inverse permutation; dropped slots point at row R (a zero row).
+        row_of_slot_A = torch.empty_like(slot_order_A)
+        row_of_slot_A[slot_order_A] = torch.arange(T * K, device=ids_TK.device)
+        self.row_of_slot_A = row_of_slot_A.clamp_(max=self.num_rows)
+
+    def dispatch(self, x_TD: Tensor) -> Tensor:
+        return _PermuteTokens.apply(x_TD, self.token_of_row_R, self.row_of_slot_A, self.top_k)
+
+    def combine(self, y_RD: Tensor) -> Tensor:
+        return _UnpermuteAndMix.apply(y_RD, self.weights_TK, self.row_of_slot_A, self.slot_of_row_R)
+
+
+class ExpertChoicePlan:
+    """Expert choice: expert e processes tokens token_ids_EC[e]; a token may get 0..E rows."""
+
+    def __init__(self, routing: ExpertChoice, num_tokens: int):
+        E, C = routing.token_ids_EC.shape
+        self.num_tokens = num_tokens
+        self.token_of_row_R = routing.token_ids_EC.flatten()
+        self.weights_R = routing.weights_EC.flatten()
+        self.counts_E = torch.full((E,), C, dtype=torch.long, device=self.token_of_row_R.device)
+
+    def dispatch(self, x_TD: Tensor) -> Tensor:
+        return x_TD.index_select(0, self.token_of_row_R)
+
+    def combine(self, y_RD: Tensor) -> Tensor:
+        weighted_RD = y_RD * self.weights_R.to(y_RD.dtype).unsqueeze(-1)
+        out_TD = y_RD.new_zeros(self.num_tokens, y_RD.shape[-1])
+        return out_TD.index_add(0, self.token_of_row_R, weighted_RD)
+
+
+class SoftPlan:
+    """Soft MoE: slots are mixes of a sequence's tokens; rows ordered (expert, sequence, slot)."""
+
+    def __init__(self, routing: SoftAssignment, num_experts: int):
+        B, N, S = routing.dispatch_BNS.shape
+        self.routing = routing
+        self.num_experts = num_experts
+        self.slots_per_expert = S // num_experts
+        self.counts_E = torch.full(
+            (num_experts,), B * self.slots_per_expert, dtype=torch.long,
+            device=routing.dispatch_BNS.device,
+        )
+
+    def dispatch(self, x_BND: Tensor) -> Tensor:
+        dispatch_BNS = self.routing.dispatch_BNS.to(x_BND.dtype)
+        slots_BSD = torch.einsum("bns,bnd->bsd", dispatch_BNS, x_BND)
+        B, _, D = slots_BSD.shape
+        slots_EBsD = slots_BSD.view(B, self.num_experts, self.slots_per_expert, D).transpose(0, 1)
+        return slots_EBsD.reshape(-1, D)
+
+    def combine(self, y_RD: Tensor) -> Tensor:
+        combine_BNS = self.routing.combine_BNS.to(y_RD.dtype)
+        B = combine_BNS.shape[0]
+        D = y_RD.shape[-1]
+        y_BSD = y_RD.view(self.num_experts, B, self.slots_per_expert, D).transpose(0, 1)
+        return torch.einsum("bns,bsd->bnd", combine_BNS, y_BSD.reshape(B, -1, D))

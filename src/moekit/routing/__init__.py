@@ -1,0 +1,47 @@
+"""Routers by name. Adding one means one class here and one test file."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import MoEConfig
+from .base import ExpertChoice, Router, SoftAssignment, TokenChoice
+from .expert_choice import ExpertChoiceRouter
+from .noisy import NoisyTopK
+from .sigmoid import SigmoidTopK
+from .soft import SoftRouter
+from .softmax import Dense, SoftmaxTopK, Switch, TopP
+
+ROUTER_CLASSES: dict[str, type[nn.Module]] = {
+    "softmax_topk": SoftmaxTopK,
+    "noisy_topk": NoisyTopK,
+    "switch": Switch,
+    "sigmoid_topk": SigmoidTopK,
+    "top_p": TopP,
+    "expert_choice": ExpertChoiceRouter,
+    "soft": SoftRouter,
+    "dense": Dense,
+}
+
+
+def build_router(config: MoEConfig) -> nn.Module:
+    """The router module named by config.router."""
+    return ROUTER_CLASSES[config.router](config)
+
+
+__all__ = [
+    "ROUTER_CLASSES",
+    "Dense",
+    "ExpertChoice",
+    "ExpertChoiceRouter",
+    "NoisyTopK",
+    "Router",
+    "SigmoidTopK",
+    "SoftAssignment",
+    "SoftRouter",
+    "SoftmaxTopK",
+    "Switch",
+    "TokenChoice",
+    "TopP",
+    "build_router",
+]

@@ -1,0 +1,31 @@
+"""Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens.
+
+# T tokens, D model, E experts, C capacity per expert
+Not causal: whether a token is picked depends on the other tokens of the batch, so use it
+in encoders, or in decoders only with care (the paper's decoder results need a fix).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import ExpertChoice, Router
+
+
+class ExpertChoiceRouter(Router):
+    """Softmax over experts per token, then each expert keeps the C tokens it scores best.
+
+    C = ceil(capacity_factor * T * top_k / E) (capacity_factor None means 1), so on average
+    a token is processed by top_k experts; some tokens get more, some none.
+    """
+
+    def forward(self, x_TD: Tensor, capacity: int) -> ExpertChoice:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_EC, token_ids_EC = probs_TE.t().topk(capacity, dim=-1)
+        return ExpertChoice(
+            weights_EC=weights_EC,
+            token_ids_EC=token_ids_EC,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+        )

@@ -1,0 +1,42 @@
+"""Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts").
+
+# B sequences, N tokens per sequence, D model, E experts, S slots (E * slots_per_expert)
+Not causal: every slot is a mix of all tokens of the sequence, so a token's output depends
+on the tokens after it. Use it in encoders (ViT), not in autoregressive decoders.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+from .base import SoftAssignment
+
+
+class SoftRouter(nn.Module):
+    """Slot parameters Phi (D, S); dispatch = softmax over tokens, combine = over slots.
+
+    Inputs and Phi are L2-normalised with a learned scale, as the paper does (section 2.3)
+    so that the logits stay in range when d_model is large.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_slots = config.num_experts * config.slots_per_expert
+        self.slot_weight = nn.Parameter(torch.empty(num_slots, config.d_model))
+        nn.init.normal_(self.slot_weight, std=config.d_model**-0.5)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x_BND: Tensor) -> SoftAssignment:
+        with torch.autocast(device_type=x_BND.device.type, enabled=False):
+            x_BND = F.normalize(x_BND.float(), dim=-1)
+            phi_SD = self.scale * F.normalize(self.slot_weight.float(), dim=-1)
+            logits_BNS = F.linear(x_BND, phi_SD)
+        return SoftAssignment(
+            dispatch_BNS=logits_BNS.softmax(dim=1),
+            combine_BNS=logits_BNS.softmax(dim=2),
+            logits_BNS=logits_BNS,
+        )

@@ -1,0 +1,99 @@
+"""Softmax-scored token-choice routers: top-k, Switch top-1, dynamic top-p, dense.
+
+# T tokens, D model, E experts, K top_k
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Router, TokenChoice
+
+
+class SoftmaxTopK(Router):
+    """GShard / Mixtral: softmax over experts, keep the top-k, optionally renormalise."""
+
+    def forward(self, x_TD: Tensor) -> TokenChoice:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        return TokenChoice(
+            weights_TK=self.renormalize(weights_TK),
+            ids_TK=ids_TK,
+            valid_TK=None,
+            gate_TE=probs_TE,
+            rank_TE=probs_TE,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+        )
+
+
+class Switch(Router):
+    """Switch Transformer (Fedus et al. 2021): top-1 with multiplicative input jitter.
+
+    The weight is the raw top-1 probability (no renormalisation: that would make it 1
+    and leave the router without a gradient from the task loss).
+    """
+
+    def forward(self, x_TD: Tensor) -> TokenChoice:
+        eps = self.config.jitter_eps
+        if self.training and eps > 0:
+            noise_TD = torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+            x_TD = x_TD * noise_TD
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, ids_TK = probs_TE.max(dim=-1, keepdim=True)
+        return TokenChoice(
+            weights_TK=weights_TK,
+            ids_TK=ids_TK,
+            valid_TK=None,
+            gate_TE=probs_TE,
+            rank_TE=probs_TE,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+        )
+
+
+class TopP(Router):
+    """Dynamic routing (Huang et al. 2024): the fewest experts whose probabilities reach p.
+
+    Each token takes experts in order of probability until their sum is >= top_p, at most
+    top_k of them. Unused slots have valid_TK False and weight 0.
+    """
+
+    def forward(self, x_TD: Tensor) -> TokenChoice:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        # Slot k is used if the mass of the better slots is still below p.
+        mass_before_TK = weights_TK.cumsum(dim=-1) - weights_TK
+        valid_TK = mass_before_TK < self.config.top_p
+        weights_TK = self.renormalize(weights_TK * valid_TK)
+        return TokenChoice(
+            weights_TK=weights_TK,
+            ids_TK=ids_TK,
+            valid_TK=valid_TK,
+            gate_TE=probs_TE,
+            rank_TE=probs_TE,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+        )
+
+
+class Dense(Router):
+    """The classic mixture (Jacobs et al. 1991): every expert runs, mixed by the softmax."""
+
+    def forward(self, x_TD: Tensor) -> TokenChoice:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand_as(probs_TE)
+        return TokenChoice(
+            weights_TK=probs_TE,
+            ids_TK=ids_TK,
+            valid_TK=None,
+            gate_TE=probs_TE,
+            rank_TE=probs_TE,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+        )
