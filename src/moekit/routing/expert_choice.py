@@ -13,7 +13,9 @@ from .base import ExpertChoice, Router
 
 
 class ExpertChoiceRouter(Router):
-    """Softmax over experts per token, then each expert keeps the C tokens it scores best.
+    """Expert choice (Zhou et al. 2022): each expert keeps the C tokens it scores best.
+
+    Scores are a softmax over experts per token.
 
     C = ceil(capacity_factor * T * top_k / E) (capacity_factor None means 1), so on average
     a token is processed by top_k experts; some tokens get more, some none.

@@ -14,7 +14,9 @@ from .base import Router, TokenChoice
 
 
 class NoisyTopK(Router):
-    """KeepTopK(x W_g + N(0, 1) * softplus(x W_noise)), then softmax over the kept.
+    """Noisy top-k (Shazeer et al. 2017): KeepTopK of noisy logits, softmax over the kept.
+
+    H = x W_g + N(0, 1) * softplus(x W_noise).
 
     Noise is added in training only. In training the router also returns the smooth load
     estimate of the paper's appendix A (eq. 8-10), which the load loss needs.

@@ -13,7 +13,7 @@ from .base import Router, TokenChoice
 
 
 class SigmoidTopK(Router):
-    """Sigmoid affinities; the bias steers selection only, never the combine weights.
+    """DeepSeek-V3: sigmoid scores, group-limited top-k, bias used for selection only.
 
     DeepSeek-V3 section 2.1.2: experts are split into num_groups groups, each group is
     scored by the sum of its two best biased scores, each token keeps its topk_groups best

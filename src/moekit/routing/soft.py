@@ -16,7 +16,9 @@ from .base import SoftAssignment
 
 
 class SoftRouter(nn.Module):
-    """Slot parameters Phi (D, S); dispatch = softmax over tokens, combine = over slots.
+    """Soft MoE (Puigcerver et al. 2023): slots mix all tokens of a sequence; not causal.
+
+    Slot parameters Phi (D, S); dispatch = softmax over tokens, combine = over slots.
 
     Inputs and Phi are L2-normalised with a learned scale, as the paper does (section 2.3)
     so that the logits stay in range when d_model is large.
