@@ -1,0 +1,154 @@
+"""The fast MoE layer equals the slow per-token reference: forward, aux loss, every gradient.
+
+The layer runs in float32, the reference in float64 on a copy of the same module; they must
+agree to 1e-5. Training mode for noisy_topk and switch is compared by seeding the global
+generator identically before each (see reference_moe.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from helpers import make_moe, tokens
+from reference_moe import reference_moe
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+LOSS_COEFS = dict(balance_loss_coef=0.1, z_loss_coef=0.01, importance_loss_coef=0.1, load_loss_coef=0.1)
+
+TOKEN_CHOICE = {
+    "softmax_topk": dict(router="softmax_topk"),
+    "softmax_topk_raw": dict(router="softmax_topk", renormalize=False),
+    "noisy_topk": dict(router="noisy_topk"),
+    "switch": dict(router="switch", top_k=1, jitter_eps=0.2),
+    "sigmoid_topk": dict(
+        router="sigmoid_topk", num_experts=8, num_groups=4, topk_groups=2, routed_scaling=2.5
+    ),
+    "top_p": dict(router="top_p", num_experts=6, top_k=3, top_p=0.6),
+}
+CAPACITY = {
+    "dropless": dict(capacity_factor=None),
+    "drop": dict(capacity_factor=0.75, overflow="drop"),
+    "reroute": dict(capacity_factor=0.75, overflow="reroute"),
+    "drop_priority": dict(capacity_factor=0.75, overflow="drop", batch_priority=True),
+    "reroute_priority": dict(capacity_factor=0.75, overflow="reroute", batch_priority=True),
+}
+OTHER = {
+    "dense": dict(router="dense"),
+    "expert_choice_cf_none": dict(router="expert_choice", capacity_factor=None),
+    "expert_choice_cf_0.5": dict(router="expert_choice", capacity_factor=0.5),
+    "expert_choice_cf_2_top1": dict(router="expert_choice", capacity_factor=2.0, top_k=1),
+    "soft": dict(router="soft"),
+    "soft_2_slots": dict(router="soft", slots_per_expert=2),
+}
+SHARED = dict(num_shared_experts=1, d_shared_hidden=5, shared_expert_gate=True)
+
+
+def run_both(moe, x, train: bool, seed: int = 123):
+    """Fast layer on x (float32) and reference on a float64 copy; returns (out, ref, xs)."""
+    moe.train(train)
+    reference = copy.deepcopy(moe)  # before the forward: sigmoid_topk updates a buffer
+    x_fast = x.clone().requires_grad_()
+    x_ref = x.double().requires_grad_()
+    torch.manual_seed(seed)
+    out = moe(x_fast)
+    torch.manual_seed(seed)
+    ref = reference_moe(reference, x_ref)
+    return out, ref, reference, x_fast, x_ref
+
+
+def assert_same_gradients(moe, out, reference, ref, x_fast, x_ref):
+    upstream = torch.randn(out.hidden.shape, generator=torch.Generator().manual_seed(7))
+    ((out.hidden * upstream).sum() + out.aux_loss).backward()
+    ((ref.hidden * upstream.double()).sum() + ref.aux_loss).backward()
+    torch.testing.assert_close(x_fast.grad, x_ref.grad.float(), **TOL)
+    reference_params = dict(reference.named_parameters())
+    for name, param in moe.named_parameters():
+        expected = reference_params[name].grad
+        got = param.grad
+        if expected is None:
+            assert got is None or not got.any(), name
+            continue
+        assert got is not None, f"{name} has no gradient in the fast layer"
+        torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def check_layer(moe, x, train: bool):
+    out, ref, reference, x_fast, x_ref = run_both(moe, x, train)
+    torch.testing.assert_close(out.hidden, ref.hidden.float(), **TOL)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss.float(), **TOL)
+    assert out.stats.tokens_per_expert.tolist() == ref.tokens_per_expert
+    for part, stat in [("balance", "balance_loss"), ("z", "z_loss"),
+                       ("importance", "importance_loss"), ("load", "load_loss")]:
+        torch.testing.assert_close(getattr(out.stats, stat), ref.parts[part].float(), **TOL)
+    assert_same_gradients(moe, out, reference, ref, x_fast, x_ref)
+    return out, ref
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("capacity", list(CAPACITY), ids=list(CAPACITY))
+@pytest.mark.parametrize("router", list(TOKEN_CHOICE), ids=list(TOKEN_CHOICE))
+def test_token_choice_matches_reference(router, capacity, train):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        moe = make_moe(seed=3, **TOKEN_CHOICE[router], **CAPACITY[capacity], **LOSS_COEFS, **SHARED)
+    x = tokens(16)
+    out, ref = check_layer(moe, x, train)
+    if CAPACITY[capacity]["capacity_factor"] is not None:
+        # The case must exercise the overflow path, else it proves nothing about it.
+        busiest = max(count for count in dropless_counts(moe, x, train))
+        assert busiest > out.stats.capacity
+
+
+def dropless_counts(moe, x, train):
+    """Assignments per expert before capacity, from the reference."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        config = dataclasses.replace(moe.config, capacity_factor=None, overflow="drop", batch_priority=False)
+    unlimited = copy.deepcopy(moe).train(train)
+    unlimited.config = config
+    torch.manual_seed(123)
+    return reference_moe(unlimited, x.double()).tokens_per_expert
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("router", list(OTHER), ids=list(OTHER))
+def test_dense_expert_choice_soft_match_reference(router, train):
+    moe = make_moe(seed=4, **OTHER[router], **LOSS_COEFS, **SHARED)
+    # Soft MoE mixes within a sequence: use (B=2, N=5, D).
+    x = tokens(10).view(2, 5, 8) if OTHER[router]["router"] == "soft" else tokens(12)
+    check_layer(moe, x, train)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
+@pytest.mark.parametrize(
+    "shared",
+    [dict(), dict(num_shared_experts=2), SHARED],
+    ids=["no_shared", "two_shared", "gated_shared"],
+)
+def test_activations_and_shared_experts_match_reference(activation, shared):
+    moe = make_moe(seed=5, activation=activation, capacity_factor=1.0, **shared)
+    check_layer(moe, tokens(12), train=False)
+
+
+def test_leading_dims_match_reference():
+    moe = make_moe(seed=6, top_k=2, capacity_factor=1.0, overflow="reroute")
+    x = tokens(12).view(2, 3, 2, 8)
+    out, _ = check_layer(moe, x, train=False)
+    assert out.hidden.shape == x.shape
+
+
+def test_reference_detects_a_wrong_layer():
+    """The oracle can fail: a perturbed expert weight in the fast layer is caught."""
+    moe = make_moe(seed=3, capacity_factor=None)
+    x = tokens(8)
+    reference = copy.deepcopy(moe)
+    with torch.no_grad():
+        moe.experts.w_down[1, 0, 0] += 1e-3
+    out = moe.eval()(x)
+    ref = reference_moe(reference.eval(), x.double())
+    assert not torch.allclose(out.hidden, ref.hidden.float(), **TOL)
