@@ -1,0 +1,49 @@
+"""Data for language-model training: corpora, a byte-level BPE tokenizer, token streams, loaders.
+
+    corpus = build_corpus()                                   # cached after the first call
+    tokenizer = train_tokenizer(d.text for d in corpus.train)
+    train_bin = prepare(corpus.train, tokenizer, "out/train.bin")
+    loader = BatchLoader(load_stream(train_bin), batch_size=8, seq_len=256, seed=0)
+    inputs_BL, targets_BL = loader.next_batch()
+
+See docs/data.md for the sources and sizes of the default corpus.
+"""
+
+from moekit.data.corpus import (
+    CORPUS_VERSION,
+    DOMAINS,
+    Corpus,
+    CorpusConfig,
+    build_corpus,
+    default_cache_dir,
+)
+from moekit.data.documents import Document, load_documents, split_documents
+from moekit.data.loader import BatchLoader, sequential_batches
+from moekit.data.math_problems import MathProblem, generate_problems
+from moekit.data.stream import TokenStream, load_stream, prepare, read_stream_meta, tokenize_documents
+from moekit.data.tokenizer import END_OF_DOCUMENT, PADDING, Tokenizer, train_tokenizer
+
+__all__ = [
+    "CORPUS_VERSION",
+    "DOMAINS",
+    "END_OF_DOCUMENT",
+    "PADDING",
+    "BatchLoader",
+    "Corpus",
+    "CorpusConfig",
+    "Document",
+    "MathProblem",
+    "TokenStream",
+    "Tokenizer",
+    "build_corpus",
+    "default_cache_dir",
+    "generate_problems",
+    "load_documents",
+    "load_stream",
+    "prepare",
+    "read_stream_meta",
+    "sequential_batches",
+    "split_documents",
+    "tokenize_documents",
+    "train_tokenizer",
+]
