@@ -1,0 +1,116 @@
+"""Model presets: plain functions returning a ModelConfig, plus a registry for the CLI.
+
+Parameter counts (from `count_parameters`, tied embeddings counted once):
+    tiny        total   3.87 M, active  1.51 M per token
+    tiny_dense  total   1.51 M, active  1.51 M
+    small       total 119.08 M, active 42.01 M per token
+    small_dense total  41.95 M, active 41.95 M
+A twin's active count is the MoE's minus its routers (E * D per MoE layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from ..config import MoEConfig
+from .transformer import ModelConfig, active_expert_fraction
+
+
+def tiny() -> ModelConfig:
+    """The CPU default: trains in a few minutes on 2 cores.
+
+    The vocabulary (4096) matches a small BPE trained on the corpus; with d_model 128 the
+    tied embedding is 0.5 M of the 1.51 M active parameters. 8 experts of width 256 with
+    top_k 2 give 2 x 256 = 512 active hidden units per token (a dense SwiGLU of width 512 is
+    4 x d_model), so the model has 4x the FFN parameters of its dense twin at the same
+    FLOPs. 8 rather than 16 experts because each expert is one matmul in a Python loop,
+    whose overhead dominates at this size on CPU. Dropless (capacity_factor None): no
+    token is lost, and generation with a KV cache equals the full forward. Two key/value
+    heads (grouped-query attention) halve the cache as in Mixtral.
+    """
+    return ModelConfig(
+        vocab_size=4096,
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=256,
+        moe=MoEConfig(
+            d_model=128, d_hidden=256, num_experts=8, top_k=2, router="softmax_topk",
+            balance_loss_coef=0.01, z_loss_coef=1e-3,
+        ),
+    )
+
+
+def small() -> ModelConfig:
+    """A GPU-sized model (42 M active, 119 M total parameters).
+
+    DeepSeekMoE-style: 16 fine-grained experts of width 512 with top_k 2 plus one always-on
+    shared expert of width 512, so a token uses 1536 hidden units (about 8/3 * d_model, a
+    dense SwiGLU's width). The first layer stays dense, as in DeepSeek-V3, since routing
+    raw embeddings balances poorly. Vocabulary 32768 suits a BPE on a general corpus.
+    """
+    d_model = 512
+    return ModelConfig(
+        vocab_size=32768,
+        d_model=d_model,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        max_seq_len=1024,
+        d_hidden=1536,
+        first_dense_layers=1,
+        moe=MoEConfig(
+            d_model=d_model, d_hidden=512, num_experts=16, top_k=2, router="softmax_topk",
+            num_shared_experts=1, balance_loss_coef=0.01, z_loss_coef=1e-3,
+        ),
+    )
+
+
+def dense_twin(config: ModelConfig) -> ModelConfig:
+    """A dense model with the same active FFN parameters (and FLOPs) per token as `config`.
+
+    Every MoE FFN becomes a dense MLP of width
+        active experts per token * expert d_hidden + shared experts' hidden
+    (top_k * d_hidden + shared for token-choice routers; see active_expert_fraction for the
+    others). Everything else is unchanged, so the twin's active count equals the MoE's
+    minus the routers. A hybrid config's dense layers must already have that width, since
+    the twin has one width for all layers.
+
+    Args:
+        config: a ModelConfig with moe set.
+    Returns:
+        The dense ModelConfig.
+    """
+    moe = config.moe
+    if moe is None:
+        raise ValueError("dense_twin needs a config with moe set; this one is already dense")
+    active_experts = active_expert_fraction(moe) * moe.num_experts
+    width = round(active_experts * moe.d_hidden) + moe.shared_hidden
+    if len(config.moe_layers) < config.num_layers and config.d_hidden != width:
+        raise ValueError(
+            f"the config's dense layers have d_hidden ({config.d_hidden}) but the twin's width "
+            f"would be {width}; set d_hidden to {width} for a twin of a hybrid config"
+        )
+    return dataclasses.replace(
+        config, moe=None, d_hidden=width, activation=moe.activation, moe_every=1, first_dense_layers=0
+    )
+
+
+def tiny_dense() -> ModelConfig:
+    """The dense twin of tiny(): the baseline for MoE-versus-dense runs."""
+    return dense_twin(tiny())
+
+
+def small_dense() -> ModelConfig:
+    """The dense twin of small()."""
+    return dense_twin(small())
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": tiny,
+    "tiny_dense": tiny_dense,
+    "small": small,
+    "small_dense": small_dense,
+}

@@ -1,0 +1,480 @@
+"""A decoder-only language model whose feed-forward blocks are dense or MoE.
+
+# B batch, T tokens per sequence (new tokens when decoding with a cache), S cached + new
+# tokens, D model, V vocab, H query heads, G key/value heads, Dh head dim, E experts
+
+Read top to bottom: ModelConfig, RMSNorm, rotary embeddings, Attention, Block, Transformer,
+count_parameters. One block is pre-norm:
+    x = x + Attention(RMSNorm(x));  x = x + FFN(RMSNorm(x))
+where FFN is a dense SwiGLU `MLP` or a `MoE` layer (see `ModelConfig.is_moe_layer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ACTIVATIONS, MoEConfig
+from ..experts import MLP, GroupedExperts
+from ..moe import MoE, MoEOutput, MoEStats
+from ..routing.base import ExpertChoice, TokenChoice
+
+if TYPE_CHECKING:
+    from ..generate import KVCache
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return multiple * math.ceil(value / multiple)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Everything that defines the decoder.
+
+    Which layers are MoE: with moe set, layer i (0-based) is an MoE layer when
+    i >= first_dense_layers and (i - first_dense_layers + 1) % moe_every == 0, so
+    moe_every=1 makes every layer (after the dense prefix) MoE and moe_every=2 makes the
+    2nd, 4th, ... ones MoE (GShard's "every other layer"; Qwen-MoE's decoder_sparse_step).
+    first_dense_layers keeps the first layers dense (DeepSeek-V3's first_k_dense_replace).
+    All other layers, and every layer when moe is None, use a dense MLP of width d_hidden.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None = num_heads (multi-head); fewer = grouped-query
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tied_embeddings: bool = True
+    init_std: float = 0.02
+
+    # Dense FFN layers. d_hidden None = 8/3 * d_model rounded up to 64 (LLaMA's SwiGLU
+    # width, which keeps the parameter count of a 4x non-gated MLP).
+    d_hidden: int | None = None
+    activation: str = "swiglu"
+
+    # MoE FFN layers; None = a dense model.
+    moe: MoEConfig | None = None
+    moe_every: int = 1
+    first_dense_layers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "moe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.d_hidden is None:
+            self.d_hidden = _round_up(8 * self.d_model / 3, 64)
+        self._check_attention()
+        if not isinstance(self.d_hidden, int) or self.d_hidden < 1:
+            raise ValueError(f"d_hidden ({self.d_hidden!r}) must be a positive integer")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) must be > 0")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps ({self.norm_eps}) must be > 0")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std ({self.init_std}) must be > 0")
+        self._check_moe()
+
+    def _check_attention(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})"
+            )
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError(
+                f"head dim d_model / num_heads ({self.d_model // self.num_heads}) must be even "
+                "for rotary embeddings"
+            )
+        kv = self.num_kv_heads
+        if not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
+            raise ValueError(f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})")
+
+    def _check_moe(self) -> None:
+        if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers:
+            raise ValueError(f"first_dense_layers ({self.first_dense_layers!r}) must be >= 0")
+        if self.moe is None:
+            return
+        if not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+        if self.moe.d_model != self.d_model:
+            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
+        if not self.moe_layers:
+            raise ValueError(
+                f"no MoE layer: first_dense_layers ({self.first_dense_layers}) and moe_every "
+                f"({self.moe_every}) leave all {self.num_layers} layers dense"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """True when layer `layer` (0-based) has an MoE FFN; see the class docstring."""
+        if self.moe is None or layer < self.first_dense_layers:
+            return False
+        return (layer - self.first_dense_layers + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The 0-based indices of the MoE layers."""
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), computed in fp32 so bf16 activations stay stable."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (max_seq_len, head_dim / 2) for rotary embeddings (RoFormer)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles_SP = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles_SP.cos(), angles_SP.sin()
+
+
+def apply_rope(x_BHTDh: Tensor, cos_TP: Tensor, sin_TP: Tensor) -> Tensor:
+    """Rotate each (first half, second half) pair of x by the position's angle.
+
+    The "rotate half" layout of GPT-NeoX and Hugging Face LLaMA/Mixtral, so their q/k
+    weights load without the permutation the interleaved layout would need.
+    """
+    x1, x2 = x_BHTDh.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos_TP - x2 * sin_TP, x2 * cos_TP + x1 * sin_TP), dim=-1)
+    return rotated.to(x_BHTDh.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads and rotary positions.
+
+    Args:
+        config: the model config (d_model, num_heads, num_kv_heads).
+        layer: this layer's index, its slot in a KV cache.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        kv_width = config.num_kv_heads * config.head_dim
+        self.wq = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.wk = nn.Linear(config.d_model, kv_width, bias=False)
+        self.wv = nn.Linear(config.d_model, kv_width, bias=False)
+        self.wo = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None) -> Tensor:
+        """Args: x_BTD; cos/sin for the T new positions; kv_cache or None. Returns y_BTD."""
+        B, T, D = x_BTD.shape
+        # 1. project and split heads; rotate q and k by their positions
+        q_BHTDh = self.wq(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BGTDh = self.wk(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTDh = self.wv(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTDh = apply_rope(q_BHTDh, cos_TP, sin_TP)
+        k_BGTDh = apply_rope(k_BGTDh, cos_TP, sin_TP)
+
+        # 2. append to the cache; attend over every cached position plus the new ones
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.length
+            k_BGTDh, v_BGTDh = kv_cache.update(self.layer, k_BGTDh, v_BGTDh)
+
+        # 3. grouped-query: each key/value head serves num_heads / num_kv_heads query heads.
+        # The cache keeps the G heads; repeating happens here (works on every torch >= 2.4,
+        # unlike SDPA's enable_gqa).
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k_BGTDh = k_BGTDh.repeat_interleave(groups, dim=1)
+            v_BGTDh = v_BGTDh.repeat_interleave(groups, dim=1)
+        mask_TS, is_causal = causal_mask(start, T, x_BTD.device)
+        y_BHTDh = F.scaled_dot_product_attention(
+            q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask_TS, is_causal=is_causal
+        )
+
+        # 4. merge heads and project back
+        return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, D))
+
+
+def causal_mask(start: int, num_new: int, device: torch.device) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) for num_new queries at positions start.. over start+num_new keys.
+
+    SDPA's is_causal aligns the mask to the top-left corner, which is right only when there
+    are no cached keys; one new token may see every key; otherwise build the mask.
+    """
+    if start == 0:
+        return None, num_new > 1
+    if num_new == 1:
+        return None, False
+    query_T1 = torch.arange(start, start + num_new, device=device).unsqueeze(1)
+    key_1S = torch.arange(start + num_new, device=device).unsqueeze(0)
+    return key_1S <= query_T1, False
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention, then a dense or MoE FFN, each residual."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        if config.is_moe_layer(layer):
+            self.ffn: nn.Module = MoE(config.moe)
+        else:
+            self.ffn = MLP(config.d_model, config.d_hidden, config.activation)
+
+    def forward(
+        self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None
+    ) -> tuple[Tensor, MoEOutput | None]:
+        """Returns the new x_BTD and the MoE layer's output (None for a dense FFN)."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TP, sin_TP, kv_cache)
+        out = self.ffn(self.ffn_norm(x_BTD))
+        if isinstance(out, MoEOutput):
+            return x_BTD + out.hidden, out
+        return x_BTD + out, None
+
+
+@dataclass
+class ModelOutput:
+    """What the decoder returns.
+
+    logits: (B, T, V). loss: mean next-token cross entropy when targets were given (targets
+        of -100 are ignored), else None; it does not include aux_loss.
+    aux_loss: scalar sum of the MoE layers' weighted aux losses (0 for a dense model); train
+        on loss + aux_loss.
+    stats: one entry per layer, MoEStats for MoE layers and None for dense ones.
+    expert_ids: with return_expert_ids, one entry per layer: (B, T, K) ids of the experts the
+        router chose for each token (-1 in unused top_p slots), (B, T, E) for expert_choice
+        (expert e in column e when it picked the token, else -1), None for dense and soft
+        layers. Otherwise None.
+    """
+
+    logits: Tensor
+    loss: Tensor | None
+    aux_loss: Tensor
+    stats: list[MoEStats | None]
+    expert_ids: list[Tensor | None] | None = None
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model.
+
+    Args:
+        config: the ModelConfig.
+
+    Construct under `torch.device("meta")` to count parameters of large configs without
+    memory; `model.to_empty(device=...)` then `model.init_weights()` materialises it.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Not persistent: recomputed from the config, never stored in checkpoints.
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2L).
+
+        GPT-2's scaling: each block adds two residual branches, so the residual stream's
+        variance stays O(1) at init. Routers get init_std too (as Mixtral and OLMoE do),
+        which starts the routing near uniform.
+        """
+        cfg = self.config
+        std, residual_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        if cfg.tied_embeddings:
+            # Re-tie every time: to_empty() after meta construction can untie them.
+            self.lm_head.weight = self.tok_embed.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.w_up, std=std)
+                nn.init.normal_(module.w_down, std=residual_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                _init_router_state(module.router, std)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                nn.init.normal_(module.wo.weight, std=residual_std)
+            elif isinstance(module, MLP):
+                nn.init.normal_(module.down.weight, std=residual_std)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.lm_head.weight.device), sin.to(self.lm_head.weight.device)
+
+    def forward(
+        self,
+        tokens_BT: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_expert_ids: bool = False,
+    ) -> ModelOutput:
+        """Run the decoder.
+
+        Args:
+            tokens_BT: (B, T) token ids; with a kv_cache, the tokens after the cached ones.
+            targets: (B, T) next-token ids for the loss, or None.
+            kv_cache: a `moekit.generate.KVCache`; positions continue from its length and it
+                grows by T.
+            return_expert_ids: also return each MoE layer's per-token expert ids.
+        Returns:
+            ModelOutput (logits (B, T, V), loss, aux_loss, per-layer stats, expert_ids).
+        """
+        B, T = tokens_BT.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length ({start + T}) exceeds max_seq_len ({self.config.max_seq_len})"
+            )
+        cos_TP, sin_TP = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+        # 1. embed, 2. blocks (collecting the MoE layers' losses and stats), 3. norm and head
+        x_BTD = self.tok_embed(tokens_BT)
+        aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
+        stats: list[MoEStats | None] = []
+        with _tap_routers(self.layers, enabled=return_expert_ids) as routings:
+            for block in self.layers:
+                x_BTD, moe_out = block(x_BTD, cos_TP, sin_TP, kv_cache)
+                if moe_out is not None:
+                    aux_loss = aux_loss + moe_out.aux_loss
+                stats.append(None if moe_out is None else moe_out.stats)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+
+        # 4. loss in fp32 (a bf16 log-softmax over V loses precision)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        expert_ids = None
+        if return_expert_ids:
+            expert_ids = [_expert_ids(r, B, T) for r in routings]
+        return ModelOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids)
+
+
+def _init_router_state(module: nn.Module, std: float) -> None:
+    """Router weights ~ N(0, std); noisy top-k's noise gate at 0 (Shazeer 2017); Soft MoE's
+    scale at 1; the sigmoid router's balancing bias and load counts (buffers) at 0."""
+    for name, param in module.named_parameters(recurse=False):
+        if name == "noise_weight":
+            nn.init.zeros_(param)
+        elif name == "scale":
+            nn.init.ones_(param)
+        else:
+            nn.init.normal_(param, std=std)
+    for buffer in module.buffers(recurse=False):
+        buffer.zero_()
+
+
+@contextlib.contextmanager
+def _tap_routers(layers: nn.ModuleList, enabled: bool):
+    """Yield a list with, per layer, the routing decision its MoE router made (None for
+    dense layers), captured by a forward hook on the router while the context is open.
+
+    The hook reads the decision the layer actually used (no second router call, so a noisy
+    router's sample and the sigmoid router's load counts are untouched). It is the router's
+    choice before capacity: an assignment capacity dropped still shows its expert.
+    """
+    routings: list = [None] * len(layers)
+    handles = []
+    if enabled:
+        for i, block in enumerate(layers):
+            if isinstance(block.ffn, MoE):
+                def keep(module, args, output, i=i):
+                    routings[i] = output
+                handles.append(block.ffn.router.register_forward_hook(keep))
+    try:
+        yield routings
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _expert_ids(routing, B: int, T: int) -> Tensor | None:
+    """Per-token expert ids (B, T, K) from a routing decision; see ModelOutput.expert_ids."""
+    if isinstance(routing, TokenChoice):
+        ids_TK = routing.ids_TK
+        if routing.valid_TK is not None:
+            ids_TK = ids_TK.masked_fill(~routing.valid_TK, -1)
+        return ids_TK.reshape(B, T, -1)
+    if isinstance(routing, ExpertChoice):
+        E = routing.token_ids_EC.shape[0]
+        picked_TE = torch.zeros(B * T, E, dtype=torch.bool, device=routing.token_ids_EC.device)
+        picked_TE[routing.token_ids_EC, torch.arange(E, device=picked_TE.device).unsqueeze(1)] = True
+        expert_TE = torch.arange(E, device=picked_TE.device).expand(B * T, E)
+        return torch.where(picked_TE, expert_TE, -1).reshape(B, T, E)
+    return None
+
+
+class ParamCount(NamedTuple):
+    """Parameter counts: total stored, and active (used) per token."""
+
+    total: int
+    active: int
+
+
+def active_expert_fraction(moe: MoEConfig) -> float:
+    """Share of the routed experts' weights one token uses, on average.
+
+    Token choice: top_k / E (for top_p, top_k is the most a token may use, so this is an
+    upper bound). Expert choice: each expert takes C = cf * T * top_k / E tokens, so a token
+    is processed by cf * top_k experts on average (cf None means 1). Dense: every expert
+    (top_k = E). Soft MoE: every expert, because every token's output mixes every expert's
+    slots (its FLOPs per token are lower: E * slots_per_expert slots per sequence).
+    """
+    if moe.router == "soft":
+        return 1.0
+    if moe.router == "expert_choice":
+        factor = 1.0 if moe.capacity_factor is None else moe.capacity_factor
+        return min(1.0, factor * moe.top_k / moe.num_experts)
+    return moe.top_k / moe.num_experts
+
+
+def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
+    """Total and active-per-token parameter counts (tied embeddings counted once).
+
+    Active = every parameter except the routed experts', plus active_expert_fraction of
+    the routed experts' weights. Embedding and head count as active. A config is built on
+    the meta device, so huge configs cost no memory.
+    """
+    model = model_or_config
+    if isinstance(model, ModelConfig):
+        with torch.device("meta"):
+            model = Transformer(model)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            routed = sum(p.numel() for p in module.experts.parameters())
+            inactive += routed * (1.0 - active_expert_fraction(module.config))
+    return ParamCount(total=total, active=total - round(inactive))
