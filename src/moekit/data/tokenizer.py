@@ -27,6 +27,9 @@ class Tokenizer:
         for token in SPECIAL_TOKENS:
             if backend.token_to_id(token) is None:
                 raise ValueError(f"tokenizer has no special token {token!r}")
+        # Text that spells a special token (a document about tokenizers, say) is encoded
+        # as plain text, so END_OF_DOCUMENT in a stream only ever marks a document's end.
+        backend.encode_special_tokens = True
         self.backend = backend
         self.eot_id: int = backend.token_to_id(END_OF_DOCUMENT)
         self.pad_id: int = backend.token_to_id(PADDING)
