@@ -1,0 +1,32 @@
+"""Test configuration: the default run is fast and CPU-only; warnings start fresh per test.
+
+Tests marked slow, distributed or gpu run only when selected, e.g. `pytest -m slow`
+(STYLE.md, "Tests"); gpu tests are also skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit.config
+
+OPT_IN_MARKS = ("slow", "distributed", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    selected = config.getoption("-m") or ""
+    for item in items:
+        for mark in OPT_IN_MARKS:
+            if mark in item.keywords and mark not in selected:
+                item.add_marker(pytest.mark.skip(reason=f"{mark}: run with -m {mark}"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    """config.warn_once dedupes per process; forget what earlier tests saw."""
+    moekit.config._warned.clear()
+    yield
+    moekit.config._warned.clear()
