@@ -189,7 +189,9 @@ def test_load_txt_jsonl_and_folder(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "one.txt").write_text("héllo\n", encoding="utf-8")
     records = [{"text": "first"}, {"text": "second", "domain": "notes"}]
-    (tmp_path / "a.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(map(json.dumps, records)) + "\n\n", encoding="utf-8"
+    )
     (tmp_path / "ignored.csv").write_text("x,y\n", encoding="utf-8")
 
     documents = load_documents(tmp_path, default_domain="user")
@@ -216,7 +218,7 @@ def test_missing_and_empty_paths_are_named(tmp_path):
 
 def test_undecodable_bytes_name_file_and_offset(tmp_path):
     path = tmp_path / "bad.txt"
-    path.write_bytes("ok é ".encode("utf-8") + b"\xff rest")  # 'ok é ' is 6 bytes
+    path.write_bytes("ok é ".encode() + b"\xff rest")  # 'ok é ' is 6 bytes
     with pytest.raises(ValueError, match=r"bad.txt.*0xff at byte offset 6"):
         load_documents(path)
 

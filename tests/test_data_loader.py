@@ -13,6 +13,7 @@ from moekit.data import (
     BatchLoader,
     Document,
     TokenStream,
+    build_corpus,
     load_stream,
     prepare,
     read_stream_meta,
@@ -63,7 +64,7 @@ def test_stream_is_documents_each_followed_by_eot(stream, tokenizer):
     ends = np.flatnonzero(stream.tokens_N == tokenizer.eot_id)
     assert len(ends) == len(DOCUMENTS) and ends[-1] == len(stream) - 1
     starts = np.concatenate([[0], ends[:-1] + 1])
-    for document, start, end in zip(DOCUMENTS, starts, ends):
+    for document, start, end in zip(DOCUMENTS, starts, ends, strict=True):
         assert tokenizer.decode(stream.tokens_N[start:end].tolist()) == document.text
         # The end-of-document token belongs to its document's domain.
         assert set(stream.domain_ids_N[start : end + 1]) == {stream.domains.index(document.domain)}
@@ -141,7 +142,7 @@ def test_loader_is_deterministic_given_seed(stream):
         loader = BatchLoader(stream, batch_size=2, seq_len=8, seed=seed)
         return [loader.next_batch() for _ in range(5)]
 
-    same = zip(first_batches(1), first_batches(1))
+    same = zip(first_batches(1), first_batches(1), strict=True)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in same)
     assert not torch.equal(first_batches(1)[0][0], first_batches(2)[0][0])
 
@@ -158,7 +159,7 @@ def test_resume_gives_the_same_next_batches():
 
     restored = BatchLoader(stream, batch_size=3, seq_len=10, seed=0)
     restored.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
-    for want, got in zip(expected, (restored.next_batch() for _ in range(30))):
+    for want, got in zip(expected, [restored.next_batch() for _ in range(30)], strict=True):
         assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
 
 
@@ -182,3 +183,18 @@ def test_sequential_batches_see_every_target_once():
 def test_loader_rejects_a_stream_too_short():
     with pytest.raises(ValueError, match="stream has 50 tokens"):
         BatchLoader(counting_stream(50), batch_size=4, seq_len=16)
+
+
+@pytest.mark.slow
+def test_default_corpus_end_to_end(tmp_path):
+    # The full pipeline at default sizes: corpus, 4096-token tokenizer, prepared streams.
+    corpus = build_corpus(tmp_path / "cache")
+    tokenizer = train_tokenizer(d.text for d in corpus.train)
+    assert tokenizer.vocab_size == 4096
+    path = prepare(corpus.validation, tokenizer, tmp_path / "val.bin")
+    loaded = load_stream(path, tokenizer=tokenizer)
+    in_memory = tokenize_documents(corpus.validation, tokenizer)
+    np.testing.assert_array_equal(loaded.tokens_N, in_memory.tokens_N)
+    assert set(np.unique(loaded.domain_ids_N)) == set(range(len(DOMAINS)))
+    inputs_BL, targets_BL = BatchLoader(loaded, batch_size=8, seq_len=256).next_batch()
+    assert int(inputs_BL.max()) < 4096 and targets_BL.shape == (8, 256)

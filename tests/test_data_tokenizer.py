@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.data import END_OF_DOCUMENT, PADDING, CorpusConfig, Tokenizer, build_corpus, train_tokenizer
+from moekit.data import (
+    END_OF_DOCUMENT,
+    PADDING,
+    CorpusConfig,
+    Tokenizer,
+    build_corpus,
+    train_tokenizer,
+)
 
 SMALL = CorpusConfig(
     code_modules=("textwrap.py", "bisect.py"),

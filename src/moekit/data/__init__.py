@@ -20,7 +20,13 @@ from moekit.data.corpus import (
 from moekit.data.documents import Document, load_documents, split_documents
 from moekit.data.loader import BatchLoader, sequential_batches
 from moekit.data.math_problems import MathProblem, generate_problems
-from moekit.data.stream import TokenStream, load_stream, prepare, read_stream_meta, tokenize_documents
+from moekit.data.stream import (
+    TokenStream,
+    load_stream,
+    prepare,
+    read_stream_meta,
+    tokenize_documents,
+)
 from moekit.data.tokenizer import END_OF_DOCUMENT, PADDING, Tokenizer, train_tokenizer
 
 __all__ = [

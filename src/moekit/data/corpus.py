@@ -1,21 +1,22 @@
 """The embedded default corpus: five domains built offline from what every machine holds.
 
-Domains and their sources (sizes measured on CPython 3.11, default config; see docs/data.md):
+Domains and their sources (CPython 3.11, default config; docs/data.md has the table):
 - code: a fixed list of standard-library modules' source, split into documents at
-  top-level `def`/`class` boundaries (~1.4 MB, ~390 documents).
+  top-level `def`/`class` boundaries (1.79 MB, 210 documents).
 - prose: CPython's help topics, `pydoc_data.topics`, one document per topic
-  (~0.46 MB, 79 documents).
+  (0.46 MB, 79 documents).
 - math: generated arithmetic and algebra problems with worked solutions, one document
-  per problem (~0.63 MB, 4000 documents; see math_problems.py).
+  per problem (0.63 MB, 4000 documents; see math_problems.py).
 - dialogue: the English conversations of the chatterbot-corpus package, one document
-  per YAML file (~0.23 MB, 21 documents).
-- multilingual: the same package's other languages (~0.5 MB, 216 documents).
+  per YAML file (0.22 MB, 21 documents).
+- multilingual: the same package's 27 other languages (0.51 MB, 216 documents).
 
 The build is deterministic: sources are read in a fixed order and the split hashes
 document ids. The result is cached as JSON lines under
-`<cache_dir>/corpus-<CORPUS_VERSION>-<key>/`, where the key hashes the config and the
-Python version (the stdlib and pydoc sources differ between Python versions), so a
-second build only reads one file. Bump CORPUS_VERSION whenever the builders change.
+`<cache_dir>/corpus-<CORPUS_VERSION>-<key>/`, where the key hashes the config, the
+Python version and the chatterbot-corpus version (the sources differ between them), so a
+second build only reads the cached files. Sizes above are millions of characters. Bump
+CORPUS_VERSION whenever the builders change.
 """
 
 from __future__ import annotations
@@ -74,8 +75,14 @@ class CorpusConfig:
             raise ValueError(f"code_chunk_chars ({self.code_chunk_chars}) must be > 0")
 
     def cache_key(self) -> str:
-        """A short hash of the config and the Python version."""
-        fields = dataclasses.asdict(self) | {"python": list(sys.version_info[:2])}
+        """A short hash of the config and the versions of the sources."""
+        import chatterbot_corpus
+
+        versions = {
+            "python": list(sys.version_info[:2]),
+            "chatterbot": chatterbot_corpus.__version__,
+        }
+        fields = dataclasses.asdict(self) | versions
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -139,9 +146,11 @@ def collect_documents(config: CorpusConfig) -> list[Document]:
         "code": lambda: code_documents(config.code_modules, config.code_chunk_chars),
         "prose": lambda: prose_documents(config.max_prose_topics),
         "math": lambda: math_documents(config.num_math_problems, config.math_seed),
-        "dialogue": lambda: dialogue_documents(english=True, max_languages=None),
-        "multilingual": lambda: dialogue_documents(english=False, max_languages=config.max_languages),
-    }  # fmt: skip
+        "dialogue": lambda: dialogue_documents(english=True),
+        "multilingual": lambda: dialogue_documents(
+            english=False, max_languages=config.max_languages
+        ),
+    }
     documents: list[Document] = []
     for domain in DOMAINS:
         if domain in config.domains:
@@ -166,14 +175,16 @@ def code_documents(modules: tuple[str, ...], chunk_chars: int) -> list[Document]
 def _split_source(source: str, chunk_chars: int) -> list[str]:
     """Cut source into chunks of whole top-level blocks, each just past chunk_chars."""
     lines = source.splitlines(keepends=True)
-    chunks, current = [], []
+    chunks, current, current_chars = [], [], 0
     for i, line in enumerate(lines):
         # A blank line followed by an unindented def/class/decorator starts a new block.
         starts_block = line.startswith(("def ", "class ", "async def ", "@"))
-        if starts_block and i > 0 and not lines[i - 1].strip() and sum(map(len, current)) >= chunk_chars:
+        after_blank = i > 0 and not lines[i - 1].strip()
+        if starts_block and after_blank and current_chars >= chunk_chars:
             chunks.append("".join(current))
-            current = []
+            current, current_chars = [], 0
         current.append(line)
+        current_chars += len(line)
     if current:
         chunks.append("".join(current))
     return chunks
@@ -190,7 +201,9 @@ def prose_documents(max_topics: int | None = None) -> list[Document]:
 def math_documents(num_problems: int, seed: int) -> list[Document]:
     """Generated problems with worked solutions, one document per problem."""
     problems = generate_problems(num_problems, seed=seed)
-    return [Document(id=f"math/{i:06d}", domain="math", text=p.text()) for i, p in enumerate(problems)]
+    return [
+        Document(id=f"math/{i:06d}", domain="math", text=p.text()) for i, p in enumerate(problems)
+    ]
 
 
 def dialogue_documents(*, english: bool, max_languages: int | None = None) -> list[Document]:
@@ -207,15 +220,20 @@ def dialogue_documents(*, english: bool, max_languages: int | None = None) -> li
     import chatterbot_corpus
 
     data = Path(chatterbot_corpus.__file__).parent / "data"
-    languages = sorted(p.name for p in data.iterdir() if p.is_dir())
-    languages = ["english"] if english else [name for name in languages if name != "english"][:max_languages]
+    if english:
+        languages = ["english"]
+    else:
+        others = sorted(p.name for p in data.iterdir() if p.is_dir() and p.name != "english")
+        languages = others[:max_languages]
     domain = "dialogue" if english else "multilingual"
     documents = []
     for language in languages:
         for file in sorted((data / language).glob("*.yml")):
             text = _conversations_text(_load_yaml(file))
             if text:
-                documents.append(Document(id=f"{domain}/{language}/{file.stem}", domain=domain, text=text))
+                documents.append(
+                    Document(id=f"{domain}/{language}/{file.stem}", domain=domain, text=text)
+                )
     return documents
 
 
@@ -245,9 +263,14 @@ def _write_cache(corpus: Corpus, folder: Path, config: CorpusConfig) -> None:
         temporary = folder / f"{split}.jsonl.tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
             for d in documents:
-                handle.write(json.dumps({"id": d.id, "domain": d.domain, "text": d.text}, ensure_ascii=False) + "\n")
+                record = {"id": d.id, "domain": d.domain, "text": d.text}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         temporary.replace(folder / f"{split}.jsonl")
-    meta = {"version": CORPUS_VERSION, "config": dataclasses.asdict(config), "stats": corpus.stats()}
+    meta = {
+        "version": CORPUS_VERSION,
+        "config": dataclasses.asdict(config),
+        "stats": corpus.stats(),
+    }
     (folder / "meta.json.tmp").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     (folder / "meta.json.tmp").replace(folder / "meta.json")
 

@@ -58,7 +58,7 @@ def load_documents(path: str | Path, *, default_domain: str = "text") -> list[Do
             raise ValueError(f"file {str(root)!r} must end in .txt or .jsonl, got {root.suffix!r}")
         files, names = [root], [root.name]
     documents: list[Document] = []
-    for file, name in zip(files, names):
+    for file, name in zip(files, names, strict=True):
         documents.extend(_read_file(file, name, default_domain))
     return documents
 

@@ -94,7 +94,9 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a state_dict() of a loader over the same stream and shapes."""
-        self.seed, self.epoch, self.batch_index = state["seed"], state["epoch"], state["batch_index"]
+        self.seed = state["seed"]
+        self.epoch = state["epoch"]
+        self.batch_index = state["batch_index"]
         self._epoch_starts = None
 
 

@@ -74,9 +74,8 @@ def _addition(rng: random.Random) -> MathProblem:
         total = int(digits_a[i]) + digit_b + carry
         carried = f" + {carry} carried" if carry else ""
         carry_out = f", carry {total // 10}" if total >= 10 else ""
-        steps.append(
-            f"{places[i]}: {digits_a[i]} + {digit_b}{carried} = {total}, write {total % 10}{carry_out}"
-        )
+        sum_text = f"{digits_a[i]} + {digit_b}{carried} = {total}"
+        steps.append(f"{places[i]}: {sum_text}, write {total % 10}{carry_out}")
         carry = total // 10
     if carry:
         steps.append(f"the final carry {carry} becomes the leading digit")
@@ -115,7 +114,8 @@ def _division(rng: random.Random) -> MathProblem:
     quotient, remainder = rng.randint(10, 999), rng.randint(0, divisor - 1)
     dividend = divisor * quotient + remainder
     steps = [
-        f"{divisor} goes into {dividend} {quotient} times: {divisor} × {quotient} = {divisor * quotient}",
+        f"{divisor} goes into {dividend} {quotient} times: "
+        f"{divisor} × {quotient} = {divisor * quotient}",
         f"remainder: {dividend} - {divisor * quotient} = {remainder}",
     ]
     answer = f"{quotient} remainder {remainder}"
@@ -154,7 +154,10 @@ def _percent(rng: random.Random) -> MathProblem:
     percent = rng.choice([5, 10, 12, 15, 20, 25, 30, 40, 50, 60, 75, 80, 120, 150])
     whole = rng.randint(1, 80) * 20
     result = Fraction(percent * whole, 100)
-    steps = [f"{percent}% means {percent}/100", f"{percent}/100 × {whole} = {percent * whole}/100 = {result}"]
+    steps = [
+        f"{percent}% means {percent}/100",
+        f"{percent}/100 × {whole} = {percent * whole}/100 = {result}",
+    ]
     question = f"What is {percent}% of {whole}?"
     return MathProblem("percent", question, "\n".join(steps), str(result))
 

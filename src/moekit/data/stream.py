@@ -66,7 +66,7 @@ def _encode_chunk(
         raise ValueError(f"documents have domains {sorted(unknown)} not in {list(domain_index)}")
     ids_per_document = tokenizer.encode_batch([d.text for d in documents])
     tokens, domain_ids = [], []
-    for document, ids in zip(documents, ids_per_document):
+    for document, ids in zip(documents, ids_per_document, strict=True):
         tokens.append(np.asarray(ids + [tokenizer.eot_id], dtype=dtype))
         domain_ids.append(np.full(len(ids) + 1, domain_index[document.domain], dtype=DOMAIN_DTYPE))
     if not tokens:
@@ -161,7 +161,9 @@ def read_stream_meta(path: str | Path) -> dict:
     """The JSON sidecar of a prepared stream."""
     meta_path = _meta_path(Path(path))
     if not meta_path.is_file():
-        raise ValueError(f"no stream metadata at {str(meta_path)!r}; was {str(path)!r} made by prepare()?")
+        raise ValueError(
+            f"no stream metadata at {str(meta_path)!r}; was {str(path)!r} made by prepare()?"
+        )
     return json.loads(meta_path.read_text(encoding="utf-8"))
 
 
@@ -178,7 +180,9 @@ def load_stream(path: str | Path, *, tokenizer: Tokenizer | None = None) -> Toke
     path = Path(path)
     meta = read_stream_meta(path)
     if meta["format"] != STREAM_FORMAT:
-        raise ValueError(f"{str(path)!r} has stream format {meta['format']}, expected {STREAM_FORMAT}")
+        raise ValueError(
+            f"{str(path)!r} has stream format {meta['format']}, expected {STREAM_FORMAT}"
+        )
     if tokenizer is not None and tokenizer.sha256() != meta["tokenizer_sha256"]:
         raise ValueError(
             f"{str(path)!r} was made with tokenizer {meta['tokenizer_sha256'][:12]}, "
@@ -188,7 +192,9 @@ def load_stream(path: str | Path, *, tokenizer: Tokenizer | None = None) -> Toke
     if num_tokens == 0:
         raise ValueError(f"stream {str(path)!r} is empty")
     tokens_N = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(num_tokens,))
-    domain_ids_N = np.memmap(_domains_path(path), dtype=meta["domain_dtype"], mode="r", shape=(num_tokens,))
+    domain_ids_N = np.memmap(
+        _domains_path(path), dtype=meta["domain_dtype"], mode="r", shape=(num_tokens,)
+    )
     return TokenStream(tokens_N, domain_ids_N, tuple(meta["domains"]), meta["eot_id"])
 
 
