@@ -1,0 +1,61 @@
+"""softmax_topk (GShard / Mixtral): softmax over experts, top-k, optional renormalisation.
+
+The router weight is set to the identity so the logits are the input itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from helpers import make_moe
+
+LOGITS = torch.tensor([[2.0, -1.0, 1.0, 0.0], [0.0, 0.5, -2.0, 3.0]])
+
+
+def router(**overrides):
+    moe = make_moe(d_model=4, num_experts=4, top_k=2, **overrides)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))
+    return moe.router
+
+
+def test_top_k_renormalised():
+    routing = router()(LOGITS)
+    # Token 0: experts 0 and 2 (logits 2 and 1), weights e^2 : e^1 -> e/(e+1), 1/(e+1).
+    # Token 1: experts 3 and 1 (logits 3 and 0.5), weights 1/(1+e^-2.5), e^-2.5/(1+e^-2.5).
+    assert routing.ids_TK.tolist() == [[0, 2], [3, 1]]
+    r = math.exp(-2.5)
+    expected = torch.tensor([[math.e / (math.e + 1), 1 / (math.e + 1)], [1 / (1 + r), r / (1 + r)]])
+    torch.testing.assert_close(routing.weights_TK, expected)
+    assert routing.valid_TK is None
+
+
+def test_top_k_raw_probabilities_without_renormalisation():
+    routing = router(renormalize=False)(LOGITS)
+    z = math.exp(2) + math.exp(-1) + math.exp(1) + 1
+    torch.testing.assert_close(routing.weights_TK[0], torch.tensor([math.exp(2) / z, math.exp(1) / z]))
+    torch.testing.assert_close(routing.probs_TE, LOGITS.softmax(-1))
+    assert routing.weights_TK.sum(-1).lt(1).all()
+
+
+def test_gate_rank_and_logits_are_the_softmax_and_raw_logits():
+    routing = router()(LOGITS)
+    torch.testing.assert_close(routing.gate_TE, LOGITS.softmax(-1))
+    torch.testing.assert_close(routing.rank_TE, LOGITS.softmax(-1))
+    torch.testing.assert_close(routing.logits_TE, LOGITS)
+    assert routing.load_E is None
+
+
+def test_weights_are_differentiable_in_the_router_weight():
+    r = router()
+    weights = r(LOGITS).weights_TK
+    (weights[:, 0]).sum().backward()
+    assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0
+
+
+def test_router_math_is_fp32_for_low_precision_input():
+    r = router()
+    routing = r(LOGITS.to(torch.bfloat16))
+    assert routing.logits_TE.dtype == torch.float32 and routing.weights_TK.dtype == torch.float32
