@@ -1,0 +1,175 @@
+"""Generation: KV cache equals the full forward, sampling rules, streaming, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import MoEConfig
+from moekit.generate import KVCache, generate, sample_next, stream
+from moekit.models import ModelConfig, Transformer
+
+
+def make_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=32, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
+        moe=MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2),
+    )
+    fields.update(overrides)
+    return Transformer(ModelConfig(**fields)).eval()
+
+
+def prompt(B: int = 2, T: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 32, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_greedy_with_and_without_cache_gives_the_same_tokens_and_logits(moe):
+    model = make_model() if moe else make_model(moe=None)
+    kwargs = dict(max_new_tokens=12, temperature=0.0)
+    cached = generate(model, prompt(), use_cache=True, **kwargs)
+    uncached = generate(model, prompt(), use_cache=False, **kwargs)
+    assert cached.tokens_BN.shape == (2, 12)
+    torch.testing.assert_close(cached.tokens_BN, uncached.tokens_BN)
+    torch.testing.assert_close(cached.logits_BNV, uncached.logits_BNV, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_filled_in_chunks_equals_the_full_forward():
+    # Second chunk: 4 new queries over 7 keys needs the explicit (bottom-right) causal mask.
+    model = make_model()
+    x_BT = prompt(T=7)
+    full = model(x_BT).logits
+    cache = KVCache.for_model(model, batch_size=2, max_len=7)
+    first = model(x_BT[:, :3], kv_cache=cache).logits
+    second = model(x_BT[:, 3:], kv_cache=cache).logits
+    assert cache.length == 7
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_full_cache_raises():
+    model = make_model()
+    cache = KVCache.for_model(model, batch_size=2, max_len=4)
+    with pytest.raises(ValueError, match=r"KV cache is full: 5 positions > max_len \(4\)"):
+        model(prompt(T=5), kv_cache=cache)
+
+
+def test_stream_yields_one_step_at_a_time():
+    model = make_model()
+    steps = stream(model, prompt(), max_new_tokens=3, temperature=0.0)
+    first = next(steps)
+    assert first.token_B.shape == (2,) and first.logits_BV.shape == (2, 32)
+    assert first.expert_ids is None
+    assert len(list(steps)) == 2
+
+
+def test_generation_stops_when_every_sequence_produced_the_end_token():
+    # Sampling with a seeded generator draws the same tokens in both runs until a sequence
+    # finishes (sequences of a batch do not interact).
+    model = make_model()
+    kwargs = dict(max_new_tokens=12, temperature=2.0)
+    free = generate(model, prompt(), generator=torch.Generator().manual_seed(1), **kwargs).tokens_BN
+    eos = int(free[0, 1])
+    first_eos = [int((row == eos).nonzero()[0]) if (row == eos).any() else 12 for row in free]
+    stopped = generate(
+        model, prompt(), eos_token_id=eos, generator=torch.Generator().manual_seed(1), **kwargs
+    ).tokens_BN
+    # The run ends at the step where the later sequence reaches eos (or at the limit).
+    assert stopped.shape[1] == min(max(first_eos) + 1, 12)
+    for row, end in enumerate(first_eos):
+        torch.testing.assert_close(stopped[row, : end + 1], free[row, : end + 1])
+        assert (stopped[row, end:] == eos).all()  # a finished sequence keeps producing eos
+
+
+def test_single_sequence_stops_at_its_end_token():
+    model = make_model()
+    free = generate(model, prompt(B=1), max_new_tokens=6, temperature=0.0).tokens_BN
+    eos = int(free[0, 2])
+    first_eos = int((free[0] == eos).nonzero()[0])
+    stopped = generate(model, prompt(B=1), max_new_tokens=6, temperature=0.0, eos_token_id=eos).tokens_BN
+    torch.testing.assert_close(stopped, free[:, : first_eos + 1])
+
+
+def test_expert_ids_of_generated_tokens_match_a_full_forward():
+    model = make_model()
+    result = generate(model, prompt(), max_new_tokens=4, temperature=0.0, return_expert_ids=True)
+    assert [ids.shape for ids in result.expert_ids] == [(2, 4, 2), (2, 4, 2)]
+    # Each generated token's own routing: positions 5..8 of prompt + generated tokens.
+    sequence_BT = torch.cat([prompt(), result.tokens_BN], dim=1)
+    full = model(sequence_BT, return_expert_ids=True)
+    for step_ids, full_ids in zip(result.expert_ids, full.expert_ids):
+        torch.testing.assert_close(step_ids, full_ids[:, 5:])
+
+
+def test_expert_ids_are_none_for_dense_layers():
+    model = make_model(num_layers=2, moe_every=2)
+    result = generate(model, prompt(), max_new_tokens=2, temperature=0.0, return_expert_ids=True)
+    assert result.expert_ids[0] is None
+    assert result.expert_ids[1].shape == (2, 2, 2)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = make_model()
+    kwargs = dict(max_new_tokens=8, temperature=1.0, top_k=10, top_p=0.9)
+    a = generate(model, prompt(), generator=torch.Generator().manual_seed(3), **kwargs)
+    b = generate(model, prompt(), generator=torch.Generator().manual_seed(3), **kwargs)
+    torch.testing.assert_close(a.tokens_BN, b.tokens_BN)
+
+
+def test_greedy_is_argmax_and_top_k_1_equals_greedy():
+    logits_BV = torch.tensor([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(sample_next(logits_BV, temperature=0.0), torch.tensor([1, 0]))
+    torch.testing.assert_close(sample_next(logits_BV, top_k=1), torch.tensor([1, 0]))
+
+
+def test_top_k_only_samples_the_k_best():
+    logits_BV = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]])).repeat(2000, 1)
+    tokens_B = sample_next(logits_BV, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(tokens_B.tolist()) == {1, 3}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # Sorted probabilities 0.5, 0.3, 0.15, 0.05 (tokens 2, 0, 3, 1). The mass before token 3
+    # is 0.8, which reaches top_p = 0.8, so only tokens 2 and 0 remain; at p = 0.81 token 3
+    # joins them.
+    logits_BV = torch.log(torch.tensor([[0.3, 0.05, 0.5, 0.15]])).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits_BV, top_p=0.8, generator=gen).tolist()) == {0, 2}
+    assert set(sample_next(logits_BV, top_p=0.81, generator=gen).tolist()) == {0, 2, 3}
+    assert set(sample_next(logits_BV, top_p=0.1, generator=gen).tolist()) == {2}
+
+
+def test_low_temperature_approaches_greedy():
+    logits_BV = torch.tensor([[0.0, 1.0, 0.5]]).repeat(500, 1)
+    tokens_B = sample_next(logits_BV, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+    assert (tokens_B == 1).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(max_new_tokens=28), r"prompt length \(5\) \+ max_new_tokens \(28\) exceeds max_seq_len \(32\)"),
+        (dict(max_new_tokens=2, temperature=-1.0), r"temperature \(-1.0\)"),
+        (dict(max_new_tokens=2, top_k=0), r"top_k \(0\)"),
+        (dict(max_new_tokens=2, top_p=1.5), r"top_p \(1.5\)"),
+    ],
+)
+def test_bad_generation_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(make_model(), prompt(), **kwargs)
+
+
+def test_zero_new_tokens_returns_empty():
+    result = generate(make_model(), prompt(), max_new_tokens=0)
+    assert result.tokens_BN.shape == (2, 0)
+
+
+def test_expert_ids_with_and_without_cache_agree_up_to_max_seq_len():
+    # 5 prompt + 7 new tokens fill max_seq_len (12): the last token's own routing still fits.
+    model = make_model(max_seq_len=12)
+    kwargs = dict(max_new_tokens=7, temperature=0.0, return_expert_ids=True)
+    cached = generate(model, prompt(), use_cache=True, **kwargs)
+    uncached = generate(model, prompt(), use_cache=False, **kwargs)
+    torch.testing.assert_close(cached.tokens_BN, uncached.tokens_BN)
+    for a, b in zip(cached.expert_ids, uncached.expert_ids):
+        torch.testing.assert_close(a, b)
