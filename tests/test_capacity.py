@@ -60,6 +60,23 @@ def test_claim_order_first_choices_before_second_choices():
     assert claim_order(3, 2, priority).tolist() == [2, 4, 0, 3, 5, 1]
 
 
+def test_claim_order_lives_on_the_requested_device():
+    assert claim_order(3, 2, None, device=torch.device("meta")).device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+@pytest.mark.parametrize("batch_priority", [False, True])
+def test_capacity_on_cuda_equals_cpu(overflow, batch_priority):
+    routing = hand_choice(GATE, 2, renormalize=True)
+    on_cuda = TokenChoice(**{name: None if value is None else value.cuda()
+                             for name, value in vars(routing).items()})
+    expected = apply_capacity(routing, 2, overflow, batch_priority)
+    got = apply_capacity(on_cuda, 2, overflow, batch_priority)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), b)
+
+
 def test_positions_in_expert_counts_earlier_claims():
     # Experts in claim order: 2, 0, 2, 2, 1, 0 -> slot index within each expert.
     experts = torch.tensor([2, 0, 2, 2, 1, 0])

@@ -37,6 +37,8 @@ def config(**overrides) -> MoEConfig:
         (dict(slots_per_expert=0), r"slots_per_expert \(0\)"),
         (dict(z_loss_coef=-0.1), r"z_loss_coef \(-0.1\)"),
         (dict(router="sigmoid_topk", num_groups=2, topk_groups=3), r"topk_groups \(3\)"),
+        # sigmoid_topk picks inside topk_groups groups of 2 experts: top_k 3 cannot fit in one.
+        (dict(router="sigmoid_topk", top_k=3, num_groups=2, topk_groups=1), r"top_k \(3\) exceeds"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_value(overrides, message):
@@ -58,6 +60,14 @@ def test_zero_tokens_give_an_empty_output_and_zero_loss(router, shape):
     assert out.hidden.shape == shape
     assert out.aux_loss.item() == 0.0
     assert out.stats.tokens_per_expert.tolist() == [0, 0, 0, 0]
+
+
+def test_groups_of_a_router_without_groups_warn_instead_of_raising():
+    # Groups only limit sigmoid_topk; for softmax_topk they have no effect, so a top_k
+    # larger than one group is fine there.
+    with pytest.warns(UserWarning, match="only apply to the sigmoid_topk router"):
+        cfg = config(router="softmax_topk", top_k=3, num_groups=2, topk_groups=1)
+    assert cfg.top_k == 3
 
 
 def test_dense_router_uses_every_expert():

@@ -12,6 +12,8 @@ import dataclasses
 import warnings
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch
 
 from helpers import make_moe, tokens
@@ -152,3 +154,60 @@ def test_reference_detects_a_wrong_layer():
     out = moe.eval()(x)
     ref = reference_moe(reference.eval(), x.double())
     assert not torch.allclose(out.hidden, ref.hidden.float(), **TOL)
+
+
+@st.composite
+def layer_configs(draw):
+    """Random small layer settings, including the edges (one token, one expert, top_k = E)."""
+    router = draw(st.sampled_from(["softmax_topk", "noisy_topk", "switch", "sigmoid_topk",
+                                   "top_p", "expert_choice", "soft", "dense"]))
+    num_experts = draw(st.integers(1, 6))
+    top_k = 1 if router == "switch" else draw(st.integers(1, num_experts))
+    settings = dict(router=router, num_experts=num_experts, top_k=top_k)
+    settings["capacity_factor"] = draw(st.sampled_from([None, 0.25, 0.5, 1.0, 1.5]))
+    settings["overflow"] = draw(st.sampled_from(["drop", "reroute"]))
+    settings["batch_priority"] = draw(st.booleans())
+    settings["renormalize"] = draw(st.booleans())
+    settings["activation"] = draw(st.sampled_from(["swiglu", "geglu", "gelu", "relu", "silu"]))
+    settings["num_shared_experts"] = draw(st.integers(0, 1))
+    settings["shared_expert_gate"] = draw(st.booleans())
+    if router == "sigmoid_topk":
+        divisors = [g for g in range(1, num_experts + 1) if num_experts % g == 0]
+        settings["num_groups"] = draw(st.sampled_from(divisors))
+        settings["topk_groups"] = draw(st.integers(1, settings["num_groups"]))
+        settings["routed_scaling"] = draw(st.sampled_from([1.0, 2.5]))
+    if router == "top_p":
+        settings["top_p"] = draw(st.sampled_from([0.3, 0.6, 0.9, 1.0]))
+    if router == "soft":
+        settings["slots_per_expert"] = draw(st.integers(1, 2))
+    num_tokens = draw(st.integers(1, 10))
+    train = draw(st.booleans())
+    seed = draw(st.integers(0, 10_000))
+    return settings, num_tokens, train, seed
+
+
+def check_random_layer(case):
+    settings, num_tokens, train, seed = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            moe = make_moe(seed=seed, **settings, **LOSS_COEFS)
+        except ValueError:
+            assume(False)  # e.g. top_k larger than the experts topk_groups can reach
+    x = tokens(num_tokens, seed=seed)
+    if settings["router"] == "soft" and num_tokens % 2 == 0:
+        x = x.view(2, num_tokens // 2, 8)
+    check_layer(moe, x, train)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(layer_configs())
+def test_random_layers_match_reference(case):
+    check_random_layer(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None)
+@given(layer_configs())
+def test_many_random_layers_match_reference(case):
+    check_random_layer(case)

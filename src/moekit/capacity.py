@@ -27,13 +27,15 @@ from torch import Tensor
 from .routing.base import TokenChoice
 
 
-def claim_order(num_tokens: int, top_k: int, priority_T: Tensor | None) -> Tensor:
+def claim_order(
+    num_tokens: int, top_k: int, priority_T: Tensor | None, device: torch.device | None = None
+) -> Tensor:
     """Flat slot indices (A,) in the order they claim capacity.
 
     Args:
         priority_T: per-token score (higher claims first), or None for position order.
+        device: where the indices live (the routing's device; scatter needs them there).
     """
-    device = priority_T.device if priority_T is not None else None
     if priority_T is None:
         token_order_T = torch.arange(num_tokens, device=device)
     else:
@@ -75,7 +77,7 @@ def apply_capacity(
     priority_T = routing.gate_TE.detach().max(dim=-1).values if batch_priority else None
 
     # 1. first pass: every valid assignment claims a slot at its chosen expert.
-    order_A = claim_order(T, K, priority_T)
+    order_A = claim_order(T, K, priority_T, device=ids_TK.device)
     expert_A = torch.where(valid_TK, ids_TK, E).flatten()[order_A]
     kept_A = (positions_in_expert(expert_A, E + 1) < capacity) & (expert_A < E)
     kept_TK = torch.empty_like(kept_A).scatter_(0, order_A, kept_A).view(T, K)

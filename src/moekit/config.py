@@ -126,8 +126,9 @@ class MoEConfig:
             raise ValueError(
                 f"topk_groups ({self.topk_groups}) must be in [1, num_groups ({self.num_groups})]"
             )
+        # Only sigmoid_topk limits a token to its groups; other routers just warn (below).
         experts_reachable = self.topk_groups * (self.num_experts // self.num_groups)
-        if self.top_k > experts_reachable:
+        if self.router == "sigmoid_topk" and self.top_k > experts_reachable:
             raise ValueError(
                 f"top_k ({self.top_k}) exceeds the experts in topk_groups ({self.topk_groups}) "
                 f"groups of {self.num_experts // self.num_groups}"
