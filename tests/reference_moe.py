@@ -422,7 +422,9 @@ def _soft(moe, x: Tensor) -> ReferenceOutput:
     for seq in sequences:
         N = seq.shape[0]
         unit = [seq[n] / seq[n].norm() for n in range(N)]
-        logits = torch.stack([torch.stack([unit[n] @ phi[s] for s in range(E * S)]) for n in range(N)])
+        logits = torch.stack(
+            [torch.stack([unit[n] @ phi[s] for s in range(E * S)]) for n in range(N)]
+        )
         dispatch = torch.stack([softmax(logits[:, s]) for s in range(E * S)], dim=1)  # over tokens
         combine = torch.stack([softmax(logits[n]) for n in range(N)])  # over slots
         slot_out = []

@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_moe import TokenRoute, reference_capacity
 
 from moekit.capacity import apply_capacity, claim_order, positions_in_expert
 from moekit.dispatch import TokenChoicePlan
 from moekit.routing.base import TokenChoice
-from reference_moe import TokenRoute, reference_capacity
 
 INF = math.inf
 
@@ -69,8 +69,9 @@ def test_claim_order_lives_on_the_requested_device():
 @pytest.mark.parametrize("batch_priority", [False, True])
 def test_capacity_on_cuda_equals_cpu(overflow, batch_priority):
     routing = hand_choice(GATE, 2, renormalize=True)
-    on_cuda = TokenChoice(**{name: None if value is None else value.cuda()
-                             for name, value in vars(routing).items()})
+    on_cuda = TokenChoice(
+        **{name: None if value is None else value.cuda() for name, value in vars(routing).items()}
+    )
     expected = apply_capacity(routing, 2, overflow, batch_priority)
     got = apply_capacity(on_cuda, 2, overflow, batch_priority)
     for a, b in zip(got, expected):
@@ -151,7 +152,9 @@ def test_reroute_never_uses_a_forbidden_expert():
     ids, weights, kept = apply_capacity(routing, 1, "reroute", batch_priority=False)
     assert kept.flatten().tolist() == [True, True, False]
     assert ids[:2].flatten().tolist() == [0, 3]
-    torch.testing.assert_close(weights.flatten(), torch.tensor([0.9, 0.3, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        weights.flatten(), torch.tensor([0.9, 0.3, 0.0], dtype=torch.float64)
+    )
 
 
 def test_unused_top_p_slots_claim_nothing():
@@ -194,8 +197,13 @@ def routings(draw):
         weights_TK = weights_TK * valid_TK
     weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     routing = TokenChoice(
-        weights_TK=weights_TK, ids_TK=ids_TK, valid_TK=valid_TK, gate_TE=gate_TE,
-        rank_TE=rank_TE, logits_TE=gate_TE.log(), probs_TE=gate_TE,
+        weights_TK=weights_TK,
+        ids_TK=ids_TK,
+        valid_TK=valid_TK,
+        gate_TE=gate_TE,
+        rank_TE=rank_TE,
+        logits_TE=gate_TE.log(),
+        probs_TE=gate_TE,
     )
     capacity = draw(st.integers(1, T))
     return routing, capacity
@@ -276,7 +284,9 @@ def test_plan_is_a_permutation_of_the_kept_assignments(case, overflow, batch_pri
     plan = TokenChoicePlan(ids, kept, weights, E)
 
     # Feature 0 of each token is its index, so a dispatched row says which token it holds.
-    x_TD = torch.stack([torch.arange(T, dtype=torch.float64), torch.ones(T, dtype=torch.float64)], 1)
+    x_TD = torch.stack(
+        [torch.arange(T, dtype=torch.float64), torch.ones(T, dtype=torch.float64)], 1
+    )
     rows = plan.dispatch(x_TD)[:, 0].long().tolist()
     counts = plan.counts_E.tolist()
     assert counts == torch.bincount(ids[kept], minlength=E).tolist()
@@ -290,4 +300,6 @@ def test_plan_is_a_permutation_of_the_kept_assignments(case, overflow, batch_pri
     # Combining the dispatched rows unchanged gives each token its kept weight mass.
     y_TD = plan.combine(plan.dispatch(x_TD))
     torch.testing.assert_close(y_TD[:, 1], weights.sum(dim=-1))
-    torch.testing.assert_close(y_TD[:, 0], weights.sum(dim=-1) * torch.arange(T, dtype=torch.float64))
+    torch.testing.assert_close(
+        y_TD[:, 0], weights.sum(dim=-1) * torch.arange(T, dtype=torch.float64)
+    )

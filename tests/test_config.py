@@ -27,7 +27,10 @@ def config(**overrides) -> MoEConfig:
         (dict(router="hash"), r"unknown router 'hash'"),
         (dict(activation="tanh"), r"unknown activation 'tanh'"),
         (dict(overflow="spill"), r"unknown overflow policy 'spill'"),
-        (dict(router="sigmoid_topk", num_groups=3), r"num_groups \(3\) must divide num_experts \(4\)"),
+        (
+            dict(router="sigmoid_topk", num_groups=3),
+            r"num_groups \(3\) must divide num_experts \(4\)",
+        ),
         (dict(router="sigmoid_topk", num_groups=0), r"num_groups \(0\)"),
         (dict(router="switch", top_k=2), r"top_k \(2\)"),
         (dict(d_model=0), r"d_model \(0\)"),
@@ -52,7 +55,9 @@ def test_wrong_last_dim_raises_at_forward():
         moe(torch.randn(3, 7))
 
 
-@pytest.mark.parametrize("router", ["softmax_topk", "expert_choice", "soft", "sigmoid_topk", "dense"])
+@pytest.mark.parametrize(
+    "router", ["softmax_topk", "expert_choice", "soft", "sigmoid_topk", "dense"]
+)
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)])
 def test_zero_tokens_give_an_empty_output_and_zero_loss(router, shape):
     moe = MoE(config(router=router, capacity_factor=None, z_loss_coef=0.1))

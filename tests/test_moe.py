@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import make_moe, tokens
 
 
@@ -37,7 +36,9 @@ def test_one_expert_is_a_dense_ffn(router, activation):
     expected = dense_ffn(x, w_up, w_down, activation)
     torch.testing.assert_close(out.hidden, expected, rtol=1e-5, atol=1e-6)
 
-    grads = torch.autograd.grad(out.hidden.square().sum(), [x, moe.experts.w_up, moe.experts.w_down])
+    grads = torch.autograd.grad(
+        out.hidden.square().sum(), [x, moe.experts.w_up, moe.experts.w_down]
+    )
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, w_up, w_down])
     torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1][0], expected_grads[1], rtol=1e-5, atol=1e-6)
@@ -109,9 +110,10 @@ def test_routed_output_is_the_weighted_sum_of_chosen_experts():
     # softmax(2, -1, 1, 0): the top-2 are experts 0 and 2 with probabilities in ratio
     # e^2 : e^1, renormalised to e / (e + 1) and 1 / (e + 1).
     w0, w2 = math.e / (math.e + 1), 1 / (math.e + 1)
-    expert = lambda e: F.linear(  # noqa: E731
-        F.silu(x @ moe.experts.w_up[e][:, :6]) * (x @ moe.experts.w_up[e][:, 6:]),
-        moe.experts.w_down[e].t(),
-    )
+
+    def expert(e):
+        w_up, w_down = moe.experts.w_up[e], moe.experts.w_down[e]  # (D, 2F), (F, D); F = 6
+        return (F.silu(x @ w_up[:, :6]) * (x @ w_up[:, 6:])) @ w_down
+
     expected = w0 * expert(0) + w2 * expert(2)
     torch.testing.assert_close(moe(x).hidden, expected, rtol=1e-5, atol=1e-6)

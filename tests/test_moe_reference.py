@@ -12,15 +12,16 @@ import dataclasses
 import warnings
 
 import pytest
+import torch
+from helpers import make_moe, tokens
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-import torch
-
-from helpers import make_moe, tokens
 from reference_moe import reference_moe
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-LOSS_COEFS = dict(balance_loss_coef=0.1, z_loss_coef=0.01, importance_loss_coef=0.1, load_loss_coef=0.1)
+LOSS_COEFS = dict(
+    balance_loss_coef=0.1, z_loss_coef=0.01, importance_loss_coef=0.1, load_loss_coef=0.1
+)
 
 TOKEN_CHOICE = {
     "softmax_topk": dict(router="softmax_topk"),
@@ -84,8 +85,12 @@ def check_layer(moe, x, train: bool):
     torch.testing.assert_close(out.hidden, ref.hidden.float(), **TOL)
     torch.testing.assert_close(out.aux_loss, ref.aux_loss.float(), **TOL)
     assert out.stats.tokens_per_expert.tolist() == ref.tokens_per_expert
-    for part, stat in [("balance", "balance_loss"), ("z", "z_loss"),
-                       ("importance", "importance_loss"), ("load", "load_loss")]:
+    for part, stat in [
+        ("balance", "balance_loss"),
+        ("z", "z_loss"),
+        ("importance", "importance_loss"),
+        ("load", "load_loss"),
+    ]:
         torch.testing.assert_close(getattr(out.stats, stat), ref.parts[part].float(), **TOL)
     assert_same_gradients(moe, out, reference, ref, x_fast, x_ref)
     return out, ref
@@ -110,7 +115,9 @@ def dropless_counts(moe, x, train):
     """Assignments per expert before capacity, from the reference."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        config = dataclasses.replace(moe.config, capacity_factor=None, overflow="drop", batch_priority=False)
+        config = dataclasses.replace(
+            moe.config, capacity_factor=None, overflow="drop", batch_priority=False
+        )
     unlimited = copy.deepcopy(moe).train(train)
     unlimited.config = config
     torch.manual_seed(123)
@@ -159,9 +166,22 @@ def test_reference_detects_a_wrong_layer():
 @st.composite
 def layer_configs(draw):
     """Random small layer settings, including the edges (one token, one expert, top_k = E)."""
-    router = draw(st.sampled_from(["softmax_topk", "noisy_topk", "switch", "sigmoid_topk",
-                                   "top_p", "expert_choice", "soft", "dense"]))
-    num_experts = draw(st.integers(1, 6))
+    router = draw(
+        st.sampled_from(
+            [
+                "softmax_topk",
+                "noisy_topk",
+                "switch",
+                "sigmoid_topk",
+                "top_p",
+                "expert_choice",
+                "soft",
+                "dense",
+            ]
+        )
+    )
+    # One expert-choice expert scores every token 1.0: which C tokens it takes is a tie.
+    num_experts = draw(st.integers(2 if router == "expert_choice" else 1, 6))
     top_k = 1 if router == "switch" else draw(st.integers(1, num_experts))
     settings = dict(router=router, num_experts=num_experts, top_k=top_k)
     settings["capacity_factor"] = draw(st.sampled_from([None, 0.25, 0.5, 1.0, 1.5]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import make_moe, tokens
+
 from moekit import MoEConfig
 
 

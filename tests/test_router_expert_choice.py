@@ -9,17 +9,18 @@ import math
 
 import pytest
 import torch
-
 from helpers import make_moe, tokens
 
 # Two experts, identity router weight: the logits are the tokens.
 #                      p(e0)   p(e1)
-X = torch.tensor([
-    [0.1, 0.0],  # t0  0.525  0.475
-    [3.0, 0.0],  # t1  0.953  0.047
-    [0.0, 3.0],  # t2  0.047  0.953
-    [1.0, 1.2],  # t3  0.450  0.550
-])
+X = torch.tensor(
+    [
+        [0.1, 0.0],  # t0  0.525  0.475
+        [3.0, 0.0],  # t1  0.953  0.047
+        [0.0, 3.0],  # t2  0.047  0.953
+        [1.0, 1.2],  # t3  0.450  0.550
+    ]
+)
 
 
 def layer(**overrides):
@@ -57,7 +58,9 @@ def test_unpicked_tokens_get_zero_output():
     assert (out.hidden[[1, 2]] != 0).any(dim=-1).all()
 
 
-@pytest.mark.parametrize("num_tokens, top_k, factor", [(16, 2, None), (10, 1, 1.0), (7, 3, 2.0), (3, 4, 4.0)])
+@pytest.mark.parametrize(
+    "num_tokens, top_k, factor", [(16, 2, None), (10, 1, 1.0), (7, 3, 2.0), (3, 4, 4.0)]
+)
 def test_capacity_formula(num_tokens, top_k, factor):
     moe = make_moe(router="expert_choice", num_experts=4, top_k=top_k, capacity_factor=factor)
     out = moe(tokens(num_tokens))

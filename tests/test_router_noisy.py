@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from helpers import make_moe, tokens
+
 from moekit import losses
 
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import make_moe, tokens
+
 from moekit import update_router_biases
 
 

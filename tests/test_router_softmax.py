@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from helpers import make_moe
 
 LOGITS = torch.tensor([[2.0, -1.0, 1.0, 0.0], [0.0, 0.5, -2.0, 3.0]])
@@ -35,7 +34,9 @@ def test_top_k_renormalised():
 def test_top_k_raw_probabilities_without_renormalisation():
     routing = router(renormalize=False)(LOGITS)
     z = math.exp(2) + math.exp(-1) + math.exp(1) + 1
-    torch.testing.assert_close(routing.weights_TK[0], torch.tensor([math.exp(2) / z, math.exp(1) / z]))
+    torch.testing.assert_close(
+        routing.weights_TK[0], torch.tensor([math.exp(2) / z, math.exp(1) / z])
+    )
     torch.testing.assert_close(routing.probs_TE, LOGITS.softmax(-1))
     assert routing.weights_TK.sum(-1).lt(1).all()
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import make_moe, tokens
+
 from moekit import MoEConfig
 
 
@@ -69,4 +69,6 @@ def test_jitter_leaves_the_expert_input_alone():
 def test_no_jitter_when_eps_is_zero():
     moe = layer(jitter_eps=0.0).train()
     x = tokens(16)
-    torch.testing.assert_close(moe.router(x).probs_TE, moe.eval().router(x).probs_TE, rtol=0, atol=0)
+    torch.testing.assert_close(
+        moe.router(x).probs_TE, moe.eval().router(x).probs_TE, rtol=0, atol=0
+    )

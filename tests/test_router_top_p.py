@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import make_moe, tokens
 
 PROBS = [0.5, 0.3, 0.15, 0.05]

@@ -7,11 +7,12 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import make_moe, tokens
 from reference_moe import reference_moe
 
-LOSS_COEFS = dict(balance_loss_coef=0.3, z_loss_coef=0.02, importance_loss_coef=0.5, load_loss_coef=0.7)
+LOSS_COEFS = dict(
+    balance_loss_coef=0.3, z_loss_coef=0.02, importance_loss_coef=0.5, load_loss_coef=0.7
+)
 ROUTERS = {
     "softmax_topk": dict(router="softmax_topk", capacity_factor=0.75, overflow="drop"),
     "noisy_topk": dict(router="noisy_topk", capacity_factor=1.0, overflow="reroute"),
@@ -35,8 +36,16 @@ def test_stats_are_detached_and_aux_loss_is_their_weighted_sum(router):
     moe = layer(router)
     out = moe(tokens(16).requires_grad_())
     stats = out.stats
-    for name in ("tokens_per_expert", "dropped_fraction", "load_cv", "router_entropy",
-                 "balance_loss", "z_loss", "importance_loss", "load_loss"):
+    for name in (
+        "tokens_per_expert",
+        "dropped_fraction",
+        "load_cv",
+        "router_entropy",
+        "balance_loss",
+        "z_loss",
+        "importance_loss",
+        "load_loss",
+    ):
         value = getattr(stats, name)
         assert not value.requires_grad and value.grad_fn is None, name
     expected = (
