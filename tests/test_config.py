@@ -67,6 +67,14 @@ def test_zero_tokens_give_an_empty_output_and_zero_loss(router, shape):
     assert out.stats.tokens_per_expert.tolist() == [0, 0, 0, 0]
 
 
+def test_zero_tokens_backward_gives_an_empty_input_gradient():
+    moe = MoE(config())
+    x = torch.randn(0, 8, requires_grad=True)
+    out = moe(x)
+    (out.hidden.sum() + out.aux_loss).backward()
+    assert x.grad is not None and x.grad.shape == (0, 8)
+
+
 def test_groups_of_a_router_without_groups_warn_instead_of_raising():
     # Groups only limit sigmoid_topk; for softmax_topk they have no effect, so a top_k
     # larger than one group is fine there.
@@ -89,6 +97,8 @@ def test_dense_router_uses_every_expert():
         (dict(router="expert_choice", capacity_factor=1.0, overflow="reroute"), "expert_choice"),
         (dict(num_groups=2), "only apply to the sigmoid_topk router"),
         (dict(load_loss_coef=0.1), "load_loss_coef"),
+        (dict(routed_scaling=2.5), "routed_scaling only applies"),
+        (dict(shared_expert_gate=True), "without shared experts"),
     ],
 )
 def test_setting_without_effect_warns_once(overrides, message):

@@ -143,6 +143,12 @@ class MoEConfig:
             warn_once("overflow and batch_priority have no effect with expert_choice routing")
         if self.num_groups > 1 and self.router != "sigmoid_topk":
             warn_once("num_groups/topk_groups only apply to the sigmoid_topk router")
+        if self.routed_scaling != 1.0 and self.router != "sigmoid_topk":
+            warn_once("routed_scaling only applies to the sigmoid_topk router")
+        if self.num_shared_experts == 0 and (
+            self.shared_expert_gate or self.d_shared_hidden is not None
+        ):
+            warn_once("shared_expert_gate/d_shared_hidden have no effect without shared experts")
         if self.load_loss_coef > 0 and self.router != "noisy_topk":
             warn_once(
                 "load_loss_coef: the load of non-noisy routers is a hard count with no "

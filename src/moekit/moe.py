@@ -89,7 +89,8 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, cfg.d_model)
         T = x_TD.shape[0]
         if T == 0:
-            return MoEOutput(hidden=torch.zeros_like(x), aux_loss=x.new_zeros(()), stats=self._empty_stats(x))
+            # x * 0 (not zeros_like) keeps an empty batch connected to autograd.
+            return MoEOutput(hidden=x * 0, aux_loss=x.new_zeros(()), stats=self._empty_stats(x))
 
         # 1. route, 2. plan (capacity for token choice)
         capacity = cfg.capacity(T)
