@@ -23,7 +23,190 @@ def _routers(argv: list[str]) -> int:
     return 0
 
 
+TRAIN_DESCRIPTION = """\
+Train a model. With no arguments: train the `tiny` MoE preset and its dense twin on the
+same tokens, batches and step budget, then print a table (parameters, final validation
+loss, steps for the MoE to reach the dense model's final loss, tokens/s) and write
+comparison.json and loss.png into the output folder (default runs/compare-<time>).
+--no-compare trains the preset alone (default folder runs/<preset>-<time>).
+
+Settings: --preset NAME plus dotted overrides, e.g.
+  --model.num_experts 16 --model.top_k 1 --model.moe.d_hidden 128 --train.lr 3e-4
+(model.FIELD: ModelConfig, or an MoEConfig field it lacks; model.moe.FIELD: MoEConfig;
+train.FIELD: TrainConfig). Ctrl-C saves a checkpoint; --resume --out DIR continues.
+"""
+
+
+def _error(command: str, error: Exception) -> int:
+    print(f"moekit {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _train(argv: list[str]) -> int:
+    from .models import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="moekit train", description=TRAIN_DESCRIPTION, allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
+    parser.add_argument("--no-compare", action="store_true", help="train the preset alone, no dense twin")
+    parser.add_argument("--out", help="output folder (a run, or a comparison of two runs)")
+    parser.add_argument("--resume", action="store_true", help="continue the stopped job in --out")
+    parser.add_argument("--data", help="training text (.txt, .jsonl, folder) or a prepared train.bin")
+    parser.add_argument("--steps", type=int, help="optimizer steps (= --train.steps)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (= --train.batch_size)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (= --train.seq_len)")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (= --train.eval_every)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return _run_train(args, extra)
+    except ValueError as error:
+        return _error("train", error)
+    except KeyboardInterrupt:
+        print("\ninterrupted: checkpoint saved; continue with `moekit train --resume --out DIR`",
+              file=sys.stderr)
+        return 130
+
+
+def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import train
+    from .cli_args import build_configs, parse_overrides
+
+    progress = not args.no_progress
+    overrides = parse_overrides(extra)
+    for flag in ("steps", "batch_size", "seq_len", "eval_every"):
+        if getattr(args, flag) is not None:
+            overrides[f"train.{flag}"] = str(getattr(args, flag))
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out DIR, the folder of the job to continue")
+        if overrides or args.data:
+            raise ValueError("--resume uses the settings saved in --out; drop the other settings")
+        result = train.resume_job(args.out, show_progress=progress)
+        if isinstance(result, train.Comparison):
+            print(train.format_table(result))
+        else:
+            _print_result(result, args.out)
+        return 0
+    model_config, train_config = build_configs(args.preset, overrides)
+    if args.no_compare:
+        out = args.out or train.default_out_dir(args.preset)
+        result = train.train_one(model_config, train_config, out, data=args.data, show_progress=progress)
+        _print_result(result, out)
+        return 0
+    if model_config.moe is None:
+        raise ValueError(f"preset {args.preset!r} is dense; compare needs an MoE preset (or add --no-compare)")
+    out = args.out or train.default_out_dir("compare")
+    comparison = train.compare(model_config, train_config, out, data=args.data, show_progress=progress)
+    print(train.format_table(comparison))
+    print(f"wrote {out}/comparison.json and {out}/loss.png")
+    return 0
+
+
+def _print_result(result, out) -> None:
+    print(
+        f"{result.steps} steps, final validation loss {result.final_val_loss:.4f}, "
+        f"{result.tokens_per_s:,.0f} tokens/s; run directory {out}"
+    )
+
+
+def _prepare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moekit prepare",
+        description="Train a tokenizer and write token streams (OUT/train.bin, OUT/val.bin, "
+        "OUT/tokenizer.json) for `moekit train --data OUT/train.bin`.",
+    )
+    parser.add_argument("data", nargs="?", help="text: .txt, .jsonl or a folder (default: the built-in corpus)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
+    args = parser.parse_args(argv)
+    from .train import write_prepared
+
+    try:
+        path = write_prepared(args.data, args.out, vocab_size=args.vocab_size)
+    except ValueError as error:
+        return _error("prepare", error)
+    print(f"wrote {path} (and val.bin, tokenizer.json beside it)")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moekit eval",
+        description="Print the validation loss and perplexity of a trained run's checkpoint "
+        "(both runs of a comparison folder).",
+    )
+    parser.add_argument("run_dir", help="a run folder, or a comparison folder")
+    parser.add_argument("--data", help="evaluate on this text (.txt, .jsonl, folder) or .bin instead")
+    parser.add_argument("--max-batches", type=int, help="evaluate only the first batches")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from .train import evaluate_run
+
+    run_dir = Path(args.run_dir)
+    runs = [run_dir / "moe", run_dir / "dense"] if (run_dir / "moe").is_dir() else [run_dir]
+    try:
+        for run in runs:
+            result = evaluate_run(run, data=args.data, max_batches=args.max_batches)
+            print(
+                f"{run}: validation loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
+                f"({result.num_tokens:,} tokens)"
+            )
+    except ValueError as error:
+        return _error("eval", error)
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moekit generate", description="Continue a prompt with a trained run's model, streaming the text."
+    )
+    parser.add_argument("run_dir", help="a trained run folder (e.g. runs/compare-.../moe)")
+    parser.add_argument("--prompt", default="", help='text to continue (default "": a new document)')
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set reaching p")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--show-experts", action="store_true", help="after the text, list each token's experts per MoE layer")
+    args = parser.parse_args(argv)
+    from .train import generate_text
+
+    pieces = []
+    try:
+        print(args.prompt, end="", flush=True)
+        for piece in generate_text(
+            args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, show_experts=args.show_experts,
+        ):
+            print(piece.text, end="", flush=True)
+            pieces.append(piece)
+        print()
+    except ValueError as error:
+        return _error("generate", error)
+    if args.show_experts:
+        _print_experts(pieces, args.run_dir)
+    return 0
+
+
+def _print_experts(pieces, run_dir) -> None:
+    from .data import Tokenizer
+
+    tokenizer = Tokenizer.load(run_dir)
+    print("\ntoken            experts per MoE layer")
+    for piece in pieces:
+        layers = [f"L{i}:{','.join(map(str, ids))}" for i, ids in enumerate(piece.expert_ids) if ids is not None]
+        print(f"{tokenizer.decode([piece.token])!r:16} {' '.join(layers)}")
+
+
 COMMANDS = {
+    "train": (_train, "train the tiny MoE and its dense twin and compare them (or one model)"),
+    "prepare": (_prepare, "tokenise text into .bin token streams for training"),
+    "eval": (_eval, "validation loss and perplexity of a trained run"),
+    "generate": (_generate, "generate text with a trained run, streaming"),
     "bench": (_bench, "time the MoE layer against a dense FFN of equal active FLOPs"),
     "routers": (_routers, "list the available routers"),
 }

@@ -1,0 +1,114 @@
+"""`--preset NAME` plus dotted overrides: `--model.num_experts 16 --train.lr 3e-4`.
+
+Keys:
+    model.FIELD       a ModelConfig field; for an MoE preset also any MoEConfig field that
+                      ModelConfig lacks (model.num_experts, model.top_k, model.router, ...).
+                      model.d_model sets the MoE layer's d_model too.
+    model.moe.FIELD   a MoEConfig field, explicitly (model.moe.d_hidden is the expert width,
+                      model.d_hidden the dense FFN width).
+    train.FIELD       a TrainConfig field.
+Values are parsed by the field's type (int, float, bool, str, or "none" where None is
+allowed); an unknown key or a value of the wrong type is a ValueError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+from .config import MoEConfig
+from .models import PRESETS, ModelConfig
+from .train.config import TrainConfig
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Pair up `--key value` and `--key=value` arguments into {key: raw value}.
+
+    Args:
+        args: the arguments argparse did not recognise.
+    Returns:
+        Raw string values by dotted key, in order.
+    """
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ValueError(f"unrecognised argument {arg!r}; overrides look like --model.top_k 2")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(args):
+                raise ValueError(f"--{key} needs a value")
+            value, i = args[i + 1], i + 1
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def build_configs(preset: str, overrides: dict[str, str]) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's ModelConfig and the default TrainConfig with overrides applied.
+
+    Args:
+        preset: a name in moekit.models.PRESETS.
+        overrides: {dotted key: raw value} from parse_overrides.
+    Returns:
+        (model_config, train_config), validated by their __post_init__.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    model = PRESETS[preset]()
+    model_changes, moe_changes, train_changes = {}, {}, {}
+    for key, raw in overrides.items():
+        section, _, name = key.partition(".")
+        if section == "train":
+            train_changes[name] = _parse(TrainConfig, name, raw, key)
+        elif section == "model" and name.startswith("moe."):
+            moe_changes[name[4:]] = _parse(MoEConfig, name[4:], raw, key, model.moe, preset)
+        elif section == "model" and name in _fields(ModelConfig):
+            model_changes[name] = _parse(ModelConfig, name, raw, key)
+        elif section == "model" and name in _fields(MoEConfig):
+            moe_changes[name] = _parse(MoEConfig, name, raw, key, model.moe, preset)
+        else:
+            raise ValueError(f"unknown setting --{key}; keys are model.FIELD, model.moe.FIELD, train.FIELD")
+    if model.moe is not None and "d_model" in model_changes:
+        moe_changes.setdefault("d_model", model_changes["d_model"])
+    if moe_changes:
+        model_changes["moe"] = dataclasses.replace(model.moe, **moe_changes)
+    return dataclasses.replace(model, **model_changes), TrainConfig(**train_changes)
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _parse(cls, name: str, raw: str, key: str, moe: MoEConfig | None = None, preset: str = ""):
+    """Convert raw to the type of cls.name; errors name the key."""
+    if cls is MoEConfig and moe is None:
+        raise ValueError(f"--{key}: the preset {preset!r} is dense (it has no MoE layers)")
+    if name not in _fields(cls) or name == "moe":
+        raise ValueError(f"unknown setting --{key}")
+    hint = typing.get_type_hints(cls)[name]
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and raw.lower() in ("none", "null"):
+        return None
+    for kind in (bool, int, float, str):
+        if kind in options:
+            return _convert(kind, raw, key)
+    raise ValueError(f"--{key} cannot be set from the command line")
+
+
+def _convert(kind: type, raw: str, key: str):
+    if kind is bool:
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(f"--{key} expects true or false, got {raw!r}")
+    if kind is str:
+        return raw
+    try:
+        return kind(raw)
+    except ValueError:
+        name = "an integer" if kind is int else "a number"
+        raise ValueError(f"--{key} expects {name}, got {raw!r}") from None

@@ -1,0 +1,44 @@
+"""Training: the Trainer, checkpoints, the learning-rate schedule, metrics, MoE-vs-dense.
+
+    data = prepare_run_data("runs/tiny")                    # default corpus, tokenised once
+    trainer = Trainer(presets.tiny(), TrainConfig(steps=300), "runs/tiny", data=data)
+    result = trainer.train()                               # metrics.jsonl, checkpoint/
+"""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .compare import Comparison, compare, format_table
+from .config import TrainConfig
+from .data import RunData, prepare_run_data, write_prepared
+from .inference import EvalResult, TextPiece, evaluate_run, generate_text
+from .jobs import default_out_dir, resume_job, train_one
+from .metrics import MetricsLog, read_metrics
+from .schedule import lr_at
+from .trainer import Trainer, TrainResult, evaluate, load_trained_model, run_configs
+
+__all__ = [
+    "CheckpointError",
+    "Comparison",
+    "EvalResult",
+    "MetricsLog",
+    "RunData",
+    "TextPiece",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "compare",
+    "default_out_dir",
+    "evaluate",
+    "evaluate_run",
+    "format_table",
+    "generate_text",
+    "load_checkpoint",
+    "load_trained_model",
+    "lr_at",
+    "prepare_run_data",
+    "read_metrics",
+    "resume_job",
+    "run_configs",
+    "save_checkpoint",
+    "train_one",
+    "write_prepared",
+]

@@ -1,0 +1,200 @@
+"""MoE versus its dense twin: the same tokens, batches, seed and step budget.
+
+    RUN/moe/, RUN/dense/   two ordinary run directories (moekit eval / generate work on them)
+    RUN/comparison.json    the numbers of the table
+    RUN/loss.png           both validation curves
+
+The speed-up is dense steps / MoE steps to the same validation loss: the steps the MoE
+needs to reach the dense model's final validation loss, interpolated linearly between
+evaluations, against the dense model's full budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..data import CorpusConfig
+from ..models import ModelConfig, count_parameters, dense_twin
+from .checkpoint import checkpoint_dir
+from .config import TrainConfig
+from .data import copy_run_data, prepare_run_data
+from .trainer import TrainResult, Trainer
+
+COMPARISON_FILE = "comparison.json"
+PLOT_FILE = "loss.png"
+
+
+@dataclass
+class ModelSummary:
+    """One column of the comparison table."""
+
+    name: str
+    total_params: int
+    active_params: int
+    final_val_loss: float
+    tokens_per_s: float
+    train_seconds: float
+    evals: list[tuple[int, float]]
+
+
+@dataclass
+class Comparison:
+    """The comparison's numbers. steps_to_dense_loss is None when the MoE never got there."""
+
+    moe: ModelSummary
+    dense: ModelSummary
+    steps: int
+    tokens_per_step: int
+    steps_to_dense_loss: float | None
+    speedup: float | None
+
+
+def compare(
+    moe_config: ModelConfig,
+    train_config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    corpus_config: CorpusConfig | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    log=print,
+) -> Comparison:
+    """Train moe_config and dense_twin(moe_config) alike, then write the table's files.
+
+    Args:
+        moe_config: the MoE model (e.g. presets.tiny()).
+        train_config: training settings shared by both runs.
+        out_dir: the comparison directory (two run directories go inside).
+        data: see prepare_run_data (None = the default corpus).
+        corpus_config: a smaller default corpus.
+        resume: continue runs that have a checkpoint (a finished one trains no further).
+        show_progress: tqdm bars.
+        log: where progress lines go.
+    Returns:
+        The Comparison (also in out_dir/comparison.json).
+    """
+    out_dir = Path(out_dir)
+    runs = {"moe": moe_config, "dense": dense_twin(moe_config)}
+    results = {}
+    for name, model_config in runs.items():
+        run_dir = out_dir / name
+        prepared = data is not None and Path(data).suffix == ".bin"
+        if name == "dense" and not prepared and not (run_dir / "tokenizer.json").exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            copy_run_data(out_dir / "moe", run_dir)  # same tokens, no second tokenizer training
+        run_data = prepare_run_data(
+            run_dir, data=data, vocab_size=moe_config.vocab_size, corpus_config=corpus_config
+        )
+        log(f"training {name} in {run_dir}")
+        trainer = Trainer(
+            model_config, train_config, run_dir, data=run_data,
+            resume=resume and checkpoint_dir(run_dir) is not None,
+            show_progress=show_progress, data_source=None if data is None else str(data),
+        )
+        results[name] = (trainer.train(), count_parameters(trainer.model))
+    comparison = summarize(results, train_config)
+    write_outputs(comparison, out_dir)
+    return comparison
+
+
+def summarize(results: dict[str, tuple[TrainResult, object]], config: TrainConfig) -> Comparison:
+    """Build the Comparison from the two runs' results and parameter counts."""
+    summaries = {}
+    for name, (result, params) in results.items():
+        summaries[name] = ModelSummary(
+            name=name, total_params=params.total, active_params=params.active,
+            final_val_loss=result.final_val_loss, tokens_per_s=result.tokens_per_s,
+            train_seconds=result.train_seconds, evals=result.evals,
+        )
+    moe, dense = summaries["moe"], summaries["dense"]
+    reached = steps_to_reach(moe.evals, dense.final_val_loss)
+    dense_steps = dense.evals[-1][0] if dense.evals else 0
+    return Comparison(
+        moe=moe, dense=dense, steps=dense_steps,
+        tokens_per_step=config.batch_size * config.seq_len,
+        steps_to_dense_loss=reached,
+        speedup=dense_steps / reached if reached else None,
+    )
+
+
+def steps_to_reach(evals: list[tuple[int, float]], target: float) -> float | None:
+    """First (linearly interpolated) step at which the loss curve reaches target, or None.
+
+    Args:
+        evals: (step, loss) pairs in step order.
+        target: the loss to reach.
+    Returns:
+        The step, or None when no evaluation got to target.
+    """
+    for i, (step, loss) in enumerate(evals):
+        if loss <= target:
+            if i == 0:
+                return float(step)
+            prev_step, prev_loss = evals[i - 1]
+            # Between two evaluations the loss is taken to fall linearly.
+            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
+    return None
+
+
+def format_table(comparison: Comparison) -> str:
+    """The comparison as a plain-text table."""
+    moe, dense = comparison.moe, comparison.dense
+    reached = comparison.steps_to_dense_loss
+
+    def row(label, moe_value, dense_value):
+        return f"{label:<32}{moe_value:>14}{dense_value:>14}"
+
+    lines = [
+        row("", "MoE", "dense"),
+        row("total parameters", f"{moe.total_params / 1e6:.2f} M", f"{dense.total_params / 1e6:.2f} M"),
+        row("active parameters per token", f"{moe.active_params / 1e6:.2f} M", f"{dense.active_params / 1e6:.2f} M"),
+        row("final validation loss", f"{moe.final_val_loss:.4f}", f"{dense.final_val_loss:.4f}"),
+        row("steps to dense final val loss", "not reached" if reached is None else f"{reached:.0f}",
+            f"{comparison.steps}"),
+        row("training tokens/s", f"{moe.tokens_per_s:,.0f}", f"{dense.tokens_per_s:,.0f}"),
+        row("training time", f"{moe.train_seconds:.0f} s", f"{dense.train_seconds:.0f} s"),
+    ]
+    if comparison.speedup is None:
+        lines.append(f"speed-up: the MoE did not reach the dense loss in {comparison.steps} steps")
+    else:
+        lines.append(
+            f"speed-up (dense steps / MoE steps to the same loss): {comparison.speedup:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(comparison: Comparison, out_dir: str | Path) -> None:
+    """Write comparison.json and loss.png into out_dir."""
+    out_dir = Path(out_dir)
+    data = asdict(comparison)
+    for key in ("moe", "dense"):
+        data[key] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data[key].items()}
+    (out_dir / COMPARISON_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
+    plot_curves(comparison, out_dir / PLOT_FILE)
+
+
+def plot_curves(comparison: Comparison, path: str | Path) -> None:
+    """Both validation-loss curves against training tokens, saved as a PNG (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for summary, label in ((comparison.moe, "MoE"), (comparison.dense, "dense twin")):
+        steps = [s for s, _ in summary.evals]
+        axes.plot(steps, [loss for _, loss in summary.evals], marker="o", markersize=3,
+                  label=f"{label} ({summary.active_params / 1e6:.2f} M active)")
+    axes.axhline(comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1)
+    axes.set_xlabel(f"step ({comparison.tokens_per_step:,} tokens each)")
+    axes.set_ylabel("validation loss (nats/token)")
+    axes.set_title("MoE versus its dense twin")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,98 @@
+"""TrainConfig, and the run's config.json: model and training settings as plain JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..config import MoEConfig
+from ..models import ModelConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How to train: budget, batches, optimizer, schedule, evaluation and checkpoints.
+
+    The defaults are the `moekit train` comparison on 2 CPU cores (docs/train.md); they are
+    a working recipe, not a tuned one.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+
+    # AdamW (Loshchilov & Hutter 2019); decay on matrices only, not norms or biases.
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    # Linear warmup, then cosine decay to min_lr_ratio * lr at the last step.
+    # None = 5% of the steps.
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+
+    # bfloat16 autocast for the matmuls (routers stay fp32 inside the layer); float32
+    # is the default because CPUs without bf16 instructions run bf16 matmuls slowly.
+    dtype: str = "float32"
+
+    # Validation loss on the first eval_batches batches of the validation split (the
+    # same batches every time, so curves compare), every eval_every steps and at the end.
+    eval_every: int = 25
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.warmup_steps is None:
+            self.warmup_steps = math.ceil(0.05 * self.steps)
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps ({self.steps})]")
+        if not self.lr > 0:
+            raise ValueError(f"lr ({self.lr}) must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(
+                f"weight_decay ({self.weight_decay}) and grad_clip ({self.grad_clip}) must be >= 0"
+            )
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def model_config_to_dict(config: ModelConfig) -> dict:
+    """A ModelConfig as plain JSON-ready data (the MoE settings nested under "moe")."""
+    return dataclasses.asdict(config)
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """The inverse of model_config_to_dict; unknown keys raise ValueError naming them."""
+    data = dict(data)
+    moe = data.pop("moe", None)
+    if moe is not None:
+        moe = _build(MoEConfig, moe, "model.moe")
+    return _build(ModelConfig, data | {"moe": moe}, "model")
+
+
+def train_config_from_dict(data: dict) -> TrainConfig:
+    """A TrainConfig from the "train" section of config.json."""
+    return _build(TrainConfig, data, "train")
+
+
+def _build(cls, data: dict, section: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} settings {unknown}; this moekit knows {sorted(known)}")
+    return cls(**data)

@@ -1,0 +1,144 @@
+"""The token streams of a run: the default corpus, user text, or a prepared .bin.
+
+Default corpus and user text are tokenised once into the run directory:
+    RUN/tokenizer.json, RUN/data/train.bin, RUN/data/val.bin (+ sidecars)
+and a resumed run (or `moekit eval`) reads them back. A prepared stream (`moekit
+prepare`) is read where it lies: DIR/train.bin, with DIR/val.bin and DIR/tokenizer.json
+beside it; its tokenizer is copied into the run directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import (
+    CorpusConfig,
+    Document,
+    TokenStream,
+    Tokenizer,
+    build_corpus,
+    load_documents,
+    load_stream,
+    prepare,
+    split_documents,
+    train_tokenizer,
+)
+from ..data.tokenizer import TOKENIZER_FILE
+
+DATA_DIR = "data"
+TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
+
+
+@dataclass
+class RunData:
+    """The tokenizer and the two token streams a run trains and evaluates on."""
+
+    tokenizer: Tokenizer
+    train: TokenStream
+    validation: TokenStream
+
+
+def prepare_run_data(
+    run_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    vocab_size: int = 4096,
+    corpus_config: CorpusConfig | None = None,
+) -> RunData:
+    """Tokenise the run's data into run_dir, or read it back when it is already there.
+
+    Args:
+        run_dir: the run directory.
+        data: None for the default corpus; a .txt/.jsonl file or folder of user text
+            (split 95/5 by document); or a prepared train .bin.
+        vocab_size: the tokenizer's vocabulary (the model's vocab_size).
+        corpus_config: a smaller default corpus (tests, quick experiments).
+    Returns:
+        The RunData.
+    """
+    run_dir = Path(run_dir)
+    if data is not None and Path(data).suffix == ".bin":
+        return _prepared_stream_data(run_dir, Path(data))
+    stream_dir = run_dir / DATA_DIR
+    if not (run_dir / TOKENIZER_FILE).exists() or not (stream_dir / VAL_FILE).exists():
+        train_docs, val_docs = _documents(data, corpus_config)
+        tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size=vocab_size)
+        prepare(train_docs, tokenizer, stream_dir / TRAIN_FILE)
+        prepare(val_docs, tokenizer, stream_dir / VAL_FILE)
+        # The tokenizer is written last: its presence marks the streams as complete.
+        tokenizer.save(run_dir)
+    return _load(run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE)
+
+
+def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
+    """Give run_dir the tokenizer and streams of source_dir (the same tokens, no re-tokenising)."""
+    source_dir, run_dir = Path(source_dir), Path(run_dir)
+    if (source_dir / DATA_DIR).exists():
+        shutil.copytree(source_dir / DATA_DIR, run_dir / DATA_DIR, dirs_exist_ok=True)
+    shutil.copy2(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+
+
+def write_prepared(data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096) -> Path:
+    """`moekit prepare`: tokenise text (or the default corpus when data is None) into out_dir.
+
+    Returns:
+        out_dir/train.bin (with val.bin and tokenizer.json beside it).
+    """
+    out_dir = Path(out_dir)
+    train_docs, val_docs = _documents(data, None)
+    tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size=vocab_size)
+    tokenizer.save(out_dir)
+    prepare(val_docs, tokenizer, out_dir / VAL_FILE)
+    return prepare(train_docs, tokenizer, out_dir / TRAIN_FILE)
+
+
+def _documents(
+    data: str | Path | None, corpus_config: CorpusConfig | None
+) -> tuple[list[Document], list[Document]]:
+    if data is None:
+        corpus = build_corpus(config=corpus_config)
+        return corpus.train, corpus.validation
+    documents = load_documents(data)
+    if len(documents) < 2:
+        # One document cannot be split by document; cut it into pieces at line breaks.
+        documents = _pieces(documents[0], 20)
+    train, validation = split_documents(documents, validation_fraction=0.05)
+    if not train:
+        raise ValueError(f"{str(data)!r} has too little text to split into train and validation")
+    return train, validation
+
+
+def _pieces(document: Document, count: int) -> list[Document]:
+    """Split one document into about `count` documents of whole lines."""
+    lines = document.text.splitlines(keepends=True)
+    size = max(1, len(lines) // count)
+    chunks = ["".join(lines[i : i + size]) for i in range(0, len(lines), size)]
+    return [
+        Document(text=text, domain=document.domain, id=f"{document.id}#{i}")
+        for i, text in enumerate(chunks)
+    ]
+
+
+def _prepared_stream_data(run_dir: Path, train_path: Path) -> RunData:
+    folder = train_path.parent
+    for needed in (train_path, folder / VAL_FILE, folder / TOKENIZER_FILE):
+        if not needed.exists():
+            raise ValueError(
+                f"--data {str(train_path)!r}: {str(needed)!r} is missing; "
+                "make the folder with `moekit prepare`"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / TOKENIZER_FILE).exists():
+        shutil.copy2(folder / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    return _load(run_dir / TOKENIZER_FILE, train_path, folder / VAL_FILE)
+
+
+def _load(tokenizer_path: Path, train_path: Path, val_path: Path) -> RunData:
+    tokenizer = Tokenizer.load(tokenizer_path)
+    return RunData(
+        tokenizer=tokenizer,
+        train=load_stream(train_path, tokenizer=tokenizer),
+        validation=load_stream(val_path, tokenizer=tokenizer),
+    )

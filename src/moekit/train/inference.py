@@ -1,0 +1,112 @@
+"""Using a trained run: validation loss of its checkpoint, and streamed text generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from ..data import Tokenizer, load_documents, load_stream, sequential_batches, tokenize_documents
+from ..generate import stream
+from .data import prepare_run_data
+from .trainer import evaluate, load_trained_model, run_configs
+
+
+@dataclass
+class EvalResult:
+    """loss: mean cross entropy in nats per token; perplexity = exp(loss)."""
+
+    loss: float
+    perplexity: float
+    num_tokens: int
+
+
+def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, max_batches: int | None = None) -> EvalResult:
+    """Validation loss of a run's checkpoint, in sequences of the run's seq_len.
+
+    Args:
+        run_dir: a trained run directory.
+        data: None = the run's validation split; a .txt/.jsonl file or folder (all of it,
+            tokenised with the run's tokenizer); or a prepared .bin made with that tokenizer.
+        max_batches: evaluate only the first batches (None = the whole stream).
+    Returns:
+        The EvalResult.
+    """
+    model = load_trained_model(run_dir)
+    _, train_config, data_source = run_configs(run_dir)
+    if data is None:
+        validation = prepare_run_data(run_dir, data=data_source).validation
+    elif Path(data).suffix == ".bin":
+        validation = load_stream(data, tokenizer=Tokenizer.load(run_dir))
+    else:
+        validation = tokenize_documents(load_documents(data), Tokenizer.load(run_dir))
+    batches = sequential_batches(validation, batch_size=train_config.batch_size, seq_len=train_config.seq_len)
+    batches = list(islice(batches, max_batches))
+    loss = evaluate(model, batches)
+    num_tokens = sum(targets.numel() for _, targets in batches)
+    return EvalResult(loss=loss, perplexity=torch.tensor(loss).exp().item(), num_tokens=num_tokens)
+
+
+@dataclass
+class TextPiece:
+    """Newly decoded text, the token it completes, and that token's experts per MoE layer."""
+
+    text: str
+    token: int
+    expert_ids: list[list[int] | None] | None
+
+
+def generate_text(
+    run_dir: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    show_experts: bool = False,
+) -> Iterator[TextPiece]:
+    """Stream text from a run's checkpoint with moekit.generate.stream.
+
+    Generation stops at the end-of-document token or at the model's max_seq_len. Text is
+    yielded once it decodes to whole characters (a byte-level token can end mid-character).
+
+    Args:
+        run_dir: a trained run directory.
+        prompt: the text to continue; "" starts a new document.
+        max_new_tokens, temperature, top_k, top_p: see moekit.generate.sample_next
+            (temperature 0 = greedy).
+        seed: seed of the sampling generator.
+        show_experts: fill TextPiece.expert_ids.
+    Yields:
+        TextPiece per generated token.
+    """
+    model = load_trained_model(run_dir)
+    tokenizer = Tokenizer.load(run_dir)
+    prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    room = model.config.max_seq_len - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's max_seq_len is {model.config.max_seq_len}")
+    steps = stream(
+        model, torch.tensor([prompt_ids]), max_new_tokens=min(max_new_tokens, room),
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id,
+        return_expert_ids=show_experts, generator=torch.Generator().manual_seed(seed),
+    )
+    new_ids: list[int] = []
+    shown = ""
+    for step in steps:
+        token = int(step.token_B[0])
+        if token == tokenizer.eot_id:
+            return
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        piece = "" if text.endswith("\ufffd") else text[len(shown):]
+        shown += piece
+        experts = None
+        if step.expert_ids is not None:
+            experts = [None if ids is None else ids[0].tolist() for ids in step.expert_ids]
+        yield TextPiece(text=piece, token=token, expert_ids=experts)

@@ -1,0 +1,352 @@
+"""The training loop: AdamW, warmup + cosine, clipping, aux losses, bias updates, evals.
+
+One Trainer trains one model in one run directory:
+    RUN/config.json          model and train config, data source, versions
+    RUN/tokenizer.json, RUN/data/   the token streams (see train/data.py)
+    RUN/metrics.jsonl        one line per step and per evaluation
+    RUN/checkpoint/          weights and trainer state (see train/checkpoint.py)
+Everything the next step depends on (weights, AdamW moments, step, loader position,
+torch RNG) is in the checkpoint, so a resumed run ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import __version__, update_router_biases
+from ..data import BatchLoader, sequential_batches
+from ..models import ModelConfig, Transformer
+from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .config import TrainConfig, model_config_from_dict, model_config_to_dict, train_config_from_dict
+from .data import RunData
+from .metrics import MetricsLog, read_metrics
+from .schedule import lr_at
+
+CONFIG_FILE = "config.json"
+RUN_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports.
+
+    evals: (step, validation loss) pairs in step order. tokens_per_s: training tokens
+    over training time (evaluation and checkpoints excluded).
+    """
+
+    steps: int
+    final_val_loss: float
+    tokens_per_s: float
+    train_seconds: float
+    evals: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train a Transformer on a run's data, with checkpoints and a metrics log.
+
+    Args:
+        model_config: the model to build.
+        train_config: the training settings.
+        run_dir: the run directory (created if needed).
+        data: the run's tokenizer and streams (prepare_run_data).
+        resume: continue from run_dir's checkpoint (its config must equal the given one).
+        show_progress: draw a tqdm progress bar on stderr.
+        data_source: recorded in config.json (None = the default corpus).
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        data: RunData,
+        resume: bool = False,
+        show_progress: bool = True,
+        data_source: str | None = None,
+    ):
+        self.model_config, self.config = model_config, train_config
+        self.run_dir = Path(run_dir)
+        self.show_progress = show_progress
+        if data.tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size "
+                f"is {model_config.vocab_size}"
+            )
+        torch.manual_seed(train_config.seed)
+        self.model = Transformer(model_config)
+        self.optimizer = build_optimizer(self.model, train_config)
+        self.loader = BatchLoader(
+            data.train, batch_size=train_config.batch_size, seq_len=train_config.seq_len, seed=train_config.seed
+        )
+        self.eval_batches = fixed_eval_batches(data, train_config)
+        self.metrics = MetricsLog(self.run_dir)
+        self.step, self.train_seconds = 0, 0.0
+        self._start(resume, data_source)
+
+    def _start(self, resume: bool, data_source: str | None) -> None:
+        run_config = {
+            "format": RUN_FORMAT,
+            "moekit_version": __version__,
+            "model": model_config_to_dict(self.model_config),
+            "train": _asdict(self.config),
+            "data": data_source,
+        }
+        if resume:
+            saved = read_run_config(self.run_dir)
+            if saved["model"] != run_config["model"] or saved["train"] != run_config["train"]:
+                raise ValueError(f"--resume: the config differs from the one saved in {str(self.run_dir)!r}")
+            state = load_checkpoint(self.run_dir, self.model, self.optimizer)
+            self.step, self.train_seconds = state["step"], state["train_seconds"]
+            self.loader.load_state_dict(state["loader"])
+            self.metrics.truncate_after(self.step)
+            return
+        if checkpoint_dir(self.run_dir) is not None:
+            raise ValueError(
+                f"{str(self.run_dir)!r} already holds a trained run; resume it or choose another run directory"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=1), encoding="utf-8")
+        self.metrics.path.unlink(missing_ok=True)
+
+    def train(self, stop_at: int | None = None) -> TrainResult:
+        """Train to config.steps (or stop_at), evaluating and checkpointing on the way.
+
+        Ctrl-C finishes the current step, saves a checkpoint, then raises KeyboardInterrupt.
+
+        Args:
+            stop_at: stop (with a checkpoint) after this many steps, as an interruption would.
+        Returns:
+            The TrainResult.
+        """
+        cfg = self.config
+        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        if self.step == 0:
+            self.evaluate_and_log()
+        with _progress_bar(cfg.steps, self.step, self.show_progress) as bar, _deferred_interrupt() as interrupt:
+            while self.step < last:
+                record = self.train_step()
+                bar.update(1)
+                bar.set_postfix_str(_postfix(record))
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    self.evaluate_and_log()
+                if interrupt.is_set():
+                    self.save()
+                    raise KeyboardInterrupt
+                if self.step % cfg.checkpoint_every == 0 and self.step < last:
+                    self.save()
+        self.save()
+        return self.result()
+
+    def train_step(self) -> dict:
+        """One optimizer step on the next batch; appends and returns its metrics record."""
+        cfg = self.config
+        start = time.perf_counter()
+        inputs_BL, targets_BL = self.loader.next_batch()
+        with self._autocast():
+            out = self.model(inputs_BL, targets_BL)
+        (out.loss + out.aux_loss).backward()
+        grad_norm = _clip(self.model, cfg.grad_clip)
+        lr = lr_at(self.step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_router_biases(self.model)  # DeepSeek-V3 bias balancing, outside autograd
+        self.step += 1
+        seconds = time.perf_counter() - start
+        self.train_seconds += seconds
+        moe_stats = [s for s in out.stats if s is not None]
+        record = {
+            "split": "train",
+            "step": self.step,
+            "loss": out.loss.item(),
+            "aux_loss": out.aux_loss.item(),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": inputs_BL.numel() / seconds,
+            "dropped_fraction": _mean([s.dropped_fraction for s in moe_stats]),
+            "load_cv": _mean([s.load_cv for s in moe_stats]),
+            "time": time.time(),
+        }
+        self.metrics.append(record)
+        return record
+
+    def evaluate_and_log(self) -> float:
+        """Validation loss on the fixed eval batches, appended to the metrics log."""
+        with self._autocast():
+            loss = evaluate(self.model, self.eval_batches)
+        self.metrics.append({"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)})
+        return loss
+
+    def save(self) -> Path:
+        """Checkpoint the current step into run_dir/checkpoint/."""
+        state = {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "loader": self.loader.state_dict(),
+            "config": read_run_config(self.run_dir),
+        }
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, state)
+
+    def result(self) -> TrainResult:
+        """The run's result so far, read back from the metrics log."""
+        evals = [(r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")]
+        tokens = self.step * self.config.batch_size * self.config.seq_len
+        return TrainResult(
+            steps=self.step,
+            final_val_loss=evals[-1][1] if evals else math.nan,
+            tokens_per_s=tokens / self.train_seconds if self.train_seconds else math.nan,
+            train_seconds=self.train_seconds,
+            evals=evals,
+        )
+
+    def _autocast(self):
+        enabled = self.config.dtype == "bfloat16"
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and expert weights (ndim >= 2) only.
+
+    Norm gains and biases are not decayed: shrinking them towards 0 is not a prior anyone
+    wants (nanoGPT, LLaMA recipes). The learning rate is set every step by the schedule.
+    """
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def fixed_eval_batches(data: RunData, config: TrainConfig) -> list[tuple[Tensor, Tensor]]:
+    """The first eval_batches batches of the validation split, in order (the same every eval)."""
+    batches = sequential_batches(data.validation, batch_size=config.batch_size, seq_len=config.seq_len)
+    return list(islice(batches, config.eval_batches))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches) -> float:
+    """Mean next-token cross entropy over the batches' target tokens (aux losses excluded).
+
+    Args:
+        model: the model; put in eval mode for the call and restored afterwards.
+        batches: iterable of (inputs_BL, targets_BL).
+    Returns:
+        The loss in nats per token.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for inputs_BL, targets_BL in batches:
+        out = model(inputs_BL, targets_BL)
+        total += out.loss.item() * targets_BL.numel()
+        count += targets_BL.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no validation batches: the validation split is shorter than one sequence")
+    return total / count
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The run's config.json; ValueError when missing, unreadable or of another format."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(run_dir)!r} is not a moekit run directory ({CONFIG_FILE}: {error})") from None
+    if config.get("format") != RUN_FORMAT:
+        raise ValueError(
+            f"run {str(run_dir)!r} has format {config.get('format')!r} (moekit "
+            f"{config.get('moekit_version', '?')}); moekit {__version__} reads format {RUN_FORMAT}"
+        )
+    return config
+
+
+def run_configs(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, str | None]:
+    """The model config, train config and data source saved in a run directory."""
+    saved = read_run_config(run_dir)
+    return model_config_from_dict(saved["model"]), train_config_from_dict(saved["train"]), saved["data"]
+
+
+def load_trained_model(run_dir: str | Path) -> Transformer:
+    """The run's model with its checkpoint's weights, in eval mode."""
+    model_config, _, _ = run_configs(run_dir)
+    model = Transformer(model_config)
+    load_checkpoint(run_dir, model)
+    return model.eval()
+
+
+def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+
+
+def _mean(values: list[Tensor]) -> float:
+    return torch.stack(values).float().mean().item() if values else 0.0
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: an untrained loss must not overflow to inf
+
+
+def _postfix(record: dict) -> str:
+    return (
+        f"loss {record['loss']:.3f} aux {record['aux_loss']:.4f} "
+        f"drop {record['dropped_fraction']:.1%} {record['tokens_per_s']:,.0f} tok/s"
+    )
+
+
+def _asdict(config: TrainConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Turn the first Ctrl-C into a flag checked between steps (a second one stops at once).
+
+    A KeyboardInterrupt raised inside optimizer.step() could leave half-updated weights;
+    deferring it to the step boundary keeps the saved checkpoint consistent.
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
