@@ -24,45 +24,39 @@ class _PermuteTokens(torch.autograd.Function):
     """x_RD = x_TD[token_of_row_R]; backward gathers each token's K rows and sums them."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_of_row_R, row_of_slot_A, top_k):
-        ctx.save_for_backward(row_of_slot_A)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, token_of_row_R)
+    def forward(ctx, x_TD, plan):
+        ctx.plan = plan
+        return x_TD.index_select(0, plan.token_of_row_R)
 
     @staticmethod
     def backward(ctx, grad_RD):
-        (row_of_slot_A,) = ctx.saved_tensors
-        grad_TKD = _rows_to_slots(grad_RD, row_of_slot_A).view(-1, ctx.top_k, grad_RD.shape[-1])
-        return grad_TKD.sum(dim=1), None, None, None
+        plan = ctx.plan
+        grad_TKD = plan.rows_to_slots(grad_RD).view(-1, plan.top_k, grad_RD.shape[-1])
+        return grad_TKD.sum(dim=1), None
 
 
 class _UnpermuteAndMix(torch.autograd.Function):
-    """y_TD = sum_k w_TK * y_RD[row_of_slot]; dropped slots read a zero row."""
+    """y_TD = sum_k w_TK * y_RD[row_of_slot]; dropped slots contribute zero."""
 
     @staticmethod
-    def forward(ctx, y_RD, weights_TK, row_of_slot_A, slot_of_row_R):
+    def forward(ctx, y_RD, weights_TK, plan):
         T, K = weights_TK.shape
-        y_TKD = _rows_to_slots(y_RD, row_of_slot_A).view(T, K, -1)
+        y_TKD = plan.rows_to_slots(y_RD).view(T, K, -1)
         w_T1K = weights_TK.to(y_RD.dtype).unsqueeze(1)
-        ctx.save_for_backward(y_TKD, w_T1K, slot_of_row_R)
-        ctx.weights_dtype = weights_TK.dtype
+        ctx.save_for_backward(y_TKD, w_T1K)
+        ctx.plan, ctx.weights_dtype = plan, weights_TK.dtype
         return torch.bmm(w_T1K, y_TKD).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        y_TKD, w_T1K, slot_of_row_R = ctx.saved_tensors
+        y_TKD, w_T1K = ctx.saved_tensors
+        plan = ctx.plan
         grad_TD = grad_TD.contiguous()
         grad_w_TK = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1)
-        # d y_TKD = w_TK (outer) grad_TD, read back in row order.
-        grad_y_AD = (w_T1K.transpose(1, 2) * grad_TD.unsqueeze(1)).flatten(0, 1)
-        grad_y_RD = grad_y_AD.index_select(0, slot_of_row_R)
-        return grad_y_RD, grad_w_TK.to(ctx.weights_dtype), None, None
-
-
-def _rows_to_slots(rows_RD: Tensor, row_of_slot_A: Tensor) -> Tensor:
-    """rows_RD gathered into slot order; slots whose row index is R get zeros."""
-    padded = torch.cat([rows_RD, rows_RD.new_zeros(1, rows_RD.shape[-1])])
-    return padded.index_select(0, row_of_slot_A)
+        # d y_RD[r] = w[slot r] * grad_TD[token r]: a gather and a row scale, no slot buffer.
+        w_R1 = w_T1K.flatten().index_select(0, plan.slot_of_row_R).unsqueeze(-1)
+        grad_y_RD = grad_TD.index_select(0, plan.token_of_row_R).mul_(w_R1)
+        return grad_y_RD, grad_w_TK.to(ctx.weights_dtype), None
 
 
 class TokenChoicePlan:
@@ -84,16 +78,27 @@ class TokenChoicePlan:
         self.num_rows = T * K if kept_TK is None else int(self.counts_E.sum())
         self.slot_of_row_R = slot_order_A[: self.num_rows]
         self.token_of_row_R = self.slot_of_row_R // K
-        # Inverse permutation; dropped slots point at row R (a zero row).
+        # Inverse permutation; dropped slots (sorted behind the kept rows) read row 0 and
+        # are zeroed afterwards, so no padded copy of the rows is needed.
         row_of_slot_A = torch.empty_like(slot_order_A)
         row_of_slot_A[slot_order_A] = torch.arange(T * K, device=ids_TK.device)
-        self.row_of_slot_A = row_of_slot_A.clamp_(max=self.num_rows)
+        self.dropped_slots = slot_order_A[self.num_rows :]
+        self.row_of_slot_A = row_of_slot_A.masked_fill_(row_of_slot_A >= self.num_rows, 0)
+
+    def rows_to_slots(self, rows_RD: Tensor) -> Tensor:
+        """rows_RD gathered into slot order (T*K, D); dropped slots get zeros."""
+        if self.num_rows == 0:
+            return rows_RD.new_zeros(self.row_of_slot_A.shape[0], rows_RD.shape[-1])
+        slots_AD = rows_RD.index_select(0, self.row_of_slot_A)
+        if self.dropped_slots.numel():
+            slots_AD.index_fill_(0, self.dropped_slots, 0)
+        return slots_AD
 
     def dispatch(self, x_TD: Tensor) -> Tensor:
-        return _PermuteTokens.apply(x_TD, self.token_of_row_R, self.row_of_slot_A, self.top_k)
+        return _PermuteTokens.apply(x_TD, self)
 
     def combine(self, y_RD: Tensor) -> Tensor:
-        return _UnpermuteAndMix.apply(y_RD, self.weights_TK, self.row_of_slot_A, self.slot_of_row_R)
+        return _UnpermuteAndMix.apply(y_RD, self.weights_TK, self)
 
 
 class ExpertChoicePlan:

@@ -1,0 +1,220 @@
+"""MoE layer speed against its physical limit: a dense FFN doing the same active FLOPs.
+
+# T tokens, D model, F expert hidden, E experts, K top_k
+
+ratio = time(MoE fwd+bwd) / time(dense SwiGLU fwd+bwd on T*K rows, D -> F -> D, nn.Linear
+weights). The dense FFN does exactly the MoE's expert FLOPs with no routing and one big
+GEMM per projection, so 1.00 is the limit a perfect MoE would reach. The MoE is the real
+`moekit.MoE` (softmax top-k router, dropless, balance loss on), so routing, dispatch and
+combine count. When transformers is importable, its Mixtral sparse block runs beside it.
+
+    python bench/layer.py                      # fp32 and bf16, the four standard shapes
+    python bench/layer.py --dtype fp32 --shapes 4096,512,1024,8,2 --reps 9
+    python bench/layer.py --quick              # two small shapes, < 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .moe import MoE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STANDARD_SHAPES = ["4096,512,1024,8,2", "1024,512,1024,64,2", "4096,512,1024,64,2", "1024,512,256,64,8"]
+QUICK_SHAPES = ["512,256,512,8,2", "256,256,128,32,4"]
+
+
+@dataclass
+class Shape:
+    num_tokens: int
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        values = [int(v) for v in text.replace(" ", ",").split(",") if v]
+        if len(values) != 5:
+            raise ValueError(f"a shape is 'T,d,h,E,k' (5 integers); got {text!r}")
+        return cls(*values)
+
+    def __str__(self) -> str:
+        return f"{self.num_tokens} {self.d_model} {self.d_hidden} {self.num_experts} {self.top_k}"
+
+    def flops(self) -> float:
+        """fwd+bwd FLOPs of the active experts: 3 passes x 2 x (T*K) x D x 3F."""
+        return 3 * 2 * self.num_tokens * self.top_k * self.d_model * 3 * self.d_hidden
+
+
+def machine_summary() -> str:
+    """CPU model, the vector extensions that matter for GEMMs, torch version and threads."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    has = {name: ("yes" if name in flags else "no") for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+    return (
+        f"machine: {model}, {torch.get_num_threads()} threads | "
+        + ", ".join(f"{k} {v}" for k, v in has.items())
+        + f" | torch {torch.__version__}"
+    )
+
+
+class DenseSwiGLU(nn.Module):
+    """The limit: one FFN, nn.Linear weights (out, in), gate and up fused."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def _median_seconds(steps: list, reps: int, warmup: int) -> list[float]:
+    """Median time of each step; the steps take turns, so a slow spell hits them alike."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
+    for _ in range(reps):
+        for step, step_times in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            step_times.append(time.perf_counter() - start)
+    return [statistics.median(step_times) for step_times in times]
+
+
+def _train_step(module: nn.Module, x: Tensor, grad: Tensor):
+    """One fwd+bwd; parameter grads are dropped first, as optimizer.zero_grad() does."""
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = module(x)
+        if isinstance(out, Tensor):
+            out.backward(grad)
+        else:  # MoEOutput: the balance loss trains the router too
+            torch.autograd.backward([out.hidden, out.aux_loss], [grad, torch.ones_like(out.aux_loss)])
+
+    return step
+
+
+def build_moe(shape: Shape, dtype: torch.dtype) -> MoE:
+    config = MoEConfig(
+        d_model=shape.d_model, d_hidden=shape.d_hidden, num_experts=shape.num_experts,
+        top_k=shape.top_k, router="softmax_topk", capacity_factor=None, balance_loss_coef=0.01,
+    )
+    return MoE(config).to(dtype)
+
+
+def build_hf_block(shape: Shape, dtype: torch.dtype, implementation: str) -> nn.Module | None:
+    """transformers' MixtralSparseMoeBlock, or None when transformers is missing."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    config = MixtralConfig(
+        hidden_size=shape.d_model, intermediate_size=shape.d_hidden,
+        num_local_experts=shape.num_experts, num_experts_per_tok=shape.top_k,
+        experts_implementation=implementation,
+    )
+    block = MixtralSparseMoeBlock(config)
+    for param in block.parameters():
+        nn.init.normal_(param, std=shape.d_model**-0.5)
+    return block.to(dtype)
+
+
+def run_shape(shape: Shape, dtype: torch.dtype, reps: int, warmup: int, hf: bool) -> dict:
+    """Times of dense, moekit and (optionally) transformers for one shape, in seconds."""
+    torch.manual_seed(0)
+    T, D, K = shape.num_tokens, shape.d_model, shape.top_k
+    x_TD = torch.randn(T, D, dtype=dtype, requires_grad=True)
+    grad_TD = torch.randn(T, D, dtype=dtype)
+    x_AD = torch.randn(T * K, D, dtype=dtype, requires_grad=True)
+    grad_AD = torch.randn(T * K, D, dtype=dtype)
+
+    dense = DenseSwiGLU(D, shape.d_hidden).to(dtype)
+    moe = build_moe(shape, dtype)
+    with torch.no_grad():
+        counts_E = moe(x_TD).stats.tokens_per_expert
+    dense_s, moe_s = _median_seconds(
+        [_train_step(dense, x_AD, grad_AD), _train_step(moe, x_TD, grad_TD)], reps, warmup
+    )
+    result = {"dense": dense_s, "moekit": moe_s, "rows": (int(counts_E.min()), int(counts_E.max()))}
+    for name in ("eager", "grouped_mm"):
+        block = build_hf_block(shape, dtype, name) if hf else None
+        if block is None:
+            result["hf_" + name] = None
+            continue
+        x_1TD = x_TD.detach().unsqueeze(0).requires_grad_()
+        step = _train_step(block, x_1TD, grad_TD.unsqueeze(0))
+        result["hf_" + name] = _median_seconds([step], max(1, reps // 3), 1)[0]
+    return result
+
+
+def _ratio(seconds: float | None, dense_seconds: float) -> str:
+    return "n/a" if seconds is None else f"{seconds / dense_seconds:.2f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the ratio table; see the module docstring for the flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--shapes", nargs="+", metavar="T,d,h,E,k", help="default: the four standard shapes")
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions (bf16 uses a third)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16-token-scale", type=float, default=0.25,
+                        help="bf16 runs T * this many tokens (bf16 GEMMs are slow without bf16 hardware)")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers even if importable")
+    parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES)
+    reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    print(machine_summary())
+    print("ratio = MoE fwd+bwd time / dense SwiGLU fwd+bwd with the same active FLOPs (1.00 = limit)")
+    print(f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
+          f"{'HF eager':>8} | {'HF grouped_mm':>13} | rows/expert min-max")
+    for dtype_name in dtypes:
+        for text in shapes:
+            shape = Shape.parse(text)
+            dtype_reps = reps
+            if dtype_name == "bf16":
+                shape.num_tokens = max(shape.num_experts, int(shape.num_tokens * args.bf16_token_scale))
+                dtype_reps = max(1, reps // 3)
+            r = run_shape(shape, DTYPES[dtype_name], dtype_reps, min(warmup, dtype_reps), not args.no_hf)
+            print(
+                f"{dtype_name:5} | {str(shape):22} | {r['dense'] * 1e3:9.1f} | {shape.flops() / r['dense'] / 1e9:7.1f} | "
+                f"{_ratio(r['moekit'], r['dense']):>6} | {_ratio(r['hf_eager'], r['dense']):>8} | "
+                f"{_ratio(r['hf_grouped_mm'], r['dense']):>13} | {r['rows'][0]}-{r['rows'][1]}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

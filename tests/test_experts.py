@@ -1,0 +1,112 @@
+"""GroupedExperts: the fast grouped path equals the per-expert reference loop.
+
+# R routed rows (grouped by expert), D model, F expert hidden, E experts
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.config import ACTIVATIONS
+from moekit.experts import MLP, GroupedExperts
+
+# Experts 1 and 4 get no rows: their weight gradients must be exact zeros, not garbage.
+COUNTS_E = torch.tensor([3, 0, 7, 1, 0, 5])
+
+
+def _experts(activation: str, dtype=torch.float32, seed: int = 0) -> GroupedExperts:
+    torch.manual_seed(seed)
+    return GroupedExperts(len(COUNTS_E), 16, 12, activation).to(dtype)
+
+
+def _grads(experts, output_RD, x_RD, grad_RD):
+    return torch.autograd.grad(output_RD, [x_RD, experts.w_up, experts.w_down], grad_RD)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fast_path_equals_reference_forward_and_backward(activation):
+    experts = _experts(activation)
+    R = int(COUNTS_E.sum())
+    x_RD = torch.randn(R, 16, requires_grad=True)
+    grad_RD = torch.randn(R, 16)
+
+    fast_RD = experts(x_RD, COUNTS_E)
+    slow_RD = experts.forward_reference(x_RD, COUNTS_E)
+
+    torch.testing.assert_close(fast_RD, slow_RD, atol=1e-5, rtol=1e-5)
+    for fast, slow in zip(_grads(experts, fast_RD, x_RD, grad_RD), _grads(experts, slow_RD, x_RD, grad_RD)):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_without_rows_get_zero_weight_gradients():
+    experts = _experts("swiglu")
+    x_RD = torch.randn(int(COUNTS_E.sum()), 16)
+    experts(x_RD, COUNTS_E).square().sum().backward()
+    for e in (1, 4):
+        assert torch.equal(experts.w_up.grad[e], torch.zeros_like(experts.w_up.grad[e]))
+        assert torch.equal(experts.w_down.grad[e], torch.zeros_like(experts.w_down.grad[e]))
+    assert experts.w_up.grad[0].abs().sum() > 0
+
+
+def test_expanded_upstream_gradient_from_sum():
+    """.sum().backward() sends a stride-0 gradient; the grouped GEMMs must accept it."""
+    experts = _experts("swiglu")
+    x_RD = torch.randn(int(COUNTS_E.sum()), 16, requires_grad=True)
+    experts(x_RD, COUNTS_E).sum().backward()
+    fast = x_RD.grad.clone()
+    x_RD.grad = None
+    experts.forward_reference(x_RD, COUNTS_E).sum().backward()
+    torch.testing.assert_close(fast, x_RD.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_all_rows_to_no_expert_and_extra_rows_ignored():
+    experts = _experts("swiglu")
+    x_RD = torch.randn(4, 16)
+    assert experts(x_RD, torch.zeros(len(COUNTS_E), dtype=torch.long)).shape == (0, 16)
+    # Rows past sum(counts_E) (e.g. capacity padding) are not computed.
+    counts_E = torch.tensor([1, 0, 2, 0, 0, 0])
+    torch.testing.assert_close(experts(x_RD, counts_E), experts.forward_reference(x_RD[:3], counts_E))
+
+
+def test_one_expert_equals_dense_mlp():
+    """One expert holding nn.Linear's weights, transposed, is exactly the dense MLP."""
+    torch.manual_seed(0)
+    mlp = MLP(16, 12, "swiglu")
+    experts = GroupedExperts(1, 16, 12, "swiglu")
+    with torch.no_grad():
+        experts.w_up.copy_(mlp.up.weight.t().unsqueeze(0))
+        experts.w_down.copy_(mlp.down.weight.t().unsqueeze(0))
+    x_RD = torch.randn(9, 16)
+    torch.testing.assert_close(experts(x_RD, torch.tensor([9])), mlp(x_RD), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_autocast_bf16_matches_reference(activation):
+    """Under autocast both paths compute in bf16 and keep fp32 parameter gradients."""
+    experts = _experts(activation)
+    R = int(COUNTS_E.sum())
+    x_RD = torch.randn(R, 16, requires_grad=True)
+    grad_RD = torch.randn(R, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_RD = experts(x_RD, COUNTS_E)
+        slow_RD = experts.forward_reference(x_RD, COUNTS_E)
+    assert fast_RD.dtype == torch.bfloat16
+    torch.testing.assert_close(fast_RD, slow_RD, atol=2e-2, rtol=2e-2)
+    fast = _grads(experts, fast_RD, x_RD, grad_RD.bfloat16())
+    slow = _grads(experts, slow_RD, x_RD, grad_RD.bfloat16())
+    for f, s in zip(fast, slow):
+        assert f.dtype == torch.float32
+        torch.testing.assert_close(f, s, atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_parameters_match_fp64_reference():
+    """Pure bf16 (the column-major forward GEMMs) against the same weights in fp64."""
+    experts = _experts("swiglu", torch.bfloat16)
+    reference = _experts("swiglu", torch.float64)
+    with torch.no_grad():
+        reference.w_up.copy_(experts.w_up)
+        reference.w_down.copy_(experts.w_down)
+    x_RD = torch.randn(int(COUNTS_E.sum()), 16, dtype=torch.bfloat16)
+    expected = reference.forward_reference(x_RD.double(), COUNTS_E)
+    torch.testing.assert_close(experts(x_RD, COUNTS_E).double(), expected, atol=3e-2, rtol=3e-2)
