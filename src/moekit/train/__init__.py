@@ -6,7 +6,7 @@
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .compare import Comparison, compare, format_table
+from .compare import Comparison, compare, format_table, steps_to_reach
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, write_prepared
 from .inference import EvalResult, TextPiece, evaluate_run, generate_text
@@ -39,6 +39,7 @@ __all__ = [
     "resume_job",
     "run_configs",
     "save_checkpoint",
+    "steps_to_reach",
     "train_one",
     "write_prepared",
 ]

@@ -1,0 +1,155 @@
+"""`moekit train` end to end on a micro config: the comparison table, comparison.json and
+loss.png; resume; prepare + --data .bin; `moekit eval`; `moekit generate` equals the library."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import textwrap
+
+import pytest
+import torch
+
+from moekit.cli import main
+from moekit.data import Tokenizer
+from moekit.generate import generate
+from moekit.train import evaluate_run, load_trained_model, read_metrics, steps_to_reach
+
+MICRO = [
+    "--model.vocab_size", "384", "--model.d_model", "32", "--model.num_layers", "2",
+    "--model.num_heads", "2", "--model.num_kv_heads", "1", "--model.max_seq_len", "32",
+    "--model.moe.d_hidden", "32", "--model.num_experts", "4",
+    "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
+    "--train.eval_batches", "2", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Micro models run faster on one thread, and do not fight other processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "source.txt"
+    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("compare")
+    code, stdout, stderr = run_cli("train", "--data", str(text_file), "--out", str(out), *MICRO)
+    assert code == 0, stderr
+    return out, stdout
+
+
+def test_comparison_prints_the_table_and_writes_json_and_plot(comparison):
+    out, stdout = comparison
+    for row in ("total parameters", "active parameters per token", "final validation loss",
+                "steps to dense final val loss", "training tokens/s", "speed-up"):
+        assert row in stdout
+    numbers = json.loads((out / "comparison.json").read_text())
+    assert numbers["steps"] == 6 and numbers["tokens_per_step"] == 4 * 32
+    moe, dense = numbers["moe"], numbers["dense"]
+    # The twin has the MoE's active FFN width (top_k * d_hidden = 64): same active count
+    # minus the routers (2 layers x E 4 x D 32 = 256 parameters).
+    assert moe["active_params"] - dense["active_params"] == 256
+    assert moe["total_params"] > moe["active_params"]
+    assert [s for s, _ in moe["evals"]] == [s for s, _ in dense["evals"]] == [0, 2, 4, 6]
+    assert dense["final_val_loss"] == dense["evals"][-1][1]
+    assert numbers["steps_to_dense_loss"] == steps_to_reach(moe["evals"], dense["final_val_loss"])
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_runs_saw_the_same_tokens(comparison):
+    out, _ = comparison
+    assert (out / "moe" / "tokenizer.json").read_bytes() == (out / "dense" / "tokenizer.json").read_bytes()
+    assert (out / "moe/data/train.bin").read_bytes() == (out / "dense/data/train.bin").read_bytes()
+    # Step 0 evaluations differ (different models) but run on the same fixed batches.
+    assert len(read_metrics(out / "moe", "train")) == len(read_metrics(out / "dense", "train")) == 6
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    evals = [(0, 8.0), (10, 6.0), (20, 5.0)]
+    assert steps_to_reach(evals, 5.5) == 15.0  # halfway from 6.0 to 5.0
+    assert steps_to_reach(evals, 9.0) == 0.0
+    assert steps_to_reach(evals, 4.0) is None
+
+
+def test_resume_of_a_finished_comparison_trains_no_further(comparison):
+    out, stdout = comparison
+    before = (out / "moe" / "checkpoint" / "model.safetensors").read_bytes()
+    code, again, _ = run_cli("train", "--resume", "--out", str(out), "--no-progress")
+    assert code == 0
+    assert (out / "moe" / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert again.splitlines()[2:5] == stdout.splitlines()[2:5]  # the same losses
+
+
+def test_eval_prints_the_runs_validation_loss(comparison):
+    out, _ = comparison
+    code, stdout, _ = run_cli("eval", str(out / "moe"), "--max-batches", "3")
+    assert code == 0
+    expected = evaluate_run(out / "moe", max_batches=3)
+    assert f"validation loss {expected.loss:.4f}, perplexity {expected.perplexity:.2f}" in stdout
+
+
+def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
+    out, _ = comparison
+    code, stdout, _ = run_cli("eval", str(out), "--data", str(text_file), "--max-batches", "2")
+    assert code == 0
+    assert stdout.count("validation loss") == 2
+
+
+def test_generate_greedy_equals_the_library(comparison):
+    run = comparison[0] / "moe"
+    prompt = "def decode(self, s"
+    code, stdout, _ = run_cli("generate", str(run), "--prompt", prompt, "--temperature", "0",
+                              "--max-new-tokens", "8")
+    assert code == 0
+    model, tokenizer = load_trained_model(run), Tokenizer.load(run)
+    result = generate(model, torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=8,
+                      temperature=0.0, eos_token_id=tokenizer.eot_id)
+    ids = result.tokens_BN[0].tolist()
+    ids = ids[: ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids
+    assert stdout == prompt + tokenizer.decode(ids) + "\n"
+
+
+def test_generate_shows_experts_per_layer(comparison):
+    code, stdout, _ = run_cli("generate", str(comparison[0] / "moe"), "--prompt", "x = ",
+                              "--max-new-tokens", "3", "--show-experts", "--top-k", "5")
+    assert code == 0
+    assert "experts per MoE layer" in stdout and "L0:" in stdout and "L1:" in stdout
+
+
+def test_prepare_then_train_one_model_on_the_bin(tmp_path, text_file):
+    code, _, err = run_cli("prepare", str(text_file), "--out", str(tmp_path / "tokens"), "--vocab-size", "384")
+    assert code == 0, err
+    run = tmp_path / "run"
+    code, stdout, err = run_cli("train", "--no-compare", "--data", str(tmp_path / "tokens/train.bin"),
+                                "--out", str(run), *MICRO)
+    assert code == 0, err
+    assert "6 steps, final validation loss" in stdout
+    assert (run / "checkpoint" / "model.safetensors").exists()
+
+
+def test_errors_are_one_line_naming_the_problem(tmp_path):
+    code, _, err = run_cli("eval", str(tmp_path))
+    assert code == 2 and "is not a moekit run directory" in err
+    code, _, err = run_cli("train", "--resume", "--no-progress")
+    assert code == 2 and "--resume needs --out" in err
+    code, _, err = run_cli("train", "--preset", "tiny_dense", "--no-progress")
+    assert code == 2 and "preset 'tiny_dense' is dense" in err
