@@ -20,7 +20,7 @@ def test_overrides_reach_model_moe_and_train_configs():
     assert (model.moe.num_experts, model.moe.d_hidden, model.num_layers) == (16, 64, 2)
     assert model.moe.renormalize is False
     assert train.lr == 3e-4
-    assert train.warmup_steps == 15  # None derives 5% of the 300 default steps
+    assert train.warmup_steps == 18  # None derives 5% of the 350 default steps (rounded up)
 
 
 def test_model_d_model_sets_the_moe_layer_width_too():

@@ -59,13 +59,22 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (= --train.seq_len)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (= --train.eval_every)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--threads", type=int,
+        help="CPU threads for torch (default: torch's choice, one per core); use 1 when other "
+        "processes share the cores, since busy-waiting threads then slow down sharply",
+    )
     args, extra = parser.parse_known_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return _run_train(args, extra)
     except ValueError as error:
         return _error("train", error)
     except KeyboardInterrupt:
-        print("\ninterrupted: checkpoint saved; continue with `moekit train --resume --out DIR`",
+        print("\ninterrupted; continue from the last checkpoint with `moekit train --resume --out DIR`",
               file=sys.stderr)
         return 130
 

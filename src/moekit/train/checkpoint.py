@@ -108,7 +108,10 @@ def read_checkpoint_state(run_dir: str | Path) -> tuple[Path, dict]:
             f"checkpoint {str(folder)!r} has format {found!r} (written by moekit {version}); "
             f"moekit {__version__} reads format {CHECKPOINT_FORMAT}"
         )
-    for name, expected in state.get("sha256", {}).items():
+    hashes = state.get("sha256")
+    if not isinstance(hashes, dict) or set(hashes) != {MODEL_FILE, OPTIMIZER_FILE}:
+        raise CheckpointError(f"checkpoint state {str(state_path)!r} lacks the SHA-256 of its tensor files")
+    for name, expected in hashes.items():
         path = folder / name
         if not path.is_file() or _sha256(path) != expected:
             raise CheckpointError(

@@ -188,7 +188,8 @@ def plot_curves(comparison: Comparison, path: str | Path) -> None:
     for summary, label in ((comparison.moe, "MoE"), (comparison.dense, "dense twin")):
         steps = [s for s, _ in summary.evals]
         axes.plot(steps, [loss for _, loss in summary.evals], marker="o", markersize=3,
-                  label=f"{label} ({summary.active_params / 1e6:.2f} M active)")
+                  label=f"{label} ({summary.total_params / 1e6:.2f} M total, "
+                  f"{summary.active_params / 1e6:.2f} M active)")
     axes.axhline(comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel(f"step ({comparison.tokens_per_step:,} tokens each)")
     axes.set_ylabel("validation loss (nats/token)")

@@ -20,7 +20,7 @@ class TrainConfig:
     a working recipe, not a tuned one.
     """
 
-    steps: int = 300
+    steps: int = 350
     batch_size: int = 16
     seq_len: int = 128
     seed: int = 0

@@ -36,9 +36,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, max_bat
         The EvalResult.
     """
     model = load_trained_model(run_dir)
-    _, train_config, data_source = run_configs(run_dir)
+    model_config, train_config, data_source = run_configs(run_dir)
     if data is None:
-        validation = prepare_run_data(run_dir, data=data_source).validation
+        validation = prepare_run_data(run_dir, data=data_source, vocab_size=model_config.vocab_size).validation
     elif Path(data).suffix == ".bin":
         validation = load_stream(data, tokenizer=Tokenizer.load(run_dir))
     else:
