@@ -14,13 +14,24 @@ def configs(*args: str):
 
 def test_overrides_reach_model_moe_and_train_configs():
     model, train = configs(
-        "--model.num_experts", "16", "--model.moe.d_hidden=64", "--model.num_layers", "2",
-        "--train.lr", "3e-4", "--train.warmup_steps", "none", "--model.moe.renormalize", "false",
+        "--model.num_experts",
+        "16",
+        "--model.moe.d_hidden=64",
+        "--model.num_layers",
+        "2",
+        "--train.lr",
+        "3e-4",
+        "--train.warmup_steps",
+        "none",
+        "--model.moe.renormalize",
+        "false",
     )
     assert (model.moe.num_experts, model.moe.d_hidden, model.num_layers) == (16, 64, 2)
     assert model.moe.renormalize is False
     assert train.lr == 3e-4
-    assert train.warmup_steps == 18  # None derives 5% of the 350 default steps (rounded up)
+    assert (
+        train.warmup_steps == 18
+    )  # None derives 5% of the 350 default steps (rounded up)
 
 
 def test_model_d_model_sets_the_moe_layer_width_too():
@@ -39,10 +50,16 @@ def test_capacity_factor_accepts_numbers_and_none():
         (["--model.num_expert", "4"], r"unknown setting --model\.num_expert\b"),
         (["--train.learning_rate", "1"], r"unknown setting --train\.learning_rate"),
         (["--optim.lr", "1"], r"unknown setting --optim\.lr"),
-        (["--model.num_experts", "many"], r"--model\.num_experts expects an integer, got 'many'"),
+        (
+            ["--model.num_experts", "many"],
+            r"--model\.num_experts expects an integer, got 'many'",
+        ),
         (["--train.lr", "fast"], r"--train\.lr expects a number, got 'fast'"),
         (["--train.steps", "1.5"], r"--train\.steps expects an integer"),
-        (["--model.moe.renormalize", "maybe"], r"--model\.moe\.renormalize expects true or false"),
+        (
+            ["--model.moe.renormalize", "maybe"],
+            r"--model\.moe\.renormalize expects true or false",
+        ),
         (["--train.lr"], r"--train\.lr needs a value"),
         (["stray"], r"unrecognised argument 'stray'"),
     ],
@@ -53,12 +70,16 @@ def test_unknown_keys_and_wrong_types_name_the_key(args, message):
 
 
 def test_moe_setting_on_a_dense_preset_is_an_error():
-    with pytest.raises(ValueError, match=r"--model\.top_k: the preset 'tiny_dense' is dense"):
+    with pytest.raises(
+        ValueError, match=r"--model\.top_k: the preset 'tiny_dense' is dense"
+    ):
         build_configs("tiny_dense", {"model.top_k": "1"})
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of tiny, "):
+    with pytest.raises(
+        ValueError, match=r"unknown preset 'huge'; choose one of tiny, "
+    ):
         build_configs("huge", {})
 
 
@@ -72,7 +93,9 @@ def test_train_command_reports_a_bad_key_and_exits_2(capsys):
     assert "--model.bogus" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "prepare", "eval", "generate", "bench", "routers"])
+@pytest.mark.parametrize(
+    "command", ["train", "prepare", "eval", "generate", "bench", "routers"]
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -45,22 +45,32 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    path.write_text(
+        inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8"
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("compare")
-    code, stdout, stderr = run_cli("train", "--data", str(text_file), "--out", str(out), *MICRO)
+    code, stdout, stderr = run_cli(
+        "train", "--data", str(text_file), "--out", str(out), *MICRO
+    )
     assert code == 0, stderr
     return out, stdout
 
 
 def test_comparison_prints_the_table_and_writes_json_and_plot(comparison):
     out, stdout = comparison
-    for row in ("total parameters", "active parameters per token", "final validation loss",
-                "steps to dense final val loss", "training tokens/s", "speed-up"):
+    for row in (
+        "total parameters",
+        "active parameters per token",
+        "final validation loss",
+        "steps to dense final val loss",
+        "training tokens/s",
+        "speed-up",
+    ):
         assert row in stdout
     numbers = json.loads((out / "comparison.json").read_text())
     assert numbers["steps"] == 6 and numbers["tokens_per_step"] == 4 * 32
@@ -69,18 +79,30 @@ def test_comparison_prints_the_table_and_writes_json_and_plot(comparison):
     # minus the routers (2 layers x E 4 x D 32 = 256 parameters).
     assert moe["active_params"] - dense["active_params"] == 256
     assert moe["total_params"] > moe["active_params"]
-    assert [s for s, _ in moe["evals"]] == [s for s, _ in dense["evals"]] == [0, 2, 4, 6]
+    assert (
+        [s for s, _ in moe["evals"]] == [s for s, _ in dense["evals"]] == [0, 2, 4, 6]
+    )
     assert dense["final_val_loss"] == dense["evals"][-1][1]
-    assert numbers["steps_to_dense_loss"] == steps_to_reach(moe["evals"], dense["final_val_loss"])
+    assert numbers["steps_to_dense_loss"] == steps_to_reach(
+        moe["evals"], dense["final_val_loss"]
+    )
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_both_runs_saw_the_same_tokens(comparison):
     out, _ = comparison
-    assert (out / "moe" / "tokenizer.json").read_bytes() == (out / "dense" / "tokenizer.json").read_bytes()
-    assert (out / "moe/data/train.bin").read_bytes() == (out / "dense/data/train.bin").read_bytes()
+    assert (out / "moe" / "tokenizer.json").read_bytes() == (
+        out / "dense" / "tokenizer.json"
+    ).read_bytes()
+    assert (out / "moe/data/train.bin").read_bytes() == (
+        out / "dense/data/train.bin"
+    ).read_bytes()
     # Step 0 evaluations differ (different models) but run on the same fixed batches.
-    assert len(read_metrics(out / "moe", "train")) == len(read_metrics(out / "dense", "train")) == 6
+    assert (
+        len(read_metrics(out / "moe", "train"))
+        == len(read_metrics(out / "dense", "train"))
+        == 6
+    )
 
 
 def test_steps_to_reach_interpolates_between_evaluations():
@@ -104,12 +126,17 @@ def test_eval_prints_the_runs_validation_loss(comparison):
     code, stdout, _ = run_cli("eval", str(out / "moe"), "--max-batches", "3")
     assert code == 0
     expected = evaluate_run(out / "moe", max_batches=3)
-    assert f"validation loss {expected.loss:.4f}, perplexity {expected.perplexity:.2f}" in stdout
+    assert (
+        f"validation loss {expected.loss:.4f}, perplexity {expected.perplexity:.2f}"
+        in stdout
+    )
 
 
 def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
     out, _ = comparison
-    code, stdout, _ = run_cli("eval", str(out), "--data", str(text_file), "--max-batches", "2")
+    code, stdout, _ = run_cli(
+        "eval", str(out), "--data", str(text_file), "--max-batches", "2"
+    )
     assert code == 0
     assert stdout.count("validation loss") == 2
 
@@ -117,30 +144,66 @@ def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
 def test_generate_greedy_equals_the_library(comparison):
     run = comparison[0] / "moe"
     prompt = "def decode(self, s"
-    code, stdout, _ = run_cli("generate", str(run), "--prompt", prompt, "--temperature", "0",
-                              "--max-new-tokens", "8")
+    code, stdout, _ = run_cli(
+        "generate",
+        str(run),
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    )
     assert code == 0
     model, tokenizer = load_trained_model(run), Tokenizer.load(run)
-    result = generate(model, torch.tensor([tokenizer.encode(prompt)]), max_new_tokens=8,
-                      temperature=0.0, eos_token_id=tokenizer.eot_id)
+    result = generate(
+        model,
+        torch.tensor([tokenizer.encode(prompt)]),
+        max_new_tokens=8,
+        temperature=0.0,
+        eos_token_id=tokenizer.eot_id,
+    )
     ids = result.tokens_BN[0].tolist()
     ids = ids[: ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids
     assert stdout == prompt + tokenizer.decode(ids) + "\n"
 
 
 def test_generate_shows_experts_per_layer(comparison):
-    code, stdout, _ = run_cli("generate", str(comparison[0] / "moe"), "--prompt", "x = ",
-                              "--max-new-tokens", "3", "--show-experts", "--top-k", "5")
+    code, stdout, _ = run_cli(
+        "generate",
+        str(comparison[0] / "moe"),
+        "--prompt",
+        "x = ",
+        "--max-new-tokens",
+        "3",
+        "--show-experts",
+        "--top-k",
+        "5",
+    )
     assert code == 0
     assert "experts per MoE layer" in stdout and "L0:" in stdout and "L1:" in stdout
 
 
 def test_prepare_then_train_one_model_on_the_bin(tmp_path, text_file):
-    code, _, err = run_cli("prepare", str(text_file), "--out", str(tmp_path / "tokens"), "--vocab-size", "384")
+    code, _, err = run_cli(
+        "prepare",
+        str(text_file),
+        "--out",
+        str(tmp_path / "tokens"),
+        "--vocab-size",
+        "384",
+    )
     assert code == 0, err
     run = tmp_path / "run"
-    code, stdout, err = run_cli("train", "--no-compare", "--data", str(tmp_path / "tokens/train.bin"),
-                                "--out", str(run), *MICRO)
+    code, stdout, err = run_cli(
+        "train",
+        "--no-compare",
+        "--data",
+        str(tmp_path / "tokens/train.bin"),
+        "--out",
+        str(run),
+        *MICRO,
+    )
     assert code == 0, err
     assert "6 steps, final validation loss" in stdout
     assert (run / "checkpoint" / "model.safetensors").exists()

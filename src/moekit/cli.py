@@ -13,7 +13,9 @@ def _bench(argv: list[str]) -> int:
 
 
 def _routers(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="moekit routers", description="List the routers.")
+    parser = argparse.ArgumentParser(
+        prog="moekit routers", description="List the routers."
+    )
     parser.parse_args(argv)
     from .routing import ROUTER_CLASSES
 
@@ -46,21 +48,46 @@ def _train(argv: list[str]) -> int:
     from .models import PRESETS
 
     parser = argparse.ArgumentParser(
-        prog="moekit train", description=TRAIN_DESCRIPTION, allow_abbrev=False,
+        prog="moekit train",
+        description=TRAIN_DESCRIPTION,
+        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
-    parser.add_argument("--no-compare", action="store_true", help="train the preset alone, no dense twin")
-    parser.add_argument("--out", help="output folder (a run, or a comparison of two runs)")
-    parser.add_argument("--resume", action="store_true", help="continue the stopped job in --out")
-    parser.add_argument("--data", help="training text (.txt, .jsonl, folder) or a prepared train.bin")
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"model preset: {', '.join(PRESETS)} (default tiny)",
+    )
+    parser.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="train the preset alone, no dense twin",
+    )
+    parser.add_argument(
+        "--out", help="output folder (a run, or a comparison of two runs)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the stopped job in --out"
+    )
+    parser.add_argument(
+        "--data", help="training text (.txt, .jsonl, folder) or a prepared train.bin"
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps (= --train.steps)")
-    parser.add_argument("--batch-size", type=int, help="sequences per step (= --train.batch_size)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (= --train.seq_len)")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations (= --train.eval_every)")
+    parser.add_argument(
+        "--batch-size", type=int, help="sequences per step (= --train.batch_size)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (= --train.seq_len)"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        help="steps between evaluations (= --train.eval_every)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--threads", type=int,
+        "--threads",
+        type=int,
         help="CPU threads for torch (default: torch's choice, one per core); use 1 when other "
         "processes share the cores, since busy-waiting threads then slow down sharply",
     )
@@ -74,8 +101,10 @@ def _train(argv: list[str]) -> int:
     except ValueError as error:
         return _error("train", error)
     except KeyboardInterrupt:
-        print("\ninterrupted; continue from the last checkpoint with `moekit train --resume --out DIR`",
-              file=sys.stderr)
+        print(
+            "\ninterrupted; continue from the last checkpoint with `moekit train --resume --out DIR`",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -90,9 +119,13 @@ def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
             overrides[f"train.{flag}"] = str(getattr(args, flag))
     if args.resume:
         if args.out is None:
-            raise ValueError("--resume needs --out DIR, the folder of the job to continue")
+            raise ValueError(
+                "--resume needs --out DIR, the folder of the job to continue"
+            )
         if overrides or args.data:
-            raise ValueError("--resume uses the settings saved in --out; drop the other settings")
+            raise ValueError(
+                "--resume uses the settings saved in --out; drop the other settings"
+            )
         result = train.resume_job(args.out, show_progress=progress)
         if isinstance(result, train.Comparison):
             print(train.format_table(result))
@@ -102,13 +135,19 @@ def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
     model_config, train_config = build_configs(args.preset, overrides)
     if args.no_compare:
         out = args.out or train.default_out_dir(args.preset)
-        result = train.train_one(model_config, train_config, out, data=args.data, show_progress=progress)
+        result = train.train_one(
+            model_config, train_config, out, data=args.data, show_progress=progress
+        )
         _print_result(result, out)
         return 0
     if model_config.moe is None:
-        raise ValueError(f"preset {args.preset!r} is dense; compare needs an MoE preset (or add --no-compare)")
+        raise ValueError(
+            f"preset {args.preset!r} is dense; compare needs an MoE preset (or add --no-compare)"
+        )
     out = args.out or train.default_out_dir("compare")
-    comparison = train.compare(model_config, train_config, out, data=args.data, show_progress=progress)
+    comparison = train.compare(
+        model_config, train_config, out, data=args.data, show_progress=progress
+    )
     print(train.format_table(comparison))
     print(f"wrote {out}/comparison.json and {out}/loss.png")
     return 0
@@ -127,9 +166,18 @@ def _prepare(argv: list[str]) -> int:
         description="Train a tokenizer and write token streams (OUT/train.bin, OUT/val.bin, "
         "OUT/tokenizer.json) for `moekit train --data OUT/train.bin`.",
     )
-    parser.add_argument("data", nargs="?", help="text: .txt, .jsonl or a folder (default: the built-in corpus)")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        help="text: .txt, .jsonl or a folder (default: the built-in corpus)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        help="tokenizer vocabulary (default 4096)",
+    )
     args = parser.parse_args(argv)
     from .train import write_prepared
 
@@ -148,15 +196,23 @@ def _eval(argv: list[str]) -> int:
         "(both runs of a comparison folder).",
     )
     parser.add_argument("run_dir", help="a run folder, or a comparison folder")
-    parser.add_argument("--data", help="evaluate on this text (.txt, .jsonl, folder) or .bin instead")
-    parser.add_argument("--max-batches", type=int, help="evaluate only the first batches")
+    parser.add_argument(
+        "--data", help="evaluate on this text (.txt, .jsonl, folder) or .bin instead"
+    )
+    parser.add_argument(
+        "--max-batches", type=int, help="evaluate only the first batches"
+    )
     args = parser.parse_args(argv)
     from pathlib import Path
 
     from .train import evaluate_run
 
     run_dir = Path(args.run_dir)
-    runs = [run_dir / "moe", run_dir / "dense"] if (run_dir / "moe").is_dir() else [run_dir]
+    runs = (
+        [run_dir / "moe", run_dir / "dense"]
+        if (run_dir / "moe").is_dir()
+        else [run_dir]
+    )
     try:
         for run in runs:
             result = evaluate_run(run, data=args.data, max_batches=args.max_batches)
@@ -171,16 +227,36 @@ def _eval(argv: list[str]) -> int:
 
 def _generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="moekit generate", description="Continue a prompt with a trained run's model, streaming the text."
+        prog="moekit generate",
+        description="Continue a prompt with a trained run's model, streaming the text.",
     )
-    parser.add_argument("run_dir", help="a trained run folder (e.g. runs/compare-.../moe)")
-    parser.add_argument("--prompt", default="", help='text to continue (default "": a new document)')
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens (default 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set reaching p")
+    parser.add_argument(
+        "run_dir", help="a trained run folder (e.g. runs/compare-.../moe)"
+    )
+    parser.add_argument(
+        "--prompt", default="", help='text to continue (default "": a new document)'
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=200,
+        help="at most this many tokens (default 200)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, help="sample from the k most likely tokens"
+    )
+    parser.add_argument(
+        "--top-p", type=float, help="nucleus sampling: the smallest set reaching p"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--show-experts", action="store_true", help="after the text, list each token's experts per MoE layer")
+    parser.add_argument(
+        "--show-experts",
+        action="store_true",
+        help="after the text, list each token's experts per MoE layer",
+    )
     args = parser.parse_args(argv)
     from .train import generate_text
 
@@ -188,8 +264,14 @@ def _generate(argv: list[str]) -> int:
     try:
         print(args.prompt, end="", flush=True)
         for piece in generate_text(
-            args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, show_experts=args.show_experts,
+            args.run_dir,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            show_experts=args.show_experts,
         ):
             print(piece.text, end="", flush=True)
             pieces.append(piece)
@@ -207,12 +289,19 @@ def _print_experts(pieces, run_dir) -> None:
     tokenizer = Tokenizer.load(run_dir)
     print("\ntoken            experts per MoE layer")
     for piece in pieces:
-        layers = [f"L{i}:{','.join(map(str, ids))}" for i, ids in enumerate(piece.expert_ids) if ids is not None]
+        layers = [
+            f"L{i}:{','.join(map(str, ids))}"
+            for i, ids in enumerate(piece.expert_ids)
+            if ids is not None
+        ]
         print(f"{tokenizer.decode([piece.token])!r:16} {' '.join(layers)}")
 
 
 COMMANDS = {
-    "train": (_train, "train the tiny MoE and its dense twin and compare them (or one model)"),
+    "train": (
+        _train,
+        "train the tiny MoE and its dense twin and compare them (or one model)",
+    ),
     "prepare": (_prepare, "tokenise text into .bin token streams for training"),
     "eval": (_eval, "validation loss and perplexity of a trained run"),
     "generate": (_generate, "generate text with a trained run, streaming"),
@@ -236,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
-        print(f"moekit: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"moekit: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     return command[0](argv[1:])
 

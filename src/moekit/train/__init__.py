@@ -1,8 +1,8 @@
 """Training: the Trainer, checkpoints, the learning-rate schedule, metrics, MoE-vs-dense.
 
-    data = prepare_run_data("runs/tiny")                    # default corpus, tokenised once
-    trainer = Trainer(presets.tiny(), TrainConfig(steps=300), "runs/tiny", data=data)
-    result = trainer.train()                               # metrics.jsonl, checkpoint/
+data = prepare_run_data("runs/tiny")                    # default corpus, tokenised once
+trainer = Trainer(presets.tiny(), TrainConfig(steps=300), "runs/tiny", data=data)
+result = trainer.train()                               # metrics.jsonl, checkpoint/
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -50,7 +50,9 @@ def checkpoint_dir(run_dir: str | Path) -> Path | None:
     return None
 
 
-def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> Path:
     """Write model, optimizer and trainer state atomically into run_dir/checkpoint/.
 
     Args:
@@ -95,22 +97,32 @@ def read_checkpoint_state(run_dir: str | Path) -> tuple[Path, dict]:
     """
     folder = checkpoint_dir(run_dir)
     if folder is None:
-        raise CheckpointError(f"no checkpoint in {str(run_dir)!r} (expected {CHECKPOINT_DIR}/{STATE_FILE})")
+        raise CheckpointError(
+            f"no checkpoint in {str(run_dir)!r} (expected {CHECKPOINT_DIR}/{STATE_FILE})"
+        )
     state_path = folder / STATE_FILE
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint state {str(state_path)!r} is unreadable: {error}") from None
+        raise CheckpointError(
+            f"checkpoint state {str(state_path)!r} is unreadable: {error}"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
-        version = state.get("versions", {}).get("moekit", "?") if isinstance(state, dict) else "?"
+        version = (
+            state.get("versions", {}).get("moekit", "?")
+            if isinstance(state, dict)
+            else "?"
+        )
         raise CheckpointError(
             f"checkpoint {str(folder)!r} has format {found!r} (written by moekit {version}); "
             f"moekit {__version__} reads format {CHECKPOINT_FORMAT}"
         )
     hashes = state.get("sha256")
     if not isinstance(hashes, dict) or set(hashes) != {MODEL_FILE, OPTIMIZER_FILE}:
-        raise CheckpointError(f"checkpoint state {str(state_path)!r} lacks the SHA-256 of its tensor files")
+        raise CheckpointError(
+            f"checkpoint state {str(state_path)!r} lacks the SHA-256 of its tensor files"
+        )
     for name, expected in hashes.items():
         path = folder / name
         if not path.is_file() or _sha256(path) != expected:
@@ -121,7 +133,11 @@ def read_checkpoint_state(run_dir: str | Path) -> tuple[Path, dict]:
     return folder, state
 
 
-def load_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict:
     """Load a verified checkpoint into model (and optimizer) and restore the RNG state.
 
     Args:
@@ -137,24 +153,34 @@ def load_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     try:
         load_model(model, str(folder / MODEL_FILE), strict=True)
         if optimizer is not None:
-            load_optimizer_tensors(model, optimizer, load_file(str(folder / OPTIMIZER_FILE)))
+            load_optimizer_tensors(
+                model, optimizer, load_file(str(folder / OPTIMIZER_FILE))
+            )
     except (SafetensorError, RuntimeError, KeyError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {str(folder)!r} does not fit this model: {error}") from None
+        raise CheckpointError(
+            f"checkpoint {str(folder)!r} does not fit this model: {error}"
+        ) from None
     if optimizer is not None:
         torch.set_rng_state(_decode(state["rng"]["torch"]))
     return state
 
 
-def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
     """AdamW state as flat tensors: "{param name}.{exp_avg|exp_avg_sq|step}"."""
     tensors = {}
     for name, param in model.named_parameters():
         for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"{name}.{key}"] = (
+                torch.as_tensor(value).detach().cpu().contiguous()
+            )
     return tensors
 
 
-def load_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+def load_optimizer_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict
+) -> None:
     """Inverse of optimizer_tensors: restore each parameter's state by name."""
     by_param: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -165,9 +191,14 @@ def load_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, t
     if unknown:
         raise KeyError(f"optimizer state for unknown parameters {unknown[:3]}")
     saved = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    index = {
+        id(p): i
+        for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
+    }
     params = dict(model.named_parameters())
-    saved["state"] = {index[id(params[name])]: fields for name, fields in by_param.items()}
+    saved["state"] = {
+        index[id(params[name])]: fields for name, fields in by_param.items()
+    }
     optimizer.load_state_dict(saved)
 
 

@@ -21,7 +21,7 @@ from ..models import ModelConfig, count_parameters, dense_twin
 from .checkpoint import checkpoint_dir
 from .config import TrainConfig
 from .data import copy_run_data, prepare_run_data
-from .trainer import TrainResult, Trainer
+from .trainer import Trainer, TrainResult
 
 COMPARISON_FILE = "comparison.json"
 PLOT_FILE = "loss.png"
@@ -83,17 +83,30 @@ def compare(
     for name, model_config in runs.items():
         run_dir = out_dir / name
         prepared = data is not None and Path(data).suffix == ".bin"
-        if name == "dense" and not prepared and not (run_dir / "tokenizer.json").exists():
+        if (
+            name == "dense"
+            and not prepared
+            and not (run_dir / "tokenizer.json").exists()
+        ):
             run_dir.mkdir(parents=True, exist_ok=True)
-            copy_run_data(out_dir / "moe", run_dir)  # same tokens, no second tokenizer training
+            copy_run_data(
+                out_dir / "moe", run_dir
+            )  # same tokens, no second tokenizer training
         run_data = prepare_run_data(
-            run_dir, data=data, vocab_size=moe_config.vocab_size, corpus_config=corpus_config
+            run_dir,
+            data=data,
+            vocab_size=moe_config.vocab_size,
+            corpus_config=corpus_config,
         )
         log(f"training {name} in {run_dir}")
         trainer = Trainer(
-            model_config, train_config, run_dir, data=run_data,
+            model_config,
+            train_config,
+            run_dir,
+            data=run_data,
             resume=resume and checkpoint_dir(run_dir) is not None,
-            show_progress=show_progress, data_source=None if data is None else str(data),
+            show_progress=show_progress,
+            data_source=None if data is None else str(data),
         )
         results[name] = (trainer.train(), count_parameters(trainer.model))
     comparison = summarize(results, train_config)
@@ -101,20 +114,28 @@ def compare(
     return comparison
 
 
-def summarize(results: dict[str, tuple[TrainResult, object]], config: TrainConfig) -> Comparison:
+def summarize(
+    results: dict[str, tuple[TrainResult, object]], config: TrainConfig
+) -> Comparison:
     """Build the Comparison from the two runs' results and parameter counts."""
     summaries = {}
     for name, (result, params) in results.items():
         summaries[name] = ModelSummary(
-            name=name, total_params=params.total, active_params=params.active,
-            final_val_loss=result.final_val_loss, tokens_per_s=result.tokens_per_s,
-            train_seconds=result.train_seconds, evals=result.evals,
+            name=name,
+            total_params=params.total,
+            active_params=params.active,
+            final_val_loss=result.final_val_loss,
+            tokens_per_s=result.tokens_per_s,
+            train_seconds=result.train_seconds,
+            evals=result.evals,
         )
     moe, dense = summaries["moe"], summaries["dense"]
     reached = steps_to_reach(moe.evals, dense.final_val_loss)
     dense_steps = dense.evals[-1][0] if dense.evals else 0
     return Comparison(
-        moe=moe, dense=dense, steps=dense_steps,
+        moe=moe,
+        dense=dense,
+        steps=dense_steps,
         tokens_per_step=config.batch_size * config.seq_len,
         steps_to_dense_loss=reached,
         speedup=dense_steps / reached if reached else None,
@@ -136,7 +157,9 @@ def steps_to_reach(evals: list[tuple[int, float]], target: float) -> float | Non
                 return float(step)
             prev_step, prev_loss = evals[i - 1]
             # Between two evaluations the loss is taken to fall linearly.
-            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
+            return prev_step + (step - prev_step) * (prev_loss - target) / (
+                prev_loss - loss
+            )
     return None
 
 
@@ -150,16 +173,41 @@ def format_table(comparison: Comparison) -> str:
 
     lines = [
         row("", "MoE", "dense"),
-        row("total parameters", f"{moe.total_params / 1e6:.2f} M", f"{dense.total_params / 1e6:.2f} M"),
-        row("active parameters per token", f"{moe.active_params / 1e6:.2f} M", f"{dense.active_params / 1e6:.2f} M"),
-        row("final validation loss", f"{moe.final_val_loss:.4f}", f"{dense.final_val_loss:.4f}"),
-        row("steps to dense final val loss", "not reached" if reached is None else f"{reached:.0f}",
-            f"{comparison.steps}"),
-        row("training tokens/s", f"{moe.tokens_per_s:,.0f}", f"{dense.tokens_per_s:,.0f}"),
-        row("training time", f"{moe.train_seconds:.0f} s", f"{dense.train_seconds:.0f} s"),
+        row(
+            "total parameters",
+            f"{moe.total_params / 1e6:.2f} M",
+            f"{dense.total_params / 1e6:.2f} M",
+        ),
+        row(
+            "active parameters per token",
+            f"{moe.active_params / 1e6:.2f} M",
+            f"{dense.active_params / 1e6:.2f} M",
+        ),
+        row(
+            "final validation loss",
+            f"{moe.final_val_loss:.4f}",
+            f"{dense.final_val_loss:.4f}",
+        ),
+        row(
+            "steps to dense final val loss",
+            "not reached" if reached is None else f"{reached:.0f}",
+            f"{comparison.steps}",
+        ),
+        row(
+            "training tokens/s",
+            f"{moe.tokens_per_s:,.0f}",
+            f"{dense.tokens_per_s:,.0f}",
+        ),
+        row(
+            "training time",
+            f"{moe.train_seconds:.0f} s",
+            f"{dense.train_seconds:.0f} s",
+        ),
     ]
     if comparison.speedup is None:
-        lines.append(f"speed-up: the MoE did not reach the dense loss in {comparison.steps} steps")
+        lines.append(
+            f"speed-up: the MoE did not reach the dense loss in {comparison.steps} steps"
+        )
     else:
         lines.append(
             f"speed-up (dense steps / MoE steps to the same loss): {comparison.speedup:.2f}x"
@@ -172,7 +220,10 @@ def write_outputs(comparison: Comparison, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     data = asdict(comparison)
     for key in ("moe", "dense"):
-        data[key] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data[key].items()}
+        data[key] = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in data[key].items()
+        }
     (out_dir / COMPARISON_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
     plot_curves(comparison, out_dir / PLOT_FILE)
 
@@ -187,10 +238,17 @@ def plot_curves(comparison: Comparison, path: str | Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     for summary, label in ((comparison.moe, "MoE"), (comparison.dense, "dense twin")):
         steps = [s for s, _ in summary.evals]
-        axes.plot(steps, [loss for _, loss in summary.evals], marker="o", markersize=3,
-                  label=f"{label} ({summary.total_params / 1e6:.2f} M total, "
-                  f"{summary.active_params / 1e6:.2f} M active)")
-    axes.axhline(comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1)
+        axes.plot(
+            steps,
+            [loss for _, loss in summary.evals],
+            marker="o",
+            markersize=3,
+            label=f"{label} ({summary.total_params / 1e6:.2f} M total, "
+            f"{summary.active_params / 1e6:.2f} M active)",
+        )
+    axes.axhline(
+        comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1
+    )
     axes.set_xlabel(f"step ({comparison.tokens_per_step:,} tokens each)")
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("MoE versus its dense twin")

@@ -49,14 +49,23 @@ class TrainConfig:
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
         if self.warmup_steps is None:
             self.warmup_steps = math.ceil(0.05 * self.steps)
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be in [0, steps ({self.steps})]")
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be in [0, steps ({self.steps})]"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr ({self.lr}) must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -66,9 +75,13 @@ class TrainConfig:
                 f"weight_decay ({self.weight_decay}) and grad_clip ({self.grad_clip}) must be >= 0"
             )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
+            raise ValueError(
+                f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)"
+            )
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise ValueError(
+                f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
+            )
 
 
 def model_config_to_dict(config: ModelConfig) -> dict:
@@ -94,5 +107,7 @@ def _build(cls, data: dict, section: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown {section} settings {unknown}; this moekit knows {sorted(known)}")
+        raise ValueError(
+            f"unknown {section} settings {unknown}; this moekit knows {sorted(known)}"
+        )
     return cls(**data)

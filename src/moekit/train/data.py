@@ -16,8 +16,8 @@ from pathlib import Path
 from ..data import (
     CorpusConfig,
     Document,
-    TokenStream,
     Tokenizer,
+    TokenStream,
     build_corpus,
     load_documents,
     load_stream,
@@ -69,7 +69,9 @@ def prepare_run_data(
         prepare(val_docs, tokenizer, stream_dir / VAL_FILE)
         # The tokenizer is written last: its presence marks the streams as complete.
         tokenizer.save(run_dir)
-    return _load(run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE)
+    return _load(
+        run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE
+    )
 
 
 def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
@@ -80,7 +82,9 @@ def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
     shutil.copy2(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
 
 
-def write_prepared(data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096) -> Path:
+def write_prepared(
+    data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096
+) -> Path:
     """`moekit prepare`: tokenise text (or the default corpus when data is None) into out_dir.
 
     Returns:
@@ -106,7 +110,9 @@ def _documents(
         documents = _pieces(documents[0], 20)
     train, validation = split_documents(documents, validation_fraction=0.05)
     if not train:
-        raise ValueError(f"{str(data)!r} has too little text to split into train and validation")
+        raise ValueError(
+            f"{str(data)!r} has too little text to split into train and validation"
+        )
     return train, validation
 
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..data import Tokenizer, load_documents, load_stream, sequential_batches, tokenize_documents
+from ..data import (
+    Tokenizer,
+    load_documents,
+    load_stream,
+    sequential_batches,
+    tokenize_documents,
+)
 from ..generate import stream
 from .data import prepare_run_data
 from .trainer import evaluate, load_trained_model, run_configs
@@ -24,7 +30,12 @@ class EvalResult:
     num_tokens: int
 
 
-def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, max_batches: int | None = None) -> EvalResult:
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    max_batches: int | None = None,
+) -> EvalResult:
     """Validation loss of a run's checkpoint, in sequences of the run's seq_len.
 
     Args:
@@ -38,16 +49,22 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, max_bat
     model = load_trained_model(run_dir)
     model_config, train_config, data_source = run_configs(run_dir)
     if data is None:
-        validation = prepare_run_data(run_dir, data=data_source, vocab_size=model_config.vocab_size).validation
+        validation = prepare_run_data(
+            run_dir, data=data_source, vocab_size=model_config.vocab_size
+        ).validation
     elif Path(data).suffix == ".bin":
         validation = load_stream(data, tokenizer=Tokenizer.load(run_dir))
     else:
         validation = tokenize_documents(load_documents(data), Tokenizer.load(run_dir))
-    batches = sequential_batches(validation, batch_size=train_config.batch_size, seq_len=train_config.seq_len)
+    batches = sequential_batches(
+        validation, batch_size=train_config.batch_size, seq_len=train_config.seq_len
+    )
     batches = list(islice(batches, max_batches))
     loss = evaluate(model, batches)
     num_tokens = sum(targets.numel() for _, targets in batches)
-    return EvalResult(loss=loss, perplexity=torch.tensor(loss).exp().item(), num_tokens=num_tokens)
+    return EvalResult(
+        loss=loss, perplexity=torch.tensor(loss).exp().item(), num_tokens=num_tokens
+    )
 
 
 @dataclass
@@ -90,11 +107,19 @@ def generate_text(
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     room = model.config.max_seq_len - len(prompt_ids)
     if room < 1:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's max_seq_len is {model.config.max_seq_len}")
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; the model's max_seq_len is {model.config.max_seq_len}"
+        )
     steps = stream(
-        model, torch.tensor([prompt_ids]), max_new_tokens=min(max_new_tokens, room),
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eot_id,
-        return_expert_ids=show_experts, generator=torch.Generator().manual_seed(seed),
+        model,
+        torch.tensor([prompt_ids]),
+        max_new_tokens=min(max_new_tokens, room),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=tokenizer.eot_id,
+        return_expert_ids=show_experts,
+        generator=torch.Generator().manual_seed(seed),
     )
     new_ids: list[int] = []
     shown = ""
@@ -104,9 +129,11 @@ def generate_text(
             return
         new_ids.append(token)
         text = tokenizer.decode(new_ids)
-        piece = "" if text.endswith("\ufffd") else text[len(shown):]
+        piece = "" if text.endswith("\ufffd") else text[len(shown) :]
         shown += piece
         experts = None
         if step.expert_ids is not None:
-            experts = [None if ids is None else ids[0].tolist() for ids in step.expert_ids]
+            experts = [
+                None if ids is None else ids[0].tolist() for ids in step.expert_ids
+            ]
         yield TextPiece(text=piece, token=token, expert_ids=experts)

@@ -39,13 +39,20 @@ def train_one(
     """
     run_data = prepare_run_data(run_dir, data=data, vocab_size=model_config.vocab_size)
     trainer = Trainer(
-        model_config, train_config, run_dir, data=run_data, resume=resume,
-        show_progress=show_progress, data_source=None if data is None else str(data),
+        model_config,
+        train_config,
+        run_dir,
+        data=run_data,
+        resume=resume,
+        show_progress=show_progress,
+        data_source=None if data is None else str(data),
     )
     return trainer.train()
 
 
-def resume_job(out_dir: str | Path, *, show_progress: bool = True, log=print) -> TrainResult | Comparison:
+def resume_job(
+    out_dir: str | Path, *, show_progress: bool = True, log=print
+) -> TrainResult | Comparison:
     """Continue a stopped `moekit train` job with the config saved in out_dir.
 
     A comparison directory (moe/ and dense/ inside) resumes both runs; a run directory
@@ -54,10 +61,25 @@ def resume_job(out_dir: str | Path, *, show_progress: bool = True, log=print) ->
     out_dir = Path(out_dir)
     if (out_dir / "moe" / CONFIG_FILE).exists():
         model_config, train_config, data = run_configs(out_dir / "moe")
-        return compare(model_config, train_config, out_dir, data=data, resume=True,
-                       show_progress=show_progress, log=log)
+        return compare(
+            model_config,
+            train_config,
+            out_dir,
+            data=data,
+            resume=True,
+            show_progress=show_progress,
+            log=log,
+        )
     if (out_dir / CONFIG_FILE).exists():
         model_config, train_config, data = run_configs(out_dir)
-        return train_one(model_config, train_config, out_dir, data=data, resume=True,
-                         show_progress=show_progress)
-    raise ValueError(f"--resume: {str(out_dir)!r} holds no moekit run (no {CONFIG_FILE})")
+        return train_one(
+            model_config,
+            train_config,
+            out_dir,
+            data=data,
+            resume=True,
+            show_progress=show_progress,
+        )
+    raise ValueError(
+        f"--resume: {str(out_dir)!r} holds no moekit run (no {CONFIG_FILE})"
+    )

@@ -12,6 +12,7 @@ torch RNG) is in the checkpoint, so a resumed run ends with bit-identical weight
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -28,7 +29,12 @@ from .. import __version__, update_router_biases
 from ..data import BatchLoader, sequential_batches
 from ..models import ModelConfig, Transformer
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from .config import TrainConfig, model_config_from_dict, model_config_to_dict, train_config_from_dict
+from .config import (
+    TrainConfig,
+    model_config_from_dict,
+    model_config_to_dict,
+    train_config_from_dict,
+)
 from .data import RunData
 from .metrics import MetricsLog, read_metrics
 from .schedule import lr_at
@@ -88,7 +94,10 @@ class Trainer:
         self.model = Transformer(model_config)
         self.optimizer = build_optimizer(self.model, train_config)
         self.loader = BatchLoader(
-            data.train, batch_size=train_config.batch_size, seq_len=train_config.seq_len, seed=train_config.seed
+            data.train,
+            batch_size=train_config.batch_size,
+            seq_len=train_config.seq_len,
+            seed=train_config.seed,
         )
         self.eval_batches = fixed_eval_batches(data, train_config)
         self.metrics = MetricsLog(self.run_dir)
@@ -105,8 +114,13 @@ class Trainer:
         }
         if resume:
             saved = read_run_config(self.run_dir)
-            if saved["model"] != run_config["model"] or saved["train"] != run_config["train"]:
-                raise ValueError(f"--resume: the config differs from the one saved in {str(self.run_dir)!r}")
+            if (
+                saved["model"] != run_config["model"]
+                or saved["train"] != run_config["train"]
+            ):
+                raise ValueError(
+                    f"--resume: the config differs from the one saved in {str(self.run_dir)!r}"
+                )
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
             self.step, self.train_seconds = state["step"], state["train_seconds"]
             self.loader.load_state_dict(state["loader"])
@@ -117,7 +131,9 @@ class Trainer:
                 f"{str(self.run_dir)!r} already holds a trained run; resume it or choose another run directory"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=1), encoding="utf-8")
+        (self.run_dir / CONFIG_FILE).write_text(
+            json.dumps(run_config, indent=1), encoding="utf-8"
+        )
         self.metrics.path.unlink(missing_ok=True)
 
     def train(self, stop_at: int | None = None) -> TrainResult:
@@ -134,7 +150,10 @@ class Trainer:
         last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         if self.step == 0:
             self.evaluate_and_log()
-        with _progress_bar(cfg.steps, self.step, self.show_progress) as bar, _deferred_interrupt() as interrupt:
+        with (
+            _progress_bar(cfg.steps, self.step, self.show_progress) as bar,
+            _deferred_interrupt() as interrupt,
+        ):
             while self.step < last:
                 record = self.train_step()
                 bar.update(1)
@@ -158,7 +177,13 @@ class Trainer:
             out = self.model(inputs_BL, targets_BL)
         (out.loss + out.aux_loss).backward()
         grad_norm = _clip(self.model, cfg.grad_clip)
-        lr = lr_at(self.step, lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+        lr = lr_at(
+            self.step,
+            lr=cfg.lr,
+            steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -187,7 +212,14 @@ class Trainer:
         """Validation loss on the fixed eval batches, appended to the metrics log."""
         with self._autocast():
             loss = evaluate(self.model, self.eval_batches)
-        self.metrics.append({"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)})
+        self.metrics.append(
+            {
+                "split": "val",
+                "step": self.step,
+                "loss": loss,
+                "perplexity": _perplexity(loss),
+            }
+        )
         return loss
 
     def save(self) -> Path:
@@ -202,12 +234,16 @@ class Trainer:
 
     def result(self) -> TrainResult:
         """The run's result so far, read back from the metrics log."""
-        evals = [(r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")]
+        evals = [
+            (r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")
+        ]
         tokens = self.step * self.config.batch_size * self.config.seq_len
         return TrainResult(
             steps=self.step,
             final_val_loss=evals[-1][1] if evals else math.nan,
-            tokens_per_s=tokens / self.train_seconds if self.train_seconds else math.nan,
+            tokens_per_s=tokens / self.train_seconds
+            if self.train_seconds
+            else math.nan,
             train_seconds=self.train_seconds,
             evals=evals,
         )
@@ -229,12 +265,18 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+    )
 
 
-def fixed_eval_batches(data: RunData, config: TrainConfig) -> list[tuple[Tensor, Tensor]]:
+def fixed_eval_batches(
+    data: RunData, config: TrainConfig
+) -> list[tuple[Tensor, Tensor]]:
     """The first eval_batches batches of the validation split, in order (the same every eval)."""
-    batches = sequential_batches(data.validation, batch_size=config.batch_size, seq_len=config.seq_len)
+    batches = sequential_batches(
+        data.validation, batch_size=config.batch_size, seq_len=config.seq_len
+    )
     return list(islice(batches, config.eval_batches))
 
 
@@ -257,7 +299,9 @@ def evaluate(model: Transformer, batches) -> float:
         count += targets_BL.numel()
     model.train(was_training)
     if count == 0:
-        raise ValueError("no validation batches: the validation split is shorter than one sequence")
+        raise ValueError(
+            "no validation batches: the validation split is shorter than one sequence"
+        )
     return total / count
 
 
@@ -267,7 +311,9 @@ def read_run_config(run_dir: str | Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(run_dir)!r} is not a moekit run directory ({CONFIG_FILE}: {error})") from None
+        raise ValueError(
+            f"{str(run_dir)!r} is not a moekit run directory ({CONFIG_FILE}: {error})"
+        ) from None
     if config.get("format") != RUN_FORMAT:
         raise ValueError(
             f"run {str(run_dir)!r} has format {config.get('format')!r} (moekit "
@@ -279,7 +325,11 @@ def read_run_config(run_dir: str | Path) -> dict:
 def run_configs(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, str | None]:
     """The model config, train config and data source saved in a run directory."""
     saved = read_run_config(run_dir)
-    return model_config_from_dict(saved["model"]), train_config_from_dict(saved["train"]), saved["data"]
+    return (
+        model_config_from_dict(saved["model"]),
+        train_config_from_dict(saved["train"]),
+        saved["data"],
+    )
 
 
 def load_trained_model(run_dir: str | Path) -> Transformer:
@@ -302,7 +352,9 @@ def _mean(values: list[Tensor]) -> float:
 
 
 def _perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))  # capped: an untrained loss must not overflow to inf
+    return math.exp(
+        min(loss, 50.0)
+    )  # capped: an untrained loss must not overflow to inf
 
 
 def _postfix(record: dict) -> str:
@@ -313,8 +365,6 @@ def _postfix(record: dict) -> str:
 
 
 def _asdict(config: TrainConfig) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(config)
 
 
@@ -322,7 +372,13 @@ def _asdict(config: TrainConfig) -> dict:
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+    )
     try:
         yield bar
     finally:
