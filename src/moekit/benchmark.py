@@ -16,6 +16,8 @@ combine count. When transformers is importable, its Mixtral sparse block runs be
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import platform
 import statistics
 import time
@@ -76,6 +78,21 @@ def machine_summary() -> str:
         + ", ".join(f"{k} {v}" for k, v in has.items())
         + f" | torch {torch.__version__}"
     )
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc malloc to keep freed memory (no mmap, no trim); False if not glibc.
+
+    Large tensors otherwise come from fresh mmap pages each step, and first-touch page
+    faults (~0.4 ms per MB here) cost more than the GEMMs that write the E expert weight
+    gradients. Same effect as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class DenseSwiGLU(nn.Module):
@@ -190,13 +207,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16 runs T * this many tokens (bf16 GEMMs are slow without bf16 hardware)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers even if importable")
     parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory: no page faults on reused buffers")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES)
     reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    allocator = "glibc, keeps freed memory" if args.keep_freed_memory and keep_freed_memory() else "default"
     print(machine_summary())
+    print(f"allocator: {allocator} | load average before: {os.getloadavg()[0]:.2f} | "
+          f"median of {reps} reps after {warmup} warmup (bf16: a third, HF: a third)")
     print("ratio = MoE fwd+bwd time / dense SwiGLU fwd+bwd with the same active FLOPs (1.00 = limit)")
     print(f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
           f"{'HF eager':>8} | {'HF grouped_mm':>13} | rows/expert min-max")
