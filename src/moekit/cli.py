@@ -102,7 +102,8 @@ def _train(argv: list[str]) -> int:
         return _error("train", error)
     except KeyboardInterrupt:
         print(
-            "\ninterrupted; continue from the last checkpoint with `moekit train --resume --out DIR`",
+            "\ninterrupted; continue from the last checkpoint with "
+            f"`moekit train --resume --out {args.out}`",
             file=sys.stderr,
         )
         return 130
@@ -134,7 +135,7 @@ def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     model_config, train_config = build_configs(args.preset, overrides)
     if args.no_compare:
-        out = args.out or train.default_out_dir(args.preset)
+        out = args.out = args.out or str(train.default_out_dir(args.preset))
         result = train.train_one(
             model_config, train_config, out, data=args.data, show_progress=progress
         )
@@ -144,7 +145,7 @@ def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(
             f"preset {args.preset!r} is dense; compare needs an MoE preset (or add --no-compare)"
         )
-    out = args.out or train.default_out_dir("compare")
+    out = args.out = args.out or str(train.default_out_dir("compare"))
     comparison = train.compare(
         model_config, train_config, out, data=args.data, show_progress=progress
     )
