@@ -16,7 +16,6 @@ combine count. When transformers is importable, its Mixtral sparse block runs be
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .moe import MoE
+from .runtime import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STANDARD_SHAPES = ["4096,512,1024,8,2", "1024,512,1024,64,2", "4096,512,1024,64,2", "1024,512,256,64,8"]
@@ -78,21 +78,6 @@ def machine_summary() -> str:
         + ", ".join(f"{k} {v}" for k, v in has.items())
         + f" | torch {torch.__version__}"
     )
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc malloc to keep freed memory (no mmap, no trim); False if not glibc.
-
-    Large tensors otherwise come from fresh mmap pages each step, and first-touch page
-    faults (~0.4 ms per MB here) cost more than the GEMMs that write the E expert weight
-    gradients. Same effect as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class DenseSwiGLU(nn.Module):

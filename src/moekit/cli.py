@@ -96,6 +96,10 @@ def _train(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .runtime import keep_freed_memory
+
+    # Reused memory instead of fresh pages each step: expert gradients are large.
+    keep_freed_memory()
     try:
         return _run_train(args, extra)
     except ValueError as error:
