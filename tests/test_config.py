@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from moekit import MoE, MoEConfig
+from moekit import ROUTERS, MoE, MoEConfig
 
 BASE = dict(d_model=8, d_hidden=6, num_experts=4)
 
@@ -140,3 +140,9 @@ def test_segmented_keeps_parameter_counts():
     assert (cfg.num_experts, cfg.top_k, cfg.d_hidden) == (12, 6, 4)
     with pytest.raises(ValueError, match=r"factor \(5\)"):
         config(d_hidden=12).segmented(5)
+
+
+def test_router_names_match_the_registry():
+    from moekit.routing import ROUTER_CLASSES
+
+    assert tuple(ROUTER_CLASSES) == ROUTERS

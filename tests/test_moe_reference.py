@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from moekit import ROUTERS
 from helpers import make_moe, tokens
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -166,20 +167,7 @@ def test_reference_detects_a_wrong_layer():
 @st.composite
 def layer_configs(draw):
     """Random small layer settings, including the edges (one token, one expert, top_k = E)."""
-    router = draw(
-        st.sampled_from(
-            [
-                "softmax_topk",
-                "noisy_topk",
-                "switch",
-                "sigmoid_topk",
-                "top_p",
-                "expert_choice",
-                "soft",
-                "dense",
-            ]
-        )
-    )
+    router = draw(st.sampled_from(ROUTERS))
     # One expert-choice expert scores every token 1.0: which C tokens it takes is a tie.
     num_experts = draw(st.integers(2 if router == "expert_choice" else 1, 6))
     top_k = 1 if router == "switch" else draw(st.integers(1, num_experts))
