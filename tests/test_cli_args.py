@@ -30,8 +30,8 @@ def test_overrides_reach_model_moe_and_train_configs():
     assert model.moe.renormalize is False
     assert train.lr == 3e-4
     assert (
-        train.warmup_steps == 18
-    )  # None derives 5% of the 350 default steps (rounded up)
+        train.warmup_steps == 12
+    )  # None derives 5% of the 225 default steps (rounded up)
 
 
 def test_model_d_model_sets_the_moe_layer_width_too():
@@ -84,8 +84,8 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_config_validation_errors_pass_through():
-    with pytest.raises(ValueError, match=r"top_k \(9\) must be <= num_experts \(8\)"):
-        configs("--model.top_k", "9")
+    with pytest.raises(ValueError, match=r"top_k \(17\) must be <= num_experts \(16\)"):
+        configs("--model.top_k", "17")
 
 
 def test_train_command_reports_a_bad_key_and_exits_2(capsys):

@@ -34,7 +34,7 @@ def test_every_preset_returns_a_config_that_builds_on_meta(name):
 
 def test_documented_parameter_counts():
     # The numbers in presets.py's docstring.
-    assert count_parameters(presets.tiny()) == (3_871_872, 1_512_576)
+    assert count_parameters(presets.tiny()) == (4_269_184, 1_516_672)
     assert count_parameters(presets.tiny_dense()) == (1_508_480, 1_508_480)
     assert count_parameters(presets.small()) == (119_079_424, 42_009_088)
     assert count_parameters(presets.small_dense()) == (41_951_744, 41_951_744)

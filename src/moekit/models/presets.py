@@ -1,7 +1,7 @@
 """Model presets: plain functions returning a ModelConfig, plus a registry for the CLI.
 
 Parameter counts (from `count_parameters`, tied embeddings counted once):
-    tiny        total   3.87 M, active  1.51 M per token
+    tiny        total   4.27 M, active  1.52 M per token
     tiny_dense  total   1.51 M, active  1.51 M
     small       total 119.08 M, active 42.01 M per token
     small_dense total  41.95 M, active 41.95 M
@@ -21,13 +21,15 @@ def tiny() -> ModelConfig:
     """The CPU default: trains in a few minutes on 2 cores.
 
     The vocabulary (4096) matches a small BPE trained on the corpus; with d_model 128 the
-    tied embedding is 0.5 M of the 1.51 M active parameters. 8 experts of width 256 with
-    top_k 2 give 2 x 256 = 512 active hidden units per token (a dense SwiGLU of width 512 is
-    4 x d_model), so the model has 4x the FFN parameters of its dense twin at the same
-    FLOPs. 8 rather than 16 experts because each expert is one matmul in a Python loop,
-    whose overhead dominates at this size on CPU. Dropless (capacity_factor None): no
-    token is lost, and generation with a KV cache equals the full forward. Two key/value
-    heads (grouped-query attention) halve the cache as in Mixtral.
+    tied embedding is 0.5 M of the 1.51 M active parameters. DeepSeekMoE-style: 16
+    fine-grained experts of width 128 with top_k 2 plus one always-on shared expert of
+    width 256, so a token uses 2 x 128 + 256 = 512 hidden units (a dense SwiGLU of width
+    512 is 4 x d_model) out of 16 x 128 + 256 = 2304: 4.5x the FFN parameters of its dense
+    twin at the same FLOPs. On the default comparison this beat 8 experts of width 256
+    with top_k 2 (no shared expert) and the top-1 variants (docs/results.md). Dropless
+    (capacity_factor None): no token is lost, and generation with a KV cache equals the
+    full forward. Two key/value heads (grouped-query attention) halve the cache as in
+    Mixtral.
     """
     return ModelConfig(
         vocab_size=4096,
@@ -37,8 +39,8 @@ def tiny() -> ModelConfig:
         num_kv_heads=2,
         max_seq_len=256,
         moe=MoEConfig(
-            d_model=128, d_hidden=256, num_experts=8, top_k=2, router="softmax_topk",
-            balance_loss_coef=0.01, z_loss_coef=1e-3,
+            d_model=128, d_hidden=128, num_experts=16, top_k=2, router="softmax_topk",
+            num_shared_experts=1, d_shared_hidden=256, balance_loss_coef=0.01, z_loss_coef=1e-3,
         ),
     )
 
