@@ -30,3 +30,12 @@ def fresh_warnings():
     moekit.config._warned.clear()
     yield
     moekit.config._warned.clear()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Micro models run faster on one thread, and do not fight other processes for cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

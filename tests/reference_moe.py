@@ -123,6 +123,17 @@ def routed_expert(moe, e: int, x_D: Tensor) -> Tensor:
     return activation(x_D @ w_up, moe.config.activation) @ w_down
 
 
+def mix_experts(moe, x_TD, kept):
+    """Per token: the sum over its kept (expert, weight) pairs of weight * expert(x)."""
+    hidden = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros_like(x_TD[t])
+        for e, w in kept[t]:
+            y = y + w * routed_expert(moe, e, x_TD[t])
+        hidden.append(y)
+    return hidden
+
+
 def shared_experts(moe, x_D: Tensor) -> Tensor:
     up = moe.shared.up.weight.to(x_D.dtype)  # (H, D), nn.Linear layout
     down = moe.shared.down.weight.to(x_D.dtype)  # (D, F)
@@ -349,12 +360,7 @@ def _token_choice(moe, x_TD: Tensor) -> ReferenceOutput:
         capacity = _capacity(cfg, T, cfg.capacity_factor)
         kept = reference_capacity(routes, capacity, cfg.overflow, cfg.batch_priority)
 
-    hidden = []
-    for t in range(T):
-        y = torch.zeros_like(x_TD[t])
-        for e, w in kept[t]:
-            y = y + w * routed_expert(moe, e, x_TD[t])
-        hidden.append(y)
+    hidden = mix_experts(moe, x_TD, kept)
 
     tokens_per_expert = [sum(e == expert for a in kept for e, _ in a) for expert in range(E)]
     routed = sum(len(r.picks) for r in routes)
@@ -397,12 +403,7 @@ def _expert_choice(moe, x_TD: Tensor) -> ReferenceOutput:
         for t in descending(column)[:capacity]:
             kept[t].append((e, probs[t][e]))
 
-    hidden = []
-    for t in range(T):
-        y = torch.zeros_like(x_TD[t])
-        for e, w in kept[t]:
-            y = y + w * routed_expert(moe, e, x_TD[t])
-        hidden.append(y)
+    hidden = mix_experts(moe, x_TD, kept)
     zero = x_TD.new_zeros(())
     z = sum(logsumexp(v) ** 2 for v in logits) / T
     parts = {"balance": zero, "z": z, "importance": zero, "load": zero}

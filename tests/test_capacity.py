@@ -25,8 +25,13 @@ def hand_choice(gate, top_k, renormalize=False, valid=None, rank=None) -> TokenC
     gate_TE = torch.tensor(gate, dtype=torch.float64)
     rank_TE = gate_TE if rank is None else torch.tensor(rank, dtype=torch.float64)
     ids_TK = rank_TE.topk(top_k, dim=-1).indices
-    weights_TK = gate_TE.gather(1, ids_TK)
     valid_TK = None if valid is None else torch.tensor(valid)
+    return token_choice(gate_TE, rank_TE, ids_TK, valid_TK, renormalize)
+
+
+def token_choice(gate_TE, rank_TE, ids_TK, valid_TK, renormalize) -> TokenChoice:
+    """The routing a softmax-style router would return for these picks."""
+    weights_TK = gate_TE.gather(1, ids_TK)
     if valid_TK is not None:
         weights_TK = weights_TK * valid_TK
     if renormalize:
@@ -192,19 +197,7 @@ def routings(draw):
         forbidden_TE = torch.rand(T, E, generator=generator) < 0.4
         forbidden_TE.scatter_(1, ids_TK, False)
         rank_TE = gate_TE.masked_fill(forbidden_TE, -INF)
-    weights_TK = gate_TE.gather(1, ids_TK)
-    if valid_TK is not None:
-        weights_TK = weights_TK * valid_TK
-    weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    routing = TokenChoice(
-        weights_TK=weights_TK,
-        ids_TK=ids_TK,
-        valid_TK=valid_TK,
-        gate_TE=gate_TE,
-        rank_TE=rank_TE,
-        logits_TE=gate_TE.log(),
-        probs_TE=gate_TE,
-    )
+    routing = token_choice(gate_TE, rank_TE, ids_TK, valid_TK, renormalize=True)
     capacity = draw(st.integers(1, T))
     return routing, capacity
 
