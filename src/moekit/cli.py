@@ -37,6 +37,9 @@ Settings: --preset NAME plus dotted overrides, e.g.
   --model.num_experts 16 --model.top_k 1 --model.moe.d_hidden 128 --train.lr 3e-4
 (model.FIELD: ModelConfig, or an MoEConfig field it lacks; model.moe.FIELD: MoEConfig;
 train.FIELD: TrainConfig). Ctrl-C saves a checkpoint; --resume --out DIR continues.
+
+--task picks what to train: lm (this, the default), classify-text, classify-digits,
+mmoe-synthetic or vit; `moekit train --task NAME --help` shows that task's options.
 """
 
 
@@ -45,7 +48,16 @@ def _error(command: str, error: Exception) -> int:
     return 2
 
 
+TASKS = ("lm", "classify-text", "classify-digits", "mmoe-synthetic", "vit")
+
+
 def _train(argv: list[str]) -> int:
+    task = _task_of(argv)
+    if task not in (None, "lm"):
+        from .tasks.cli import main as task_main
+
+        return task_main(task, _without_task(argv))
+    argv = _without_task(argv)
     from .models import PRESETS
 
     parser = argparse.ArgumentParser(
@@ -58,6 +70,9 @@ def _train(argv: list[str]) -> int:
         "--preset",
         default="tiny",
         help=f"model preset: {', '.join(PRESETS)} (default tiny)",
+    )
+    parser.add_argument(
+        "--task", choices=TASKS, default="lm", help="what to train (default lm)"
     )
     parser.add_argument(
         "--no-compare",
@@ -112,6 +127,35 @@ def _train(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _task_of(argv: list[str]) -> str | None:
+    """The value of --task in argv (None when absent); an unknown task is an error."""
+    for i, arg in enumerate(argv):
+        if arg == "--task" or arg.startswith("--task="):
+            value = (
+                arg.partition("=")[2]
+                if "=" in arg
+                else (argv[i + 1] if i + 1 < len(argv) else "")
+            )
+            if value not in TASKS:
+                raise SystemExit(
+                    f"moekit train: error: --task {value!r}: choose one of {', '.join(TASKS)}"
+                )
+            return value
+    return None
+
+
+def _without_task(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--task":
+            skip = True
+        elif not arg.startswith("--task="):
+            out.append(arg)
+    return out
 
 
 def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -306,14 +350,53 @@ def _print_experts(pieces, run_dir) -> None:
 COMMANDS = {
     "train": (
         _train,
-        "train the tiny MoE and its dense twin and compare them (or one model)",
+        "train the tiny MoE and its dense twin and compare them (or one model, or a --task)",
     ),
     "prepare": (_prepare, "tokenise text into .bin token streams for training"),
     "eval": (_eval, "validation loss and perplexity of a trained run"),
     "generate": (_generate, "generate text with a trained run, streaming"),
     "bench": (_bench, "time the MoE layer against a dense FFN of equal active FLOPs"),
     "routers": (_routers, "list the available routers"),
+    # Commands that live in their own modules: "module:function", imported on use.
+    "inspect": (
+        "moekit.interop.cli:inspect_main",
+        "total and active parameters of a preset or config.json, by part",
+    ),
+    "convert": (
+        "moekit.interop.cli:convert_main",
+        "convert between Hugging Face checkpoints and moekit runs",
+    ),
+    "upcycle": (
+        "moekit.interop.cli:upcycle_main",
+        "turn a trained dense run into an MoE whose experts copy its FFN",
+    ),
+    "add-experts": (
+        "moekit.interop.cli:add_experts_main",
+        "add experts to a trained MoE run without changing its output",
+    ),
+    "merge": (
+        "moekit.interop.cli:merge_main",
+        "Branch-Train-MiX: merge domain-trained dense models into one MoE",
+    ),
+    "report": (
+        "moekit.report.cli:report_main",
+        "write a self-contained HTML report of what the router does in a run",
+    ),
+    "route": (
+        "moekit.report.cli:route_main",
+        "colour a text token by token by the expert each layer picks",
+    ),
 }
+
+
+def _resolve(entry):
+    """A command's function: itself, or imported from its "module:function" string."""
+    if callable(entry):
+        return entry
+    import importlib
+
+    module, _, function = entry.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: moekit <command> [options]\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:10s} {help_text}")
+            print(f"  {name:12s} {help_text}")
         print("\n`moekit <command> --help` shows a command's options.")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
@@ -337,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        return command[0](argv[1:])
+        return _resolve(command[0])(argv[1:])
     except BrokenPipeError:
         # The reader went away (e.g. `moekit generate ... | head`): stop quietly, and point
         # stdout at devnull so the interpreter's final flush does not fail again.
