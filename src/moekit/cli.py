@@ -367,15 +367,15 @@ COMMANDS = {
         "convert between Hugging Face checkpoints and moekit runs",
     ),
     "upcycle": (
-        "moekit.interop.cli:upcycle_main",
+        "moekit.surgery.cli:upcycle_main",
         "turn a trained dense run into an MoE whose experts copy its FFN",
     ),
     "add-experts": (
-        "moekit.interop.cli:add_experts_main",
+        "moekit.surgery.cli:add_experts_main",
         "add experts to a trained MoE run without changing its output",
     ),
     "merge": (
-        "moekit.interop.cli:merge_main",
+        "moekit.surgery.cli:merge_main",
         "Branch-Train-MiX: merge domain-trained dense models into one MoE",
     ),
     "report": (
