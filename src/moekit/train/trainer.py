@@ -4,6 +4,7 @@ One Trainer trains one model in one run directory:
     RUN/config.json          model and train config, data source, versions
     RUN/tokenizer.json, RUN/data/   the token streams (see train/data.py)
     RUN/metrics.jsonl        one line per step and per evaluation
+    RUN/routing.jsonl        per-layer routing statistics of MoE runs (train/metrics.py)
     RUN/checkpoint/          weights and trainer state (see train/checkpoint.py)
 Everything the next step depends on (weights, AdamW moments, step, loader position,
 torch RNG) is in the checkpoint, so a resumed run ends with bit-identical weights.
@@ -36,7 +37,7 @@ from .config import (
     train_config_from_dict,
 )
 from .data import RunData
-from .metrics import MetricsLog, read_metrics
+from .metrics import MetricsLog, RoutingLog, read_metrics
 from .schedule import lr_at
 
 CONFIG_FILE = "config.json"
@@ -69,6 +70,7 @@ class Trainer:
         resume: continue from run_dir's checkpoint (its config must equal the given one).
         show_progress: draw a tqdm progress bar on stderr.
         data_source: recorded in config.json (None = the default corpus).
+        routing_stats_every: steps per routing.jsonl record (0 = no routing statistics).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Trainer:
         resume: bool = False,
         show_progress: bool = True,
         data_source: str | None = None,
+        routing_stats_every: int = 10,
     ):
         self.model_config, self.config = model_config, train_config
         self.run_dir = Path(run_dir)
@@ -101,6 +104,8 @@ class Trainer:
         )
         self.eval_batches = fixed_eval_batches(data, train_config)
         self.metrics = MetricsLog(self.run_dir)
+        self.routing = RoutingLog(self.run_dir, routing_stats_every if model_config.moe else 0)
+        self.eval_domains = (data.validation.domains, fixed_eval_domains(data, train_config))
         self.step, self.train_seconds = 0, 0.0
         self._start(resume, data_source)
 
@@ -125,6 +130,7 @@ class Trainer:
             self.step, self.train_seconds = state["step"], state["train_seconds"]
             self.loader.load_state_dict(state["loader"])
             self.metrics.truncate_after(self.step)
+            self.routing.truncate_after(self.step)
             return
         if checkpoint_dir(self.run_dir) is not None:
             raise ValueError(
@@ -135,6 +141,7 @@ class Trainer:
             json.dumps(run_config, indent=1), encoding="utf-8"
         )
         self.metrics.path.unlink(missing_ok=True)
+        self.routing.path.unlink(missing_ok=True)
 
     def train(self, stop_at: int | None = None) -> TrainResult:
         """Train to config.steps (or stop_at), evaluating and checkpointing on the way.
@@ -190,6 +197,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         update_router_biases(self.model)  # DeepSeek-V3 bias balancing, outside autograd
         self.step += 1
+        self.routing.add(out.stats)
+        if self.step % max(self.routing.every, 1) == 0 or self.step == cfg.steps:
+            self.routing.flush(self.step)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         moe_stats = [s for s in out.stats if s is not None]
@@ -209,9 +219,14 @@ class Trainer:
         return record
 
     def evaluate_and_log(self) -> float:
-        """Validation loss on the fixed eval batches, appended to the metrics log."""
+        """Validation loss on the fixed eval batches, appended to the metrics log (and the
+        domain x expert counts of those batches to the routing log)."""
+        names, domains_per_batch = self.eval_domains
+        num_experts = self.model_config.moe.num_experts if self.model_config.moe else 0
+        observe = self.routing.eval_observer(domains_per_batch, len(names), num_experts)
         with self._autocast():
-            loss = evaluate(self.model, self.eval_batches)
+            loss = evaluate(self.model, self.eval_batches, observe=observe)
+        self.routing.write_eval(self.step, names)
         self.metrics.append(
             {
                 "split": "val",
@@ -282,21 +297,33 @@ def fixed_eval_batches(
     return list(islice(batches, config.eval_batches))
 
 
+def fixed_eval_domains(data: RunData, config: TrainConfig) -> list[Tensor]:
+    """The (B, L) domain ids of the target tokens of fixed_eval_batches."""
+    batches = sequential_batches(
+        data.validation, batch_size=config.batch_size, seq_len=config.seq_len, return_domains=True
+    )
+    return [domains_BL for *_, domains_BL in islice(batches, config.eval_batches)]
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, batches) -> float:
+def evaluate(model: Transformer, batches, observe=None) -> float:
     """Mean next-token cross entropy over the batches' target tokens (aux losses excluded).
 
     Args:
         model: the model; put in eval mode for the call and restored afterwards.
         batches: iterable of (inputs_BL, targets_BL).
+        observe: None, or observe(i, output) called with batch i's ModelOutput, which then
+            carries expert_ids (routing statistics).
     Returns:
         The loss in nats per token.
     """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for inputs_BL, targets_BL in batches:
-        out = model(inputs_BL, targets_BL)
+    for i, (inputs_BL, targets_BL) in enumerate(batches):
+        out = model(inputs_BL, targets_BL, return_expert_ids=observe is not None)
+        if observe is not None:
+            observe(i, out)
         total += out.loss.item() * targets_BL.numel()
         count += targets_BL.numel()
     model.train(was_training)

@@ -1,0 +1,93 @@
+"""Routing statistics as pure functions: counts of who went where, and what they tell.
+
+# T tokens, K top_k, E experts, D domains (or class labels)
+
+A routing decision is `ids_TK` (the experts each token chose; -1 marks an unused slot, as
+`ModelOutput.expert_ids` does for top_p) plus, for each token, a label: the domain of the
+document it came from, or a class. Everything here works on counts, so statistics from
+many batches add up before they are interpreted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def label_expert_counts(ids_TK: Tensor, labels_T: Tensor, num_labels: int, num_experts: int) -> Tensor:
+    """(num_labels, num_experts) int64 counts of the assignments of each label's tokens.
+
+    Every chosen slot counts once, so a row sums to the number of its tokens' valid
+    assignments (K per token for top-k). Slots with id -1 are left out.
+
+    Args:
+        ids_TK: (..., K) expert ids, -1 for unused slots.
+        labels_T: (...) label ids of the same tokens, in [0, num_labels).
+    """
+    if ids_TK.shape[:-1] != labels_T.shape:
+        raise ValueError(
+            f"ids shape {tuple(ids_TK.shape)} does not match labels shape {tuple(labels_T.shape)}"
+        )
+    ids_A = ids_TK.reshape(-1)
+    labels_A = labels_T.reshape(-1, 1).expand(-1, ids_TK.shape[-1]).reshape(-1).to(ids_A.device)
+    valid_A = ids_A >= 0
+    flat_A = labels_A[valid_A].long() * num_experts + ids_A[valid_A]
+    return torch.bincount(flat_A, minlength=num_labels * num_experts).view(num_labels, num_experts)
+
+
+def mutual_information(counts_DE) -> float:
+    """Mutual information I(label; expert) in bits of a joint count table.
+
+    0 when every label spreads its tokens over the experts in the same proportions; at
+    most min(log2 D, log2 E), reached when each label has its own experts and the labels
+    are equally frequent. Rows or columns of zeros do not change it.
+    """
+    joint = np.asarray(counts_DE, dtype=np.float64)
+    total = joint.sum()
+    if joint.ndim != 2 or (joint < 0).any():
+        raise ValueError(f"counts must be a 2-D table of non-negative counts, got shape {joint.shape}")
+    if total == 0:
+        return 0.0
+    p_DE = joint / total
+    p_D1 = p_DE.sum(axis=1, keepdims=True)
+    p_1E = p_DE.sum(axis=0, keepdims=True)
+    nonzero = p_DE > 0
+    ratio = p_DE[nonzero] / (p_D1 @ p_1E)[nonzero]
+    return float((p_DE[nonzero] * np.log2(ratio)).sum())
+
+
+def entropy_bits(counts) -> float:
+    """Shannon entropy in bits of the distribution the counts define (0 for no counts)."""
+    p = np.asarray(counts, dtype=np.float64).ravel()
+    total = p.sum()
+    if total == 0:
+        return 0.0
+    p = p[p > 0] / total
+    return float(-(p * np.log2(p)).sum())
+
+
+def load_cv(tokens_per_expert) -> float:
+    """Coefficient of variation (std / mean, population std) of the expert loads.
+
+    0 for a perfectly balanced layer, sqrt(E - 1) when one expert takes everything.
+    """
+    load = np.asarray(tokens_per_expert, dtype=np.float64).ravel()
+    if load.size <= 1 or load.mean() == 0:
+        return 0.0
+    return float(load.std() / load.mean())
+
+
+def normalised_rows(counts_DE) -> np.ndarray:
+    """Each row divided by its sum (the share of a label's assignments per expert)."""
+    counts = np.asarray(counts_DE, dtype=np.float64)
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def top1(ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    """The highest-weighted expert of each token (T,), -1 for a token with no valid slot."""
+    masked_TK = torch.where(ids_TK >= 0, weights_TK.float(), -math.inf)
+    best_T = masked_TK.argmax(dim=-1, keepdim=True)
+    return torch.where(masked_TK.gather(-1, best_T).isfinite(), ids_TK.gather(-1, best_T), -1).squeeze(-1)
