@@ -77,6 +77,9 @@ class MoE(nn.Module):
             if self.shared is not None and config.shared_expert_gate
             else None
         )
+        # Replaces route_and_plan from outside (expert parallelism: moekit.parallel), so the
+        # layer's math stays single-device: planner(layer, x) -> the same four values.
+        self.planner = None
 
     def forward(self, x: Tensor) -> MoEOutput:
         """Args: x (..., d_model). Returns MoEOutput with hidden of the same shape."""
@@ -86,13 +89,44 @@ class MoE(nn.Module):
                 f"input last dimension ({x.shape[-1]}) must equal d_model ({cfg.d_model}); "
                 f"got shape {tuple(x.shape)}"
             )
-        x_TD = x.reshape(-1, cfg.d_model)
-        T = x_TD.shape[0]
-        if T == 0:
+        T = x.numel() // cfg.d_model
+        if T == 0 and self.planner is None:
             # x * 0 (not zeros_like) keeps an empty batch connected to autograd.
             return MoEOutput(hidden=x * 0, aux_loss=x.new_zeros(()), stats=self._empty_stats(x))
 
         # 1. route, 2. plan (capacity for token choice)
+        if self.planner is None:
+            x_in, routing, plan, capacity = self.route_and_plan(x)
+        else:
+            x_in, routing, plan, capacity = self.planner(self, x)
+
+        # 3. dispatch, 4. experts, 5. combine
+        x_RD = plan.dispatch(x_in)
+        y_RD = self.experts(x_RD, plan.counts_E)
+        y = plan.combine(y_RD).reshape(x.shape)
+        if T == 0:  # an empty rank under a planner still took part in the exchange above
+            return MoEOutput(hidden=y.to(x.dtype), aux_loss=x.new_zeros(()), stats=self._empty_stats(x))
+
+        # 6. shared experts
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
+
+        aux_loss, stats = self._losses_and_stats(routing, plan, capacity)
+        return MoEOutput(hidden=y.to(x.dtype), aux_loss=aux_loss, stats=stats)
+
+    def route_and_plan(self, x: Tensor):
+        """Steps 1-2 on this process's tokens: route, apply capacity, build the plan.
+
+        Returns:
+            (x_in, routing, plan, capacity): the plan's input (x_TD, or x_BND for Soft MoE),
+            the router's decision, the dispatch plan and the capacity (None when dropless).
+        """
+        cfg = self.config
+        x_TD = x.reshape(-1, cfg.d_model)
+        T = x_TD.shape[0]
         capacity = cfg.capacity(T)
         if cfg.router == "soft":
             # Soft MoE mixes the tokens of one sequence: (B, N, D), or one sequence if 2-D.
@@ -113,21 +147,7 @@ class MoE(nn.Module):
                     routing, capacity, cfg.overflow, cfg.batch_priority
                 )
             plan = TokenChoicePlan(ids_TK, kept_TK, weights_TK, cfg.num_experts)
-
-        # 3. dispatch, 4. experts, 5. combine
-        x_RD = plan.dispatch(x_in)
-        y_RD = self.experts(x_RD, plan.counts_E)
-        y = plan.combine(y_RD).reshape(x.shape)
-
-        # 6. shared experts
-        if self.shared is not None:
-            shared = self.shared(x)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x)) * shared
-            y = y + shared
-
-        aux_loss, stats = self._losses_and_stats(routing, plan, capacity)
-        return MoEOutput(hidden=y.to(x.dtype), aux_loss=aux_loss, stats=stats)
+        return x_in, routing, plan, capacity
 
     def _losses_and_stats(self, routing, plan, capacity: int | None) -> tuple[Tensor, MoEStats]:
         cfg = self.config
