@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from ..generate import KVCache
 
 
+QK_NORMS = (None, "head", "full")
+
+
 def _round_up(value: float, multiple: int) -> int:
     return multiple * math.ceil(value / multiple)
 
@@ -42,7 +45,14 @@ class ModelConfig:
     moe_every=1 makes every layer (after the dense prefix) MoE and moe_every=2 makes the
     2nd, 4th, ... ones MoE (GShard's "every other layer"; Qwen-MoE's decoder_sparse_step).
     first_dense_layers keeps the first layers dense (DeepSeek-V3's first_k_dense_replace).
+    dense_layers lists further layers that stay dense (Qwen-MoE's mlp_only_layers).
     All other layers, and every layer when moe is None, use a dense MLP of width d_hidden.
+
+    Attention options for the Hugging Face architectures (defaults: none of them):
+    head_dim None = d_model / num_heads (Qwen3-MoE sets it apart); qkv_bias adds biases to
+    the q/k/v projections (Qwen2-MoE), attn_out_bias to the output projection; qk_norm
+    "head" is an RMSNorm over each head's head_dim for q and k before the rotation
+    (Qwen3-MoE), "full" one over the whole q and k projections (OLMoE).
     """
 
     vocab_size: int
@@ -50,6 +60,10 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: int | None = None  # None = num_heads (multi-head); fewer = grouped-query
+    head_dim: int | None = None  # None = d_model // num_heads
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    qk_norm: str | None = None  # None, "head" or "full"
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -65,6 +79,7 @@ class ModelConfig:
     moe: MoEConfig | None = None
     moe_every: int = 1
     first_dense_layers: int = 0
+    dense_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "moe_every"):
@@ -91,15 +106,19 @@ class ModelConfig:
         self._check_moe()
 
     def _check_attention(self) -> None:
-        if self.d_model % self.num_heads:
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})"
+                )
+            self.head_dim = self.d_model // self.num_heads
+        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
             raise ValueError(
-                f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})"
+                f"head dim of the attention heads ({self.head_dim!r}) must be even for rotary "
+                "embeddings"
             )
-        if (self.d_model // self.num_heads) % 2:
-            raise ValueError(
-                f"head dim d_model / num_heads ({self.d_model // self.num_heads}) must be even "
-                "for rotary embeddings"
-            )
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
         kv = self.num_kv_heads
         if not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
             raise ValueError(f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})")
@@ -113,19 +132,18 @@ class ModelConfig:
             raise TypeError(f"moe must be a MoEConfig or None, got {type(self.moe).__name__}")
         if self.moe.d_model != self.d_model:
             raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
+        bad = [i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
+        if bad:
+            raise ValueError(f"dense_layers {bad} are not layer indices in [0, {self.num_layers})")
         if not self.moe_layers:
             raise ValueError(
                 f"no MoE layer: first_dense_layers ({self.first_dense_layers}) and moe_every "
                 f"({self.moe_every}) leave all {self.num_layers} layers dense"
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
     def is_moe_layer(self, layer: int) -> bool:
         """True when layer `layer` (0-based) has an MoE FFN; see the class docstring."""
-        if self.moe is None or layer < self.first_dense_layers:
+        if self.moe is None or layer < self.first_dense_layers or layer in self.dense_layers:
             return False
         return (layer - self.first_dense_layers + 1) % self.moe_every == 0
 
@@ -180,18 +198,29 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
-        kv_width = config.num_kv_heads * config.head_dim
-        self.wq = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.wk = nn.Linear(config.d_model, kv_width, bias=False)
-        self.wv = nn.Linear(config.d_model, kv_width, bias=False)
-        self.wo = nn.Linear(config.d_model, config.d_model, bias=False)
+        q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.wq = nn.Linear(config.d_model, q_width, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
+        self.wo = nn.Linear(q_width, config.d_model, bias=config.attn_out_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm is not None:
+            per_head = config.qk_norm == "head"
+            self.q_norm = RMSNorm(config.head_dim if per_head else q_width, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim if per_head else kv_width, config.norm_eps)
 
     def forward(self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None) -> Tensor:
         """Args: x_BTD; cos/sin for the T new positions; kv_cache or None. Returns y_BTD."""
         B, T, D = x_BTD.shape
-        # 1. project and split heads; rotate q and k by their positions
-        q_BHTDh = self.wq(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BGTDh = self.wk(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # 1. project (q/k norm), split heads; rotate q and k by their positions
+        q, k = self.wq(x_BTD), self.wk(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BTHDh = q.view(B, T, self.num_heads, self.head_dim)
+        k_BTGDh = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
+        q_BHTDh, k_BGTDh = q_BTHDh.transpose(1, 2), k_BTGDh.transpose(1, 2)
         v_BGTDh = self.wv(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHTDh = apply_rope(q_BHTDh, cos_TP, sin_TP)
         k_BGTDh = apply_rope(k_BGTDh, cos_TP, sin_TP)
@@ -215,7 +244,7 @@ class Attention(nn.Module):
         )
 
         # 4. merge heads and project back
-        return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, D))
+        return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 def causal_mask(start: int, num_new: int, device: torch.device) -> tuple[Tensor | None, bool]:
@@ -317,6 +346,8 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, GroupedExperts):
                 nn.init.normal_(module.w_up, std=std)
                 nn.init.normal_(module.w_down, std=residual_std)
@@ -329,6 +360,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.wo.weight, std=residual_std)
             elif isinstance(module, MLP):
                 nn.init.normal_(module.down.weight, std=residual_std)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """Recompute the rotary tables (not stored in checkpoints) on the weights' device."""
+        cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.lm_head.weight.device), sin.to(self.lm_head.weight.device)
 
