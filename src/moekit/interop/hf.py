@@ -1,0 +1,211 @@
+"""Load and save Hugging Face checkpoints: config.json plus safetensors shards.
+
+A folder holds either one `model.safetensors` or shards listed in
+`model.safetensors.index.json`, as transformers' save_pretrained writes them. Loading
+builds the moekit model on the meta device and assigns the converted tensors, so no
+memory is spent on an initialisation that is thrown away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..models import Transformer
+from .hf_config import choose_architecture, hf_config, model_config_from_hf, model_type_of
+from .keys import FUSED_MARKER, TABLES, Mapping, expand
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Non-persistent buffers some older checkpoints still carry; recomputed, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LISTED = 20  # names shown per list in an error
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """The config.json of a Hugging Face folder; ValueError when absent or unreadable."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not a Hugging Face model folder ({CONFIG_FILE}: {error})") from None
+
+
+def weight_files(path: str | Path) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it}, from the index or the single file."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+        return {name: path / file for name, file in index["weight_map"].items()}
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(path / SINGLE_FILE, framework="pt") as file:
+            return dict.fromkeys(file.keys(), path / SINGLE_FILE)
+    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(path)!r}")
+
+
+def mappings_for(model: Transformer, architecture: str, layout: str) -> list[Mapping]:
+    """The key table made concrete for model; ValueError naming the tensors it cannot place."""
+    names = set(model.state_dict())
+    if model.config.tied_embeddings:
+        names.discard("lm_head.weight")  # one tensor, stored as the embedding
+    num_experts = model.config.moe.num_experts if model.config.moe else 0
+    mappings = expand(TABLES[architecture][layout], names, model.config.num_layers, num_experts)
+    unmapped = sorted(names - {m.moekit for m in mappings})
+    if unmapped:
+        raise ValueError(f"the {architecture} layout has no place for the tensors {_listed(unmapped)}")
+    return mappings
+
+
+def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transformer:
+    """A moekit Transformer from a Hugging Face folder of a supported architecture.
+
+    Args:
+        path: folder with config.json and model.safetensors (or shards and their index).
+        dtype: the weights' dtype; None keeps the checkpoint's.
+    Returns:
+        The model, in eval mode, on the CPU.
+    Raises:
+        ValueError: unsupported architecture or options; missing or unexpected tensors
+            (each list in one message); a tensor of the wrong shape.
+    """
+    hf = read_hf_config(path)
+    architecture = model_type_of(hf)
+    config = model_config_from_hf(hf)
+    files = weight_files(path)
+    layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
+    with torch.device("meta"):
+        model = Transformer(config)
+    mappings = mappings_for(model, architecture, layout)
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
+        read = lambda name: handles[files[name]].get_tensor(name)  # noqa: E731
+        _check_names(mappings, files, read, config.tied_embeddings)
+        state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    state = {name: t.to(dtype).contiguous() for name, t in state.items()}
+    if config.tied_embeddings:
+        state["lm_head.weight"] = state["tok_embed.weight"]
+    _check_shapes(model, state, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tied_embeddings:
+        model.lm_head.weight = model.tok_embed.weight
+    model.init_rope()
+    return model.eval()
+
+
+def _check_names(mappings: list[Mapping], files: dict, read, tied: bool) -> None:
+    expected = {name for m in mappings for name in m.hf}
+    present = {name for name in files if not name.endswith(_IGNORED_SUFFIXES)}
+    unexpected = present - expected
+    if tied and "lm_head.weight" in unexpected and torch.equal(
+        read("lm_head.weight"), read("model.embed_tokens.weight")
+    ):
+        unexpected.discard("lm_head.weight")  # a tied head written out anyway
+    missing = expected - present
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_listed(sorted(missing))}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_listed(sorted(unexpected))}")
+    if problems:
+        raise ValueError("the checkpoint does not match its config.json: " + "; ".join(problems))
+
+
+def _check_shapes(model: Transformer, state: dict[str, Tensor], path) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [
+        f"{name} {tuple(t.shape)} (config says {expected[name]})"
+        for name, t in state.items()
+        if tuple(t.shape) != expected[name]
+    ]
+    if wrong:
+        raise ValueError(f"tensors in {str(path)!r} do not fit config.json: {_listed(wrong)}")
+
+
+def save_hf(
+    model: Transformer,
+    path: str | Path,
+    *,
+    architecture: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    config_extra: dict | None = None,
+) -> Path:
+    """Write model as a Hugging Face folder that transformers' from_pretrained reads.
+
+    Args:
+        model: the moekit Transformer.
+        path: the folder to create (it must not exist, or be empty).
+        architecture: mixtral, qwen2_moe, qwen3_moe or olmoe; None chooses from the config
+            (q/k norm per head: qwen3_moe, over the projection: olmoe, a shared expert:
+            qwen2_moe, else mixtral).
+        max_shard_bytes: above this, tensors go into several shards plus an index.
+        config_extra: keys merged into config.json (token ids, say).
+    Returns:
+        The folder. It is written beside, then renamed into place: never half-written.
+    Raises:
+        ValueError: a setting the architecture cannot express, named; a non-empty path.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{str(path)!r} exists and is not an empty folder")
+    architecture = architecture or choose_architecture(model.config)
+    state = model.state_dict()
+    dtype = state["tok_embed.weight"].dtype
+    config = hf_config(model.config, architecture, dtype=str(dtype).removeprefix("torch.")) | (config_extra or {})
+    tensors: dict[str, Tensor] = {}
+    for m in mappings_for(model, architecture, "per_expert"):
+        for name, tensor in zip(m.hf, m.op.to_hf(state[m.moekit].detach().cpu())):
+            # an owned, contiguous copy: safetensors refuses views that share storage
+            tensors[name] = tensor.clone(memory_format=torch.contiguous_format)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _write_shards(tensors, tmp, max_shard_bytes)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_shards(tensors: dict[str, Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata=metadata)
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, start=1):
+        file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata=metadata)
+        weight_map |= dict.fromkeys(shard, file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return f"[{shown}]{more} ({len(names)})"

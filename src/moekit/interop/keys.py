@@ -1,0 +1,168 @@
+"""Hugging Face <-> moekit weight names: one declarative table per architecture, plus a few
+named tensor operations, each with its inverse.
+
+# E experts, D model, F expert hidden (moekit keeps gate and up side by side: 2F), L layers
+
+A rule pairs one moekit tensor with the Hugging Face tensors it is made of and names the
+operation between them. `{i}` stands for the layer and `{e}` for the expert; a rule only
+applies to the layers whose moekit model has that tensor (a dense layer has no router, a
+model without q/k norm no q_norm), so one table serves every layer pattern.
+
+On disk, transformers 5 writes every expert as its own set of matrices
+(`experts.{e}.gate_proj.weight`, ...), and converts them on load into the fused 3-D
+tensors it holds in memory (`experts.gate_up_proj` (E, 2F, D), `experts.down_proj`
+(E, D, F)). Both layouts are read here; the per-expert one is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """A named, reversible map between Hugging Face tensors and one moekit tensor."""
+
+    name: str
+    to_moekit: Callable[[list[Tensor]], Tensor]
+    to_hf: Callable[[Tensor], list[Tensor]]
+
+
+def _stack_glu_experts(hf: list[Tensor]) -> Tensor:
+    # [gate_0 .. gate_E-1, up_0 .. up_E-1], each (F, D) -> w_up (E, D, 2F), gate half first
+    E = len(hf) // 2
+    gate_EFD, up_EFD = torch.stack(hf[:E]), torch.stack(hf[E:])
+    return torch.cat((gate_EFD, up_EFD), dim=1).transpose(1, 2)
+
+
+def _unstack_glu_experts(w_up_EDH: Tensor) -> list[Tensor]:
+    gate_EFD, up_EFD = w_up_EDH.transpose(1, 2).chunk(2, dim=1)
+    return list(gate_EFD) + list(up_EFD)
+
+
+COPY = TensorOp("copy", lambda hf: hf[0], lambda t: [t])
+# nn.Linear gate (F, D) and up (F, D) <-> moekit MLP.up (2F, D)
+FUSE_GLU = TensorOp("fuse_glu", lambda hf: torch.cat(hf, dim=0), lambda t: list(t.chunk(2, dim=0)))
+# per-expert gate/up (F, D) <-> w_up (E, D, 2F)
+STACK_GLU_EXPERTS = TensorOp("stack_glu_experts", _stack_glu_experts, _unstack_glu_experts)
+# per-expert down (D, F) <-> w_down (E, F, D)
+STACK_DOWN_EXPERTS = TensorOp(
+    "stack_down_experts",
+    lambda hf: torch.stack(hf).transpose(1, 2),
+    lambda t: list(t.transpose(1, 2)),
+)
+# fused gate_up_proj (E, 2F, D) <-> w_up (E, D, 2F); fused down_proj (E, D, F) <-> w_down (E, F, D)
+TRANSPOSE_EXPERTS = TensorOp(
+    "transpose_experts", lambda hf: hf[0].transpose(1, 2), lambda t: [t.transpose(1, 2)]
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """moekit tensor name <- Hugging Face tensor names, through op (templates in {i}, {e})."""
+
+    moekit: str
+    hf: tuple[str, ...]
+    op: TensorOp = COPY
+
+
+_L = "model.layers.{i}"
+_COMMON = (
+    Rule("tok_embed.weight", ("model.embed_tokens.weight",)),
+    Rule("norm.weight", ("model.norm.weight",)),
+    Rule("lm_head.weight", ("lm_head.weight",)),
+    Rule("layers.{i}.attn_norm.weight", (f"{_L}.input_layernorm.weight",)),
+    Rule("layers.{i}.ffn_norm.weight", (f"{_L}.post_attention_layernorm.weight",)),
+    *(
+        Rule(f"layers.{{i}}.attn.{ours}.{kind}", (f"{_L}.self_attn.{theirs}.{kind}",))
+        for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
+        for kind in ("weight", "bias")
+    ),
+    Rule("layers.{i}.attn.q_norm.weight", (f"{_L}.self_attn.q_norm.weight",)),
+    Rule("layers.{i}.attn.k_norm.weight", (f"{_L}.self_attn.k_norm.weight",)),
+    # dense FFN layers (Qwen-MoE's mlp_only_layers / decoder_sparse_step)
+    Rule("layers.{i}.ffn.up.weight", (f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"), FUSE_GLU),
+    Rule("layers.{i}.ffn.down.weight", (f"{_L}.mlp.down_proj.weight",)),
+)
+
+
+def _per_expert(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
+    experts = f"{_L}.{block}.experts.{{e}}"
+    return (
+        Rule("layers.{i}.ffn.router.weight", (f"{_L}.{block}.gate.weight",)),
+        Rule(
+            "layers.{i}.ffn.experts.w_up",
+            (f"{experts}.{gate}.weight", f"{experts}.{up}.weight"),
+            STACK_GLU_EXPERTS,
+        ),
+        Rule("layers.{i}.ffn.experts.w_down", (f"{experts}.{down}.weight",), STACK_DOWN_EXPERTS),
+    )
+
+
+_FUSED = (
+    Rule("layers.{i}.ffn.router.weight", (f"{_L}.mlp.gate.weight",)),
+    Rule("layers.{i}.ffn.experts.w_up", (f"{_L}.mlp.experts.gate_up_proj",), TRANSPOSE_EXPERTS),
+    Rule("layers.{i}.ffn.experts.w_down", (f"{_L}.mlp.experts.down_proj",), TRANSPOSE_EXPERTS),
+)
+_SHARED = (
+    Rule(
+        "layers.{i}.ffn.shared.up.weight",
+        (f"{_L}.mlp.shared_expert.gate_proj.weight", f"{_L}.mlp.shared_expert.up_proj.weight"),
+        FUSE_GLU,
+    ),
+    Rule("layers.{i}.ffn.shared.down.weight", (f"{_L}.mlp.shared_expert.down_proj.weight",)),
+    Rule("layers.{i}.ffn.shared_gate.weight", (f"{_L}.mlp.shared_expert_gate.weight",)),
+)
+_QWEN_EXPERTS = _per_expert("mlp", "gate_proj", "up_proj", "down_proj")
+
+# (architecture, layout) -> rules. Layouts: "per_expert" (written by save_pretrained) and
+# "fused" (transformers' in-memory names, which it also reads from disk).
+TABLES: dict[str, dict[str, tuple[Rule, ...]]] = {
+    "mixtral": {
+        "per_expert": _COMMON + _per_expert("block_sparse_moe", "w1", "w3", "w2"),
+        "fused": _COMMON + _FUSED,
+    },
+    "qwen2_moe": {"per_expert": _COMMON + _QWEN_EXPERTS + _SHARED, "fused": _COMMON + _FUSED + _SHARED},
+    "qwen3_moe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
+    "olmoe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
+}
+FUSED_MARKER = ".mlp.experts.gate_up_proj"
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One concrete moekit tensor and the Hugging Face tensors it is made of."""
+
+    moekit: str
+    hf: tuple[str, ...]
+    op: TensorOp
+
+
+def expand(rules: tuple[Rule, ...], moekit_names: set[str], num_layers: int, num_experts: int) -> list[Mapping]:
+    """The rules made concrete for one model: every layer, every expert.
+
+    Args:
+        rules: an architecture's table.
+        moekit_names: the model's state_dict keys; a rule applies where its name exists.
+        num_layers, num_experts: L and E.
+    Returns:
+        The mappings, in table order.
+    """
+    mappings = []
+    for rule in rules:
+        for i in range(num_layers) if "{i}" in rule.moekit else (None,):
+            name = rule.moekit.format(i=i)
+            if name not in moekit_names:
+                continue
+            hf_names: list[str] = []
+            for template in rule.hf:
+                if "{e}" in template:
+                    hf_names += [template.format(i=i, e=e) for e in range(num_experts)]
+                else:
+                    hf_names.append(template.format(i=i))
+            mappings.append(Mapping(name, tuple(hf_names), rule.op))
+    return mappings
