@@ -1,0 +1,234 @@
+"""Hugging Face interop: logits equal transformers' own forward, both ways, and the round
+trip HF -> moekit -> HF is bit-exact tensor by tensor.
+
+Each architecture is a tiny random model built with transformers' own classes (offline,
+seeded, fp32, three layers, four experts, grouped-query attention), its weights drawn
+wide (std 0.3) so that routing, norms and biases all matter.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moekit.interop import load_hf, model_config_from_hf, save_hf
+from moekit.interop.hf import weight_files
+from moekit.models import presets
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+    bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
+
+
+def _build(arch: str, **overrides):
+    t = transformers
+    if arch == "mixtral":
+        config = t.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+        cls = t.MixtralForCausalLM
+    elif arch == "qwen2_moe":
+        # layer 1 dense (mlp_only_layers); no renormalisation of the top-k weights
+        config = t.Qwen2MoeConfig(
+            **COMMON, intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=False,
+        )
+        cls = t.Qwen2MoeForCausalLM
+    elif arch == "qwen3_moe":
+        # head_dim 12 != hidden / heads = 8; the top-k weights renormalised
+        config = t.Qwen3MoeConfig(
+            **COMMON, intermediate_size=40, moe_intermediate_size=16, num_experts=4,
+            num_experts_per_tok=2, head_dim=12, norm_topk_prob=True,
+        )
+        cls = t.Qwen3MoeForCausalLM
+    else:
+        config = t.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+        cls = t.OlmoeForCausalLM
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model
+
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """{arch: (transformers model, folder it was saved to)}; mixtral is saved in shards."""
+    folders = {}
+    for arch in ARCHS:
+        model = _build(arch)
+        folder = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(folder, max_shard_size="40KB" if arch == "mixtral" else "5GB")
+        folders[arch] = (model, folder)
+    return folders
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS_BT).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loaded_model_computes_transformers_logits(hf_folders, arch):
+    hf_model, folder = hf_folders[arch]
+    ours = load_hf(folder)
+    torch.testing.assert_close(_logits(ours), _logits(hf_model), atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint_is_read_through_its_index(hf_folders):
+    _, folder = hf_folders["mixtral"]
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(set(weight_files(folder).values())) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saved_model_reloads_in_transformers_with_equal_logits(hf_folders, tmp_path, arch):
+    hf_model, folder = hf_folders[arch]
+    ours = load_hf(folder)
+    save_hf(ours, tmp_path / "out", max_shard_bytes=30_000)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(hf_model)
+    torch.testing.assert_close(_logits(back), _logits(ours), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_is_bit_exact(hf_folders, tmp_path, arch):
+    _, folder = hf_folders[arch]
+    save_hf(load_hf(folder), tmp_path / "out")
+    original = _all_tensors(folder)
+    again = _all_tensors(tmp_path / "out")
+    assert sorted(again) == sorted(original)
+    for name, tensor in original.items():
+        assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
+
+
+def _all_tensors(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in set(weight_files(folder).values()):
+        tensors |= load_file(file)
+    return tensors
+
+
+def test_bfloat16_checkpoint_stays_bfloat16_and_round_trips(tmp_path):
+    model = _build("olmoe").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf")
+    assert ours.tok_embed.weight.dtype == torch.bfloat16
+    save_hf(ours, tmp_path / "out")
+    for name, tensor in _all_tensors(tmp_path / "hf").items():
+        assert torch.equal(_all_tensors(tmp_path / "out")[name], tensor), name
+
+
+def test_fused_expert_layout_is_read_too(hf_folders, tmp_path):
+    """transformers' in-memory names (experts.gate_up_proj (E, 2F, D)) load as well."""
+    hf_model, folder = hf_folders["qwen2_moe"]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(_logits(load_hf(tmp_path)), _logits(hf_model), atol=1e-4, rtol=0)
+
+
+def test_tied_embeddings_load_save_and_reload(tmp_path):
+    hf_model = _build("mixtral", tie_word_embeddings=True)
+    hf_model.tie_weights()
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf")
+    assert ours.lm_head.weight is ours.tok_embed.weight
+    torch.testing.assert_close(_logits(ours), _logits(hf_model), atol=1e-4, rtol=0)
+    save_hf(ours, tmp_path / "out")
+    assert "lm_head.weight" not in _all_tensors(tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(back), _logits(ours), atol=1e-5, rtol=0)
+
+
+def test_config_semantics_are_mapped(hf_folders):
+    qwen2 = model_config_from_hf(json.loads((hf_folders["qwen2_moe"][1] / "config.json").read_text()))
+    assert qwen2.moe_layers == [0, 2] and qwen2.d_hidden == 40
+    assert qwen2.qkv_bias and not qwen2.attn_out_bias and not qwen2.moe.renormalize
+    assert qwen2.moe.shared_expert_gate and qwen2.moe.shared_hidden == 24
+    mixtral = model_config_from_hf(json.loads((hf_folders["mixtral"][1] / "config.json").read_text()))
+    assert mixtral.rope_theta == 1e6 and mixtral.moe.renormalize and not mixtral.tied_embeddings
+    # transformers' balance loss is top_k times Switch's (it sums f_i over the top_k picks)
+    assert mixtral.moe.balance_loss_coef == pytest.approx(0.001 * 2)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _copy_folder(folder, tmp_path):
+    for file in folder.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    return tmp_path
+
+
+def test_unsupported_architecture_is_one_clear_error(hf_folders, tmp_path):
+    folder = _copy_folder(hf_folders["olmoe"][1], tmp_path)
+    config = json.loads((folder / "config.json").read_text()) | {"model_type": "llama"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'llama'.*mixtral, qwen2_moe, qwen3_moe, olmoe"):
+        load_hf(folder)
+
+
+def test_unsupported_options_are_listed_together(hf_folders, tmp_path):
+    folder = _copy_folder(hf_folders["mixtral"][1], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"sliding_window": 16, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"cannot reproduce: .*sliding_window 16.*rope type 'yarn'"):
+        load_hf(folder)
+
+
+def test_missing_tensor_is_named(hf_folders, tmp_path):
+    folder = _copy_folder(hf_folders["olmoe"][1], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    del tensors["model.layers.2.self_attn.q_norm.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensors \[model.layers.1.mlp.experts.3.up_proj.weight, "
+                       r"model.layers.2.self_attn.q_norm.weight\] \(2\)"):
+        load_hf(folder)
+
+
+def test_unexpected_tensor_is_named(hf_folders, tmp_path):
+    folder = _copy_folder(hf_folders["olmoe"][1], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.4.up_proj.weight"] = torch.zeros(16, 32)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected tensors \[model.layers.0.mlp.experts.4.up_proj.weight\]"):
+        load_hf(folder)
+
+
+def test_wrong_shape_is_named(hf_folders, tmp_path):
+    folder = _copy_folder(hf_folders["olmoe"][1], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(31)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"norm.weight \(31,\) \(config says \(32,\)\)"):
+        load_hf(folder)
+
+
+def test_settings_no_architecture_expresses_are_named(tmp_path):
+    torch.manual_seed(0)
+    from moekit.models import Transformer
+
+    tiny = Transformer(presets.tiny())  # a shared expert without a gate
+    with pytest.raises(ValueError, match=r"qwen2_moe architecture cannot express: .*shared_expert_gate False"):
+        save_hf(tiny, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"mixtral architecture cannot express: num_shared_experts 1"):
+        save_hf(tiny, tmp_path / "out", architecture="mixtral")
+    assert not (tmp_path / "out").exists()
