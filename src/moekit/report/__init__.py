@@ -14,7 +14,6 @@ from .stats import (
     load_cv,
     mutual_information,
     normalised_rows,
-    top1,
 )
 
 __all__ = [
@@ -23,5 +22,4 @@ __all__ = [
     "load_cv",
     "mutual_information",
     "normalised_rows",
-    "top1",
 ]

@@ -10,14 +10,14 @@ many batches add up before they are interpreted.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def label_expert_counts(ids_TK: Tensor, labels_T: Tensor, num_labels: int, num_experts: int) -> Tensor:
+def label_expert_counts(
+    ids_TK: Tensor, labels_T: Tensor, num_labels: int, num_experts: int
+) -> Tensor:
     """(num_labels, num_experts) int64 counts of the assignments of each label's tokens.
 
     Every chosen slot counts once, so a row sums to the number of its tokens' valid
@@ -32,10 +32,17 @@ def label_expert_counts(ids_TK: Tensor, labels_T: Tensor, num_labels: int, num_e
             f"ids shape {tuple(ids_TK.shape)} does not match labels shape {tuple(labels_T.shape)}"
         )
     ids_A = ids_TK.reshape(-1)
-    labels_A = labels_T.reshape(-1, 1).expand(-1, ids_TK.shape[-1]).reshape(-1).to(ids_A.device)
+    labels_A = (
+        labels_T.reshape(-1, 1)
+        .expand(-1, ids_TK.shape[-1])
+        .reshape(-1)
+        .to(ids_A.device)
+    )
     valid_A = ids_A >= 0
     flat_A = labels_A[valid_A].long() * num_experts + ids_A[valid_A]
-    return torch.bincount(flat_A, minlength=num_labels * num_experts).view(num_labels, num_experts)
+    return torch.bincount(flat_A, minlength=num_labels * num_experts).view(
+        num_labels, num_experts
+    )
 
 
 def mutual_information(counts_DE) -> float:
@@ -48,7 +55,9 @@ def mutual_information(counts_DE) -> float:
     joint = np.asarray(counts_DE, dtype=np.float64)
     total = joint.sum()
     if joint.ndim != 2 or (joint < 0).any():
-        raise ValueError(f"counts must be a 2-D table of non-negative counts, got shape {joint.shape}")
+        raise ValueError(
+            f"counts must be a 2-D table of non-negative counts, got shape {joint.shape}"
+        )
     if total == 0:
         return 0.0
     p_DE = joint / total
@@ -84,10 +93,3 @@ def normalised_rows(counts_DE) -> np.ndarray:
     """Each row divided by its sum (the share of a label's assignments per expert)."""
     counts = np.asarray(counts_DE, dtype=np.float64)
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-
-
-def top1(ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
-    """The highest-weighted expert of each token (T,), -1 for a token with no valid slot."""
-    masked_TK = torch.where(ids_TK >= 0, weights_TK.float(), -math.inf)
-    best_T = masked_TK.argmax(dim=-1, keepdim=True)
-    return torch.where(masked_TK.gather(-1, best_T).isfinite(), ids_TK.gather(-1, best_T), -1).squeeze(-1)
