@@ -50,6 +50,10 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
 
+    # Comma-separated fnmatch patterns of the parameter names to train, e.g. "*.router.*"
+    # (Branch-Train-MiX stage 1); the others stay frozen. None trains every parameter.
+    trainable: str | None = None
+
     def __post_init__(self) -> None:
         for name in (
             "steps",
@@ -80,10 +84,17 @@ class TrainConfig:
             raise ValueError(
                 f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)"
             )
+        if self.trainable is not None and not trainable_patterns(self.trainable):
+            raise ValueError(f"trainable ({self.trainable!r}) names no parameter pattern")
         if self.dtype not in DTYPES:
             raise ValueError(
                 f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
             )
+
+
+def trainable_patterns(trainable: str) -> list[str]:
+    """The fnmatch patterns in a TrainConfig.trainable string."""
+    return [pattern.strip() for pattern in trainable.split(",") if pattern.strip()]
 
 
 def model_config_to_dict(config: ModelConfig) -> dict:

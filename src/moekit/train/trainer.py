@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from itertools import islice
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .config import (
     model_config_from_dict,
     model_config_to_dict,
     train_config_from_dict,
+    trainable_patterns,
 )
 from .data import RunData
 from .metrics import MetricsLog, RoutingLog, read_metrics
@@ -275,9 +277,11 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     wants (nanoGPT, LLaMA recipes). The learning rate is set every step by the schedule.
     fused=True: one kernel per parameter group instead of a chain of foreach ops; on CPU
     the step over the tiny MoE's 4 M parameters drops from about 23 ms to 4 ms.
+    With config.trainable set, the other parameters are frozen (requires_grad False).
     """
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = _trainable(model, config.trainable)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -285,6 +289,22 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True
     )
+
+
+def _trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.Parameter]:
+    """The parameters matching the trainable patterns (all when None); freezes the rest."""
+    if trainable is None:
+        return list(model.parameters())
+    patterns = trainable_patterns(trainable)
+    unmatched = [p for p in patterns if not any(fnmatch(n, p) for n, _ in model.named_parameters())]
+    if unmatched:
+        raise ValueError(f"trainable patterns {unmatched} match no parameter of the model")
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatch(name, p) for p in patterns))
+        if param.requires_grad:
+            params.append(param)
+    return params
 
 
 def fixed_eval_batches(

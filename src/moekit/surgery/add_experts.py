@@ -1,0 +1,169 @@
+"""Add experts to a trained MoE so that, at the moment of adding, its output is unchanged.
+
+# E experts before, N new experts, P parts per expert, D model, F expert hidden
+
+A new expert needs a router row, and a row alone cannot keep it out of the top-k: its
+logit x . w is 0 at x = 0 and changes sign with x, so for some tokens it beats an old
+expert. Nor can a row keep a softmax's normaliser unchanged (that needs exp(logit) = 0).
+Exactness needs either a per-expert score offset or new experts that split old ones:
+
+- "offset" (sigmoid_topk): new experts are copies of old ones (weights and router row),
+  and their selection bias (DeepSeek-V3's balancing bias, used to choose experts but not
+  to weight them) starts 1 + OFFSET_MARGIN below the lowest old bias. A sigmoid score lies
+  in [0, 1], so a new expert never outranks an old one, and the weights (each chosen
+  expert's own score) do not depend on the other experts: the output is bit-identical.
+  Training then uses the new experts because the aux-loss-free update raises the bias of
+  every expert with less than the mean load by bias_update_rate per step, so after about
+  1 / bias_update_rate steps they start taking tokens from the experts they copy.
+- "split" (softmax_topk, noisy_topk, dense, sigmoid_topk): every expert's hidden units are
+  split into P parts, each a new expert of width F / P with a copy of the router row, and
+  top_k grows P-fold. A token picks all P parts of each expert it picked before (they tie),
+  and the parts' outputs add up to the old expert's. Softmax gives each part 1/P of the
+  old probability, so w_down is scaled by P (likewise for renormalised sigmoid weights).
+  Parameters and FLOPs stay the same (DeepSeekMoE's fine-grained segmentation): the model
+  gains routable experts, not capacity; training separates the parts' router rows.
+
+Unsupported: switch (top-1 by definition, so no room for a second part and an unnormalised
+softmax weight), top_p (the cumulative-mass cut can fall between two parts), expert_choice
+and soft (an expert's tokens depend on every expert's scores), group-limited sigmoid
+routing (new experts change the groups' scores), and a capacity_factor (capacity per expert
+depends on E, so drops would change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..models import ModelConfig, Transformer
+
+METHODS = ("offset", "split")
+# The new experts' bias is this much further below the lowest old bias than the width of
+# the sigmoid's range (1), so rounding can never make a tie.
+OFFSET_MARGIN = 0.01
+_SPLIT_ROUTERS = ("softmax_topk", "noisy_topk", "dense", "sigmoid_topk")
+
+
+def default_method(config: ModelConfig) -> str:
+    """"offset" for sigmoid_topk (new capacity at the same top_k), else "split"."""
+    return "offset" if config.moe is not None and config.moe.router == "sigmoid_topk" else "split"
+
+
+def add_experts_unsupported(config: ModelConfig, method: str) -> str | None:
+    """Why `method` cannot add experts to this config exactly, or None when it can."""
+    moe = config.moe
+    if method not in METHODS:
+        return f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
+    if moe is None:
+        return "the model is dense; upcycle it first"
+    if moe.capacity_factor is not None:
+        return "capacity_factor is set: capacity per expert depends on E, so drops would change"
+    if method == "offset" and moe.router != "sigmoid_topk":
+        return (
+            f"the {moe.router} router has no per-expert score offset to keep new experts out "
+            "of the top-k; use method 'split', or a sigmoid_topk model"
+        )
+    if method == "split" and moe.router not in _SPLIT_ROUTERS:
+        return f"the {moe.router} router cannot split experts exactly (see moekit.surgery.add_experts)"
+    if moe.router == "sigmoid_topk" and moe.num_groups > 1:
+        return "group-limited routing (num_groups > 1): new experts change the group scores"
+    return None
+
+
+def added_experts_config(config: ModelConfig, num_new: int, method: str) -> ModelConfig:
+    """The config after adding num_new experts to every MoE layer with `method`.
+
+    offset: E + N experts, same top_k and width. split: N must be a multiple of E;
+    P = 1 + N / E parts per expert, top_k * P, d_hidden / P.
+    """
+    reason = add_experts_unsupported(config, method)
+    if reason is not None:
+        raise ValueError(reason)
+    moe = config.moe
+    if not isinstance(num_new, int) or num_new < 1:
+        raise ValueError(f"num_new ({num_new!r}) must be a positive integer")
+    if method == "offset":
+        new_moe = dataclasses.replace(moe, num_experts=moe.num_experts + num_new)
+    else:
+        parts = _parts(moe.num_experts, moe.d_hidden, num_new)
+        new_moe = dataclasses.replace(
+            moe,
+            num_experts=moe.num_experts * parts,
+            top_k=moe.top_k * parts,
+            d_hidden=moe.d_hidden // parts,
+            # Shared experts keep their width (it defaults to d_hidden).
+            d_shared_hidden=moe.d_shared_hidden or (moe.d_hidden if moe.num_shared_experts else None),
+        )
+    return dataclasses.replace(config, moe=new_moe)
+
+
+@torch.no_grad()
+def add_experts(model: Transformer, num_new: int, method: str | None = None) -> Transformer:
+    """A new model with num_new more experts per MoE layer and the same output.
+
+    Args:
+        model: the trained MoE Transformer.
+        num_new: experts to add to every MoE layer (split: a multiple of E).
+        method: "offset" or "split" (see the module docstring); None picks default_method.
+    Returns:
+        The new model (train mode) on model's device and dtype. New experts have ids E and up.
+    """
+    method = method or default_method(model.config)
+    config = added_experts_config(model.config, num_new, method)
+    old = model.config.moe
+    state = model.state_dict()
+    for layer in model.config.moe_layers:
+        prefix = f"layers.{layer}.ffn."
+        if method == "offset":
+            _offset_layer(state, prefix, old.num_experts, num_new)
+        else:
+            _split_layer(state, prefix, _parts(old.num_experts, old.d_hidden, num_new), old)
+    parameter = next(model.parameters())
+    new_model = Transformer(config).to(device=parameter.device, dtype=parameter.dtype)
+    new_model.load_state_dict(state, strict=True)
+    return new_model
+
+
+def _offset_layer(state: dict[str, Tensor], prefix: str, num_old: int, num_new: int) -> None:
+    """New expert E + j copies expert j mod E (weights, router row); its bias sits below all."""
+    sources = torch.arange(num_new) % num_old
+    for key in ("experts.w_up", "experts.w_down", "router.weight"):
+        old = state[prefix + key]
+        state[prefix + key] = torch.cat((old, old[sources.to(old.device)]))
+    bias_E = state[prefix + "router.bias"]
+    new_bias = bias_E.min() - 1.0 - OFFSET_MARGIN
+    state[prefix + "router.bias"] = torch.cat((bias_E, new_bias.expand(num_new)))
+
+
+def _split_layer(state: dict[str, Tensor], prefix: str, parts: int, moe) -> None:
+    """Part s of expert e becomes expert e + s * E: hidden units [s F/P, (s+1) F/P)."""
+    w_up_EDH, w_down_EFD = state[prefix + "experts.w_up"], state[prefix + "experts.w_down"]
+    F, width = moe.d_hidden, moe.d_hidden // parts
+    # Each part's weight is 1/P of the old one, except unnormalised sigmoid scores.
+    scale = 1.0 if moe.router == "sigmoid_topk" and not moe.renormalize else float(parts)
+    ups, downs = [], []
+    for s in range(parts):
+        units = slice(s * width, (s + 1) * width)
+        if moe.gated:  # gate and up halves side by side: take the same units from each
+            ups.append(torch.cat((w_up_EDH[..., units], w_up_EDH[..., F:][..., units]), dim=-1))
+        else:
+            ups.append(w_up_EDH[..., units])
+        downs.append(w_down_EFD[:, units] * scale)
+    state[prefix + "experts.w_up"] = torch.cat(ups).contiguous()
+    state[prefix + "experts.w_down"] = torch.cat(downs).contiguous()
+    for key in ("router.weight", "router.bias", "router.noise_weight"):
+        if prefix + key in state:
+            state[prefix + key] = state[prefix + key].repeat(parts, *[1] * (state[prefix + key].dim() - 1))
+
+
+def _parts(num_experts: int, d_hidden: int, num_new: int) -> int:
+    if num_new % num_experts:
+        raise ValueError(
+            f"split adds a multiple of num_experts ({num_experts}) experts, got {num_new}"
+        )
+    parts = 1 + num_new // num_experts
+    if d_hidden % parts:
+        raise ValueError(f"split into {parts} parts needs d_hidden ({d_hidden}) divisible by {parts}")
+    return parts
