@@ -41,7 +41,7 @@ class _UnpermuteAndMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_RD, weights_TK, plan):
         T, K = weights_TK.shape
-        y_TKD = plan.rows_to_slots(y_RD).view(T, K, -1)
+        y_TKD = plan.rows_to_slots(y_RD).view(T, K, y_RD.shape[-1])
         w_T1K = weights_TK.to(y_RD.dtype).unsqueeze(1)
         ctx.save_for_backward(y_TKD, w_T1K)
         ctx.plan, ctx.weights_dtype = plan, weights_TK.dtype
@@ -145,4 +145,4 @@ class SoftPlan:
         B = combine_BNS.shape[0]
         D = y_RD.shape[-1]
         y_BSD = y_RD.view(self.num_experts, B, self.slots_per_expert, D).transpose(0, 1)
-        return torch.einsum("bns,bsd->bnd", combine_BNS, y_BSD.reshape(B, -1, D))
+        return torch.einsum("bns,bsd->bnd", combine_BNS, y_BSD.reshape(B, combine_BNS.shape[-1], D))

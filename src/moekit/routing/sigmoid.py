@@ -58,12 +58,12 @@ class SigmoidTopK(Router):
         if num_groups == 1:
             return biased_TE
         T = biased_TE.shape[0]
-        grouped_TGX = biased_TE.view(T, num_groups, -1)
+        grouped_TGX = biased_TE.view(T, num_groups, self.num_experts // num_groups)
         per_group = min(2, grouped_TGX.shape[-1])
         group_score_TG = grouped_TGX.topk(per_group, dim=-1).values.sum(dim=-1)
         best_TG = group_score_TG.topk(keep, dim=-1).indices
         allowed_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
-        allowed_TE = allowed_TG.unsqueeze(-1).expand_as(grouped_TGX).reshape(T, -1)
+        allowed_TE = allowed_TG.unsqueeze(-1).expand_as(grouped_TGX).reshape_as(biased_TE)
         return biased_TE.masked_fill(~allowed_TE, float("-inf"))
 
     @torch.no_grad()

@@ -1,0 +1,49 @@
+"""Expert x data parallelism on torch.distributed, applied to a model from outside.
+
+    mesh = init_parallel(ep=2)          # under torchrun; gloo on CPU, NCCL on CUDA
+    model = parallelize(Transformer(config), mesh)
+    loss.backward(); sync_gradients(model, mesh); optimizer.step()
+
+See docs/scaling.md for what is global under expert parallelism, the gradient groups,
+checkpoints, and the communication planner (`moekit bench --comm`).
+"""
+
+from .all_to_all import ExpertParallelExperts
+from .apply import (
+    all_reduce_router_loads,
+    clip_grad_norm,
+    expert_parameters,
+    parallelize,
+    sync_gradients,
+)
+from .checkpoint import consolidated, full_optimizer_tensors, shard_optimizer_tensors
+from .mesh import (
+    ParallelMesh,
+    backend_for,
+    build_mesh,
+    default_device,
+    init_parallel,
+    launched_by_torchrun,
+    mesh_from_device_mesh,
+)
+from .planner import GroupPlanner
+
+__all__ = [
+    "ExpertParallelExperts",
+    "GroupPlanner",
+    "ParallelMesh",
+    "all_reduce_router_loads",
+    "backend_for",
+    "build_mesh",
+    "clip_grad_norm",
+    "consolidated",
+    "default_device",
+    "expert_parameters",
+    "full_optimizer_tensors",
+    "init_parallel",
+    "launched_by_torchrun",
+    "mesh_from_device_mesh",
+    "parallelize",
+    "shard_optimizer_tensors",
+    "sync_gradients",
+]

@@ -1,0 +1,100 @@
+"""Consolidated checkpoints under expert parallelism: one unsharded model on disk.
+
+A checkpoint written at EP size n holds every expert (E, ...) exactly as a single process
+would write it, so it loads at any EP size, 1 included. Saving all-gathers each layer's
+expert slices over the EP group (every rank then holds the full model for the moment of
+the save; fine for the model sizes moekit trains, a sharded format would be the next step
+for larger ones); loading reads the full tensors and keeps this rank's slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..experts import GroupedExperts
+from ..moe import MoE
+from .all_to_all import ExpertParallelExperts
+from .mesh import ParallelMesh
+
+
+def _gather_experts(t_L: Tensor, group) -> Tensor:
+    parts = [torch.empty_like(t_L) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t_L.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _sharded_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, MoE) and isinstance(m.experts, ExpertParallelExperts)
+    ]
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def consolidated(model: nn.Module):
+    """Inside the block the model holds full (unsharded) experts; load or save it there.
+
+    On exit each rank copies its slice of the (possibly just loaded) full weights back into
+    its shards. Collective: every rank of the EP group must enter it together.
+    """
+    layers = _sharded_layers(model)
+    shards = {}
+    for _, layer in layers:
+        shard = layer.experts
+        full = GroupedExperts(
+            shard.num_global_experts, shard.d_model, shard.d_hidden, shard.activation
+        ).to(shard.w_up.device)
+        full.w_up.copy_(_gather_experts(shard.w_up, shard.ep_group))
+        full.w_down.copy_(_gather_experts(shard.w_down, shard.ep_group))
+        shards[layer], layer.experts = shard, full
+    try:
+        yield model
+    finally:
+        for layer, shard in shards.items():
+            full = layer.experts
+            rows = slice(shard.first_expert, shard.first_expert + shard.num_experts)
+            shard.w_up.copy_(full.w_up[rows])
+            shard.w_down.copy_(full.w_down[rows])
+            layer.experts = shard
+
+
+def _expert_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    return {
+        f"{name}.experts.{param}": layer.experts
+        for name, layer in _sharded_layers(model)
+        for param in ("w_up", "w_down")
+    }
+
+
+def full_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """optimizer_tensors() of a sharded model with every expert moment gathered (E, ...)."""
+    experts = _expert_names(model)
+    full = {}
+    for key, value in tensors.items():
+        name, field = key.rsplit(".", 1)
+        shard = experts.get(name)
+        full[key] = value if shard is None or value.dim() == 0 else _gather_experts(value, shard.ep_group)
+    return full
+
+
+def shard_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Inverse of full_optimizer_tensors: keep this rank's experts of each saved moment."""
+    experts = _expert_names(model)
+    sharded = {}
+    for key, value in tensors.items():
+        name, field = key.rsplit(".", 1)
+        shard = experts.get(name)
+        if shard is not None and value.dim() > 0:
+            value = value[shard.first_expert : shard.first_expert + shard.num_experts]
+        sharded[key] = value.contiguous()
+    return sharded
+
+
+def mesh_summary(mesh: ParallelMesh) -> dict:
+    """The layout, recorded in trainer state (a checkpoint loads at any other layout)."""
+    return {"ep": mesh.ep, "dp": mesh.dp, "world_size": mesh.world_size}
