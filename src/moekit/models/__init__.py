@@ -1,6 +1,16 @@
-"""Models built from MoE layers: the decoder-only language model and its presets."""
+"""Models built from MoE layers: the decoder-only language model and its presets; the
+classic, hierarchical and multi-gate mixtures; the vision MoE."""
 
 from . import presets
+from .classic import (
+    DenseClassifier,
+    HierarchicalClassifier,
+    HierarchicalMoE,
+    ModuleMoE,
+    MoEClassifier,
+    TaskOutput,
+)
+from .mmoe import MMoE, SharedBottom
 from .presets import PRESETS, dense_twin
 from .transformer import (
     ModelConfig,
@@ -10,13 +20,24 @@ from .transformer import (
     active_expert_fraction,
     count_parameters,
 )
+from .vit import ViTConfig, ViTMoE
 
 __all__ = [
     "PRESETS",
+    "DenseClassifier",
+    "HierarchicalClassifier",
+    "HierarchicalMoE",
+    "MMoE",
+    "MoEClassifier",
     "ModelConfig",
     "ModelOutput",
+    "ModuleMoE",
     "ParamCount",
+    "SharedBottom",
+    "TaskOutput",
     "Transformer",
+    "ViTConfig",
+    "ViTMoE",
     "active_expert_fraction",
     "count_parameters",
     "dense_twin",
