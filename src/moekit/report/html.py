@@ -169,7 +169,8 @@ def _summary(data: ReportData) -> str:
         )
     if data.label_counts:
         mis = [f"{mutual_information(c):.3f}" for _, c in data.label_counts]
-        rows.append(["I(domain; expert) per layer, bits", ", ".join(mis)])
+        label = "label" if data.kind == "task" else "domain"
+        rows.append([f"I({label}; expert) per layer, bits", ", ".join(mis)])
     return _table(["", ""], rows)
 
 

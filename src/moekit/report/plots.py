@@ -123,6 +123,8 @@ def load_evolution(
     figure, grid = plt.subplots(
         rows, columns, figsize=(3.2 * columns + 0.8, 2.8 * rows), dpi=100, squeeze=False
     )
+    # Rows centred on their steps: half a logging interval above and below.
+    half = (steps_S[-1] - steps_S[0]) / (2 * (len(steps_S) - 1)) if len(steps_S) > 1 else 0.5
     vmax = max(float((normalised_rows(loads) * 100).max()) for loads in loads_LSE)
     for axes, loads_SE, name in zip(grid.flat, loads_LSE, layer_names):
         share_SE = normalised_rows(loads_SE) * 100
@@ -132,7 +134,7 @@ def load_evolution(
             aspect="auto",
             vmin=0,
             vmax=vmax,
-            extent=(-0.5, share_SE.shape[1] - 0.5, steps_S[-1], steps_S[0]),
+            extent=(-0.5, share_SE.shape[1] - 0.5, steps_S[-1] + half, steps_S[0] - half),
         )
         axes.set_title(name, fontsize=9)
         axes.set_xlabel("expert", fontsize=8)
