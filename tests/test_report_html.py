@@ -15,15 +15,20 @@ import textwrap
 import pytest
 import torch
 
-from moekit import MoEConfig
 from moekit.cli import main
 from moekit.data import Tokenizer, generate_problems
-from moekit.models import ModelConfig, count_parameters
+from moekit.models import count_parameters
 from moekit.report import mutual_information
 from moekit.report.gather import gather
 from moekit.report.html import SECTIONS
 from moekit.report.routing import route_batch, route_tokens
-from moekit.train import TrainConfig, Trainer, load_trained_model, prepare_run_data, read_metrics
+from moekit.train import (
+    TrainConfig,
+    Trainer,
+    load_trained_model,
+    prepare_run_data,
+    read_metrics,
+)
 from moekit.train.trainer import fixed_eval_batches, fixed_eval_domains
 
 MICRO = [
@@ -51,10 +56,16 @@ def write_domain_corpus(path) -> None:
     lines = []
     for i in range(20):
         lines.append({"text": "def " + code[1 + i % (len(code) - 1)], "domain": "code"})
-        lines.append({"text": prose[i * 40 : i * 40 + 400] or prose[:400], "domain": "prose"})
+        lines.append(
+            {"text": prose[i * 40 : i * 40 + 400] or prose[:400], "domain": "prose"}
+        )
         problem = generate_problems(1, seed=i)[0]
-        lines.append({"text": problem.question + "\n" + problem.solution, "domain": "math"})
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        lines.append(
+            {"text": problem.question + "\n" + problem.solution, "domain": "math"}
+        )
+    path.write_text(
+        "".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8"
+    )
 
 
 def micro_comparison(tmp_path_factory):
@@ -62,7 +73,9 @@ def micro_comparison(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     corpus = folder / "corpus.jsonl"
     write_domain_corpus(corpus)
-    code, _, stderr = run_cli("train", "--data", str(corpus), "--out", str(folder / "cmp"), *MICRO)
+    code, _, stderr = run_cli(
+        "train", "--data", str(corpus), "--out", str(folder / "cmp"), *MICRO
+    )
     assert code == 0, stderr
     return folder / "cmp"
 
@@ -74,14 +87,19 @@ def comparison(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(comparison):
-    code, stdout, stderr = run_cli("report", str(comparison), "--tokens-per-domain", "256")
+    code, stdout, stderr = run_cli(
+        "report", str(comparison), "--tokens-per-domain", "256"
+    )
     assert code == 0, stderr
     assert stdout.strip() == f"wrote {comparison / 'report.html'}"
     return (comparison / "report.html").read_text(encoding="utf-8")
 
 
 def images(page: str) -> list[bytes]:
-    return [base64.b64decode(uri) for uri in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)]
+    return [
+        base64.b64decode(uri)
+        for uri in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    ]
 
 
 def test_report_has_every_section_and_nothing_to_fetch(report):
@@ -98,7 +116,10 @@ def test_report_has_every_section_and_nothing_to_fetch(report):
 
 def test_report_shows_both_runs_parameters_and_the_speedup(report, comparison):
     config = load_trained_model(comparison / "moe").config
-    moe, dense = count_parameters(config), count_parameters(load_trained_model(comparison / "dense").config)
+    moe, dense = (
+        count_parameters(config),
+        count_parameters(load_trained_model(comparison / "dense").config),
+    )
     for params in (moe, dense):
         assert f"{params.total:,}" in report and f"{params.active:,}" in report
     assert "speed-up over the dense twin" in report
@@ -108,10 +129,12 @@ def test_report_shows_both_runs_parameters_and_the_speedup(report, comparison):
 def test_token_tabs_colour_every_sample_token_by_its_top1_expert(report, comparison):
     data = gather(comparison, tokens_per_domain=256)
     assert [domain for domain, _ in data.samples] == ["code", "prose", "math"]
-    domain, routing = data.samples[0]
+    _, routing = data.samples[0]
     panel = report.split('id="panel-1"')[1].split('<div class="panel"')[0]
     code_sample = panel.split("<h3>code</h3>")[1].split("</div>")[0]
-    spans = re.findall(r'<span style="background:([^"]+)" title="([^"]*)">', code_sample)
+    spans = re.findall(
+        r'<span style="background:([^"]+)" title="([^"]*)">', code_sample
+    )
     assert len(spans) == len(routing.pieces)
     from moekit.report.html import expert_colour
 
@@ -133,10 +156,21 @@ def test_specialisation_matrix_counts_top_k_assignments_per_domain(comparison):
 
 def test_routing_log_matches_the_models_own_expert_ids(tmp_path, comparison):
     model_config = load_trained_model(comparison / "moe").config
-    train_config = TrainConfig(steps=4, batch_size=4, seq_len=32, eval_every=2, eval_batches=2)
+    train_config = TrainConfig(
+        steps=4, batch_size=4, seq_len=32, eval_every=2, eval_batches=2
+    )
     run = tmp_path / "run"
-    data = prepare_run_data(run, data=comparison.parent / "corpus.jsonl", vocab_size=384)
-    trainer = Trainer(model_config, train_config, run, data=data, show_progress=False, routing_stats_every=3)
+    data = prepare_run_data(
+        run, data=comparison.parent / "corpus.jsonl", vocab_size=384
+    )
+    trainer = Trainer(
+        model_config,
+        train_config,
+        run,
+        data=data,
+        show_progress=False,
+        routing_stats_every=3,
+    )
     trainer.train()
     records = read_metrics(run / "routing.jsonl")
     train = [r for r in records if r["split"] == "train"]
@@ -151,25 +185,37 @@ def test_routing_log_matches_the_models_own_expert_ids(tmp_path, comparison):
     domains = fixed_eval_domains(data, train_config)
     for layer in range(2):
         expected = torch.zeros(len(last["domains"]), 4, dtype=torch.long)
-        for (inputs_BL, _), domains_BL in zip(fixed_eval_batches(data, train_config), domains):
+        for (inputs_BL, _), domains_BL in zip(
+            fixed_eval_batches(data, train_config), domains
+        ):
             ids_BLK = model(inputs_BL, return_expert_ids=True).expert_ids[layer]
             for d in range(len(last["domains"])):
-                expected[d] += torch.bincount(ids_BLK[domains_BL == d].flatten(), minlength=4)
+                expected[d] += torch.bincount(
+                    ids_BLK[domains_BL == d].flatten(), minlength=4
+                )
         assert last["layers"][layer]["domain_expert_counts"] == expected.tolist()
 
 
 def test_routing_stats_can_be_switched_off(tmp_path, comparison):
     model_config = load_trained_model(comparison / "moe").config
     run = tmp_path / "run"
-    data = prepare_run_data(run, data=comparison.parent / "corpus.jsonl", vocab_size=384)
-    config = TrainConfig(steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1)
-    Trainer(model_config, config, run, data=data, show_progress=False, routing_stats_every=0).train()
+    data = prepare_run_data(
+        run, data=comparison.parent / "corpus.jsonl", vocab_size=384
+    )
+    config = TrainConfig(
+        steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1
+    )
+    Trainer(
+        model_config, config, run, data=data, show_progress=False, routing_stats_every=0
+    ).train()
     assert not (run / "routing.jsonl").exists()
 
 
 def test_route_batch_agrees_with_the_models_expert_ids(comparison):
     model = load_trained_model(comparison / "moe")
-    tokens_BT = torch.randint(2, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens_BT = torch.randint(
+        2, 384, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
     decisions = route_batch(model, tokens_BT)
     expert_ids = model(tokens_BT, return_expert_ids=True).expert_ids
     for layer, (ids_BTK, weights_BTK) in decisions.items():
@@ -181,21 +227,40 @@ def test_route_batch_agrees_with_the_models_expert_ids(comparison):
 
 def test_route_prints_each_tokens_top1_expert_per_layer(comparison):
     text = "def wrap(text):\n    return text"
-    code, stdout, _ = run_cli("route", str(comparison), "--text", text, "--color", "never")
+    code, stdout, _ = run_cli(
+        "route", str(comparison), "--text", text, "--color", "never"
+    )
     assert code == 0
-    routing = route_tokens(load_trained_model(comparison / "moe"), Tokenizer.load(comparison / "moe"),
-                           Tokenizer.load(comparison / "moe").encode(text))
+    routing = route_tokens(
+        load_trained_model(comparison / "moe"),
+        Tokenizer.load(comparison / "moe"),
+        Tokenizer.load(comparison / "moe").encode(text),
+    )
     expected = [
         f"layer {layer}: "
-        + "".join(f"{p.replace(chr(10), '⏎')}[{e}]" for p, e in zip(routing.pieces, routing.top1(i)))
+        + "".join(
+            f"{p.replace(chr(10), '⏎')}[{e}]"
+            for p, e in zip(routing.pieces, routing.top1(i))
+        )
         for i, layer in enumerate(routing.layers)
     ]
     assert stdout.splitlines() == expected
 
 
 def test_route_colours_only_on_request_or_a_terminal(comparison, monkeypatch):
-    code, coloured, _ = run_cli("route", str(comparison / "moe"), "--text", "x = 1", "--color", "always", "--layer", "1")
-    assert code == 0 and "\x1b[30;48;2;" in coloured and coloured.startswith("experts: ")
+    code, coloured, _ = run_cli(
+        "route",
+        str(comparison / "moe"),
+        "--text",
+        "x = 1",
+        "--color",
+        "always",
+        "--layer",
+        "1",
+    )
+    assert (
+        code == 0 and "\x1b[30;48;2;" in coloured and coloured.startswith("experts: ")
+    )
     assert sum(line.startswith("layer ") for line in coloured.splitlines()) == 1
     monkeypatch.setenv("NO_COLOR", "1")
     code, plain, _ = run_cli("route", str(comparison / "moe"), "--text", "x = 1")
@@ -205,10 +270,16 @@ def test_route_colours_only_on_request_or_a_terminal(comparison, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["route", "{cmp}", "--text", "x", "--layer", "5"], r"--layer 5 is not an MoE layer; choose from \[0, 1\]"),
+        (
+            ["route", "{cmp}", "--text", "x", "--layer", "5"],
+            r"--layer 5 is not an MoE layer; choose from \[0, 1\]",
+        ),
         (["route", "{cmp}", "--text", ""], "the text has no tokens"),
         (["report", "{cmp}/nowhere"], "is not a directory"),
-        (["report", "{cmp}", "--sample-tokens", "0"], r"--sample-tokens \(0\) must be >= 1"),
+        (
+            ["report", "{cmp}", "--sample-tokens", "0"],
+            r"--sample-tokens \(0\) must be >= 1",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(comparison, args, message):
@@ -220,9 +291,17 @@ def test_bad_input_is_one_clear_error(comparison, args, message):
 def task_run(tmp_path, *, specialisation: dict | None):
     run = tmp_path / "digits"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"task": "classify-digits", "model": {"num_experts": 3}}))
-    records = [{"split": "train", "step": s, "loss": 2.0 / s, "accuracy": 0.5 + s / 40} for s in range(1, 11)]
-    records += [{"split": "val", "step": s, "loss": 2.2 / s, "accuracy": 0.45 + s / 40} for s in (5, 10)]
+    (run / "config.json").write_text(
+        json.dumps({"task": "classify-digits", "model": {"num_experts": 3}})
+    )
+    records = [
+        {"split": "train", "step": s, "loss": 2.0 / s, "accuracy": 0.5 + s / 40}
+        for s in range(1, 11)
+    ]
+    records += [
+        {"split": "val", "step": s, "loss": 2.2 / s, "accuracy": 0.45 + s / 40}
+        for s in (5, 10)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if specialisation is not None:
         (run / "specialisation.json").write_text(json.dumps(specialisation))
@@ -230,7 +309,10 @@ def task_run(tmp_path, *, specialisation: dict | None):
 
 
 def test_task_run_shows_curves_accuracy_and_the_label_matrix(tmp_path):
-    table = {"labels": ["zero", "one"], "layers": [{"name": "moe", "counts": [[9, 0, 0], [0, 4, 5]]}]}
+    table = {
+        "labels": ["zero", "one"],
+        "layers": [{"name": "moe", "counts": [[9, 0, 0], [0, 4, 5]]}],
+    }
     run = task_run(tmp_path, specialisation=table)
     code, _, stderr = run_cli("report", str(run))
     assert code == 0, stderr
@@ -247,7 +329,15 @@ def test_task_run_shows_curves_accuracy_and_the_label_matrix(tmp_path):
 def test_task_run_without_a_table_notes_it_and_a_bad_table_is_an_error(tmp_path):
     run = task_run(tmp_path, specialisation=None)
     assert run_cli("report", str(run))[0] == 0
-    assert "this run has no specialisation.json" in (run / "report.html").read_text(encoding="utf-8")
-    (run / "specialisation.json").write_text(json.dumps({"labels": ["a"], "layers": [{"name": "x", "counts": [[1], [2]]}]}))
+    assert "this run has no specialisation.json" in (run / "report.html").read_text(
+        encoding="utf-8"
+    )
+    (run / "specialisation.json").write_text(
+        json.dumps({"labels": ["a"], "layers": [{"name": "x", "counts": [[1], [2]]}]})
+    )
     code, _, stderr = run_cli("report", str(run))
-    assert code == 2 and "layer 'x' has a counts table of shape (2, 1); expected one row per label (1)" in stderr
+    assert (
+        code == 2
+        and "layer 'x' has a counts table of shape (2, 1); expected one row per label (1)"
+        in stderr
+    )

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.report import entropy_bits, label_expert_counts, load_cv, mutual_information, normalised_rows
+from moekit.report import (
+    entropy_bits,
+    label_expert_counts,
+    load_cv,
+    mutual_information,
+    normalised_rows,
+)
 from moekit.report.routing import TokenRouting
 
 
@@ -27,14 +33,20 @@ def test_counts_take_batched_shapes_and_reject_mismatched_labels():
     ids_BTK = torch.tensor([[[0], [1]], [[1], [1]]])
     labels_BT = torch.tensor([[0, 0], [1, 1]])
     assert label_expert_counts(ids_BTK, labels_BT, 2, 2).tolist() == [[1, 1], [0, 2]]
-    with pytest.raises(ValueError, match=r"ids shape \(2, 2, 1\) does not match labels shape \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"ids shape \(2, 2, 1\) does not match labels shape \(4,\)"
+    ):
         label_expert_counts(ids_BTK, labels_BT.flatten(), 2, 2)
 
 
 @pytest.mark.parametrize("num_labels, num_experts", [(2, 2), (5, 5), (5, 16), (4, 64)])
-def test_perfect_label_to_expert_mapping_gives_log2_of_the_labels(num_labels, num_experts):
+def test_perfect_label_to_expert_mapping_gives_log2_of_the_labels(
+    num_labels, num_experts
+):
     counts = np.zeros((num_labels, num_experts))
-    counts[np.arange(num_labels), np.arange(num_labels)] = 100  # label d -> expert d only
+    counts[np.arange(num_labels), np.arange(num_labels)] = (
+        100  # label d -> expert d only
+    )
     assert mutual_information(counts) == pytest.approx(math.log2(num_labels))
 
 
