@@ -328,7 +328,12 @@ class Transformer(nn.Module):
         # Not persistent: recomputed from the config, never stored in checkpoints.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.init_weights()
+        if config.tied_embeddings:
+            self.lm_head.weight = self.tok_embed.weight
+        # A meta model has no values to initialise (and counting a 671B config must stay
+        # instant); to_empty() then init_weights() materialises it.
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

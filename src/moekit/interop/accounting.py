@@ -1,0 +1,166 @@
+"""Parameter accounting by part: total and active per token, from a config alone.
+
+Parts: embeddings (input table and output head; a tied pair counted once), attention
+(projections and their biases), router, routed_experts, shared_experts, dense_ffn (the
+FFN of dense layers), norms (every RMSNorm gain, q/k norms included) and other (anything
+else), so the parts always sum to the total. Active per token = every part in full except
+the routed experts, of which each MoE layer contributes active_expert_fraction (top_k / E
+for token choice). The model is built on the meta device: no weight is allocated, so a
+671B-parameter config counts in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models import ModelConfig, Transformer, active_expert_fraction
+from ..moe import MoE
+
+PARTS = (
+    "embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_ffn", "norms", "other",
+)
+
+
+@dataclass
+class Accounting:
+    """Parameters per part, total and active per token.
+
+    input_embedding: the part of `embeddings` that is the input table alone (0 when tied:
+    the table is also the head, so every token multiplies by it); some sources leave it
+    out of the active count, since a token only looks up one row. excluded: modules deliberately left out of the totals, with their sizes (e.g.
+    DeepSeek-V3's multi-token-prediction module); notes: what was counted, in words.
+    """
+
+    name: str
+    total: dict[str, int]
+    active: dict[str, int]
+    input_embedding: int = 0
+    excluded: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.total.values())
+
+    @property
+    def active_params(self) -> int:
+        return sum(self.active.values())
+
+    def replace(self, part: str, total: int, active: int | None = None) -> None:
+        """Set one part's counts (a part moekit's Transformer cannot build, such as MLA)."""
+        self.total[part] = total
+        self.active[part] = total if active is None else active
+
+    def add(self, part: str, total: int, active: int | None = None) -> None:
+        """Add parameters to one part (e.g. extra norms the Transformer does not have)."""
+        self.total[part] += total
+        self.active[part] += total if active is None else active
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "total": self.total_params,
+            "active": self.active_params,
+            "active_without_input_embedding": self.active_params - self.input_embedding,
+            "input_embedding": self.input_embedding,
+            "parts": {p: {"total": self.total[p], "active": self.active[p]} for p in PARTS},
+            "excluded": self.excluded,
+            "notes": self.notes,
+        }
+
+
+def _part_of(name: str) -> str:
+    """The part a Transformer parameter belongs to, from its name."""
+    if name.startswith(("tok_embed.", "lm_head.")):
+        return "embeddings"
+    if "norm" in name.rsplit(".", 2)[-2]:
+        return "norms"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn.router." in name:
+        return "router"
+    if ".ffn.experts." in name:
+        return "routed_experts"
+    if ".ffn.shared" in name:
+        return "shared_experts"
+    if ".ffn.up." in name or ".ffn.down." in name:
+        return "dense_ffn"
+    return "other"
+
+
+def count_by_part(config: ModelConfig, name: str = "model") -> Accounting:
+    """Total and active-per-token parameters of a moekit config, split into PARTS.
+
+    Args:
+        config: the ModelConfig; built on the meta device, so any size costs no memory.
+        name: a label for the result.
+    Returns:
+        The Accounting; its sums equal models.count_parameters(config).
+    """
+    with torch.device("meta"), _no_init():
+        model = Transformer(config)
+    total = dict.fromkeys(PARTS, 0)
+    inactive = dict.fromkeys(PARTS, 0.0)
+    fractions = {
+        f"{module_name}.experts.": active_expert_fraction(module.config)
+        for module_name, module in model.named_modules()
+        if isinstance(module, MoE)
+    }
+    for param_name, param in model.named_parameters():  # a tied head is listed once
+        part = _part_of(param_name)
+        total[part] += param.numel()
+        if part == "routed_experts":
+            fraction = next(f for prefix, f in fractions.items() if param_name.startswith(prefix))
+            inactive[part] += param.numel() * (1.0 - fraction)
+    active = {part: total[part] - round(inactive[part]) for part in PARTS}
+    notes = [
+        "embeddings: input table and output head"
+        + (" (tied: one matrix, counted once)" if config.tied_embeddings else " (untied: both counted)")
+    ]
+    input_embedding = 0 if config.tied_embeddings else config.vocab_size * config.d_model
+    return Accounting(name=name, total=total, active=active, input_embedding=input_embedding, notes=notes)
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip torch.nn.init while building on the meta device: there are no values to set,
+    and a meta normal_ imports torch._dynamo, which alone takes seconds."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def config_from_file(path: str | Path) -> tuple[ModelConfig, str]:
+    """The ModelConfig in a moekit run directory / its config.json, or a Hugging Face config.json.
+
+    Returns:
+        (config, kind) with kind "moekit run" or "Hugging Face <model_type>".
+    """
+    from ..train.config import model_config_from_dict
+    from .hf_config import model_config_from_hf
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read a config from {str(path)!r}: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return model_config_from_dict(data["model"]), "moekit run"
+    if isinstance(data, dict) and "model_type" in data:
+        return model_config_from_hf(data), f"Hugging Face {data['model_type']}"
+    raise ValueError(
+        f"{str(file)!r} is neither a moekit run config (a 'model' section) nor a Hugging Face "
+        "config.json (a 'model_type')"
+    )
