@@ -16,7 +16,12 @@ from moekit.cli import main
 from moekit.data import CorpusConfig
 from moekit.models import ModelConfig, Transformer
 from moekit.surgery import merge_dense_models
-from moekit.surgery.btx import BTXSettings, branch_train_mix, evaluate_by_domain, format_btx
+from moekit.surgery.btx import (
+    BTXSettings,
+    branch_train_mix,
+    evaluate_by_domain,
+    format_btx,
+)
 from moekit.train import TrainConfig, load_trained_model, prepare_run_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from ..data import CorpusConfig, TokenStream, sequential_batches
 from ..models import ModelConfig, Transformer
 from ..report.stats import label_expert_counts
-from ..train import TrainConfig, Trainer, load_trained_model, prepare_run_data, run_configs
+from ..train import (
+    TrainConfig,
+    Trainer,
+    load_trained_model,
+    prepare_run_data,
+    run_configs,
+)
 from .merge import ROUTERS_ONLY, merge_dense_models
 from .runs import derived_run, domain_run_data, start_run
 
@@ -214,7 +220,8 @@ def evaluate_runs(runs: dict[str, Path], union_run: Path) -> dict:
 
 def format_btx(result: dict) -> str:
     """The loss table (one row per model, one column per domain and "all") and, for the
-    final MoE, each layer's routing matrix as the share (%) of a domain's assignments."""
+    final MoE, each layer's routing matrix: the share (%) of a domain's tokens that use each
+    expert (a token uses top_k experts, so a row sums to top_k x 100)."""
     domains = result["domains"]
     columns = domains + ["all"]
     width = max(len(name) for name in result["losses"]) + 2
@@ -225,10 +232,10 @@ def format_btx(result: dict) -> str:
         if name != "BTX":
             continue
         for layer, counts in enumerate(layers):
-            counts_GE = np.asarray(counts, dtype=np.float64)
-            share_GE = 100 * counts_GE / np.maximum(counts_GE.sum(axis=1, keepdims=True), 1)
+            tokens_G1 = np.array([[result["tokens"][d]] for d in domains], dtype=np.float64)
+            share_GE = 100 * np.asarray(counts, dtype=np.float64) / np.maximum(tokens_G1, 1)
             experts = result.get("experts") or [f"e{e}" for e in range(len(share_GE[0]))]
-            lines.append(f"\n{name} layer {layer}: % of each domain's assignments per expert")
+            lines.append(f"\n{name} layer {layer}: % of each domain's tokens that use each expert")
             lines.append(" " * 14 + "".join(f"{e[:12]:>13}" for e in experts))
             for domain, row in zip(domains, share_GE):
                 lines.append(f"{domain[:12]:<14}" + "".join(f"{v:13.1f}" for v in row))

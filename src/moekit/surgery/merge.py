@@ -7,8 +7,7 @@ layer i's expert k is domain model k's FFN of layer i; every other weight (embed
 attention, norms, the head) is the mean of the K models' (the paper's choice: the models
 share a parent, so their non-FFN weights are close); the routers are new. Training then
 goes in two stages: the routers alone with everything else frozen (TrainConfig.trainable
-= ROUTERS_ONLY),
-then everything (`moekit.surgery.runs` runs both).
+= ROUTERS_ONLY), then everything (`moekit.surgery.btx.merge_runs` runs both).
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ from pathlib import Path
 from ..data import CorpusConfig, Tokenizer, build_corpus, prepare
 from ..data.tokenizer import TOKENIZER_FILE
 from ..models import Transformer
-from ..train import TrainConfig, Trainer, TrainResult, load_trained_model, prepare_run_data, run_configs
+from ..train import (
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    load_trained_model,
+    prepare_run_data,
+    run_configs,
+)
 from ..train.checkpoint import checkpoint_dir
 from ..train.data import DATA_DIR, TRAIN_FILE, VAL_FILE, RunData, copy_run_data
 from .add_experts import add_experts, default_method
