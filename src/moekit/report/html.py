@@ -34,6 +34,7 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: .6em 0; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .8em; }
 .note { color: #666; font-style: italic; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: .5em; }
 .tabs > input { display: none; }
 .tabs > label { display: inline-block; padding: .3em .9em; border: 1px solid #ccc;
                 border-bottom: none; cursor: pointer; background: #f4f4f4; margin-right: 2px; }
@@ -329,13 +330,15 @@ def _specialisation(data: ReportData) -> str:
             f"(0 = experts ignore the label; at most {bound:.2f} bits here)."
         )
     ]
-    for name, counts in data.label_counts:
-        parts.append(
-            _img(
-                plots.specialisation(counts, data.labels, name),
-                f"specialisation {name}",
-            )
+    word = "label" if data.kind == "task" else "domain"
+    figures = [
+        _img(
+            plots.specialisation(counts, data.labels, name, word),
+            f"specialisation {name}",
         )
+        for name, counts in data.label_counts
+    ]
+    parts.append('<div class="grid">' + "".join(figures) + "</div>")
     val = [r for r in data.routing if r.get("split") == "val" and r.get("layers")]
     if len(val) > 1:
         series = {}

@@ -124,7 +124,11 @@ def load_evolution(
         rows, columns, figsize=(3.2 * columns + 0.8, 2.8 * rows), dpi=100, squeeze=False
     )
     # Rows centred on their steps: half a logging interval above and below.
-    half = (steps_S[-1] - steps_S[0]) / (2 * (len(steps_S) - 1)) if len(steps_S) > 1 else 0.5
+    half = (
+        (steps_S[-1] - steps_S[0]) / (2 * (len(steps_S) - 1))
+        if len(steps_S) > 1
+        else 0.5
+    )
     vmax = max(float((normalised_rows(loads) * 100).max()) for loads in loads_LSE)
     for axes, loads_SE, name in zip(grid.flat, loads_LSE, layer_names):
         share_SE = normalised_rows(loads_SE) * 100
@@ -134,7 +138,12 @@ def load_evolution(
             aspect="auto",
             vmin=0,
             vmax=vmax,
-            extent=(-0.5, share_SE.shape[1] - 0.5, steps_S[-1] + half, steps_S[0] - half),
+            extent=(
+                -0.5,
+                share_SE.shape[1] - 0.5,
+                steps_S[-1] + half,
+                steps_S[0] - half,
+            ),
         )
         axes.set_title(name, fontsize=9)
         axes.set_xlabel("expert", fontsize=8)
@@ -172,7 +181,9 @@ def layer_metrics(panels: list[tuple[str, dict[str, list[tuple[int, float]]]]]) 
     return to_data_uri(figure)
 
 
-def specialisation(counts_DE: np.ndarray, labels: list[str], title: str) -> str:
+def specialisation(
+    counts_DE: np.ndarray, labels: list[str], title: str, word: str = "label"
+) -> str:
     """Label x expert heatmap: each label's share of assignments per expert, with the MI."""
     plt = _pyplot()
     share_DE = normalised_rows(counts_DE) * 100
@@ -196,7 +207,7 @@ def specialisation(counts_DE: np.ndarray, labels: list[str], title: str) -> str:
     axes.set_yticks(range(D), labels, fontsize=8)
     axes.set_xlabel("expert")
     bits = mutual_information(counts_DE)
-    axes.set_title(f"{title}: I(label; expert) = {bits:.3f} bits", fontsize=10)
+    axes.set_title(f"{title}: I({word}; expert) = {bits:.3f} bits", fontsize=10)
     figure.colorbar(image, ax=axes, fraction=0.03, label="% of the row")
     figure.tight_layout()
     return to_data_uri(figure)
