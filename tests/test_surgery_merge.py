@@ -159,3 +159,18 @@ def test_cli_merges_runs_and_trains_both_stages(experiment, tmp_path):
     assert (model.config.moe.num_experts, model.config.moe.top_k) == (2, 1)
     code, _, stderr = run_cli("merge", str(out / "branch-code"), "--out", str(tmp_path / "x"))
     assert code == 2 and "moekit merge: error: give two or more runs" in stderr
+
+
+def test_trainable_patterns_freeze_the_rest_and_must_match():
+    from moekit.train.trainer import build_optimizer
+
+    merged = merge_dense_models([dense(0), dense(1)])
+    optimizer = build_optimizer(merged, TrainConfig(trainable="*.router.*, norm.*"))
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, param in merged.named_parameters():
+        assert param.requires_grad == (".router." in name or name == "norm.weight")
+        assert (id(param) in trained) == param.requires_grad
+    with pytest.raises(ValueError, match=r"\['nothing\.\*'\] match no parameter"):
+        build_optimizer(merged, TrainConfig(trainable="nothing.*"))
+    with pytest.raises(ValueError, match="names no parameter pattern"):
+        TrainConfig(trainable=" , ")
