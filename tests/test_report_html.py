@@ -15,9 +15,10 @@ import textwrap
 import pytest
 import torch
 
+from moekit import MoEConfig
 from moekit.cli import main
 from moekit.data import Tokenizer, generate_problems
-from moekit.models import count_parameters
+from moekit.models import ModelConfig, Transformer, count_parameters
 from moekit.report import mutual_information
 from moekit.report.gather import gather
 from moekit.report.html import SECTIONS
@@ -341,3 +342,32 @@ def test_task_run_without_a_table_notes_it_and_a_bad_table_is_an_error(tmp_path)
         and "layer 'x' has a counts table of shape (2, 1); expected one row per label (1)"
         in stderr
     )
+
+
+def test_a_dense_run_gets_notes_instead_of_routing(comparison):
+    code, _, stderr = run_cli(
+        "report", str(comparison / "dense"), "--out", str(comparison / "dense.html")
+    )
+    assert code == 0, stderr
+    page = (comparison / "dense.html").read_text(encoding="utf-8")
+    assert page.count("No per-token routing: this is a dense model") == 1
+    assert "No specialisation table: this is a dense model" in page
+    assert 'alt="loss curves"' in page
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+def test_routers_without_top_k_tokens(router):
+    moe = MoEConfig(d_model=32, d_hidden=32, num_experts=4, top_k=2, router=router)
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, moe=moe)
+    ).eval()
+    tokens_BT = torch.randint(0, 64, (2, 8))
+    decisions = route_batch(model, tokens_BT)
+    if router == "soft":
+        assert decisions == {}  # every token mixes every expert: no per-token experts
+        return
+    expert_ids = model(tokens_BT, return_expert_ids=True).expert_ids
+    for layer, (ids_BTE, weights_BTE) in decisions.items():
+        assert torch.equal(ids_BTE, expert_ids[layer])  # expert e in column e, else -1
+        assert ((weights_BTE > 0) == (ids_BTE >= 0)).all()
