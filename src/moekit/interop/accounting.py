@@ -11,14 +11,12 @@ for token choice). The model is built on the meta device: no weight is allocated
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..models import ModelConfig, Transformer, active_expert_fraction
+from ..models import ModelConfig, active_expert_fraction
+from ..models.transformer import meta_model
 from ..moe import MoE
 
 PARTS = (
@@ -102,8 +100,7 @@ def count_by_part(config: ModelConfig, name: str = "model") -> Accounting:
     Returns:
         The Accounting; its sums equal models.count_parameters(config).
     """
-    with torch.device("meta"), _no_init():
-        model = Transformer(config)
+    model = meta_model(config)
     total = dict.fromkeys(PARTS, 0)
     inactive = dict.fromkeys(PARTS, 0.0)
     fractions = {
@@ -124,21 +121,6 @@ def count_by_part(config: ModelConfig, name: str = "model") -> Accounting:
     ]
     input_embedding = 0 if config.tied_embeddings else config.vocab_size * config.d_model
     return Accounting(name=name, total=total, active=active, input_embedding=input_embedding, notes=notes)
-
-
-@contextlib.contextmanager
-def _no_init():
-    """Skip torch.nn.init while building on the meta device: there are no values to set,
-    and a meta normal_ imports torch._dynamo, which alone takes seconds."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
 
 
 def config_from_file(path: str | Path) -> tuple[ModelConfig, str]:

@@ -156,7 +156,17 @@ def deepseek_v3() -> Accounting:
     return accounting
 
 
-def _switch(num_experts: int) -> Accounting:
+def switch_transformer(
+    num_experts: int,
+    *,
+    d_model: int = 768,
+    num_heads: int = 12,
+    head_dim: int = 64,
+    d_ff: int = 3072,
+    num_layers: int = 12,
+    vocab_size: int = 32128,
+    buckets: int = 32,
+) -> Accounting:
     """Switch-Base (Fedus et al. 2022, JMLR, Table 9): a T5-Base encoder-decoder whose every
     other FFN (layers 2, 4, ... of both stacks) is a top-1 switch layer.
 
@@ -165,7 +175,7 @@ def _switch(num_experts: int) -> Accounting:
     LayerNorms, relative position buckets (32 x 12 in the first layer of each stack), one
     embedding shared by both stacks and the output head (tie_word_embeddings).
     """
-    d, heads, head_dim, ff, layers, vocab, buckets = 768, 12, 64, 3072, 12, 32128, 32
+    d, heads, ff, layers, vocab = d_model, num_heads, d_ff, num_layers, vocab_size
     attn = 4 * d * heads * head_dim
     ffn = 2 * d * ff
     moe_layers = layers // 2  # per stack
@@ -223,8 +233,8 @@ FAMOUS: dict[str, Callable[[], Accounting]] = {
     "qwen1_5_moe_a2_7b": lambda: count_by_part(qwen1_5_moe_a2_7b(), "qwen1_5_moe_a2_7b"),
     "olmoe_1b_7b": lambda: count_by_part(olmoe_1b_7b(), "olmoe_1b_7b"),
     "grok_1": lambda: _with_grok_norms(count_by_part(grok_1(), "grok_1")),
-    "switch_base_8": lambda: _switch(8),
-    "switch_base_128": lambda: _switch(128),
+    "switch_base_8": lambda: switch_transformer(8),
+    "switch_base_128": lambda: switch_transformer(128),
     "gpt4_rumoured": gpt4_rumoured,
 }
 

@@ -21,7 +21,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..models import Transformer
-from .hf_config import choose_architecture, hf_config, model_config_from_hf, model_type_of
+from .hf_config import (
+    choose_architecture,
+    hf_config,
+    model_config_from_hf,
+    model_type_of,
+)
 from .keys import FUSED_MARKER, TABLES, Mapping, expand
 
 CONFIG_FILE = "config.json"
@@ -88,7 +93,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     mappings = mappings_for(model, architecture, layout)
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
-        read = lambda name: handles[files[name]].get_tensor(name)  # noqa: E731
+        read = lambda name: handles[files[name]].get_tensor(name)
         _check_names(mappings, files, read, config.tied_embeddings)
         state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
     if dtype is None:

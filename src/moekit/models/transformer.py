@@ -211,7 +211,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None) -> Tensor:
         """Args: x_BTD; cos/sin for the T new positions; kv_cache or None. Returns y_BTD."""
-        B, T, D = x_BTD.shape
+        B, T, _ = x_BTD.shape
         # 1. project (q/k norm), split heads; rotate q and k by their positions
         q, k = self.wq(x_BTD), self.wk(x_BTD)
         if self.qk_norm == "full":
@@ -501,6 +501,24 @@ def active_expert_fraction(moe: MoEConfig) -> float:
     return moe.top_k / moe.num_experts
 
 
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model on the meta device: shapes only, no memory, no initialisers run.
+
+    Skipping torch.nn.init matters for speed alone: there are no values to set, and a
+    meta normal_ imports torch._dynamo, which takes seconds.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return Transformer(config)
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
     """Total and active-per-token parameter counts (tied embeddings counted once).
 
@@ -510,8 +528,7 @@ def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
     """
     model = model_or_config
     if isinstance(model, ModelConfig):
-        with torch.device("meta"):
-            model = Transformer(model)
+        model = meta_model(model)
     total = sum(p.numel() for p in model.parameters())
     inactive = 0.0
     for module in model.modules():

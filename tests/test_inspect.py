@@ -1,0 +1,165 @@
+"""Parameter accounting: the parts sum to count_parameters, the formula parts match
+transformers' own models, and the published MoEs land on their published figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moekit.interop import famous
+from moekit.interop.accounting import PARTS, count_by_part
+from moekit.interop.cli import inspect_main
+from moekit.models import PRESETS, count_parameters
+
+
+@pytest.mark.parametrize("name", [*PRESETS, "mixtral_8x7b", "qwen1_5_moe_a2_7b", "olmoe_1b_7b", "grok_1"])
+def test_parts_sum_to_count_parameters(name):
+    config = PRESETS[name]() if name in PRESETS else getattr(famous, name)()
+    accounting = count_by_part(config)
+    assert set(accounting.total) == set(PARTS)
+    assert (accounting.total_params, accounting.active_params) == tuple(count_parameters(config))
+
+
+def test_parts_of_a_small_config_by_hand():
+    # tiny: V=4096, D=128, 4 layers, 4 heads, 2 kv heads (Dh 32), 16 experts of width 128,
+    # top 2, one shared expert of width 256, tied embeddings.
+    a = count_by_part(PRESETS["tiny"]())
+    assert a.total["embeddings"] == 4096 * 128
+    assert a.total["attention"] == 4 * (128 * 128 * 2 + 128 * 64 * 2)
+    assert a.total["router"] == 4 * 16 * 128
+    assert a.total["routed_experts"] == 4 * 16 * 3 * 128 * 128
+    assert a.active["routed_experts"] == 4 * 2 * 3 * 128 * 128
+    assert a.total["shared_experts"] == 4 * 3 * 128 * 256
+    assert a.total["norms"] == 9 * 128
+    assert a.input_embedding == 0  # tied: the table is also the head
+
+
+# Published figures and their sources are in moekit.interop.famous.PUBLISHED:
+#   Mixtral 8x7B 46.7B / 12.9B   Mistral AI, "Mixtral of experts" (Dec 2023)
+#   Mixtral 8x22B 141B / 39B     Mistral AI, "Cheaper, Better, Faster, Stronger" (Apr 2024)
+#   Qwen1.5-MoE-A2.7B 14.3B / 2.7B  Qwen team blog (Mar 2024)
+#   DeepSeek-V3 671B             DeepSeek-V3 Technical Report, arXiv:2412.19437
+#   OLMoE-1B-7B 6.9B             Muennighoff et al., arXiv:2409.02060
+#   Grok-1 314B                  xAI, "Open Release of Grok-1" (Mar 2024)
+#   Switch-Base-128 7.4B, T5-Base 223M   Fedus et al. 2022 (JMLR), distillation tables
+#   GPT-4 (rumoured) 16 x 111B + 55B, ~280B per token   SemiAnalysis (Jul 2023)
+WITHIN_1_PERCENT = [
+    ("mixtral_8x7b", "total"), ("mixtral_8x7b", "active"),
+    ("mixtral_8x22b", "total"), ("mixtral_8x22b", "active"),
+    ("qwen1_5_moe_a2_7b", "total"), ("qwen1_5_moe_a2_7b", "active"),
+    ("deepseek_v3", "total"),
+    ("olmoe_1b_7b", "total"),
+    ("grok_1", "total"),
+    ("switch_base_8", "active"),
+    ("switch_base_128", "total"), ("switch_base_128", "active"),
+    ("gpt4_rumoured", "total"), ("gpt4_rumoured", "active"),
+]
+
+
+@pytest.mark.parametrize("name, figure", WITHIN_1_PERCENT)
+def test_published_figures_within_one_percent(name, figure):
+    error = _report(name)["published"][f"{figure}_error"]
+    assert abs(error) < 0.01, f"{name} {figure}: {error:+.2%}"
+
+
+def test_figures_the_sources_round_coarser_than_one_percent():
+    """Two active figures are stated to two significant figures and sit just outside 1%.
+
+    OLMoE: 1,282,017,280 active, stated as 1.3B (-1.4%), its rounding to that precision.
+    DeepSeek-V3: 36,625,603,584 active without the input-embedding lookup, stated as 37B
+    (-1.01%), again its rounding; with the input table it would be 37.55B, which does not
+    round to 37B, so the report's figure leaves the lookup out.
+    """
+    olmoe, deepseek = _report("olmoe_1b_7b"), _report("deepseek_v3")
+    assert round(olmoe["active"] / 1e9, 1) == 1.3 and abs(olmoe["published"]["active_error"]) < 0.015
+    assert round(deepseek["active_without_input_embedding"] / 1e9) == 37
+    assert round(deepseek["active"] / 1e9) == 38
+    assert abs(deepseek["published"]["active_error"]) < 0.0105
+
+
+def test_grok_1_active_share_is_two_of_eight_experts():
+    """xAI gives Grok-1's active share as "25% of the weights": top 2 of 8 experts."""
+    a = famous.FAMOUS["grok_1"]()
+    assert a.active["routed_experts"] * 4 == a.total["routed_experts"]
+
+
+def test_deepseek_v3_counts_the_moe_after_three_dense_layers_and_excludes_mtp():
+    a = famous.deepseek_v3()
+    expert = 3 * 7168 * 2048
+    assert a.total["routed_experts"] == 58 * 256 * expert
+    assert a.active["routed_experts"] == 58 * 8 * expert
+    assert a.total["shared_experts"] == 58 * expert
+    assert a.total["dense_ffn"] == 3 * 3 * 7168 * 18432
+    # DeepSeek: the Hub checkpoint (685B) = 671B main model + 14B MTP module
+    stored = a.total_params + a.excluded["mtp_module_with_stored_embedding_and_head"]
+    assert stored / 685e9 == pytest.approx(1, abs=0.01)
+
+
+def test_mla_formula_matches_transformers_deepseek_v3_attention():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DeepseekV3Config(
+        hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_hidden_layers=1,
+    )
+    attention = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention(config, 0)
+    projections, norms = famous.mla_params(64, 4, 24, 16, 8, 4, 6)
+    assert sum(p.numel() for p in attention.parameters()) == projections + norms
+
+
+def test_switch_formula_matches_transformers_switch_transformers():
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(d_model=32, num_heads=4, head_dim=8, d_ff=48, num_layers=4, vocab_size=100, buckets=32)
+    config = transformers.SwitchTransformersConfig(
+        d_model=32, num_heads=4, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4,
+        vocab_size=100, num_experts=8, encoder_sparse_step=2, decoder_sparse_step=2,
+        relative_attention_num_buckets=32, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config)
+    ours = famous.switch_transformer(8, **sizes)
+    assert ours.total_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_hf_config_counts_equal_transformers_model(arch, tmp_path):
+    pytest.importorskip("transformers")
+    from test_interop_hf import _build
+
+    model = _build(arch)
+    model.config.save_pretrained(tmp_path)
+    assert inspect_main([str(tmp_path / "config.json"), "--json"]) == 0
+    from moekit.interop.inspect import inspect_target
+
+    report = inspect_target(str(tmp_path / "config.json"))
+    assert report["kind"] == f"Hugging Face {arch}"
+    assert report["total"] == sum(p.numel() for p in model.parameters())
+
+
+def _report(name: str) -> dict:
+    from moekit.interop.inspect import inspect_target
+
+    return inspect_target(name)
+
+
+def test_inspect_json_parts_sum_to_totals(capsys):
+    assert inspect_main(["mixtral_8x22b", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sum(p["total"] for p in report["parts"].values()) == report["total"]
+    assert sum(p["active"] for p in report["parts"].values()) == report["active"]
+    assert report["published"]["source"].startswith("Mistral AI")
+
+
+def test_inspect_prints_a_table_and_reads_run_configs(tmp_path, capsys):
+    from moekit.train.config import model_config_to_dict
+
+    (tmp_path / "config.json").write_text(json.dumps({"format": 1, "model": model_config_to_dict(PRESETS["tiny"]())}))
+    assert inspect_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(moekit run)" in out and "4,269,184" in out and "routed_experts" in out
+
+
+def test_inspect_unknown_target_is_an_error(capsys):
+    assert inspect_main(["mixtral_9x9b"]) == 2
+    assert "moekit inspect: error: 'mixtral_9x9b' is not a preset" in capsys.readouterr().err
