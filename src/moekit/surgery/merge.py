@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..models import ModelConfig, Transformer
-from .upcycle import upcycle_config
+from .upcycle import seeded_model, upcycle_config
 
 
 def merged_config(dense: ModelConfig, num_experts: int, **moe_options) -> ModelConfig:
@@ -49,9 +49,8 @@ def merge_dense_models(
         if model.config != dense:
             raise ValueError(f"model {i}'s config differs from model 0's; merged models must share one")
     config = merged_config(dense, len(models), **moe_options)
-    torch.manual_seed(seed)
     parameter = next(models[0].parameters())
-    merged = Transformer(config).to(device=parameter.device, dtype=parameter.dtype)
+    merged = seeded_model(config, seed).to(device=parameter.device, dtype=parameter.dtype)
     states = [model.state_dict() for model in models]
     state = merged.state_dict()
     for layer in range(dense.num_layers):

@@ -95,8 +95,7 @@ def upcycle(dense_model: Transformer, moe_config: ModelConfig, seed: int = 0) ->
         The upcycled model (train mode), on dense_model's device and dtype.
     """
     _check_compatible(dense_model.config, moe_config)
-    torch.manual_seed(seed)
-    moe_model = Transformer(moe_config)
+    moe_model = seeded_model(moe_config, seed)
     parameter = next(dense_model.parameters())
     moe_model.to(device=parameter.device, dtype=parameter.dtype)
     dense_state = dense_model.state_dict()
@@ -114,6 +113,13 @@ def upcycle(dense_model: Transformer, moe_config: ModelConfig, seed: int = 0) ->
         state[key] = tensor
     moe_model.load_state_dict(state, strict=True)
     return moe_model
+
+
+def seeded_model(config: ModelConfig, seed: int) -> Transformer:
+    """A freshly initialised Transformer from `seed`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Transformer(config)
 
 
 def expert_copies(linear_weight: Tensor, num_experts: int) -> Tensor:
