@@ -73,7 +73,8 @@ def write_run(model: Transformer, run_dir: Path, *, source: str) -> None:
         "format": RUN_FORMAT,
         "moekit_version": __version__,
         "model": model_config_to_dict(model.config),
-        "train": dataclasses.asdict(TrainConfig()),
+        # eval reads its sequence length from here: no longer than the model's context
+        "train": dataclasses.asdict(TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))),
         "data": None,
         "converted_from": source,
     }
