@@ -107,6 +107,19 @@ def _train(argv: list[str]) -> int:
         help="CPU threads for torch (default: torch's choice, one per core); use 1 when other "
         "processes share the cores, since busy-waiting threads then slow down sharply",
     )
+    parser.add_argument(
+        "--parallel.ep",
+        dest="parallel_ep",
+        type=int,
+        help="expert-parallel size under torchrun (the rest is data parallel; default 1)",
+    )
+    parser.add_argument(
+        "--parallel.timeout",
+        dest="parallel_timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits in a collective before it stops with an error (default 300)",
+    )
     args, extra = parser.parse_known_args(argv)
     if args.threads is not None:
         import torch
@@ -116,10 +129,25 @@ def _train(argv: list[str]) -> int:
 
     # Reused memory instead of fresh pages each step: expert gradients are large.
     keep_freed_memory()
+    from .parallel import init_for_training
+
+    mesh = None
     try:
-        return _run_train(args, extra)
+        mesh = init_for_training(args.parallel_ep, args.parallel_timeout)
+        code = _run_train(args, extra, mesh)
     except ValueError as error:
         return _error("train", error)
+    except RuntimeError as error:
+        if mesh is None:
+            raise
+        # A dead or hung rank surfaces here as a failed collective (after the timeout).
+        print(
+            f"moekit train: rank {mesh.rank} of {mesh.world_size} stopped: {error}\n"
+            "(a rank that dies or hangs makes the others' collectives fail within "
+            f"--parallel.timeout {args.parallel_timeout:g} s)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "\ninterrupted; continue from the last checkpoint with "
@@ -127,6 +155,11 @@ def _train(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
+    if mesh is not None:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    return code
 
 
 def _task_of(argv: list[str]) -> str | None:
@@ -158,11 +191,13 @@ def _without_task(argv: list[str]) -> list[str]:
     return out
 
 
-def _run_train(args: argparse.Namespace, extra: list[str]) -> int:
+def _run_train(args: argparse.Namespace, extra: list[str], mesh=None) -> int:
     from . import train
     from .cli_args import build_configs, parse_overrides
 
     progress = not args.no_progress
+    if mesh is not None and mesh.rank != 0:  # rank 0 reports for all
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
     overrides = parse_overrides(extra)
     for flag in ("steps", "batch_size", "seq_len", "eval_every"):
         if getattr(args, flag) is not None:

@@ -19,9 +19,11 @@ from .apply import (
 from .checkpoint import consolidated, full_optimizer_tensors, shard_optimizer_tensors
 from .mesh import (
     ParallelMesh,
+    active_mesh,
     backend_for,
     build_mesh,
     default_device,
+    init_for_training,
     init_parallel,
     launched_by_torchrun,
     mesh_from_device_mesh,
@@ -32,6 +34,7 @@ __all__ = [
     "ExpertParallelExperts",
     "GroupPlanner",
     "ParallelMesh",
+    "active_mesh",
     "all_reduce_router_loads",
     "backend_for",
     "build_mesh",
@@ -40,6 +43,7 @@ __all__ = [
     "default_device",
     "expert_parameters",
     "full_optimizer_tensors",
+    "init_for_training",
     "init_parallel",
     "launched_by_torchrun",
     "mesh_from_device_mesh",

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from ..experts import GroupedExperts
 from ..moe import MoE
 from .all_to_all import ExpertParallelExperts
-from .mesh import ParallelMesh
 
 
 def _gather_experts(t_L: Tensor, group) -> Tensor:
@@ -94,7 +93,3 @@ def shard_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dic
         sharded[key] = value.contiguous()
     return sharded
 
-
-def mesh_summary(mesh: ParallelMesh) -> dict:
-    """The layout, recorded in trainer state (a checkpoint loads at any other layout)."""
-    return {"ep": mesh.ep, "dp": mesh.dp, "world_size": mesh.world_size}

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+_active: ParallelMesh | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,14 @@ def init_parallel(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), timeout=timeout)
-    return build_mesh(ep, timeout=timeout, device=device)
+    global _active
+    _active = build_mesh(ep, timeout=timeout, device=device)
+    return _active
+
+
+def active_mesh() -> ParallelMesh | None:
+    """The mesh init_parallel made in this process (the trainer picks it up), or None."""
+    return _active
 
 
 def build_mesh(ep: int, *, timeout: timedelta, device: torch.device) -> ParallelMesh:
@@ -132,3 +140,18 @@ def mesh_from_device_mesh(device_mesh) -> ParallelMesh:
         ep=ep, dp=dp, rank=rank, ep_group=ep_group, dp_group=dp_group,
         world_group=dist.group.WORLD, device=device,
     )
+
+
+def init_for_training(ep: int | None, timeout_s: float) -> ParallelMesh | None:
+    """The mesh `moekit train` runs on: from torchrun's env vars, or None for one process.
+
+    The trainer computes on the CPU, so its groups use gloo even where CUDA is present.
+    """
+    if not launched_by_torchrun():
+        if ep not in (None, 1):
+            raise ValueError(
+                f"--parallel.ep {ep} needs one process per rank: "
+                f"torchrun --nproc-per-node {ep} -m moekit train --parallel.ep {ep} ..."
+            )
+        return None
+    return init_parallel(ep or 1, timeout_s=timeout_s, device=torch.device("cpu"))

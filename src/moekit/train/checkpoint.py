@@ -51,14 +51,18 @@ def checkpoint_dir(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(
-    run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    run_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | dict[str, torch.Tensor],
+    state: dict,
 ) -> Path:
     """Write model, optimizer and trainer state atomically into run_dir/checkpoint/.
 
     Args:
         run_dir: the run directory.
         model: the model; its state_dict goes to model.safetensors.
-        optimizer: an optimizer over model's named parameters (AdamW-style state).
+        optimizer: an optimizer over model's named parameters (AdamW-style state), or its
+            tensors as optimizer_tensors() gives them (expert parallelism gathers them first).
         state: JSON-ready trainer state (step, loader, config, ...); format, versions,
             RNG state and file hashes are added here.
     Returns:
@@ -69,7 +73,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / MODEL_FILE))
-    save_file(optimizer_tensors(model, optimizer), str(tmp / OPTIMIZER_FILE))
+    if not isinstance(optimizer, dict):
+        optimizer = optimizer_tensors(model, optimizer)
+    save_file(optimizer, str(tmp / OPTIMIZER_FILE))
     for name in (MODEL_FILE, OPTIMIZER_FILE):
         _fsync(tmp / name)  # on disk before the rename makes them the checkpoint
     full_state = dict(state) | {
@@ -137,6 +143,7 @@ def load_checkpoint(
     run_dir: str | Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    reshard=None,
 ) -> dict:
     """Load a verified checkpoint into model (and optimizer) and restore the RNG state.
 
@@ -144,6 +151,8 @@ def load_checkpoint(
         run_dir: the run directory.
         model: a model built from the run's config.
         optimizer: if given, its state is restored too (and the torch RNG state).
+        reshard: applied to the saved optimizer tensors before loading (expert parallelism
+            keeps this rank's experts); None loads them as saved.
     Returns:
         The trainer state dict from trainer_state.json.
     Raises:
@@ -153,9 +162,8 @@ def load_checkpoint(
     try:
         load_model(model, str(folder / MODEL_FILE), strict=True)
         if optimizer is not None:
-            load_optimizer_tensors(
-                model, optimizer, load_file(str(folder / OPTIMIZER_FILE))
-            )
+            tensors = load_file(str(folder / OPTIMIZER_FILE))
+            load_optimizer_tensors(model, optimizer, reshard(tensors) if reshard else tensors)
     except (SafetensorError, RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} does not fit this model: {error}"

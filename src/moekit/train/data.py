@@ -26,6 +26,7 @@ from ..data import (
     train_tokenizer,
 )
 from ..data.tokenizer import TOKENIZER_FILE
+from ..parallel.training import rank_zero_first, rank_zero_only
 
 DATA_DIR = "data"
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
@@ -40,6 +41,7 @@ class RunData:
     validation: TokenStream
 
 
+@rank_zero_first  # under torchrun, rank 0 tokenises; the others read its files
 def prepare_run_data(
     run_dir: str | Path,
     *,
@@ -74,6 +76,7 @@ def prepare_run_data(
     )
 
 
+@rank_zero_only  # under torchrun, rank 0 copies while the others wait
 def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
     """Give run_dir the tokenizer and streams of source_dir (the same tokens, no re-tokenising)."""
     source_dir, run_dir = Path(source_dir), Path(run_dir)

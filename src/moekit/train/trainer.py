@@ -30,6 +30,8 @@ from torch import Tensor
 from .. import __version__, update_router_biases
 from ..data import BatchLoader, sequential_batches
 from ..models import ModelConfig, Transformer
+from ..parallel import active_mesh, all_reduce_router_loads, parallelize
+from ..parallel import training as distributed
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import (
     TrainConfig,
@@ -89,7 +91,6 @@ class Trainer:
     ):
         self.model_config, self.config = model_config, train_config
         self.run_dir = Path(run_dir)
-        self.show_progress = show_progress
         if data.tokenizer.vocab_size > model_config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size "
@@ -97,6 +98,13 @@ class Trainer:
             )
         torch.manual_seed(train_config.seed)
         self.model = Transformer(model_config)
+        # Under torchrun (moekit train --parallel.ep N): rank 0 writes the run directory,
+        # rank r > 0 logs its local metrics in RUN/rank{r}/ (docs/scaling.md).
+        self.mesh = active_mesh()
+        self.is_main = self.mesh is None or self.mesh.rank == 0
+        self.show_progress = show_progress and self.is_main
+        if self.mesh is not None:
+            parallelize(self.model, self.mesh)
         self.optimizer = build_optimizer(self.model, train_config)
         self.loader = BatchLoader(
             data.train,
@@ -105,8 +113,9 @@ class Trainer:
             seed=train_config.seed,
         )
         self.eval_batches = fixed_eval_batches(data, train_config)
-        self.metrics = MetricsLog(self.run_dir)
-        self.routing = RoutingLog(self.run_dir, routing_stats_every if model_config.moe else 0)
+        log_dir = self.run_dir if self.is_main else self.run_dir / f"rank{self.mesh.rank}"
+        self.metrics = MetricsLog(log_dir)
+        self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
         self.eval_domains = (data.validation.domains, fixed_eval_domains(data, train_config))
         self.step, self.train_seconds = 0, 0.0
         self._start(resume, data_source)
@@ -128,7 +137,10 @@ class Trainer:
                 raise ValueError(
                     f"--resume: the config differs from the one saved in {str(self.run_dir)!r}"
                 )
-            state = load_checkpoint(self.run_dir, self.model, self.optimizer)
+            if self.mesh is None:
+                state = load_checkpoint(self.run_dir, self.model, self.optimizer)
+            else:
+                state = distributed.load_consolidated(self.run_dir, self.model, self.optimizer, self.mesh)
             self.step, self.train_seconds = state["step"], state["train_seconds"]
             self.loader.load_state_dict(state["loader"])
             self.metrics.truncate_after(self.step)
@@ -138,10 +150,11 @@ class Trainer:
             raise ValueError(
                 f"{str(self.run_dir)!r} already holds a trained run; resume it or choose another run directory"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_FILE).write_text(
-            json.dumps(run_config, indent=1), encoding="utf-8"
-        )
+        self.metrics.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            (self.run_dir / CONFIG_FILE).write_text(
+                json.dumps(run_config, indent=1), encoding="utf-8"
+            )
         self.metrics.path.unlink(missing_ok=True)
         self.routing.path.unlink(missing_ok=True)
 
@@ -182,10 +195,17 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         inputs_BL, targets_BL = self.loader.next_batch()
+        num_tokens = inputs_BL.numel()
+        if self.mesh is not None:
+            inputs_BL, targets_BL = distributed.shard_batch(inputs_BL, targets_BL, self.mesh)
         with self._autocast():
             out = self.model(inputs_BL, targets_BL)
         (out.loss + out.aux_loss).backward()
-        grad_norm = _clip(self.model, cfg.grad_clip)
+        if self.mesh is None:
+            grad_norm = _clip(self.model, cfg.grad_clip)
+        else:
+            grad_norm = distributed.reduce_and_clip(self.model, cfg.grad_clip, self.mesh)
+            all_reduce_router_loads(self.model, self.mesh)
         lr = lr_at(
             self.step,
             lr=cfg.lr,
@@ -208,11 +228,11 @@ class Trainer:
         record = {
             "split": "train",
             "step": self.step,
-            "loss": out.loss.item(),
-            "aux_loss": out.aux_loss.item(),
+            "loss": self._mean_over_ranks(out.loss.item()),
+            "aux_loss": self._mean_over_ranks(out.aux_loss.item()),
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": inputs_BL.numel() / seconds,
+            "tokens_per_s": num_tokens / seconds,
             "dropped_fraction": _mean([s.dropped_fraction for s in moe_stats]),
             "load_cv": _mean([s.load_cv for s in moe_stats]),
             "time": time.time(),
@@ -225,10 +245,15 @@ class Trainer:
         domain x expert counts of those batches to the routing log)."""
         names, domains_per_batch = self.eval_domains
         num_experts = self.model_config.moe.num_experts if self.model_config.moe else 0
-        observe = self.routing.eval_observer(domains_per_batch, len(names), num_experts)
-        with self._autocast():
-            loss = evaluate(self.model, self.eval_batches, observe=observe)
-        self.routing.write_eval(self.step, names)
+        if self.mesh is not None:  # each rank its rows of every batch; no domain counts
+            batches = [distributed.shard_batch(*batch, self.mesh) for batch in self.eval_batches]
+            with self._autocast():
+                loss = self._mean_over_ranks(evaluate(self.model, batches))
+        else:
+            observe = self.routing.eval_observer(domains_per_batch, len(names), num_experts)
+            with self._autocast():
+                loss = evaluate(self.model, self.eval_batches, observe=observe)
+            self.routing.write_eval(self.step, names)
         self.metrics.append(
             {
                 "split": "val",
@@ -247,7 +272,12 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "config": read_run_config(self.run_dir),
         }
+        if self.mesh is not None:
+            return distributed.save_consolidated(self.run_dir, self.model, self.optimizer, state, self.mesh)
         return save_checkpoint(self.run_dir, self.model, self.optimizer, state)
+
+    def _mean_over_ranks(self, value: float) -> float:
+        return value if self.mesh is None else distributed.mean_over_ranks(value, self.mesh)
 
     def result(self) -> TrainResult:
         """The run's result so far, read back from the metrics log."""
