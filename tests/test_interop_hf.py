@@ -232,3 +232,26 @@ def test_settings_no_architecture_expresses_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"mixtral architecture cannot express: num_shared_experts 1"):
         save_hf(tiny, tmp_path / "out", architecture="mixtral")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+def test_cached_decoding_equals_the_full_forward_with_qk_norm(hf_folders, arch):
+    """q/k norms run before the cache, so token-by-token decoding sees the same keys."""
+    from moekit.generate import KVCache
+
+    model = load_hf(hf_folders[arch][1])
+    cache = KVCache.for_model(model, batch_size=2, max_len=12)
+    with torch.no_grad():
+        steps = [model(TOKENS_BT[:, t : t + 1], kv_cache=cache).logits for t in range(12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), _logits(model), atol=1e-5, rtol=0)
+
+
+def test_dense_layers_must_be_layer_indices():
+    from moekit import MoEConfig
+    from moekit.models import ModelConfig
+
+    moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4)
+    with pytest.raises(ValueError, match=r"dense_layers \[3\] are not layer indices in \[0, 3\)"):
+        ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=2, moe=moe, dense_layers=[0, 3])
+    with pytest.raises(ValueError, match=r"unknown qk_norm 'rms'"):
+        ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=2, qk_norm="rms")

@@ -248,12 +248,13 @@ def _architecture_keys(config: ModelConfig, arch: str) -> dict:
         "norm_topk_prob": moe.renormalize,
         "decoder_sparse_step": step,
         "mlp_only_layers": dense,
+        "head_dim": config.head_dim,
         "use_sliding_window": False,
         "sliding_window": None,
     }
     if arch == "qwen2_moe":
         return out | {"shared_expert_intermediate_size": moe.shared_hidden, "qkv_bias": config.qkv_bias}
-    return out | {"head_dim": config.head_dim, "attention_bias": config.qkv_bias}
+    return out | {"attention_bias": config.qkv_bias}
 
 
 def _inexpressible(config: ModelConfig, arch: str) -> list[str]:
