@@ -53,6 +53,10 @@ CASES = [
     ("split", 4, dict(router="noisy_topk")),
     ("split", 4, dict(router="dense")),
     ("split", 4, dict(router="softmax_topk", num_shared_experts=1, activation="gelu")),
+    ("grow", 4, dict(router="softmax_topk")),
+    ("grow", 8, dict(router="softmax_topk", renormalize=False, top_k=1)),
+    ("grow", 4, dict(router="sigmoid_topk", renormalize=False)),
+    ("grow", 4, dict(router="dense", activation="relu")),
 ]
 
 
@@ -127,6 +131,17 @@ def test_split_parts_receive_tokens_and_separate_in_training():
     with torch.no_grad():
         ids = grown.eval()(batch(7), return_expert_ids=True).expert_ids[0]
     assert (ids >= 4).any() and not with_sibling(ids, 4).all()
+
+
+def test_grow_keeps_the_width_and_its_new_units_start_learning():
+    model = trained_moe(router="softmax_topk")
+    grown = add_experts(model, 4, "grow")
+    moe = grown.config.moe
+    assert (moe.num_experts, moe.top_k, moe.d_hidden) == (8, 4, 12)
+    w_down = grown.layers[0].ffn.experts.w_down
+    assert torch.equal(w_down[:, 6:], torch.zeros_like(w_down[:, 6:]))  # new units add 0
+    train(grown, 2)
+    assert (w_down[:, 6:] != 0).all()
 
 
 UNSUPPORTED = [

@@ -22,6 +22,10 @@ Exactness needs either a per-expert score offset or new experts that split old o
   old probability, so w_down is scaled by P (likewise for renormalised sigmoid weights).
   Parameters and FLOPs stay the same (DeepSeekMoE's fine-grained segmentation): the model
   gains routable experts, not capacity; training separates the parts' router rows.
+- "grow" (the same routers): "split", then each part is widened back to F hidden units
+  with new units whose w_down rows start at zero (so they add exactly 0, and their output
+  weights get a gradient from the first step, like LoRA's zero-initialised B). Parameters
+  and the active FFN compute per token grow P-fold.
 
 Unsupported: switch (top-1 by definition, so no room for a second part and an unnormalised
 softmax weight), top_p (the cumulative-mass cut can fall between two parts), expert_choice
@@ -39,7 +43,7 @@ from torch import Tensor
 
 from ..models import ModelConfig, Transformer
 
-METHODS = ("offset", "split")
+METHODS = ("offset", "split", "grow")
 # The new experts' bias is this much further below the lowest old bias than the width of
 # the sigmoid's range (1), so rounding can never make a tie.
 OFFSET_MARGIN = 0.01
@@ -65,7 +69,7 @@ def add_experts_unsupported(config: ModelConfig, method: str) -> str | None:
             f"the {moe.router} router has no per-expert score offset to keep new experts out "
             "of the top-k; use method 'split', or a sigmoid_topk model"
         )
-    if method == "split" and moe.router not in _SPLIT_ROUTERS:
+    if method in ("split", "grow") and moe.router not in _SPLIT_ROUTERS:
         return f"the {moe.router} router cannot split experts exactly (see moekit.surgery.add_experts)"
     if moe.router == "sigmoid_topk" and moe.num_groups > 1:
         return "group-limited routing (num_groups > 1): new experts change the group scores"
@@ -76,7 +80,7 @@ def added_experts_config(config: ModelConfig, num_new: int, method: str) -> Mode
     """The config after adding num_new experts to every MoE layer with `method`.
 
     offset: E + N experts, same top_k and width. split: N must be a multiple of E;
-    P = 1 + N / E parts per expert, top_k * P, d_hidden / P.
+    P = 1 + N / E parts per expert, top_k * P, d_hidden / P. grow: as split, d_hidden kept.
     """
     reason = add_experts_unsupported(config, method)
     if reason is not None:
@@ -92,7 +96,7 @@ def added_experts_config(config: ModelConfig, num_new: int, method: str) -> Mode
             moe,
             num_experts=moe.num_experts * parts,
             top_k=moe.top_k * parts,
-            d_hidden=moe.d_hidden // parts,
+            d_hidden=moe.d_hidden if method == "grow" else moe.d_hidden // parts,
             # Shared experts keep their width (it defaults to d_hidden).
             d_shared_hidden=moe.d_shared_hidden or (moe.d_hidden if moe.num_shared_experts else None),
         )
@@ -100,13 +104,17 @@ def added_experts_config(config: ModelConfig, num_new: int, method: str) -> Mode
 
 
 @torch.no_grad()
-def add_experts(model: Transformer, num_new: int, method: str | None = None) -> Transformer:
+def add_experts(
+    model: Transformer, num_new: int, method: str | None = None, seed: int = 0
+) -> Transformer:
     """A new model with num_new more experts per MoE layer and the same output.
 
     Args:
         model: the trained MoE Transformer.
-        num_new: experts to add to every MoE layer (split: a multiple of E).
-        method: "offset" or "split" (see the module docstring); None picks default_method.
+        num_new: experts to add to every MoE layer (split, grow: a multiple of E).
+        method: "offset", "split" or "grow" (see the module docstring); None picks
+            default_method.
+        seed: seeds the new units' w_up (grow).
     Returns:
         The new model (train mode) on model's device and dtype. New experts have ids E and up.
     """
@@ -119,7 +127,11 @@ def add_experts(model: Transformer, num_new: int, method: str | None = None) -> 
         if method == "offset":
             _offset_layer(state, prefix, old.num_experts, num_new)
         else:
-            _split_layer(state, prefix, _parts(old.num_experts, old.d_hidden, num_new), old)
+            parts = _parts(old.num_experts, old.d_hidden, num_new)
+            _split_layer(state, prefix, parts, old)
+            if method == "grow":
+                generator = torch.Generator().manual_seed(seed + layer)
+                _widen_layer(state, prefix, parts, old, model.config.init_std, generator)
     parameter = next(model.parameters())
     new_model = Transformer(config).to(device=parameter.device, dtype=parameter.dtype)
     new_model.load_state_dict(state, strict=True)
@@ -156,6 +168,22 @@ def _split_layer(state: dict[str, Tensor], prefix: str, parts: int, moe) -> None
     for key in ("router.weight", "router.bias", "router.noise_weight"):
         if prefix + key in state:
             state[prefix + key] = state[prefix + key].repeat(parts, *[1] * (state[prefix + key].dim() - 1))
+
+
+def _widen_layer(
+    state: dict[str, Tensor], prefix: str, parts: int, moe, std: float, generator: torch.Generator
+) -> None:
+    """Pad each part from F / P back to F units: new w_up columns N(0, std), w_down rows 0."""
+    w_up_EDH, w_down_EFD = state[prefix + "experts.w_up"], state[prefix + "experts.w_down"]
+    E, D, width = w_up_EDH.shape[0], w_up_EDH.shape[1], moe.d_hidden // parts
+    new_units = moe.d_hidden - width
+    halves = w_up_EDH.chunk(2, dim=-1) if moe.gated else (w_up_EDH,)
+    fresh = [torch.randn(E, D, new_units, generator=generator).to(w_up_EDH) * std for _ in halves]
+    state[prefix + "experts.w_up"] = torch.cat(
+        [piece for half, new in zip(halves, fresh) for piece in (half, new)], dim=-1
+    )
+    zeros = w_down_EFD.new_zeros(E, new_units, w_down_EFD.shape[-1])
+    state[prefix + "experts.w_down"] = torch.cat((w_down_EFD, zeros), dim=1)
 
 
 def _parts(num_experts: int, d_hidden: int, num_new: int) -> int:

@@ -102,6 +102,8 @@ below every old expert keeps them unused until the aux-loss-free balancing raise
 1 / bias_update_rate steps; set it with --bias-update-rate). --method split (softmax_topk,
 noisy_topk, dense, sigmoid_topk): every expert splits into parts of its hidden units, top_k
 grows as much: NUM must be a multiple of the experts, parameters stay the same.
+--method grow (the same routers): split, then every part is widened back to the old width
+with new units whose output weights start at zero: parameters and FLOPs grow as top_k.
 See docs/surgery.md for why other routers cannot be extended exactly.
 """
 
@@ -114,9 +116,10 @@ def add_experts_main(argv: list[str]) -> int:
     parser.add_argument("run", help="the trained MoE run directory")
     _common(parser)
     parser.add_argument("--num", type=int, required=True, help="experts to add per MoE layer")
-    parser.add_argument("--method", choices=("offset", "split"),
+    parser.add_argument("--method", choices=("offset", "split", "grow"),
                         help="default: offset for sigmoid_topk, else split")  # fmt: skip
     parser.add_argument("--bias-update-rate", type=float, help="sigmoid_topk balancing step size")
+    parser.add_argument("--seed", type=int, default=0, help="init seed of grow's new units")
     args, extra = parser.parse_known_args(argv)
     from .runs import add_experts_run
 
@@ -125,7 +128,7 @@ def add_experts_main(argv: list[str]) -> int:
     try:
         trainer, result = add_experts_run(
             args.run, args.out, args.num, method=args.method, steps=args.steps,
-            train_changes=_train_changes(extra), moe_changes=moe_changes,
+            train_changes=_train_changes(extra), moe_changes=moe_changes, seed=args.seed,
             show_progress=not args.no_progress,
         )  # fmt: skip
     except ValueError as error:

@@ -130,6 +130,7 @@ def add_experts_run(
     steps: int | None = None,
     train_changes: dict | None = None,
     moe_changes: dict | None = None,
+    seed: int = 0,
     show_progress: bool = True,
 ) -> tuple[Trainer, TrainResult | None]:
     """`moekit add-experts`: run_dir starts from moe_run's model with num_new more experts.
@@ -138,7 +139,7 @@ def add_experts_run(
     moment of adding (bias_update_rate, balance_loss_coef, z_loss_coef).
     """
     model = load_trained_model(moe_run)
-    model = add_experts(model, num_new, method or default_method(model.config))
+    model = add_experts(model, num_new, method or default_method(model.config), seed=seed)
     if moe_changes:
         unknown = sorted(set(moe_changes) - {"bias_update_rate", "balance_loss_coef", "z_loss_coef"})
         if unknown:
