@@ -37,7 +37,7 @@ DEFAULTS = {
     "classify-text": {"epochs": 4, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
     "classify-digits": {"epochs": 40, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
     "mmoe-synthetic": {"epochs": 40, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.0, "eval_every": 100},
-    "vit": {"epochs": 15, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 100},
+    "vit": {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 100},
 }
 
 
