@@ -92,7 +92,7 @@ def test_deepseek_v3_counts_the_moe_after_three_dense_layers_and_excludes_mtp():
     assert a.active["routed_experts"] == 58 * 8 * expert
     assert a.total["shared_experts"] == 58 * expert
     assert a.total["dense_ffn"] == 3 * 3 * 7168 * 18432
-    # DeepSeek: the Hub checkpoint (685B) = 671B main model + 14B MTP module
+    # DeepSeek-V3's README: the Hub checkpoint (685B) = 671B main model + 14B MTP module
     stored = a.total_params + a.excluded["mtp_module_with_stored_embedding_and_head"]
     assert stored / 685e9 == pytest.approx(1, abs=0.01)
 
