@@ -50,7 +50,7 @@ def test_task_writes_the_run_files(task, tmp_path, monkeypatch):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert [r["step"] for r in val] == [0, 2, 4]
     metric = "task1_mse" if task == "mmoe-synthetic" else "accuracy"
-    assert all(metric in r and "loss" in r for r in val)
+    assert all(metric in r and "loss" in r for r in val + train)
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == task and results["val_loss"] == val[-1]["loss"]
     table = json.loads((out / "specialisation.json").read_text())

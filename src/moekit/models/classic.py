@@ -120,7 +120,7 @@ class MoEClassifier(nn.Module):
             d_model=d_model,
             d_hidden=max(expert_widths),
             num_experts=len(expert_widths),
-            top_k=min(top_k, len(expert_widths)),
+            top_k=top_k,
             router=router,
             balance_loss_coef=0.0 if router == "dense" else balance_loss_coef,
         )
@@ -212,7 +212,7 @@ class HierarchicalMoE(nn.Module):
             d_model=d_model,
             d_hidden=expert_hidden,
             num_experts=num_groups,
-            top_k=min(top_k, num_groups),
+            top_k=top_k,
             router=router,
             balance_loss_coef=0.0 if router == "dense" else balance_loss_coef,
         )

@@ -4,7 +4,8 @@ A task run directory holds:
     config.json           {"format", "moekit_version", "task", "model", "train", "data"}
     metrics.jsonl         the language model's record layout (train.metrics.MetricsLog):
                           {"split": "train", "step", "loss", "aux_loss", "lr", "grad_norm",
-                           "examples_per_s", "dropped_fraction", "load_cv", "time"} and
+                           "examples_per_s", "dropped_fraction", "load_cv", "time",
+                           "accuracy" or per-task MSE of the batch} and
                           {"split": "val", "step", "loss", "accuracy"} (or per-task MSE)
     specialisation.json   {"labels": [...], "layers": [{"name", "counts": [[per expert]
                            per label]}]}: which expert each gate ranks first, on validation
@@ -149,6 +150,9 @@ def train_task(
                 "load_cv": _mean([s.load_cv for s in out.stats]),
                 "time": time.time(),
             }
+            # The batch's accuracy (or per-task MSE), measured before this step's update.
+            batch_metrics = metrics_fn(out.prediction.detach(), data.y_train[index])
+            record |= {k: v / len(index) for k, v in batch_metrics.items() if k != "loss"}
             metrics.append(record)
             bar.update(1)
             bar.set_postfix_str(f"loss {record['loss']:.3f} drop {record['dropped_fraction']:.1%}")
