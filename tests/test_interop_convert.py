@@ -10,7 +10,7 @@ import torch
 
 from moekit import MoEConfig
 from moekit.cli import main
-from moekit.data import train_tokenizer
+from moekit.data import Tokenizer, train_tokenizer
 from moekit.interop.convert import write_run
 from moekit.models import ModelConfig, Transformer
 from moekit.train.trainer import load_trained_model
@@ -65,6 +65,9 @@ def test_run_to_hf_to_run(run_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == 0 and config["mlp_only_layers"] == [1]
     assert (tmp_path / "hf" / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer.encode(TEXTS[1]) == Tokenizer.load(run_dir).encode(TEXTS[1])
+    assert hf_tokenizer.eos_token_id == 0
 
     # 2. Hugging Face -> run: the same weights, bit for bit; eval and generate read it
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run2")]) == 0

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
+from ..data.tokenizer import END_OF_DOCUMENT, PADDING, TOKENIZER_FILE, Tokenizer
 from ..models import Transformer
 from ..train.checkpoint import checkpoint_dir, save_checkpoint
 from ..train.config import TrainConfig, model_config_to_dict
 from ..train.trainer import CONFIG_FILE, RUN_FORMAT, load_trained_model
 from .hf import load_hf, save_hf
+
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -92,18 +94,27 @@ def run_to_hf(src: str | Path, dst: str | Path, *, architecture: str | None = No
     if checkpoint_dir(src) is None:
         raise ValueError(f"{str(src)!r} has no checkpoint to convert")
     model = load_trained_model(src)
-    extra = {}
     tokenizer_file = Path(src) / TOKENIZER_FILE
+    tokenizer = None
     if tokenizer_file.is_file():
         try:
             tokenizer = Tokenizer.load(tokenizer_file)
-            extra = {"eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
         except ValueError:
             pass  # not a moekit tokenizer (one carried over from Hugging Face): no ids to record
-    save_hf(model, dst, architecture=architecture, config_extra=extra)
+    config_extra, files = {}, {}
     if tokenizer_file.is_file():
-        shutil.copy2(tokenizer_file, Path(dst) / TOKENIZER_FILE)
-    return Path(dst)
+        files[TOKENIZER_FILE] = tokenizer_file.read_text(encoding="utf-8")
+    if tokenizer is not None:
+        config_extra = {"eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
+        # what AutoTokenizer.from_pretrained needs to load tokenizer.json
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": END_OF_DOCUMENT,
+            "pad_token": PADDING,
+            "model_max_length": model.config.max_seq_len,
+        }
+        files[TOKENIZER_CONFIG_FILE] = json.dumps(tokenizer_config, indent=2)
+    return save_hf(model, dst, architecture=architecture, config_extra=config_extra, extra_files=files)
 
 
 def _check_empty(path: str | Path) -> None:

@@ -145,6 +145,7 @@ def save_hf(
     architecture: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
     config_extra: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write model as a Hugging Face folder that transformers' from_pretrained reads.
 
@@ -156,6 +157,7 @@ def save_hf(
             qwen2_moe, else mixtral).
         max_shard_bytes: above this, tensors go into several shards plus an index.
         config_extra: keys merged into config.json (token ids, say).
+        extra_files: {file name: text} written beside the weights (a tokenizer, say).
     Returns:
         The folder. It is written beside, then renamed into place: never half-written.
     Raises:
@@ -178,6 +180,8 @@ def save_hf(
     try:
         _write_shards(tensors, tmp, max_shard_bytes)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
