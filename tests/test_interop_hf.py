@@ -255,3 +255,17 @@ def test_dense_layers_must_be_layer_indices():
         ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=2, moe=moe, dense_layers=[0, 3])
     with pytest.raises(ValueError, match=r"unknown qk_norm 'rms'"):
         ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=2, qk_norm="rms")
+
+
+def test_tied_head_written_anyway_is_accepted_only_when_equal(tmp_path):
+    hf_model = _build("olmoe", tie_word_embeddings=True)
+    hf_model.tie_weights()
+    hf_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(_logits(load_hf(tmp_path)), _logits(hf_model), atol=1e-4, rtol=0)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected tensors \[lm_head.weight\]"):
+        load_hf(tmp_path)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..models import Transformer
+from ..models.transformer import meta_model
 from .hf_config import (
     choose_architecture,
     hf_config,
@@ -88,8 +89,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     config = model_config_from_hf(hf)
     files = weight_files(path)
     layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = meta_model(config)
     mappings = mappings_for(model, architecture, layout)
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
@@ -113,8 +113,9 @@ def _check_names(mappings: list[Mapping], files: dict, read, tied: bool) -> None
     expected = {name for m in mappings for name in m.hf}
     present = {name for name in files if not name.endswith(_IGNORED_SUFFIXES)}
     unexpected = present - expected
-    if tied and "lm_head.weight" in unexpected and torch.equal(
-        read("lm_head.weight"), read("model.embed_tokens.weight")
+    embed = "model.embed_tokens.weight"
+    if tied and "lm_head.weight" in unexpected and embed in files and torch.equal(
+        read("lm_head.weight"), read(embed)
     ):
         unexpected.discard("lm_head.weight")  # a tied head written out anyway
     missing = expected - present
