@@ -163,3 +163,45 @@ def test_inspect_prints_a_table_and_reads_run_configs(tmp_path, capsys):
 def test_inspect_unknown_target_is_an_error(capsys):
     assert inspect_main(["mixtral_9x9b"]) == 2
     assert "moekit inspect: error: 'mixtral_9x9b' is not a preset" in capsys.readouterr().err
+
+
+# The Hub config.json files in their older (transformers 4) form: top-level rope_theta,
+# torch_dtype, sliding-window keys that are off. Each counts as its hand-written preset.
+HUB_CONFIGS = {
+    "mixtral_8x7b": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6,
+        "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False,
+        "hidden_act": "silu", "router_aux_loss_coef": 0.02, "torch_dtype": "bfloat16",
+    },
+    "qwen1_5_moe_a2_7b": {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+        "num_experts_per_tok": 4, "norm_topk_prob": False, "decoder_sparse_step": 1,
+        "max_position_embeddings": 8192, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+        "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21,
+        "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+    },
+    "olmoe_1b_7b": {
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": 50304,
+        "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+        "num_experts_per_tok": 8, "norm_topk_prob": False, "clip_qkv": None,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rope_scaling": None,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+}
+
+
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_hub_config_json_counts_as_the_preset(name, tmp_path):
+    from moekit.interop.inspect import inspect_target
+
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIGS[name]))
+    from_hub = inspect_target(str(tmp_path / "config.json"))
+    preset = inspect_target(name)
+    assert (from_hub["total"], from_hub["active"]) == (preset["total"], preset["active"])
