@@ -75,7 +75,11 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     missing = [k for k in _STRUCTURE + _REQUIRED[arch] if hf.get(k) is None]
     if missing:
         raise ValueError(f"{arch} config.json lacks {missing}")
-    get = lambda key, default=None: hf[key] if hf.get(key) is not None else _DEFAULTS[arch].get(key, default)
+
+    def get(key: str, default=None):
+        """The config's value, else transformers' default for this architecture."""
+        return hf[key] if hf.get(key) is not None else _DEFAULTS[arch].get(key, default)
+
     problems = _unsupported(arch, hf, get)
     rope_theta = _rope_theta(hf, get, problems)
     if problems:
