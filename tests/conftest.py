@@ -1,7 +1,9 @@
 """Test configuration: the default run is fast and CPU-only; warnings start fresh per test.
 
-Tests marked slow, distributed or gpu run only when selected, e.g. `pytest -m slow`
-(STYLE.md, "Tests"); gpu tests are also skipped without a CUDA device.
+Tests marked slow or gpu run only when selected, e.g. `pytest -m slow` (STYLE.md, "Tests");
+gpu tests are also skipped without a CUDA device. Tests marked distributed (real gloo
+process groups on CPU) run by default, as CI runs them; `-m "not distributed"` leaves them
+out, and their heavy variants are also marked slow.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 import moekit.config
 
-OPT_IN_MARKS = ("slow", "distributed", "gpu")
+OPT_IN_MARKS = ("slow", "gpu")
 
 
 def pytest_collection_modifyitems(config, items):

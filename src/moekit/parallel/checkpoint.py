@@ -75,8 +75,7 @@ def full_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dict
     experts = _expert_names(model)
     full = {}
     for key, value in tensors.items():
-        name, field = key.rsplit(".", 1)
-        shard = experts.get(name)
+        shard = experts.get(key.rsplit(".", 1)[0])
         full[key] = value if shard is None or value.dim() == 0 else _gather_experts(value, shard.ep_group)
     return full
 
@@ -86,8 +85,7 @@ def shard_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dic
     experts = _expert_names(model)
     sharded = {}
     for key, value in tensors.items():
-        name, field = key.rsplit(".", 1)
-        shard = experts.get(name)
+        shard = experts.get(key.rsplit(".", 1)[0])
         if shard is not None and value.dim() > 0:
             value = value[shard.first_expert : shard.first_expert + shard.num_experts]
         sharded[key] = value.contiguous()

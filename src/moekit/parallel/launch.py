@@ -28,7 +28,7 @@ def _entry(rank, world_size, folder, timeout_s, fn, args) -> None:
         )
         fn(*args)
         dist.destroy_process_group()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 (any failure: report it and exit non-zero)
         Path(folder, f"rank{rank}.error").write_text(traceback.format_exc(), encoding="utf-8")
         os._exit(1)
 

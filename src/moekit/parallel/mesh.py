@@ -14,6 +14,7 @@ collective fail with an error after at most `timeout_s`, instead of waiting fore
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,7 +64,7 @@ def launched_by_torchrun() -> bool:
 def default_device() -> torch.device:
     """This process's device: cuda:LOCAL_RANK when CUDA is present, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
@@ -155,3 +156,39 @@ def init_for_training(ep: int | None, timeout_s: float) -> ParallelMesh | None:
             )
         return None
     return init_parallel(ep or 1, timeout_s=timeout_s, device=torch.device("cpu"))
+
+
+def rank_zero_first(fn):
+    """Decorator: under an active mesh, rank 0 runs fn (e.g. writes the run's data) before
+    the other ranks do (they then read what it wrote)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mesh = active_mesh()
+        if mesh is None:
+            return fn(*args, **kwargs)
+        if mesh.rank != 0:
+            dist.barrier(group=mesh.world_group)
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            dist.barrier(group=mesh.world_group)
+
+    return wrapper
+
+
+def rank_zero_only(fn):
+    """Decorator: under an active mesh only rank 0 runs fn (a pure write); all ranks wait."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mesh = active_mesh()
+        if mesh is None:
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs) if mesh.rank == 0 else None
+        finally:
+            dist.barrier(group=mesh.world_group)
+
+    return wrapper

@@ -11,17 +11,25 @@ The trainer stays single-process code; where a mesh is active it calls these ins
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..train.checkpoint import load_checkpoint, optimizer_tensors, save_checkpoint
+from ..train.checkpoint import (
+    OPTIMIZER_FILE,
+    checkpoint_dir,
+    load_checkpoint,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .apply import clip_grad_norm, sync_gradients
 from .checkpoint import consolidated, full_optimizer_tensors, shard_optimizer_tensors
-from .mesh import ParallelMesh, active_mesh
+from .mesh import ParallelMesh
 
 
 def shard_batch(inputs_BL: Tensor, targets_BL: Tensor, mesh: ParallelMesh) -> tuple[Tensor, Tensor]:
@@ -61,42 +69,9 @@ def save_consolidated(
 def load_consolidated(run_dir: str | Path, model: nn.Module, optimizer, mesh: ParallelMesh) -> dict:
     """Collective: every rank reads the full checkpoint and keeps its experts' slice."""
     with consolidated(model):
-        return load_checkpoint(
-            run_dir, model, optimizer, reshard=lambda tensors: shard_optimizer_tensors(tensors, model)
-        )
-
-
-def rank_zero_first(fn):
-    """Decorator: under an active mesh, rank 0 runs fn (e.g. writes the run's data) before
-    the other ranks do (they then read what it wrote)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        mesh = active_mesh()
-        if mesh is None:
-            return fn(*args, **kwargs)
-        if mesh.rank != 0:
-            dist.barrier(group=mesh.world_group)
-            return fn(*args, **kwargs)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            dist.barrier(group=mesh.world_group)
-
-    return wrapper
-
-
-def rank_zero_only(fn):
-    """Decorator: under an active mesh only rank 0 runs fn (a pure write); all ranks wait."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        mesh = active_mesh()
-        if mesh is None:
-            return fn(*args, **kwargs)
-        try:
-            return fn(*args, **kwargs) if mesh.rank == 0 else None
-        finally:
-            dist.barrier(group=mesh.world_group)
-
-    return wrapper
+        state = load_checkpoint(run_dir, model)  # weights (and the file hashes checked)
+    # The moments load outside the block: the optimizer holds the sharded parameters.
+    saved = load_file(str(checkpoint_dir(run_dir) / OPTIMIZER_FILE))
+    load_optimizer_tensors(model, optimizer, shard_optimizer_tensors(saved, model))
+    restore_rng_state(state)
+    return state

@@ -143,7 +143,6 @@ def load_checkpoint(
     run_dir: str | Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    reshard=None,
 ) -> dict:
     """Load a verified checkpoint into model (and optimizer) and restore the RNG state.
 
@@ -151,8 +150,6 @@ def load_checkpoint(
         run_dir: the run directory.
         model: a model built from the run's config.
         optimizer: if given, its state is restored too (and the torch RNG state).
-        reshard: applied to the saved optimizer tensors before loading (expert parallelism
-            keeps this rank's experts); None loads them as saved.
     Returns:
         The trainer state dict from trainer_state.json.
     Raises:
@@ -162,15 +159,21 @@ def load_checkpoint(
     try:
         load_model(model, str(folder / MODEL_FILE), strict=True)
         if optimizer is not None:
-            tensors = load_file(str(folder / OPTIMIZER_FILE))
-            load_optimizer_tensors(model, optimizer, reshard(tensors) if reshard else tensors)
+            load_optimizer_tensors(
+                model, optimizer, load_file(str(folder / OPTIMIZER_FILE))
+            )
     except (SafetensorError, RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} does not fit this model: {error}"
         ) from None
     if optimizer is not None:
-        torch.set_rng_state(_decode(state["rng"]["torch"]))
+        restore_rng_state(state)
     return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Set torch's RNG to the state a checkpoint's trainer_state.json recorded."""
+    torch.set_rng_state(_decode(state["rng"]["torch"]))
 
 
 def optimizer_tensors(

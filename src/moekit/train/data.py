@@ -26,7 +26,7 @@ from ..data import (
     train_tokenizer,
 )
 from ..data.tokenizer import TOKENIZER_FILE
-from ..parallel.training import rank_zero_first, rank_zero_only
+from ..parallel.mesh import rank_zero_first, rank_zero_only
 
 DATA_DIR = "data"
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
