@@ -180,8 +180,15 @@ def _ratio(seconds: float | None, dense_seconds: float) -> str:
     return "n/a" if seconds is None else f"{seconds / dense_seconds:.2f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Print the ratio table; see the module docstring for the flags."""
+def main(argv: list[str] | None = None) -> int | None:
+    """Print the ratio table; see the module docstring for the flags.
+
+    With --comm: the expert-parallel communication planner instead (moekit.parallel.comm).
+    """
+    if argv is not None and "--comm" in argv:
+        from .parallel.comm import main as comm_main
+
+        return comm_main([arg for arg in argv if arg != "--comm"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--shapes", nargs="+", metavar="T,d,h,E,k", help="default: the four standard shapes")
