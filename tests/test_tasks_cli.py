@@ -93,3 +93,20 @@ def test_bad_values_are_one_clear_error(tmp_path):
     code, _, stderr = run_cli("train", "--task", "vit", "--patch", "3", "--data", "digits",
                               "--out", str(tmp_path / "c"), *TINY)  # fmt: skip
     assert code == 2 and "patch_size (3) must divide image_size (8)" in stderr
+
+
+def test_capacity_sweep_of_a_trained_vit_run(tmp_path):
+    from moekit.tasks.capacity import capacity_sweep
+
+    out = tmp_path / "vit"
+    code, _, stderr = run_cli("train", "--task", "vit", "--out", str(out), *TINY, *CASES["vit"],
+                              "--capacity-factor", "none")  # fmt: skip
+    assert code == 0, stderr
+    rows = capacity_sweep(out, [0.25, 100.0])
+    by_key = {(r["capacity_factor"], r["priority"]): r for r in rows}
+    assert len(rows) == 4
+    assert by_key[(0.25, "batch")]["dropped_fraction"] > 0.5
+    # With room for every token, both orders keep everything and agree.
+    roomy = by_key[(100.0, "batch")], by_key[(100.0, "position")]
+    assert roomy[0]["dropped_fraction"] == roomy[1]["dropped_fraction"] == 0
+    assert roomy[0]["accuracy"] == roomy[1]["accuracy"]
