@@ -118,7 +118,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_killed_rank_makes_the_other_exit_with_a_clear_error(tmp_path, text_file):
+@pytest.mark.parametrize(
+    "stop_signal",
+    # SIGKILL: gloo sees the closed connection at once; SIGSTOP: a hung rank, the timeout.
+    [signal.SIGKILL, pytest.param(signal.SIGSTOP, marks=pytest.mark.slow)],
+    ids=["killed", "hung"],
+)
+def test_failed_rank_makes_the_other_exit_with_a_clear_error(tmp_path, text_file, stop_signal):
     out = tmp_path / "run"
     env_base = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                              "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -138,7 +144,8 @@ def test_killed_rank_makes_the_other_exit_with_a_clear_error(tmp_path, text_file
         while not (log.exists() and '"train"' in log.read_text()):
             assert time.monotonic() < deadline and ranks[0].poll() is None, "training never started"
             time.sleep(0.2)
-        ranks[1].send_signal(signal.SIGKILL)
+        ranks[1].send_signal(stop_signal)
+        # within the 20 s --parallel.timeout (plus start-up slack), not torch's 30 minutes
         _, stderr = ranks[0].communicate(timeout=60)
     finally:
         for proc in ranks:
