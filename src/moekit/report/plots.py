@@ -117,6 +117,8 @@ def load_evolution(
 ) -> str:
     """One step x expert heatmap per layer: how each expert's share moved during training."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     L = len(loads_LSE)
     columns = min(L, 4)
     rows = -(-L // columns)
@@ -146,6 +148,7 @@ def load_evolution(
             ),
         )
         axes.set_title(name, fontsize=9)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("expert", fontsize=8)
         axes.set_ylabel("step", fontsize=8)
         axes.tick_params(labelsize=7)
