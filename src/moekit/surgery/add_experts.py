@@ -166,8 +166,9 @@ def _split_layer(state: dict[str, Tensor], prefix: str, parts: int, moe) -> None
     state[prefix + "experts.w_up"] = torch.cat(ups).contiguous()
     state[prefix + "experts.w_down"] = torch.cat(downs).contiguous()
     for key in ("router.weight", "router.bias", "router.noise_weight"):
-        if prefix + key in state:
-            state[prefix + key] = state[prefix + key].repeat(parts, *[1] * (state[prefix + key].dim() - 1))
+        if prefix + key in state:  # rows (E, D) or biases (E,): the same for every part
+            rows = state[prefix + key]
+            state[prefix + key] = rows.repeat(parts, *[1] * (rows.dim() - 1))
 
 
 def _widen_layer(

@@ -88,7 +88,9 @@ def derived_run(
     if steps is not None:
         changes["steps"] = steps
     # warmup_steps was derived from the old step budget; derive it again unless given.
+    # A new run trains every parameter unless told otherwise (the source may be a stage 1).
     changes.setdefault("warmup_steps", None)
+    changes.setdefault("trainable", None)
     train_config = dataclasses.replace(train_config, **changes)
     _claim(run_dir)
     copy_run_data(source_run, run_dir)
