@@ -371,3 +371,29 @@ def test_routers_without_top_k_tokens(router):
     for layer, (ids_BTE, weights_BTE) in decisions.items():
         assert torch.equal(ids_BTE, expert_ids[layer])  # expert e in column e, else -1
         assert ((weights_BTE > 0) == (ids_BTE >= 0)).all()
+
+
+def test_routing_statistics_do_not_change_training(tmp_path, comparison):
+    model_config = load_trained_model(comparison / "moe").config
+    config = TrainConfig(
+        steps=4, batch_size=2, seq_len=32, eval_every=2, eval_batches=1
+    )
+    weights, losses = [], []
+    for every in (1, 0):
+        run = tmp_path / f"every{every}"
+        data = prepare_run_data(
+            run, data=comparison.parent / "corpus.jsonl", vocab_size=384
+        )
+        trainer = Trainer(
+            model_config,
+            config,
+            run,
+            data=data,
+            show_progress=False,
+            routing_stats_every=every,
+        )
+        trainer.train()
+        weights.append(trainer.model.state_dict())
+        losses.append([(r["step"], r["loss"]) for r in read_metrics(run)])
+    assert losses[0] == losses[1]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
