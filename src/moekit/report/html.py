@@ -142,6 +142,9 @@ def _summary(data: ReportData) -> str:
         if "accuracy" in val[-1]:
             rows.append(["final validation accuracy", f"{val[-1]['accuracy']:.4f}"])
     if data.comparison:
+        dense_loss = data.comparison["dense"].get("final_val_loss")
+        if dense_loss is not None:
+            rows.append(["dense twin's final validation loss", f"{dense_loss:.4f}"])
         speedup = data.comparison.get("speedup")
         rows.append(
             [

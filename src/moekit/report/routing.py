@@ -100,9 +100,7 @@ def token_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     pieces, shown = [], ""
     for i in range(len(ids)):
         text = tokenizer.decode(ids[: i + 1])
-        piece = (
-            "" if text.endswith("\ufffd") and i + 1 < len(ids) else text[len(shown) :]
-        )
+        piece = "" if text.endswith("\ufffd") else text[len(shown) :]
         shown += piece
         pieces.append(piece)
     return pieces
