@@ -1,7 +1,9 @@
 """Consolidated checkpoints reload at another EP size (4 -> 2 -> 1), on 4 gloo ranks.
 
-The same spawn also runs the EP 2 x DP 2 equality cases (test_parallel_equality.py):
-expert gradients reduce over the DP group only, so a doubled gradient fails here.
+The same spawn (one 4-rank world is the expensive part) also runs the EP 2 x DP 2 equality
+cases of test_parallel_equality.py (expert gradients reduce over the DP group only, so a
+doubled gradient fails here) and the trainer's resume at ep 2 x dp 2, which must end
+bit-identical to the uninterrupted run (resume_worker in test_parallel_train.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_parallel_equality import cases, check_case
+from test_parallel_train import resume_worker, write_text
 
 from moekit import MoEConfig
 from moekit.models import ModelConfig, Transformer
@@ -93,5 +96,11 @@ def reload_worker(folder: str) -> None:
         assert experts.shape[0] == 4, experts.shape
 
 
-def test_checkpoint_at_ep4_reloads_at_ep2_and_ep1(tmp_path):
-    spawn_local(reload_worker, (str(tmp_path),), world_size=4, timeout_s=300)
+def four_rank_worker(folder: str, text: str) -> None:
+    reload_worker(folder)
+    resume_worker(f"{folder}/resume", text)
+
+
+def test_checkpoint_at_ep4_reloads_at_ep2_and_ep1_and_resume_is_bit_identical(tmp_path):
+    text = write_text(tmp_path / "source.txt")
+    spawn_local(four_rank_worker, (str(tmp_path), str(text)), world_size=4, timeout_s=300)

@@ -151,8 +151,29 @@ def equality_worker(mesh_shapes, names: list[str] | None) -> None:
         check_sigmoid_bias_update(mesh)
 
 
+def device_mesh_worker() -> None:
+    """parallelize also takes a torch DeviceMesh with dims ("dp", "ep")."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moekit.parallel import mesh_from_device_mesh
+
+    device_mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "ep"))
+    mesh = mesh_from_device_mesh(device_mesh)
+    assert (mesh.ep, mesh.dp, mesh.ep_rank) == (2, 1, mesh.rank)
+    reference = make_moe(seed=5, **router_settings("softmax_topk")).eval()
+    model = parallelize(copy.deepcopy(reference), device_mesh)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(6))
+    rows = slice(3 * mesh.rank, 3 * mesh.rank + 3)
+    torch.testing.assert_close(model(x[rows]).hidden, reference(x).hidden[rows], atol=1e-5, rtol=1e-5)
+
+
+def two_rank_worker() -> None:
+    equality_worker((2,), None)
+    device_mesh_worker()
+
+
 def test_two_ranks_equal_single_process():
-    spawn_local(equality_worker, ((2,), None), world_size=2, timeout_s=240)
+    spawn_local(two_rank_worker, world_size=2, timeout_s=240)
 
 
 @pytest.mark.slow

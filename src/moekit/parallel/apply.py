@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from ..experts import GroupedExperts
 from ..moe import MoE
 from .all_to_all import ExpertParallelExperts
-from .mesh import ParallelMesh
+from .mesh import ParallelMesh, mesh_from_device_mesh
 from .planner import GroupPlanner
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+def parallelize(model: nn.Module, mesh) -> nn.Module:
     """Shard every MoE layer's experts over mesh.ep_group and plan routing group-wide.
 
     Every rank must build the same model (same seed) first; weights are then broadcast from
@@ -32,10 +32,13 @@ def parallelize(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
 
     Args:
         model: any module holding MoE layers with GroupedExperts; changed in place.
-        mesh: from init_parallel / build_mesh.
+        mesh: a ParallelMesh (init_parallel / build_mesh), or a torch DeviceMesh with
+            dims ("dp", "ep").
     Returns:
         The same model.
     """
+    if not isinstance(mesh, ParallelMesh):
+        mesh = mesh_from_device_mesh(mesh)
     _broadcast_weights(model, mesh.world_group)
     if mesh.ep == 1:
         return model

@@ -179,16 +179,16 @@ def rank_zero_first(fn):
 
 
 def rank_zero_only(fn):
-    """Decorator: under an active mesh only rank 0 runs fn (a pure write); all ranks wait."""
+    """Decorator: under an active mesh only rank 0 runs fn (a pure write); the others
+    return None at once. No collective, so callers may reach it on some ranks only (a
+    file-exists check racing with rank 0's write); a later rank_zero_first call, or the
+    next collective, orders the other ranks after rank 0's write."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         mesh = active_mesh()
-        if mesh is None:
-            return fn(*args, **kwargs)
-        try:
-            return fn(*args, **kwargs) if mesh.rank == 0 else None
-        finally:
-            dist.barrier(group=mesh.world_group)
+        if mesh is not None and mesh.rank != 0:
+            return None
+        return fn(*args, **kwargs)
 
     return wrapper

@@ -54,6 +54,14 @@ def mean_over_ranks(value: float, mesh: ParallelMesh) -> float:
     return float(t) / mesh.world_size
 
 
+def any_rank(flag: bool, mesh: ParallelMesh) -> bool:
+    """True on every rank when it is True on any (e.g. a Ctrl-C that reached some ranks
+    a step earlier than others: all must save at the same step, or the collectives part)."""
+    t = torch.tensor([int(flag)], device=mesh.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.world_group)
+    return bool(t)
+
+
 def save_consolidated(
     run_dir: str | Path, model: nn.Module, optimizer, state: dict, mesh: ParallelMesh
 ) -> Path:

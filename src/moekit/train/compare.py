@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..data import CorpusConfig
 from ..models import ModelConfig, count_parameters, dense_twin
+from ..parallel.mesh import rank_zero_only
 from .checkpoint import checkpoint_dir
 from .config import TrainConfig
 from .data import copy_run_data, prepare_run_data
@@ -215,6 +216,7 @@ def format_table(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
+@rank_zero_only  # under torchrun, one writer
 def write_outputs(comparison: Comparison, out_dir: str | Path) -> None:
     """Write comparison.json and loss.png into out_dir."""
     out_dir = Path(out_dir)

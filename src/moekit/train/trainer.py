@@ -182,7 +182,7 @@ class Trainer:
                 bar.set_postfix_str(_postfix(record))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     self.evaluate_and_log()
-                if interrupt.is_set():
+                if self._any_rank(interrupt.is_set()):  # every rank saves, or none does
                     self.save()
                     raise KeyboardInterrupt
                 if self.step % cfg.checkpoint_every == 0 and self.step < last:
@@ -278,6 +278,9 @@ class Trainer:
 
     def _mean_over_ranks(self, value: float) -> float:
         return value if self.mesh is None else distributed.mean_over_ranks(value, self.mesh)
+
+    def _any_rank(self, flag: bool) -> bool:
+        return flag if self.mesh is None else distributed.any_rank(flag, self.mesh)
 
     def result(self) -> TrainResult:
         """The run's result so far, read back from the metrics log."""
