@@ -148,7 +148,9 @@ attention and norms are averaged; routers are new. Stage 1 trains the routers on
 --demo runs the whole experiment on the built-in corpus: a parent (tiny_dense) on every
 domain, one branch per domain, the merge and both stages, and a baseline that trains the
 parent for the same number of extra steps; then it prints validation loss per domain and
-the domain x expert routing of each layer, and writes OUT/btx.json.
+the domain x expert routing of each layer, and writes OUT/btx.json. --domains picks the
+branches (default all five); --preset NAME and --model.FIELD VALUE / --train.FIELD VALUE
+overrides change the parent model and the training settings (as in `moekit train`).
 """
 
 
@@ -167,15 +169,20 @@ def merge_main(argv: list[str]) -> int:
     parser.add_argument("--joint-steps", type=int, help="stage 2 steps (demo default 80)")
     parser.add_argument("--parent-steps", type=int, help="demo: parent steps (default 200)")
     parser.add_argument("--branch-steps", type=int, help="demo: steps per branch (default 60)")
+    parser.add_argument("--domains", help="demo: comma-separated domains to branch on (default all)")
+    parser.add_argument("--preset", default="tiny_dense", help="demo: parent model (default tiny_dense)")
     parser.add_argument("--batch-size", type=int, default=16, help="demo: sequences per step (default 16)")
     parser.add_argument("--seq-len", type=int, default=128, help="demo: tokens per sequence (default 128)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    argv, extra = _dotted(argv)
     args = parser.parse_args(argv)
     _threads(args.threads)
     try:
         if args.demo:
-            return _demo(args)
+            return _demo(args, parse_overrides(extra))
+        if extra:
+            raise ValueError(f"unrecognised arguments {extra} (overrides apply to --demo only)")
         return _merge(args)
     except ValueError as error:
         return _error("merge", error)
@@ -195,29 +202,55 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from ..models import presets
+def _demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from ..cli_args import build_configs
+    from ..data import DOMAINS
     from ..train import default_out_dir
     from .btx import BTXSettings, branch_train_mix, format_btx
 
     if args.runs or args.parent:
         raise ValueError("--demo trains its own runs; drop the run arguments and --parent")
+    overrides.setdefault("train.batch_size", str(args.batch_size))
+    overrides.setdefault("train.seq_len", str(args.seq_len))
+    overrides.setdefault("train.eval_every", "50")
+    model_config, train_config = build_configs(args.preset, overrides)
+    if model_config.moe is not None:
+        raise ValueError(f"preset {args.preset!r} is an MoE; the branches are dense models")
     given = {
         "parent_steps": args.parent_steps, "branch_steps": args.branch_steps,
         "router_steps": args.router_steps, "joint_steps": args.joint_steps,
+        "domains": tuple(args.domains.split(",")) if args.domains else None,
     }  # fmt: skip
     settings = BTXSettings(
         top_k=args.top_k, router=args.router, **{k: v for k, v in given.items() if v is not None}
     )
+    unknown = sorted(set(settings.domains) - set(DOMAINS))
+    if unknown or len(settings.domains) < 2:
+        raise ValueError(f"--domains: choose two or more of {', '.join(DOMAINS)}; got {args.domains!r}")
     out = args.out or str(default_out_dir("btx"))
-    train_config = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, eval_every=50)
     start = time.perf_counter()
     result = branch_train_mix(
-        out, presets.tiny_dense(), train_config, settings, show_progress=not args.no_progress
+        out, model_config, train_config, settings, show_progress=not args.no_progress
     )
     print(format_btx(result))
     print(f"\nwrote {out}/btx.json ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def _dotted(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split `--model.X V` / `--train.X V` overrides from the rest, before argparse sees
+    them (it would take their values for the positional run arguments)."""
+    rest, dotted, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--model.", "--train.")):
+            take = 1 if "=" in arg else 2
+            dotted.extend(argv[i : i + take])
+            i += take
+        else:
+            rest.append(arg)
+            i += 1
+    return rest, dotted
 
 
 def _threads(threads: int | None) -> None:
