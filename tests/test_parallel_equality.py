@@ -20,6 +20,7 @@ from helpers import make_moe
 from moekit.parallel import (
     all_reduce_router_loads,
     build_mesh,
+    data_parallel,
     parallelize,
     sync_gradients,
 )
@@ -79,13 +80,17 @@ def starve_last_expert(moe) -> None:
         moe.router.weight[-1] = -1.0
 
 
-def check_case(case: Case, mesh, dp_groups: list[list[int]]) -> None:
-    """dp_groups: for each EP group, its ranks; the reference runs each group's batch."""
+def check_case(case: Case, mesh, dp_groups: list[list[int]], ddp: bool = False) -> None:
+    """dp_groups: for each EP group, its ranks; the reference runs each group's batch.
+
+    ddp: wrap the model with data_parallel (DDP reduces the replicated weights).
+    """
     W, E = mesh.world_size, 4
     reference = make_moe(seed=1, **case.settings).eval()
     if case.starve_expert:
         starve_last_expert(reference)
     model = parallelize(copy.deepcopy(reference), mesh)
+    wrapped = data_parallel(model, mesh) if ddp else model
     soft = case.settings["router"] == "soft"
     sizes = case.sizes or tuple(5 + r % 3 for r in range(mesh.ep))
     torch.manual_seed(2)
@@ -104,11 +109,11 @@ def check_case(case: Case, mesh, dp_groups: list[list[int]]) -> None:
             rows = slice(sum(sizes[:i]), sum(sizes[: i + 1]))
             mine = (x[rows], g[rows], ref[rows].detach())
     x_r, g_r, expected = mine
-    out = model(x_r).hidden
+    out = wrapped(x_r).hidden
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case.name}: {m}")
     (out * g_r).sum().backward()  # this rank's loss; sync_gradients averages over W
     ref_loss.backward()
-    sync_gradients(model, mesh)
+    sync_gradients(model, mesh, experts_only=ddp)
     shard = model.experts
     local = slice(mesh.ep_rank * E // mesh.ep, (mesh.ep_rank + 1) * E // mesh.ep)
     ref_params = dict(reference.named_parameters())
@@ -170,6 +175,10 @@ def device_mesh_worker() -> None:
 def two_rank_worker() -> None:
     equality_worker((2,), None)
     device_mesh_worker()
+    mesh = build_mesh(2, timeout=timedelta(seconds=30), device=torch.device("cpu"))
+    for case in cases():  # DDP for the replicated weights: cases where every weight is used
+        if case.name in ("shared experts", "softmax_topk reroute priority", "empty rank, capacity"):
+            check_case(case, mesh, [[0, 1]], ddp=True)
 
 
 def test_two_ranks_equal_single_process():

@@ -12,6 +12,7 @@ from .all_to_all import ExpertParallelExperts
 from .apply import (
     all_reduce_router_loads,
     clip_grad_norm,
+    data_parallel,
     expert_parameters,
     parallelize,
     sync_gradients,
@@ -40,6 +41,7 @@ __all__ = [
     "build_mesh",
     "clip_grad_norm",
     "consolidated",
+    "data_parallel",
     "default_device",
     "expert_parameters",
     "full_optimizer_tensors",

@@ -8,7 +8,8 @@ step must see the mean over all W = dp * ep ranks, exactly as DDP gives it):
   them the gradient of every token of the EP group: sum over the DP group only (the
   replicas of the same experts), then divide by W. Summing over the world too would add
   the EP group's contribution ep times (the "doubled gradients under EP" failure).
-Both are one flat all-reduce per group after backward (no overlap with the backward).
+sync_gradients does both as one flat all-reduce per group after backward; data_parallel()
+instead lets DDP reduce the replicated weights during the backward, in buckets.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..experts import GroupedExperts
 from ..moe import MoE
@@ -75,11 +77,36 @@ def _broadcast_weights(model: nn.Module, group) -> None:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Average gradients as the module docstring says; call after backward, before the step."""
+def sync_gradients(model: nn.Module, mesh: ParallelMesh, *, experts_only: bool = False) -> None:
+    """Average gradients as the module docstring says; call after backward, before the step.
+
+    Args:
+        experts_only: reduce the expert weights only (the model is wrapped by
+            data_parallel(), whose DDP already averaged the others during backward).
+    """
     replicated, experts = _split_parameters(model)
-    _reduce(replicated, mesh.world_group, mesh.world_size, mesh.device)
+    if not experts_only:
+        _reduce(replicated, mesh.world_group, mesh.world_size, mesh.device)
     _reduce(experts, mesh.dp_group, mesh.world_size, mesh.device)
+
+
+def data_parallel(model: nn.Module, mesh: ParallelMesh, **ddp_options) -> DistributedDataParallel:
+    """Wrap a parallelized model in DDP over the world group, expert weights left out.
+
+    DDP averages the replicated weights' gradients in buckets that overlap the backward;
+    the expert weights are DDP-ignored and reduce over their DP group only: call
+    sync_gradients(wrapped.module, mesh, experts_only=True) after backward.
+
+    Args:
+        model: the output of parallelize().
+        ddp_options: passed to DistributedDataParallel (broadcast_buffers defaults to
+            False: the sigmoid router's bias is kept equal by all_reduce_router_loads).
+    """
+    experts = {id(p) for p in expert_parameters(model)}
+    ignored = [name for name, p in model.named_parameters() if id(p) in experts]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    ddp_options.setdefault("broadcast_buffers", False)
+    return DistributedDataParallel(model, process_group=mesh.world_group, **ddp_options)
 
 
 def _reduce(params: list[nn.Parameter], group, divisor: int, device: torch.device) -> None:
