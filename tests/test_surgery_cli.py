@@ -112,5 +112,7 @@ def test_errors_name_the_problem(dense_run, tmp_path):
     assert code == 2 and "already holds a trained run" in stderr
     code, _, stderr = run_cli("upcycle", str(tmp_path / "none"), "--out", str(tmp_path / "z"))
     assert code == 2 and "is not a moekit run directory" in stderr
-    code, _, stderr = run_cli("upcycle", str(dense_run), "--out", str(tmp_path / "w"), "--train.nope", "1")
+    code, _, stderr = run_cli("upcycle", "--train.nope", "1", str(dense_run), "--out", str(tmp_path / "w"))
     assert code == 2 and "unknown setting --train.nope" in stderr
+    code, _, stderr = run_cli("upcycle", str(dense_run), "--out", str(tmp_path / "v"), "--model.top_k", "1")
+    assert code == 2 and "only --train.FIELD overrides apply here" in stderr

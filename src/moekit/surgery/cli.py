@@ -73,7 +73,8 @@ def upcycle_main(argv: list[str]) -> int:
     parser.add_argument("--moe-every", type=int, default=1, help="every n-th layer is MoE (default 1)")
     parser.add_argument("--first-dense-layers", type=int, default=0, help="leading layers kept dense")
     parser.add_argument("--seed", type=int, default=0, help="router init seed (default 0)")
-    args, extra = parser.parse_known_args(argv)
+    argv, extra = _dotted(argv)
+    args = parser.parse_args(argv)
     from .runs import upcycle_run
     from .upcycle import upcycle_changes_function
 
@@ -120,7 +121,8 @@ def add_experts_main(argv: list[str]) -> int:
                         help="default: offset for sigmoid_topk, else split")  # fmt: skip
     parser.add_argument("--bias-update-rate", type=float, help="sigmoid_topk balancing step size")
     parser.add_argument("--seed", type=int, default=0, help="init seed of grow's new units")
-    args, extra = parser.parse_known_args(argv)
+    argv, extra = _dotted(argv)
+    args = parser.parse_args(argv)
     from .runs import add_experts_run
 
     _threads(args.threads)
