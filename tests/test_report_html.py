@@ -397,3 +397,15 @@ def test_routing_statistics_do_not_change_training(tmp_path, comparison):
         losses.append([(r["step"], r["loss"]) for r in read_metrics(run)])
     assert losses[0] == losses[1]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_a_run_before_its_first_checkpoint_shows_its_logs(tmp_path, comparison):
+    run = tmp_path / "early"
+    run.mkdir()
+    for name in ("config.json", "metrics.jsonl", "routing.jsonl"):
+        (run / name).write_bytes((comparison / "moe" / name).read_bytes())
+    code, _, stderr = run_cli("report", str(run))
+    assert code == 0, stderr
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "No per-token routing: no checkpoint in" in page
+    assert 'alt="expert load over training"' in page and 'alt="loss curves"' in page

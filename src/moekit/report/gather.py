@@ -42,6 +42,8 @@ class ReportData:
     labels: domain or class names of the rows of label_counts.
     label_counts: (layer name, (labels, E) assignment counts) per MoE layer.
     samples: (domain, its routed sample text).
+    no_checkpoint: why the model could not be loaded (a run still before its first
+        checkpoint): the sections that route text are then left out.
     """
 
     run_dir: Path
@@ -55,6 +57,7 @@ class ReportData:
     labels: list[str] = field(default_factory=list)
     label_counts: list[tuple[str, np.ndarray]] = field(default_factory=list)
     samples: list[tuple[str, TokenRouting]] = field(default_factory=list)
+    no_checkpoint: str | None = None
 
     @property
     def num_experts(self) -> int | None:
@@ -116,7 +119,7 @@ def _param_counts(run_dir: Path) -> tuple[int, int]:
 
 def _language(run_dir: Path, tokens_per_domain: int, sample_tokens: int) -> ReportData:
     from ..data import Tokenizer
-    from ..train import prepare_run_data
+    from ..train import CheckpointError, prepare_run_data
     from ..train.trainer import load_trained_model, read_run_config
 
     config = read_run_config(run_dir)
@@ -128,7 +131,11 @@ def _language(run_dir: Path, tokens_per_domain: int, sample_tokens: int) -> Repo
     data.params.append(
         ("MoE" if config["model"].get("moe") else "dense", *_param_counts(run_dir))
     )
-    model = load_trained_model(run_dir)
+    try:
+        model = load_trained_model(run_dir)
+    except CheckpointError as error:
+        data.no_checkpoint = str(error)
+        return data
     layers = moe_layers(model)
     if not layers:
         return data

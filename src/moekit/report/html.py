@@ -226,6 +226,8 @@ def _why_no_routing(data: ReportData, what: str) -> str:
     moe = data.config.get("model", {}).get("moe")
     if not moe:
         return f"No {what}: this is a dense model (no MoE layers)."
+    if data.no_checkpoint:
+        return f"No {what}: {data.no_checkpoint}."
     if moe.get("router") == "soft":
         return f"No {what}: a Soft MoE router mixes every token into every expert."
     return f"No {what} for this run."
