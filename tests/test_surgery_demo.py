@@ -1,7 +1,7 @@
 """`moekit merge --demo` end to end with a micro parent model and two domains: every run,
 the loss table, the routing matrices and btx.json.
 
-Slow (32 s on the 2-core machine under load): the demo tokenises the whole built-in corpus and
+Slow (13 to 32 s on the shared 2-core machine): the demo tokenises the whole built-in corpus and
 evaluates every model on its whole validation split; tests/test_surgery_merge.py runs the
 same pipeline on a tiny corpus in the default run."""
 
