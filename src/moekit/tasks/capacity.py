@@ -1,6 +1,6 @@
 """Evaluate a trained `vit` run at other capacity factors and claim orders.
 
-V-MoE (Riquelme et al. 2021, section 4) reduces capacity at inference time on a model
+V-MoE (Riquelme et al. 2021) reduces capacity at inference time on a model
 trained with more: batch priority routing drops the tokens the router is least sure of,
 position order drops the last images' tokens. This module rebuilds a vit run's model from
 its config.json and model.safetensors, changes only the MoE layers' capacity settings,
