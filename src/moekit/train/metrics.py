@@ -96,7 +96,8 @@ class RoutingLog(MetricsLog):
             if layer_stats is None:
                 continue
             scalars = torch.stack([getattr(layer_stats, name).float() for name in ROUTING_SCALARS])
-            counts_E = layer_stats.tokens_per_expert
+            # A copy, never the layer's own tensor: the sums must not alias its state.
+            counts_E = layer_stats.tokens_per_expert.clone()
             if layer in self._sums:
                 old_counts, old_scalars = self._sums[layer]
                 counts_E, scalars = old_counts + counts_E, old_scalars + scalars
