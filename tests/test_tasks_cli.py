@@ -93,6 +93,8 @@ def test_bad_values_are_one_clear_error(tmp_path):
     code, _, stderr = run_cli("train", "--task", "vit", "--patch", "3", "--data", "digits",
                               "--out", str(tmp_path / "c"), *TINY)  # fmt: skip
     assert code == 2 and "patch_size (3) must divide image_size (8)" in stderr
+    code, _, stderr = run_cli("train", "--task", "vit", "--threads", "0", *TINY)
+    assert code == 2 and "--threads (0) must be >= 1" in stderr
 
 
 def test_capacity_sweep_of_a_trained_vit_run(tmp_path):

@@ -73,7 +73,8 @@ def _parser(task: str) -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=d["eval_every"], help=f"steps between evaluations (default {d['eval_every']})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and data split (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: these "
+                        "models are small, and more threads mostly wait on each other)")
     if task in ("classify-text", "classify-digits"):
         _classifier_options(parser, task)
     elif task == "mmoe-synthetic":
@@ -142,8 +143,10 @@ def main(task: str, argv: list[str]) -> int:
         print(f"moekit train: error: unknown task {task!r}; choose one of {', '.join(TASKS)}", file=sys.stderr)
         return 2
     args = _parser(task).parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        print(f"moekit train --task {task}: error: --threads ({args.threads}) must be >= 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
     try:
         return _run(task, args)
     except ValueError as error:
