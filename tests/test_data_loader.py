@@ -180,6 +180,20 @@ def test_sequential_batches_see_every_target_once():
     assert torch.equal(targets, torch.arange(1, 101))
 
 
+def test_sequential_batches_spread_a_window_cap_over_the_stream():
+    # 10 windows of 10 tokens; a cap of 4 takes windows floor(i * 10 / 4) = 0, 2, 5, 7.
+    stream = counting_stream(103)
+    batches = list(sequential_batches(stream, batch_size=3, seq_len=10, max_windows=4))
+    assert [b[0].shape[0] for b in batches] == [3, 1]
+    inputs = torch.cat([x for x, _ in batches])
+    assert inputs[:, 0].tolist() == [0, 20, 50, 70]
+    assert torch.equal(inputs[1], torch.arange(20, 30))
+    # A cap at or above the window count changes nothing.
+    capped = list(sequential_batches(stream, batch_size=4, seq_len=10, max_windows=10))
+    plain = list(sequential_batches(stream, batch_size=4, seq_len=10))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(capped, plain))
+
+
 def test_loader_rejects_a_stream_too_short():
     with pytest.raises(ValueError, match="stream has 50 tokens"):
         BatchLoader(counting_stream(50), batch_size=4, seq_len=16)

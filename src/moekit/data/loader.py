@@ -118,14 +118,28 @@ def windows_to_batch(
 
 
 def sequential_batches(
-    stream: TokenStream, *, batch_size: int, seq_len: int, return_domains: bool = False
+    stream: TokenStream,
+    *,
+    batch_size: int,
+    seq_len: int,
+    return_domains: bool = False,
+    max_windows: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """One pass over the stream in order, for evaluation: the same batches every time.
 
     The last batch may hold fewer than batch_size sequences; the final tokens that do not
-    fill a window are left out.
+    fill a window are left out. max_windows (None = all) caps the number of windows by
+    taking evenly spaced ones across the whole stream, in order: a sample of every part of
+    the stream rather than its head (streams are laid out document by document, and the
+    built-in corpus's documents are grouped by domain).
     """
     num_windows = (len(stream) - 1) // seq_len
-    starts = np.arange(num_windows) * seq_len
-    for first in range(0, num_windows, batch_size):
+    index = np.arange(num_windows)
+    if max_windows is not None and max_windows < num_windows:
+        if max_windows < 1:
+            raise ValueError(f"max_windows ({max_windows!r}) must be at least 1")
+        # floor(i * n / m) for i < m: distinct, increasing, spread from the first window on.
+        index = np.arange(max_windows) * num_windows // max_windows
+    starts = index * seq_len
+    for first in range(0, len(starts), batch_size):
         yield windows_to_batch(stream, starts[first : first + batch_size], seq_len, return_domains)

@@ -44,8 +44,9 @@ class TrainConfig:
     # is the default because CPUs without bf16 instructions run bf16 matmuls slowly.
     dtype: str = "float32"
 
-    # Validation loss on the first eval_batches batches of the validation split (the
-    # same batches every time, so curves compare), every eval_every steps and at the end.
+    # Validation loss on eval_batches batches of windows spread evenly over the validation
+    # split (the same batches every time, so curves compare), every eval_every steps and at
+    # the end.
     eval_every: int = 25
     eval_batches: int = 8
     checkpoint_every: int = 100

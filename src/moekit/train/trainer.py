@@ -21,7 +21,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -343,19 +342,30 @@ def _trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.P
 def fixed_eval_batches(
     data: RunData, config: TrainConfig
 ) -> list[tuple[Tensor, Tensor]]:
-    """The first eval_batches batches of the validation split, in order (the same every eval)."""
-    batches = sequential_batches(
-        data.validation, batch_size=config.batch_size, seq_len=config.seq_len
-    )
-    return list(islice(batches, config.eval_batches))
+    """eval_batches batches of evenly spaced validation windows (the same every eval).
+
+    Spread over the whole split, not its head: the split is laid out document by document
+    and the built-in corpus groups its documents by domain, so the first batches would hold
+    only the first domains.
+    """
+    return [batch[:2] for batch in _eval_windows(data, config)]
 
 
 def fixed_eval_domains(data: RunData, config: TrainConfig) -> list[Tensor]:
     """The (B, L) domain ids of the target tokens of fixed_eval_batches."""
-    batches = sequential_batches(
-        data.validation, batch_size=config.batch_size, seq_len=config.seq_len, return_domains=True
+    return [domains_BL for *_, domains_BL in _eval_windows(data, config)]
+
+
+def _eval_windows(data: RunData, config: TrainConfig) -> list[tuple[Tensor, ...]]:
+    return list(
+        sequential_batches(
+            data.validation,
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            return_domains=True,
+            max_windows=config.eval_batches * config.batch_size,
+        )
     )
-    return [domains_BL for *_, domains_BL in islice(batches, config.eval_batches)]
 
 
 @torch.no_grad()
