@@ -231,3 +231,15 @@ def test_resume_with_a_different_config_is_refused(tmp_path, text_file):
     make_trainer(tmp_path, text_file).train(stop_at=2)
     with pytest.raises(ValueError, match="config differs"):
         make_trainer(tmp_path, text_file, resume=True, lr=1e-4)
+
+
+def test_resume_of_a_run_saved_before_newer_settings_existed(tmp_path, text_file):
+    # A config.json written by an older moekit lacks settings added since; they take their
+    # defaults, so the run is the same run and resumes.
+    make_trainer(tmp_path, text_file).train(stop_at=2)
+    config_path = tmp_path / "config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["train"]["trainable"], saved["model"]["qk_norm"]
+    config_path.write_text(json.dumps(saved))
+    resumed = make_trainer(tmp_path, text_file, resume=True)
+    assert resumed.step == 2

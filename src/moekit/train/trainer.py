@@ -129,10 +129,11 @@ class Trainer:
         }
         if resume:
             saved = read_run_config(self.run_dir)
-            if (
-                saved["model"] != run_config["model"]
-                or saved["train"] != run_config["train"]
-            ):
+            # Through the dataclasses and back: a run saved before a setting existed
+            # holds its default, not a different config.
+            saved_model = model_config_to_dict(model_config_from_dict(saved["model"]))
+            saved_train = _asdict(train_config_from_dict(saved["train"]))
+            if saved_model != run_config["model"] or saved_train != run_config["train"]:
                 raise ValueError(
                     f"--resume: the config differs from the one saved in {str(self.run_dir)!r}"
                 )
