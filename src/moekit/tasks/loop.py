@@ -35,9 +35,9 @@ from ..train.schedule import lr_at
 from ..train.trainer import (
     CONFIG_FILE,
     RUN_FORMAT,
-    _clip,
-    _progress_bar,
     build_optimizer,
+    clip_gradients,
+    progress_bar,
 )
 from .data import TaskData
 
@@ -121,14 +121,14 @@ def train_task(
         return values
 
     last, train_seconds = validate(0), 0.0
-    with _progress_bar(config.steps, 0, show_progress) as bar:
+    with progress_bar(config.steps, 0, show_progress) as bar:
         for step in range(1, config.steps + 1):
             start = time.perf_counter()
             index = next(batches)
             out = model(data.x_train[index])
             loss = loss_fn(out.prediction, data.y_train[index])
             (loss + out.aux_loss).backward()
-            grad_norm = _clip(model, config.grad_clip)
+            grad_norm = clip_gradients(model, config.grad_clip)
             lr = lr_at(step - 1, lr=config.lr, steps=config.steps,
                        warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio)  # fmt: skip
             for group in optimizer.param_groups:

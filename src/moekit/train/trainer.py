@@ -173,7 +173,7 @@ class Trainer:
         if self.step == 0:
             self.evaluate_and_log()
         with (
-            _progress_bar(cfg.steps, self.step, self.show_progress) as bar,
+            progress_bar(cfg.steps, self.step, self.show_progress) as bar,
             _deferred_interrupt() as interrupt,
         ):
             while self.step < last:
@@ -202,7 +202,7 @@ class Trainer:
             out = self.model(inputs_BL, targets_BL)
         (out.loss + out.aux_loss).backward()
         if self.mesh is None:
-            grad_norm = _clip(self.model, cfg.grad_clip)
+            grad_norm = clip_gradients(self.model, cfg.grad_clip)
         else:
             grad_norm = distributed.reduce_and_clip(self.model, cfg.grad_clip, self.mesh)
             all_reduce_router_loads(self.model, self.mesh)
@@ -433,7 +433,8 @@ def load_trained_model(run_dir: str | Path) -> Transformer:
     return model.eval()
 
 
-def _clip(model: torch.nn.Module, max_norm: float) -> float:
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (0 = no clipping); returns the norm before."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -462,7 +463,8 @@ def _asdict(config: TrainConfig) -> dict:
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool):
+    """The training progress bar (tqdm, in steps), shared by every trainer in moekit."""
     from tqdm import tqdm
 
     bar = tqdm(
