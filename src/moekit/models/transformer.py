@@ -403,7 +403,7 @@ class Transformer(nn.Module):
         x_BTD = self.tok_embed(tokens_BT)
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats | None] = []
-        with _tap_routers(self.layers, enabled=return_expert_ids) as routings:
+        with tap_routers(self.layers, enabled=return_expert_ids) as routings:
             for block in self.layers:
                 x_BTD, moe_out = block(x_BTD, cos_TP, sin_TP, kv_cache)
                 if moe_out is not None:
@@ -438,7 +438,7 @@ def _init_router_state(module: nn.Module, std: float) -> None:
 
 
 @contextlib.contextmanager
-def _tap_routers(layers: nn.ModuleList, enabled: bool):
+def tap_routers(layers: nn.ModuleList, enabled: bool = True):
     """Yield a list with, per layer, the routing decision its MoE router made (None for
     dense layers), captured by a forward hook on the router while the context is open.
 

@@ -13,7 +13,6 @@ instead); Soft MoE mixes the N tokens of each image into its slots.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from ..config import MoEConfig
 from ..experts import MLP
 from ..moe import MoE
 from .classic import GateChoice, TaskOutput, first_choice
+from .transformer import tap_routers
 
 
 @dataclass(kw_only=True)
@@ -120,27 +120,12 @@ class ViTMoE(nn.Module):
     def gate_choices(self, images_BHW: Tensor) -> dict[str, GateChoice]:
         """Per MoE block ("block1", ...), the expert each patch's router ranks first: (B, N)."""
         B, N = images_BHW.shape[0], self.config.num_patches
-        with _tap_routers(self.blocks) as routings:
+        with tap_routers(self.blocks) as routings:
             self(images_BHW)
         choices = {}
-        for i, routing in routings.items():
+        for i, routing in enumerate(routings):
+            if routing is None:
+                continue
             E = self.blocks[i].ffn.config.num_experts
             choices[f"block{i + 1}"] = GateChoice(first_choice(routing, E).reshape(B, N), E)
         return choices
-
-
-@contextlib.contextmanager
-def _tap_routers(blocks: nn.ModuleList):
-    """A dict block index -> the routing decision its MoE router made, filled by forward
-    hooks while the context is open (the decision the layer used, not a second call)."""
-    routings, handles = {}, []
-    for i, block in enumerate(blocks):
-        if isinstance(block.ffn, MoE):
-            def keep(module, args, output, i=i):
-                routings[i] = output
-            handles.append(block.ffn.router.register_forward_hook(keep))
-    try:
-        yield routings
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -2,7 +2,7 @@
 
 # T tokens, K experts per token (top_k; E for expert choice), E experts, D domains
 
-The router's decision is captured with the model's own router hook (`_tap_routers`, the
+The router's decision is captured with the model's own router hook (`tap_routers`, the
 one `moekit generate --show-experts` uses), so nothing is routed twice and the weights
 are the combine weights the layer used. The decision is the router's, before capacity.
 """
@@ -16,7 +16,7 @@ import torch
 
 from ..data import Tokenizer, TokenStream
 from ..models import Transformer
-from ..models.transformer import _tap_routers
+from ..models.transformer import tap_routers
 from ..routing.base import ExpertChoice, TokenChoice
 from .stats import label_expert_counts
 
@@ -63,7 +63,7 @@ def route_batch(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per MoE layer index: (ids_BTK, weights_BTK) of a forward pass over tokens_BT."""
     B, T = tokens_BT.shape
-    with _tap_routers(model.layers, enabled=True) as routings:
+    with tap_routers(model.layers) as routings:
         model(tokens_BT)
     decisions = {}
     for layer, routing in enumerate(routings):
