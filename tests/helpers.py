@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 
 import torch
@@ -47,3 +49,23 @@ def tokens(num_tokens: int, d_model: int = 8, seed: int = 1, dtype=torch.float32
     """Standard normal (num_tokens, d_model) input."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(num_tokens, d_model, generator=generator, dtype=dtype)
+
+
+# A micro language model trained for a few steps from the command line (moekit train).
+MICRO = [
+    "--model.vocab_size", "384", "--model.d_model", "32", "--model.num_layers", "2",
+    "--model.num_heads", "2", "--model.num_kv_heads", "1", "--model.max_seq_len", "32",
+    "--model.moe.d_hidden", "32", "--model.num_experts", "4",
+    "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
+    "--train.eval_batches", "2", "--no-progress",
+]  # fmt: skip
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run `moekit ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    from moekit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()

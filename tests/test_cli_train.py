@@ -3,37 +3,19 @@ loss.png; resume; prepare + --data .bin; `moekit eval`; `moekit generate` equals
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
 import textwrap
 
 import pytest
 import torch
+from helpers import MICRO, run_cli
 
-from moekit.cli import main
 from moekit.data import Tokenizer
 from moekit.generate import generate
 from moekit.train import evaluate_run, load_trained_model, read_metrics, steps_to_reach
 
-MICRO = [
-    "--model.vocab_size", "384", "--model.d_model", "32", "--model.num_layers", "2",
-    "--model.num_heads", "2", "--model.num_kv_heads", "1", "--model.max_seq_len", "32",
-    "--model.moe.d_hidden", "32", "--model.num_experts", "4",
-    "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
-    "--train.eval_batches", "2", "--no-progress",
-]  # fmt: skip
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

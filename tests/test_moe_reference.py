@@ -13,11 +13,12 @@ import warnings
 
 import pytest
 import torch
-from moekit import ROUTERS
 from helpers import make_moe, tokens
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from reference_moe import reference_moe
+
+from moekit import ROUTERS
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LOSS_COEFS = dict(

@@ -5,18 +5,16 @@ labelled domains; the routing log's counts against the model's own expert ids; a
 from __future__ import annotations
 
 import base64
-import contextlib
 import inspect
-import io
 import json
 import re
 import textwrap
 
 import pytest
 import torch
+from helpers import MICRO, run_cli
 
 from moekit import MoEConfig
-from moekit.cli import main
 from moekit.data import Tokenizer, generate_problems
 from moekit.models import ModelConfig, Transformer, count_parameters
 from moekit.report import mutual_information
@@ -32,22 +30,7 @@ from moekit.train import (
 )
 from moekit.train.trainer import fixed_eval_batches, fixed_eval_domains
 
-MICRO = [
-    "--model.vocab_size", "384", "--model.d_model", "32", "--model.num_layers", "2",
-    "--model.num_heads", "2", "--model.num_kv_heads", "1", "--model.max_seq_len", "32",
-    "--model.moe.d_hidden", "32", "--model.num_experts", "4",
-    "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
-    "--train.eval_batches", "2", "--no-progress",
-]  # fmt: skip
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def write_domain_corpus(path) -> None:

@@ -4,15 +4,13 @@ continues with `--steps` or `moekit train --resume`, and bad input is one clear 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
 import textwrap
 
 import pytest
+from helpers import run_cli
 
-from moekit.cli import main
 from moekit.train import load_trained_model, read_metrics
 
 MICRO_DENSE = [
@@ -23,13 +21,6 @@ MICRO_DENSE = [
 ]  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,10 @@ same pipeline on a tiny corpus in the default run."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
-
-from moekit.cli import main
+from helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,13 +19,6 @@ MICRO = [
     "--model.num_heads", "2", "--model.max_seq_len", "32", "--model.d_hidden", "32",
     "--batch-size", "64", "--seq-len", "32", "--train.eval_batches", "1",
 ]  # fmt: skip
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.slow

@@ -4,15 +4,13 @@ matrix counts every assignment, and the experiment and the CLI run end to end.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
-from moekit.cli import main
 from moekit.data import CorpusConfig
 from moekit.models import ModelConfig, Transformer
 from moekit.surgery import merge_dense_models
@@ -137,13 +135,6 @@ def test_experiment_writes_every_run_and_the_table(experiment):
     assert json.loads((out / "baseline" / "config.json").read_text())["train"]["steps"] == 11
     table = format_btx(result)
     assert "BTX layer 1" in table and "parent +11" in table
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_cli_merges_runs_and_trains_both_stages(experiment, tmp_path):

@@ -3,26 +3,17 @@ config.json, metrics.jsonl, specialisation.json, results.json and its weights.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
+from helpers import run_cli
 from safetensors.torch import load_file
 from test_tasks_data import tiny_corpus
 
 import moekit.data
-from moekit.cli import main
 from moekit.train import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "16", "--no-progress"]

@@ -22,7 +22,6 @@ from moekit.train import (
     read_metrics,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
