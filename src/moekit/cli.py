@@ -43,7 +43,8 @@ mmoe-synthetic or vit; `moekit train --task NAME --help` shows that task's optio
 """
 
 
-def _error(command: str, error: Exception) -> int:
+def command_error(command: str, error: Exception) -> int:
+    """Print `moekit COMMAND: error: ...` to stderr; returns the exit status 2."""
     print(f"moekit {command}: error: {error}", file=sys.stderr)
     return 2
 
@@ -136,7 +137,7 @@ def _train(argv: list[str]) -> int:
         mesh = init_for_training(args.parallel_ep, args.parallel_timeout)
         code = _run_train(args, extra, mesh)
     except ValueError as error:
-        return _error("train", error)
+        return command_error("train", error)
     except RuntimeError as error:
         if mesh is None:
             raise
@@ -269,7 +270,7 @@ def _prepare(argv: list[str]) -> int:
     try:
         path = write_prepared(args.data, args.out, vocab_size=args.vocab_size)
     except ValueError as error:
-        return _error("prepare", error)
+        return command_error("prepare", error)
     print(f"wrote {path} (and val.bin, tokenizer.json beside it)")
     return 0
 
@@ -306,7 +307,7 @@ def _eval(argv: list[str]) -> int:
                 f"({result.num_tokens:,} tokens)"
             )
     except ValueError as error:
-        return _error("eval", error)
+        return command_error("eval", error)
     return 0
 
 
@@ -362,7 +363,7 @@ def _generate(argv: list[str]) -> int:
             pieces.append(piece)
         print()
     except ValueError as error:
-        return _error("generate", error)
+        return command_error("generate", error)
     if args.show_experts:
         _print_experts(pieces, args.run_dir)
     return 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from ..cli import command_error
 
 INSPECT_DESCRIPTION = """\
 Total and active-per-token parameters by part (embeddings, attention, router, routed
@@ -35,8 +36,7 @@ def inspect_main(argv: list[str]) -> int:
     try:
         report = inspect_target(args.target)
     except ValueError as error:
-        print(f"moekit inspect: error: {error}", file=sys.stderr)
-        return 2
+        return command_error("inspect", error)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
@@ -95,8 +95,7 @@ def convert_main(argv: list[str]) -> int:
     try:
         direction = convert(args.src, args.dst, architecture=args.architecture)
     except ValueError as error:
-        print(f"moekit convert: error: {error}", file=sys.stderr)
-        return 2
+        return command_error("convert", error)
     what = "moekit run directory" if direction == "hf-to-run" else "Hugging Face folder"
     print(f"wrote {what} {Path(args.dst)}")
     return 0

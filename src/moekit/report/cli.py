@@ -6,10 +6,7 @@ import argparse
 import os
 import sys
 
-
-def _error(command: str, error: Exception) -> int:
-    print(f"moekit {command}: error: {error}", file=sys.stderr)
-    return 2
+from ..cli import command_error
 
 
 def _one_thread() -> None:
@@ -48,7 +45,7 @@ def report_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     for flag in ("tokens_per_domain", "sample_tokens"):
         if getattr(args, flag) < 1:
-            return _error(
+            return command_error(
                 "report",
                 ValueError(
                     f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be >= 1"
@@ -65,7 +62,7 @@ def report_main(argv: list[str]) -> int:
             sample_tokens=args.sample_tokens,
         )
     except ValueError as error:
-        return _error("report", error)
+        return command_error("report", error)
     print(f"wrote {path}")
     return 0
 
@@ -103,7 +100,7 @@ def route_main(argv: list[str]) -> int:
     try:
         text = _route(run_dir, args.text, args.layer, _use_colour(args.color))
     except ValueError as error:
-        return _error("route", error)
+        return command_error("route", error)
     print(text)
     return 0
 

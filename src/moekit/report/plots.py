@@ -89,21 +89,7 @@ def load_heatmap(loads_LE: np.ndarray, layer_names: list[str], title: str) -> st
     figure, axes = plt.subplots(
         figsize=(min(1.2 + 0.45 * E, 14), 1.2 + 0.42 * L), dpi=100
     )
-    image = axes.imshow(share_LE, cmap="viridis", aspect="auto", vmin=0)
-    if E <= 32:
-        for (i, j), value in np.ndenumerate(share_LE):
-            axes.text(
-                j,
-                i,
-                f"{value:.0f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if value < share_LE.max() * 0.6 else "black",
-            )
-    axes.set_xticks(range(E), [str(e) for e in range(E)], fontsize=8)
-    axes.set_yticks(range(L), layer_names, fontsize=8)
-    axes.set_xlabel("expert")
+    image = _percent_heatmap(axes, share_LE, layer_names, "viridis")
     axes.set_title(
         f"{title} (% of the layer's assignments; uniform = {100 / E:.1f}%)", fontsize=10
     )
@@ -194,9 +180,20 @@ def specialisation(
     figure, axes = plt.subplots(
         figsize=(min(1.8 + 0.42 * E, 14), 1.0 + 0.38 * D), dpi=100
     )
-    image = axes.imshow(share_DE, cmap="magma", aspect="auto", vmin=0)
+    image = _percent_heatmap(axes, share_DE, labels, "magma")
+    bits = mutual_information(counts_DE)
+    axes.set_title(f"{title}: I({word}; expert) = {bits:.3f} bits", fontsize=10)
+    figure.colorbar(image, ax=axes, fraction=0.03, label="% of the row")
+    figure.tight_layout()
+    return to_data_uri(figure)
+
+
+def _percent_heatmap(axes, share_RE: np.ndarray, row_names: list[str], cmap: str):
+    """Rows x experts of percentages, each cell written in when there are <= 32 experts."""
+    R, E = share_RE.shape
+    image = axes.imshow(share_RE, cmap=cmap, aspect="auto", vmin=0)
     if E <= 32:
-        for (i, j), value in np.ndenumerate(share_DE):
+        for (i, j), value in np.ndenumerate(share_RE):
             axes.text(
                 j,
                 i,
@@ -204,13 +201,9 @@ def specialisation(
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="white" if value < share_DE.max() * 0.6 else "black",
+                color="white" if value < share_RE.max() * 0.6 else "black",
             )
     axes.set_xticks(range(E), [str(e) for e in range(E)], fontsize=8)
-    axes.set_yticks(range(D), labels, fontsize=8)
+    axes.set_yticks(range(R), row_names, fontsize=8)
     axes.set_xlabel("expert")
-    bits = mutual_information(counts_DE)
-    axes.set_title(f"{title}: I({word}; expert) = {bits:.3f} bits", fontsize=10)
-    figure.colorbar(image, ax=axes, fraction=0.03, label="% of the row")
-    figure.tight_layout()
-    return to_data_uri(figure)
+    return image

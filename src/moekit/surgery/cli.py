@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from ..cli import command_error
 from ..cli_args import _parse, parse_overrides
 from ..config import ROUTERS
 from ..train.config import TrainConfig
-
-
-def _error(command: str, error: Exception) -> int:
-    print(f"moekit {command}: error: {error}", file=sys.stderr)
-    return 2
 
 
 def _train_changes(extra: list[str]) -> dict:
@@ -88,7 +83,7 @@ def upcycle_main(argv: list[str]) -> int:
             first_dense_layers=args.first_dense_layers,
         )  # fmt: skip
     except ValueError as error:
-        return _error("upcycle", error)
+        return command_error("upcycle", error)
     reason = upcycle_changes_function(trainer.model_config.moe)
     print("at step 0 the MoE computes the dense model's function" if reason is None
           else f"note: at step 0 the MoE differs from the dense model: {reason}")  # fmt: skip
@@ -134,7 +129,7 @@ def add_experts_main(argv: list[str]) -> int:
             show_progress=not args.no_progress,
         )  # fmt: skip
     except ValueError as error:
-        return _error("add-experts", error)
+        return command_error("add-experts", error)
     moe = trainer.model_config.moe
     print(f"now {moe.num_experts} experts per MoE layer, top_k {moe.top_k}, width {moe.d_hidden}")
     _print_run(args.out, trainer, result)
@@ -187,7 +182,7 @@ def merge_main(argv: list[str]) -> int:
             raise ValueError(f"unrecognised arguments {extra} (overrides apply to --demo only)")
         return _merge(args)
     except ValueError as error:
-        return _error("merge", error)
+        return command_error("merge", error)
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..cli import TASKS as ALL_TASKS
+from ..cli import command_error
 from ..train.config import TrainConfig
 from ..train.jobs import default_out_dir
 from . import data as task_data
@@ -31,7 +33,7 @@ from .loop import (
     write_json,
 )
 
-TASKS = ("classify-text", "classify-digits", "mmoe-synthetic", "vit")
+TASKS = tuple(task for task in ALL_TASKS if task != "lm")
 # Per task: default epochs, batch size, learning rate, weight decay, eval_every.
 DEFAULTS = {
     "classify-text": {"epochs": 4, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
@@ -150,8 +152,7 @@ def main(task: str, argv: list[str]) -> int:
     try:
         return _run(task, args)
     except ValueError as error:
-        print(f"moekit train --task {task}: error: {error}", file=sys.stderr)
-        return 2
+        return command_error(f"train --task {task}", error)
 
 
 def _run(task: str, args: argparse.Namespace) -> int:
