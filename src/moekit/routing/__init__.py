@@ -24,6 +24,13 @@ ROUTER_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
+def router_class(name: str) -> type[nn.Module]:
+    """The class of the router named `name`; its class attributes say what it is."""
+    if name not in ROUTER_CLASSES:
+        raise ValueError(f"unknown router {name!r}; choose one of {', '.join(ROUTER_CLASSES)}")
+    return ROUTER_CLASSES[name]
+
+
 def build_router(config: MoEConfig) -> nn.Module:
     """The router module named by config.router."""
     return ROUTER_CLASSES[config.router](config)
@@ -44,4 +51,5 @@ __all__ = [
     "TokenChoice",
     "TopP",
     "build_router",
+    "router_class",
 ]

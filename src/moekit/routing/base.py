@@ -8,6 +8,7 @@ make the softmax unstable).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,17 @@ class SoftAssignment:
 
 
 class Router(nn.Module):
-    """Linear gate D -> E in fp32; subclasses turn logits into a routing decision."""
+    """Linear gate D -> E in fp32; subclasses turn logits into a routing decision.
+
+    Class attributes say what a router is, so code outside routing/ never compares names:
+        causal: a token's routing depends on that token alone (usable in a decoder).
+        uses_capacity: capacity_factor limits the experts (token choice: when set).
+        has_selection_bias: a `bias` buffer shifts selection only (DeepSeek-V3).
+    """
+
+    causal: ClassVar[bool] = True
+    uses_capacity: ClassVar[bool] = True
+    has_selection_bias: ClassVar[bool] = False
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -79,7 +90,14 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
-        nn.init.normal_(self.weight, std=config.d_model**-0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Gate weights ~ N(0, std) (default d_model**-0.5); state buffers to zero."""
+        std = self.config.d_model**-0.5 if std is None else std
+        nn.init.normal_(self.weight, std=std)
+        for buffer in self.buffers(recurse=False):
+            buffer.zero_()
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """fp32 router logits (T, E), outside any autocast region."""

@@ -7,6 +7,8 @@ in encoders, or in decoders only with care (the paper's decoder results need a f
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from .base import ExpertChoice, Router
@@ -20,6 +22,8 @@ class ExpertChoiceRouter(Router):
     C = ceil(capacity_factor * T * top_k / E) (capacity_factor None means 1), so on average
     a token is processed by top_k experts; some tokens get more, some none.
     """
+
+    causal: ClassVar[bool] = False
 
     def forward(self, x_TD: Tensor, capacity: int) -> ExpertChoice:
         logits_TE = self.logits(x_TD)

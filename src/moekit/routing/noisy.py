@@ -27,6 +27,11 @@ class NoisyTopK(Router):
         # Zero init as in the paper: all experts start with equal, unit-free noise.
         self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.d_model))
 
+    def reset_parameters(self, std: float | None = None) -> None:
+        super().reset_parameters(std)
+        if hasattr(self, "noise_weight"):  # not yet created during Router.__init__
+            nn.init.zeros_(self.noise_weight)
+
     def forward(self, x_TD: Tensor) -> TokenChoice:
         clean_TE = self.logits(x_TD)
         load_E = None

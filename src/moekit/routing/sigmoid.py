@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,8 @@ class SigmoidTopK(Router):
     `update_bias()`; it moves each expert's bias by rate * sign(mean_load - load) using
     the loads counted since the previous call, outside autograd.
     """
+
+    has_selection_bias: ClassVar[bool] = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)

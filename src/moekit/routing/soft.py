@@ -7,6 +7,8 @@ on the tokens after it. Use it in encoders (ViT), not in autoregressive decoders
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,13 +26,23 @@ class SoftRouter(nn.Module):
     so that the logits stay in range when d_model is large.
     """
 
+    causal: ClassVar[bool] = False
+    uses_capacity: ClassVar[bool] = False
+    has_selection_bias: ClassVar[bool] = False
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
         num_slots = config.num_experts * config.slots_per_expert
         self.slot_weight = nn.Parameter(torch.empty(num_slots, config.d_model))
-        nn.init.normal_(self.slot_weight, std=config.d_model**-0.5)
         self.scale = nn.Parameter(torch.ones(()))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Slot parameters ~ N(0, std) (default d_model**-0.5), the scale at 1."""
+        std = self.config.d_model**-0.5 if std is None else std
+        nn.init.normal_(self.slot_weight, std=std)
+        nn.init.ones_(self.scale)
 
     def forward(self, x_BND: Tensor) -> SoftAssignment:
         with torch.autocast(device_type=x_BND.device.type, enabled=False):

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -83,6 +85,8 @@ class TopP(Router):
 
 class Dense(Router):
     """The classic mixture (Jacobs et al. 1991): every expert runs, mixed by the softmax."""
+
+    uses_capacity: ClassVar[bool] = False
 
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)
