@@ -52,7 +52,7 @@ def test_reset_parameters_sets_the_documented_state(router):
 def test_reset_parameters_default_std_is_the_constructor_init():
     torch.manual_seed(0)
     built = build_router(_config("softmax_topk"))
-    torch.manual_seed(0)
     again = build_router(_config("softmax_topk"))
+    torch.manual_seed(0)
     again.reset_parameters()
     assert torch.equal(built.weight, again.weight)
