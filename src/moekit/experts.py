@@ -60,12 +60,26 @@ def _swiglu_backward(h_RH: Tensor, grad_a_RF: Tensor) -> Tensor:
 
 
 def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
-        return _swiglu_backward(h_RH, grad_a_RF)
-    with torch.enable_grad():
-        h = h_RH.detach().requires_grad_()
-        (grad_h_RH,) = torch.autograd.grad(activate(h, activation), h, grad_a_RF)
-    return grad_h_RH
+    """d activate(h) / dh by hand (torch's fused backward kernels), for every activation."""
+    if activation == "swiglu" and not torch.compiler.is_compiling():
+        return _swiglu_backward(h_RH, grad_a_RF)  # writes in place: eager only
+    aten = torch.ops.aten
+    if activation in ("swiglu", "geglu"):
+        gate_RF, up_RF = h_RH.chunk(2, dim=-1)
+        if activation == "swiglu":
+            grad_gate_RF = aten.silu_backward(grad_a_RF * up_RF, gate_RF)
+            grad_up_RF = grad_a_RF * F.silu(gate_RF)
+        else:
+            grad_gate_RF = aten.gelu_backward(grad_a_RF * up_RF, gate_RF, approximate="tanh")
+            grad_up_RF = grad_a_RF * F.gelu(gate_RF, approximate="tanh")
+        return torch.cat([grad_gate_RF, grad_up_RF], dim=-1)
+    if activation == "gelu":
+        return aten.gelu_backward(grad_a_RF, h_RH, approximate="tanh")
+    if activation == "relu":
+        return aten.threshold_backward(grad_a_RF, h_RH, 0)
+    if activation == "silu":
+        return aten.silu_backward(grad_a_RF, h_RH)
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 # Without avx512_bf16/AMX, torch's CPU bf16 GEMM falls back to a kernel whose
@@ -76,6 +90,29 @@ def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str) -> Te
 _SLOW_ROW_MAJOR_GEMM = (torch.bfloat16, torch.float16)
 
 BACKENDS = EXPERT_BACKENDS
+
+
+# grouped_mm as opaque ops for torch.compile: torch's own fake (meta) kernel accepts bf16
+# only, as CUDA's kernels do, while the CPU kernel also runs fp32. Eager calls go straight
+# to F.grouped_mm; compiled graphs call these, whose fakes give the shapes.
+@torch.library.custom_op("moekit::grouped_mm", mutates_args=())
+def _grouped_mm_op(a_RK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
+    return F.grouped_mm(a_RK, w_EKN, offs=offsets_E).contiguous()
+
+
+@_grouped_mm_op.register_fake
+def _(a_RK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
+    return a_RK.new_empty(a_RK.shape[0], w_EKN.shape[-1])
+
+
+@torch.library.custom_op("moekit::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(a_RK: Tensor, grad_RN: Tensor, offsets_E: Tensor) -> Tensor:
+    return F.grouped_mm(a_RK.t(), grad_RN, offs=offsets_E).contiguous()
+
+
+@_grouped_weight_grad_op.register_fake
+def _(a_RK: Tensor, grad_RN: Tensor, offsets_E: Tensor) -> Tensor:
+    return a_RK.new_empty(offsets_E.shape[0], a_RK.shape[-1], grad_RN.shape[-1])
 
 
 class _Groups:
@@ -105,6 +142,8 @@ class _Groups:
     def mm(self, a_RK: Tensor, w_EKN: Tensor) -> Tensor:
         """out[rows of e] = a_RK[rows of e] @ w_EKN[e]; rows past the last group unset."""
         if self.backend == "grouped_mm":
+            if torch.compiler.is_compiling():
+                return _grouped_mm_op(a_RK, w_EKN, self.offsets_E)
             return F.grouped_mm(a_RK, w_EKN, offs=self.offsets_E)
         out_RN = a_RK.new_empty(a_RK.shape[0], w_EKN.shape[-1])
         both_row_major = w_EKN.stride(-1) == 1
@@ -124,6 +163,8 @@ class _Groups:
         Experts without rows get an exact zero gradient.
         """
         if self.backend == "grouped_mm":
+            if torch.compiler.is_compiling():
+                return _grouped_weight_grad_op(a_RK, grad_RN, self.offsets_E)
             return F.grouped_mm(a_RK.t(), grad_RN, offs=self.offsets_E)
         E = self.num_experts
         grad_w_EKN = a_RK.new_empty(E, a_RK.shape[-1], grad_RN.shape[-1])
