@@ -97,3 +97,26 @@ def test_inductor_compiled_layer_equals_eager():
     torch.testing.assert_close(comp_x, eager_x, atol=1e-5, rtol=1e-5)
     for name in eager_grads:
         torch.testing.assert_close(comp_grads[name], eager_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_transformer_training_forward_has_no_graph_break():
+    """The whole language model (attention, MoE layers, loss) is one graph."""
+    import dataclasses
+
+    from moekit.models.presets import tiny
+    from moekit.models.transformer import Transformer
+
+    torch._dynamo.reset()
+    base = tiny()
+    config = dataclasses.replace(base, vocab_size=256, num_layers=2, max_seq_len=32,
+                                 moe=dataclasses.replace(base.moe, capacity_factor=1.25))
+    model = Transformer(config)
+    tokens = torch.randint(0, 256, (2, 16))
+
+    def loss(tokens):
+        out = model(tokens, tokens)
+        return out.loss + out.aux_loss
+
+    explanation = torch._dynamo.explain(loss)(tokens)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
