@@ -56,3 +56,42 @@ def test_reset_parameters_default_std_is_the_constructor_init():
     torch.manual_seed(0)
     again.reset_parameters()
     assert torch.equal(built.weight, again.weight)
+
+
+def test_router_knowledge_other_modules_ask_for():
+    cfg = _config("softmax_topk")
+    assert router_class("softmax_topk").active_fraction(cfg) == 2 / 4
+    ec = MoEConfig(d_model=8, d_hidden=4, num_experts=4, top_k=2, router="expert_choice", capacity_factor=1.5)
+    assert router_class("expert_choice").active_fraction(ec) == 0.75
+    assert router_class("soft").active_fraction(_config("soft")) == 1.0
+    sparse = {name for name in ROUTERS if router_class(name).sparse}
+    assert sparse == set(ROUTERS) - {"dense", "soft"}
+    assert {name for name in ROUTERS if router_class(name).mixes_tokens} == {"soft"}
+    exact = {name for name in ROUTERS if router_class(name).splits_exactly}
+    assert exact == {"softmax_topk", "noisy_topk", "dense", "sigmoid_topk"}
+    # Why a token's weights may not sum to one (upcycling needs them to).
+    assert router_class("softmax_topk").weights_not_summing_to_one(cfg) is None
+    unnormalised = MoEConfig(d_model=8, d_hidden=4, num_experts=4, router="top_p", renormalize=False)
+    assert "without renormalize" in router_class("top_p").weights_not_summing_to_one(unnormalised)
+    scaled = MoEConfig(d_model=8, d_hidden=4, num_experts=4, router="sigmoid_topk", routed_scaling=2.5)
+    assert "routed_scaling (2.5)" in router_class("sigmoid_topk").weights_not_summing_to_one(scaled)
+    assert "top-1" in router_class("switch").weights_not_summing_to_one(_config("switch"))
+    assert router_class("dense").weights_not_summing_to_one(_config("dense")) is None
+
+
+def test_no_module_outside_routing_and_config_compares_a_router_name():
+    import pathlib
+    import re
+
+    import moekit
+
+    root = pathlib.Path(moekit.__file__).parent
+    pattern = re.compile(r"""router\s*(==|!=|not in|in)\s*[("'\[]""")
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for path in root.rglob("*.py")
+        if path.parts[len(root.parts)] != "routing" and path.name != "config.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ..config import MoEConfig
 from ..models import ModelConfig
+from ..routing import SoftmaxTopK, router_class
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -264,7 +265,7 @@ def _architecture_keys(config: ModelConfig, arch: str) -> dict:
 def _inexpressible(config: ModelConfig, arch: str) -> list[str]:
     """The settings of config that the architecture has no way to write, by name."""
     moe, problems = config.moe, []
-    if moe.router != "softmax_topk":
+    if router_class(moe.router) is not SoftmaxTopK:  # what every Hugging Face MoE format stores
         problems.append(f"router {moe.router!r} (only softmax_topk)")
     if moe.capacity_factor is not None:
         problems.append(f"capacity_factor {moe.capacity_factor} (Hugging Face MoEs are dropless)")

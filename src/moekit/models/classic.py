@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..config import MoEConfig
 from ..experts import ModuleExperts
 from ..moe import MoE, MoEOutput, MoEStats
+from ..routing import router_class
 from ..routing.base import ExpertChoice, SoftAssignment, TokenChoice
 
 
@@ -87,7 +88,7 @@ class ModuleMoE(MoE):
 def _check_router(router: str) -> None:
     # Soft MoE mixes the examples of a batch into slots: an example's prediction would
     # depend on the other examples, which is not a classifier of single inputs.
-    if router == "soft":
+    if router_class(router).mixes_tokens:
         raise ValueError("router 'soft' mixes the examples of a batch; use it in the ViT")
 
 
@@ -122,7 +123,7 @@ class MoEClassifier(nn.Module):
             num_experts=len(expert_widths),
             top_k=top_k,
             router=router,
-            balance_loss_coef=0.0 if router == "dense" else balance_loss_coef,
+            balance_loss_coef=balance_loss_coef if router_class(router).sparse else 0.0,
         )
         self.embed = nn.Sequential(nn.Linear(in_features, d_model), nn.ReLU())
         self.moe = ModuleMoE(config, [expert_mlp(d_model, w) for w in expert_widths])
@@ -214,7 +215,7 @@ class HierarchicalMoE(nn.Module):
             num_experts=num_groups,
             top_k=top_k,
             router=router,
-            balance_loss_coef=0.0 if router == "dense" else balance_loss_coef,
+            balance_loss_coef=balance_loss_coef if router_class(router).sparse else 0.0,
         )
         self.upper = ModuleMoE(upper, [_Group(group_config) for _ in range(num_groups)])
 

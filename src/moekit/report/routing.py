@@ -17,6 +17,7 @@ import torch
 from ..data import Tokenizer, TokenStream
 from ..models import Transformer
 from ..models.transformer import tap_routers
+from ..routing import router_class
 from ..routing.base import ExpertChoice, TokenChoice
 from .stats import label_expert_counts
 
@@ -52,7 +53,7 @@ class TokenRouting:
 def moe_layers(model: Transformer) -> list[int]:
     """Indices of the layers whose router gives per-token experts (not Soft MoE)."""
     config = model.config
-    if config.moe is None or config.moe.router == "soft":
+    if config.moe is None or router_class(config.moe.router).mixes_tokens:
         return []
     return config.moe_layers
 

@@ -150,12 +150,35 @@ class Router(nn.Module):
     Class attributes say what a router is, so code outside routing/ never compares names:
         causal: a token's routing depends on that token alone (usable in a decoder).
         uses_capacity: capacity_factor limits the experts (token choice: when set).
+        sparse: a token uses a subset of the experts (False: every expert runs for it).
+        mixes_tokens: an expert's input mixes several tokens (Soft MoE), so no token has
+            expert ids and no example can be routed alone.
         has_selection_bias: a `bias` buffer shifts selection only (DeepSeek-V3).
+        renormalizes: with config.renormalize, a token's weights sum to one.
+        splits_exactly: an expert split into parts keeps the layer's function (its score
+            can be shared by the parts; see moekit.surgery.add_experts).
     """
 
     causal: ClassVar[bool] = True
     uses_capacity: ClassVar[bool] = True
+    sparse: ClassVar[bool] = True
+    mixes_tokens: ClassVar[bool] = False
     has_selection_bias: ClassVar[bool] = False
+    renormalizes: ClassVar[bool] = True
+    splits_exactly: ClassVar[bool] = True
+
+    @classmethod
+    def active_fraction(cls, config: MoEConfig) -> float:
+        """Share of the routed experts' weights one token uses, on average: top_k / E (for
+        top_p an upper bound: top_k is the most a token may use)."""
+        return config.top_k / config.num_experts
+
+    @classmethod
+    def weights_not_summing_to_one(cls, config: MoEConfig) -> str | None:
+        """Why a token's combine weights may not sum to one under config, or None."""
+        if cls.renormalizes and not config.renormalize:
+            return f"{config.router} without renormalize scales each token by its top-k weight sum"
+        return None
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()

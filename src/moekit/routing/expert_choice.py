@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from ..config import MoEConfig
 from .base import ExpertChoice, Router
 
 
@@ -24,6 +25,19 @@ class ExpertChoiceRouter(Router):
     """
 
     causal: ClassVar[bool] = False
+    renormalizes: ClassVar[bool] = False
+    splits_exactly: ClassVar[bool] = False
+
+    @classmethod
+    def active_fraction(cls, config: MoEConfig) -> float:
+        """Each expert takes C = cf * T * top_k / E tokens, so a token is processed by
+        cf * top_k experts on average (cf None means 1)."""
+        factor = 1.0 if config.capacity_factor is None else config.capacity_factor
+        return min(1.0, factor * config.top_k / config.num_experts)
+
+    @classmethod
+    def weights_not_summing_to_one(cls, config: MoEConfig) -> str | None:
+        return "expert_choice routing does not give every token weights that sum to one"
 
     def route(self, x: Tensor, capacity: int | None) -> ExpertChoice:
         return self(x.reshape(-1, x.shape[-1]), capacity)

@@ -30,6 +30,13 @@ class SigmoidTopK(Router):
 
     has_selection_bias: ClassVar[bool] = True
 
+    @classmethod
+    def weights_not_summing_to_one(cls, config: MoEConfig) -> str | None:
+        reason = super().weights_not_summing_to_one(config)
+        if reason is None and config.routed_scaling != 1.0:
+            reason = f"routed_scaling ({config.routed_scaling}) scales every token's output"
+        return reason
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
         self.register_buffer("bias", torch.zeros(config.num_experts), persistent=True)

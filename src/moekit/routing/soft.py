@@ -28,7 +28,21 @@ class SoftRouter(nn.Module):
 
     causal: ClassVar[bool] = False
     uses_capacity: ClassVar[bool] = False
+    sparse: ClassVar[bool] = False
+    mixes_tokens: ClassVar[bool] = True
     has_selection_bias: ClassVar[bool] = False
+    renormalizes: ClassVar[bool] = False
+    splits_exactly: ClassVar[bool] = False
+
+    @classmethod
+    def active_fraction(cls, config: MoEConfig) -> float:
+        """Every expert: each token's output mixes every expert's slots (its FLOPs per
+        token are lower: E * slots_per_expert slots per sequence)."""
+        return 1.0
+
+    @classmethod
+    def weights_not_summing_to_one(cls, config: MoEConfig) -> str | None:
+        return "soft routing does not give every token weights that sum to one"
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()

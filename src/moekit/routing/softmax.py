@@ -38,6 +38,13 @@ class Switch(Router):
     and leave the router without a gradient from the task loss).
     """
 
+    renormalizes: ClassVar[bool] = False
+    splits_exactly: ClassVar[bool] = False
+
+    @classmethod
+    def weights_not_summing_to_one(cls, config) -> str | None:
+        return "the switch router scales each token by its top-1 probability (below one)"
+
     def forward(self, x_TD: Tensor) -> TokenChoice:
         eps = self.config.jitter_eps
         if self.training and eps > 0:
@@ -64,6 +71,8 @@ class TopP(Router):
     top_k of them. Unused slots have valid_TK False and weight 0.
     """
 
+    splits_exactly: ClassVar[bool] = False
+
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
@@ -87,6 +96,8 @@ class Dense(Router):
     """The classic mixture (Jacobs et al. 1991): every expert runs, mixed by the softmax."""
 
     uses_capacity: ClassVar[bool] = False
+    sparse: ClassVar[bool] = False
+    renormalizes: ClassVar[bool] = False  # the full softmax already sums to one
 
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)

@@ -42,17 +42,18 @@ import torch
 from torch import Tensor
 
 from ..models import ModelConfig, Transformer
+from ..routing import router_class
 
 METHODS = ("offset", "split", "grow")
 # The new experts' bias is this much further below the lowest old bias than the width of
 # the sigmoid's range (1), so rounding can never make a tie.
 OFFSET_MARGIN = 0.01
-_SPLIT_ROUTERS = ("softmax_topk", "noisy_topk", "dense", "sigmoid_topk")
 
 
 def default_method(config: ModelConfig) -> str:
     """"offset" for sigmoid_topk (new capacity at the same top_k), else "split"."""
-    return "offset" if config.moe is not None and config.moe.router == "sigmoid_topk" else "split"
+    biased = config.moe is not None and router_class(config.moe.router).has_selection_bias
+    return "offset" if biased else "split"
 
 
 def add_experts_unsupported(config: ModelConfig, method: str) -> str | None:
@@ -64,14 +65,15 @@ def add_experts_unsupported(config: ModelConfig, method: str) -> str | None:
         return "the model is dense; upcycle it first"
     if moe.capacity_factor is not None:
         return "capacity_factor is set: capacity per expert depends on E, so drops would change"
-    if method == "offset" and moe.router != "sigmoid_topk":
+    router = router_class(moe.router)
+    if method == "offset" and not router.has_selection_bias:
         return (
             f"the {moe.router} router has no per-expert score offset to keep new experts out "
             "of the top-k; use method 'split', or a sigmoid_topk model"
         )
-    if method in ("split", "grow") and moe.router not in _SPLIT_ROUTERS:
+    if method in ("split", "grow") and not router.splits_exactly:
         return f"the {moe.router} router cannot split experts exactly (see moekit.surgery.add_experts)"
-    if moe.router == "sigmoid_topk" and moe.num_groups > 1:
+    if router.has_selection_bias and moe.num_groups > 1:
         return "group-limited routing (num_groups > 1): new experts change the group scores"
     return None
 
@@ -154,7 +156,8 @@ def _split_layer(state: dict[str, Tensor], prefix: str, parts: int, moe) -> None
     w_up_EDH, w_down_EFD = state[prefix + "experts.w_up"], state[prefix + "experts.w_down"]
     F, width = moe.d_hidden, moe.d_hidden // parts
     # Each part's weight is 1/P of the old one, except unnormalised sigmoid scores.
-    scale = 1.0 if moe.router == "sigmoid_topk" and not moe.renormalize else float(parts)
+    sigmoid_scores = router_class(moe.router).has_selection_bias  # scores not shared by a softmax
+    scale = 1.0 if sigmoid_scores and not moe.renormalize else float(parts)
     ups, downs = [], []
     for s in range(parts):
         units = slice(s * width, (s + 1) * width)

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ..config import MoEConfig
 from ..models import ModelConfig, Transformer
+from ..routing import router_class
 
 # Routers whose combine weights are a per-token distribution only when renormalised.
-_RENORMALISABLE = ("softmax_topk", "noisy_topk", "top_p", "sigmoid_topk")
 
 
 def upcycle_config(
@@ -68,14 +68,9 @@ def upcycle_changes_function(moe: MoEConfig) -> str | None:
     with routed_scaling 1), and dense, all dropless. noisy_topk stays equal in training too,
     since any choice of identical experts gives the same output.
     """
-    if moe.router in ("expert_choice", "soft"):
-        return f"{moe.router} routing does not give every token weights that sum to one"
-    if moe.router == "switch":
-        return "the switch router scales each token by its top-1 probability (below one)"
-    if moe.router in _RENORMALISABLE and not moe.renormalize:
-        return f"{moe.router} without renormalize scales each token by its top-k weight sum"
-    if moe.router == "sigmoid_topk" and moe.routed_scaling != 1.0:
-        return f"routed_scaling ({moe.routed_scaling}) scales every token's output"
+    reason = router_class(moe.router).weights_not_summing_to_one(moe)
+    if reason is not None:
+        return reason
     if moe.capacity_factor is not None:
         return "with a capacity_factor, tokens over capacity are dropped"
     if moe.num_shared_experts:
