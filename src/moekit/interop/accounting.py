@@ -15,8 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import ModelConfig, active_expert_fraction
-from ..models.transformer import meta_model
+from ..models import ModelConfig, active_expert_fraction, meta_model
 from ..moe import MoE
 
 PARTS = (

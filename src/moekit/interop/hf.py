@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..models import Transformer
-from ..models.transformer import meta_model
+from ..models import meta_model
 from .hf_config import (
     choose_architecture,
     hf_config,

@@ -12,14 +12,9 @@ from .classic import (
 )
 from .mmoe import MMoE, SharedBottom
 from .presets import PRESETS, dense_twin
-from .transformer import (
-    ModelConfig,
-    ModelOutput,
-    ParamCount,
-    Transformer,
-    active_expert_fraction,
-    count_parameters,
-)
+from .accounting import ParamCount, active_expert_fraction, count_parameters, meta_model
+from .kv_cache import KVCache
+from .transformer import ModelConfig, ModelOutput, Transformer
 from .vit import ViTConfig, ViTMoE
 
 __all__ = [
@@ -27,6 +22,7 @@ __all__ = [
     "DenseClassifier",
     "HierarchicalClassifier",
     "HierarchicalMoE",
+    "KVCache",
     "MMoE",
     "MoEClassifier",
     "ModelConfig",
@@ -41,5 +37,6 @@ __all__ = [
     "active_expert_fraction",
     "count_parameters",
     "dense_twin",
+    "meta_model",
     "presets",
 ]

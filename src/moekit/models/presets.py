@@ -14,7 +14,8 @@ import dataclasses
 from collections.abc import Callable
 
 from ..config import MoEConfig
-from .transformer import ModelConfig, active_expert_fraction
+from .accounting import active_expert_fraction
+from .transformer import ModelConfig
 
 
 def tiny() -> ModelConfig:

@@ -22,7 +22,7 @@ from ..config import MoEConfig
 from ..experts import MLP
 from ..moe import MoE
 from .classic import GateChoice, TaskOutput, first_choice
-from .transformer import tap_routers
+from .expert_ids import tap_routers
 
 
 @dataclass(kw_only=True)

@@ -16,9 +16,8 @@ import torch
 
 from ..data import Tokenizer, TokenStream
 from ..models import Transformer
-from ..models.transformer import tap_routers
+from ..models.expert_ids import label_expert_counts, tap_routers
 from ..routing.base import ExpertChoice, TokenChoice
-from .stats import label_expert_counts
 
 
 @dataclass

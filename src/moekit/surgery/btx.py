@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..data import CorpusConfig, TokenStream, sequential_batches
 from ..models import ModelConfig, Transformer
-from ..report.stats import label_expert_counts
+from ..models.expert_ids import label_expert_counts
 from ..train import (
     TrainConfig,
     Trainer,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.expert_ids import label_expert_counts
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -127,8 +129,6 @@ class RoutingLog(MetricsLog):
         """
         if not self.every:
             return None
-        from ..report.stats import label_expert_counts
-
         self._eval_counts = {}
 
         def observe(i: int, out) -> None:
