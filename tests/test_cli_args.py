@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moekit.cli import main
-from moekit.cli_args import build_configs, parse_overrides
+from moekit.train.overrides import build_configs, parse_overrides
 
 
 def configs(*args: str):

@@ -20,8 +20,8 @@ from moekit import MoEConfig
 from moekit.models import ModelConfig, Transformer
 from moekit.parallel import build_mesh, parallelize
 from moekit.parallel.launch import spawn_local
-from moekit.parallel.training import load_consolidated, save_consolidated
 from moekit.train.checkpoint import load_checkpoint
+from moekit.train.run import DistributedRun
 
 pytestmark = pytest.mark.distributed
 EP_DP_CASES = ("softmax_topk drop", "softmax_topk reroute priority", "expert_choice", "soft", "sigmoid_topk")
@@ -70,9 +70,9 @@ def reload_worker(folder: str) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         if i == 0:
             optimizer = optimizer_step(model, rows_of(mesh, tokens_BL))
-            save_consolidated(f"{folder}/ep4", model, optimizer, state, mesh)
+            DistributedRun(mesh).save(f"{folder}/ep4", model, optimizer, state)
         else:
-            load_consolidated(f"{folder}/ep4", model, optimizer, mesh)
+            DistributedRun(mesh).load(f"{folder}/ep4", model, optimizer)
             saved = load_file(f"{folder}/ep4/checkpoint/optimizer.safetensors")
             for name, param in model.named_parameters():
                 moment = optimizer.state[param]["exp_avg"]

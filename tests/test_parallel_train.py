@@ -100,11 +100,11 @@ def resume_worker(folder: str, text: str) -> None:
 
     Runs inside a spawned world of 2 or 4 ranks (test_parallel_checkpoint.py: ep 2 x dp 2).
     """
-    from moekit.cli_args import build_configs
+    from moekit.train.overrides import build_configs
     from moekit.train import Trainer
     from moekit.train.data import prepare_run_data
 
-    init_parallel(2, timeout_s=30, device=torch.device("cpu"))
+    mesh = init_parallel(2, timeout_s=30, device=torch.device("cpu"))
     model_flags = MICRO[: MICRO.index("--steps")]
     overrides = {key.removeprefix("--"): value for key, value in zip(model_flags[::2], model_flags[1::2])}
     overrides.update({"train.steps": "4", "train.batch_size": "4", "train.seq_len": "32",
@@ -112,9 +112,9 @@ def resume_worker(folder: str, text: str) -> None:
     model_config, train_config = build_configs("tiny", overrides)
 
     def trainer(run, resume=False):
-        data = prepare_run_data(f"{folder}/{run}", data=text, vocab_size=384)
-        return Trainer(model_config, train_config, f"{folder}/{run}", data=data, resume=resume,
-                       show_progress=False)
+        data = prepare_run_data(f"{folder}/{run}", data=text, vocab_size=384, mesh=mesh)
+        return Trainer(model_config, train_config, f"{folder}/{run}", data=data, mesh=mesh,
+                       resume=resume, show_progress=False)
 
     trainer("whole").train()
     trainer("stopped").train(stop_at=2)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import command_error
+from ..errors import command_error
 
 INSPECT_DESCRIPTION = """\
 Total and active-per-token parameters by part (embeddings, attention, router, routed

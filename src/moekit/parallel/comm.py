@@ -144,14 +144,17 @@ def format_table(plans: list[CommPlan]) -> str:
 
 def preset_config(name: str) -> ModelConfig:
     """A moekit preset by name, or a published model (mixtral_8x7b, mixtral_8x22b)."""
-    from ..interop import famous
     from ..models import PRESETS
+    from ..models.published import PUBLISHED_CONFIGS
 
     if name in PRESETS:
         return PRESETS[name]()
-    published = getattr(famous, name, None)
-    if name.startswith("_") or not callable(published):
-        raise ValueError(f"unknown model {name!r}; choose a preset ({', '.join(PRESETS)}) or mixtral_8x7b")
+    published = PUBLISHED_CONFIGS.get(name)
+    if published is None:
+        raise ValueError(
+            f"unknown model {name!r}; choose a preset ({', '.join(PRESETS)}) or a published "
+            f"model ({', '.join(PUBLISHED_CONFIGS)})"
+        )
     return published()
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..cli import command_error
+from ..errors import command_error
 
 
 def _one_thread() -> None:
@@ -94,9 +94,10 @@ def route_main(argv: list[str]) -> int:
     _one_thread()
     from pathlib import Path
 
-    run_dir = Path(args.run_dir)
-    if (run_dir / "moe").is_dir() and not (run_dir / "config.json").exists():
-        run_dir = run_dir / "moe"
+    from ..train.compare import comparison_runs
+
+    comparison = comparison_runs(args.run_dir)
+    run_dir = Path(args.run_dir) if comparison is None else comparison["moe"]
     try:
         text = _route(run_dir, args.text, args.layer, _use_colour(args.color))
     except ValueError as error:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..train.compare import comparison_runs
 from ..train.metrics import ROUTING_FILE, read_metrics
 from .routing import (
     TokenRouting,
@@ -80,11 +81,12 @@ def gather(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{str(run_dir)!r} is not a directory")
-    if (run_dir / "moe").is_dir() and (run_dir / "dense").is_dir():
-        data = _language(run_dir / "moe", tokens_per_domain, sample_tokens)
+    runs = comparison_runs(run_dir)
+    if runs is not None and runs["dense"].is_dir():
+        data = _language(runs["moe"], tokens_per_domain, sample_tokens)
         data.run_dir, data.kind = run_dir, "comparison"
-        data.twin_metrics = _metrics(run_dir / "dense")
-        data.params.append(("dense twin", *_param_counts(run_dir / "dense")))
+        data.twin_metrics = _metrics(runs["dense"])
+        data.params.append(("dense twin", *_param_counts(runs["dense"])))
         path = run_dir / "comparison.json"
         data.comparison = (
             json.loads(path.read_text(encoding="utf-8")) if path.exists() else None

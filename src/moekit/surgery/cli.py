@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import command_error
-from ..cli_args import _parse, parse_overrides
+from ..errors import command_error
+from ..train.overrides import parse_overrides, parse_setting
 from ..config import ROUTERS
 from ..train.config import TrainConfig
 
@@ -18,7 +18,7 @@ def _train_changes(extra: list[str]) -> dict:
         section, _, name = key.partition(".")
         if section != "train":
             raise ValueError(f"unknown setting --{key}; only --train.FIELD overrides apply here")
-        changes[name] = _parse(TrainConfig, name, raw, key)
+        changes[name] = parse_setting(TrainConfig, name, raw, key)
     return changes
 
 
@@ -200,7 +200,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from ..cli_args import build_configs
+    from ..train.overrides import build_configs
     from ..data import DOMAINS
     from ..train import default_out_dir
     from .btx import BTXSettings, branch_train_mix, format_btx

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..cli import TASKS as ALL_TASKS
-from ..cli import command_error
+from ..errors import command_error
+from ..train.cli import TASKS as ALL_TASKS
+from ..train.cli import train_main as lm_train_main
 from ..train.config import TrainConfig
 from ..train.jobs import default_out_dir
 from . import data as task_data
@@ -137,6 +138,20 @@ def _vit_options(parser: argparse.ArgumentParser) -> None:
     add("--moe-every", type=int, default=2, help="every n-th block has an MoE layer (default 2)")
     add("--patch", type=int, help="patch side in pixels (default 7 for mnist, 2 for digits)")
     add("--balance-coef", type=float, default=0.01, help="Switch balancing loss coefficient (default 0.01)")  # fmt: skip
+
+
+def train_main(argv: list[str]) -> int:
+    """`moekit train [--task NAME] ...`: the language model (train/cli.py) or a task here.
+
+    Only --task is read here; every other argument, --help included, goes to the chosen
+    task's own parser.
+    """
+    picker = argparse.ArgumentParser(prog="moekit train", add_help=False, allow_abbrev=False)
+    picker.add_argument("--task", choices=ALL_TASKS, default="lm")
+    picked, rest = picker.parse_known_args(argv)
+    if picked.task == "lm":
+        return lm_train_main(rest)
+    return main(picked.task, rest)
 
 
 def main(task: str, argv: list[str]) -> int:

@@ -17,9 +17,9 @@ import dataclasses
 import types
 import typing
 
-from .config import MoEConfig
-from .models import PRESETS, ModelConfig
-from .train.config import TrainConfig
+from ..config import MoEConfig
+from ..models import PRESETS, ModelConfig
+from .config import TrainConfig
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -70,15 +70,15 @@ def build_configs(
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
         if section == "train":
-            train_changes[name] = _parse(TrainConfig, name, raw, key)
+            train_changes[name] = parse_setting(TrainConfig, name, raw, key)
         elif section == "model" and name.startswith("moe."):
-            moe_changes[name[4:]] = _parse(
+            moe_changes[name[4:]] = parse_setting(
                 MoEConfig, name[4:], raw, key, model.moe, preset
             )
         elif section == "model" and name in _fields(ModelConfig):
-            model_changes[name] = _parse(ModelConfig, name, raw, key)
+            model_changes[name] = parse_setting(ModelConfig, name, raw, key)
         elif section == "model" and name in _fields(MoEConfig):
-            moe_changes[name] = _parse(MoEConfig, name, raw, key, model.moe, preset)
+            moe_changes[name] = parse_setting(MoEConfig, name, raw, key, model.moe, preset)
         else:
             raise ValueError(
                 f"unknown setting --{key}; keys are model.FIELD, model.moe.FIELD, train.FIELD"
@@ -94,10 +94,18 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _parse(
+def parse_setting(
     cls, name: str, raw: str, key: str, moe: MoEConfig | None = None, preset: str = ""
 ):
-    """Convert raw to the type of cls.name; errors name the key."""
+    """Convert raw to the type of the dataclass field cls.name; errors name the key.
+
+    Args:
+        cls: ModelConfig, MoEConfig or TrainConfig.
+        name: the field.
+        raw: the value as typed.
+        key: the dotted key as typed (for the error messages).
+        moe, preset: for MoEConfig fields, the preset's MoE config (None: a dense preset).
+    """
     if cls is MoEConfig and moe is None:
         raise ValueError(
             f"--{key}: the preset {preset!r} is dense (it has no MoE layers)"
