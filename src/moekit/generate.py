@@ -84,7 +84,9 @@ class Step:
     expert_ids: list[Tensor | None] | None = None
 
 
-def _check_args(model: Transformer, prompt_BT: Tensor, max_new_tokens: int, temperature, top_k, top_p) -> None:
+def _check_args(
+    model: Transformer, prompt_BT: Tensor, max_new_tokens: int, temperature, top_k, top_p
+) -> None:
     if prompt_BT.dim() != 2 or prompt_BT.shape[1] < 1:
         raise ValueError(f"prompt must be (B, T) with T >= 1, got shape {tuple(prompt_BT.shape)}")
     if max_new_tokens < 0:
@@ -144,7 +146,9 @@ def stream(
     for step in range(max_new_tokens):
         # 1. pick the next token from the last position; finished sequences repeat eos
         logits_BV = out.logits[:, -1]
-        token_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token_B = sample_next(
+            logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
         if eos_token_id is not None:
             token_B = token_B.masked_fill(finished_B, eos_token_id)
             finished_B = finished_B | (token_B == eos_token_id)

@@ -52,7 +52,15 @@ class Published:
     active_without_input_embedding: bool = False
 
 
-def mla_params(d_model: int, num_heads: int, q_rank: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int) -> tuple[int, int]:
+def mla_params(
+    d_model: int,
+    num_heads: int,
+    q_rank: int,
+    kv_rank: int,
+    nope_dim: int,
+    rope_dim: int,
+    v_dim: int,
+) -> tuple[int, int]:
     """(projection, norm) parameters of one multi-head latent attention layer (DeepSeek-V2/V3).
 
     q: d -> q_rank (W_DQ), RMSNorm(q_rank), q_rank -> H * (nope + rope) (W_UQ and W_QR);
@@ -84,11 +92,15 @@ def deepseek_v3() -> Accounting:
     # One MTP module (paper section 2.2): an MLA + MoE block, the projection M (d x 2d), the
     # RMSNorms on its two inputs and its own final norm; embedding and head are shared.
     layers = config.num_layers
-    moe_layer = sum(accounting.total[p] for p in ("router", "routed_experts", "shared_experts")) // (layers - 3)
+    moe_layer = sum(
+        accounting.total[p] for p in ("router", "routed_experts", "shared_experts")
+    ) // (layers - 3)
     block_norms = 2 * config.d_model + attn_norms
     mtp = attn + moe_layer + block_norms + 2 * config.d_model * config.d_model + 3 * config.d_model
     accounting.excluded["mtp_module"] = mtp
-    accounting.excluded["mtp_module_with_stored_embedding_and_head"] = mtp + accounting.total["embeddings"]
+    accounting.excluded["mtp_module_with_stored_embedding_and_head"] = (
+        mtp + accounting.total["embeddings"]
+    )
     accounting.notes += [
         "attention: multi-head latent attention counted from its ranks (moekit cannot run MLA)",
         "router: the 256 x 7168 gate per MoE layer; its 256 balancing biases are buffers, not counted",
@@ -179,16 +191,24 @@ FAMOUS: dict[str, Callable[[], Accounting]] = {
     "gpt4_rumoured": gpt4_rumoured,
 }
 
-_SWITCH = "Fedus et al. 2022, Switch Transformers (JMLR), distillation tables: T5-Base 223M; Switch-Base"
+_SWITCH = (
+    "Fedus et al. 2022, Switch Transformers (JMLR), distillation tables: T5-Base 223M; Switch-Base"
+)
 PUBLISHED: dict[str, Published] = {
     "mixtral_8x7b": Published(46.7e9, 12.9e9, "Mistral AI, 'Mixtral of experts' (11 Dec 2023)"),
-    "mixtral_8x22b": Published(141e9, 39e9, "Mistral AI, 'Cheaper, Better, Faster, Stronger' (17 Apr 2024)"),
+    "mixtral_8x22b": Published(
+        141e9, 39e9, "Mistral AI, 'Cheaper, Better, Faster, Stronger' (17 Apr 2024)"
+    ),
     "deepseek_v3": Published(
-        671e9, 37e9, "DeepSeek-AI, DeepSeek-V3 Technical Report (arXiv:2412.19437), abstract",
+        671e9,
+        37e9,
+        "DeepSeek-AI, DeepSeek-V3 Technical Report (arXiv:2412.19437), abstract",
         active_without_input_embedding=True,
     ),
     "qwen1_5_moe_a2_7b": Published(
-        14.3e9, 2.7e9, "Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated Parameters' (28 Mar 2024)"
+        14.3e9,
+        2.7e9,
+        "Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated Parameters' (28 Mar 2024)",
     ),
     "olmoe_1b_7b": Published(6.9e9, 1.3e9, "Muennighoff et al. 2024, OLMoE (arXiv:2409.02060)"),
     # xAI states the active share only as "25% of the weights": top_k / E = 2 / 8 of the experts.
@@ -197,6 +217,8 @@ PUBLISHED: dict[str, Published] = {
     "switch_base_128": Published(7.4e9, 223e6, f"{_SWITCH} with 128 experts 7.4B"),
     # The source's parts: 16 experts x ~111B + ~55B shared = ~1.83T (its headline rounds to ~1.8T).
     "gpt4_rumoured": Published(
-        16 * 111e9 + 55e9, 280e9, "Patel & Wong, SemiAnalysis, 'GPT-4 Architecture, Infrastructure, ...' (10 Jul 2023)"
+        16 * 111e9 + 55e9,
+        280e9,
+        "Patel & Wong, SemiAnalysis, 'GPT-4 Architecture, Infrastructure, ...' (10 Jul 2023)",
     ),
 }

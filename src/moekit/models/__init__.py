@@ -2,6 +2,7 @@
 classic, hierarchical and multi-gate mixtures; the vision MoE."""
 
 from . import presets
+from .accounting import ParamCount, active_expert_fraction, count_parameters, meta_model
 from .classic import (
     DenseClassifier,
     HierarchicalClassifier,
@@ -10,10 +11,9 @@ from .classic import (
     MoEClassifier,
     TaskOutput,
 )
+from .kv_cache import KVCache
 from .mmoe import MMoE, SharedBottom
 from .presets import PRESETS, dense_twin
-from .accounting import ParamCount, active_expert_fraction, count_parameters, meta_model
-from .kv_cache import KVCache
 from .transformer import ModelConfig, ModelOutput, Transformer
 from .vit import ViTConfig, ViTMoE
 

@@ -31,8 +31,10 @@ def tap_routers(layers: nn.ModuleList, enabled: bool = True):
     if enabled:
         for i, block in enumerate(layers):
             if isinstance(block.ffn, MoE):
+
                 def keep(module, args, output, i=i):
                     routings[i] = output
+
                 handles.append(block.ffn.router.register_forward_hook(keep))
     try:
         yield routings
@@ -51,7 +53,9 @@ def expert_ids_of(routing, B: int, T: int) -> Tensor | None:
     if isinstance(routing, ExpertChoice):
         E = routing.token_ids_EC.shape[0]
         picked_TE = torch.zeros(B * T, E, dtype=torch.bool, device=routing.token_ids_EC.device)
-        picked_TE[routing.token_ids_EC, torch.arange(E, device=picked_TE.device).unsqueeze(1)] = True
+        picked_TE[routing.token_ids_EC, torch.arange(E, device=picked_TE.device).unsqueeze(1)] = (
+            True
+        )
         expert_TE = torch.arange(E, device=picked_TE.device).expand(B * T, E)
         return torch.where(picked_TE, expert_TE, -1).reshape(B, T, E)
     return None
@@ -74,14 +78,7 @@ def label_expert_counts(
             f"ids shape {tuple(ids_TK.shape)} does not match labels shape {tuple(labels_T.shape)}"
         )
     ids_A = ids_TK.reshape(-1)
-    labels_A = (
-        labels_T.reshape(-1, 1)
-        .expand(-1, ids_TK.shape[-1])
-        .reshape(-1)
-        .to(ids_A.device)
-    )
+    labels_A = labels_T.reshape(-1, 1).expand(-1, ids_TK.shape[-1]).reshape(-1).to(ids_A.device)
     valid_A = ids_A >= 0
     flat_A = labels_A[valid_A].long() * num_experts + ids_A[valid_A]
-    return torch.bincount(flat_A, minlength=num_labels * num_experts).view(
-        num_labels, num_experts
-    )
+    return torch.bincount(flat_A, minlength=num_labels * num_experts).view(num_labels, num_experts)

@@ -21,7 +21,9 @@ class KVCache:
         device, dtype: those of the model's activations.
     """
 
-    def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_len, *, device=None, dtype=None):
+    def __init__(
+        self, num_layers, batch_size, num_kv_heads, head_dim, max_len, *, device=None, dtype=None
+    ):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k_LBGSDh = torch.zeros(shape, device=device, dtype=dtype)
         self.v_LBGSDh = torch.zeros(shape, device=device, dtype=dtype)
@@ -34,8 +36,13 @@ class KVCache:
         cfg = model.config
         weight = model.tok_embed.weight
         return cls(
-            cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, max_len,
-            device=weight.device, dtype=weight.dtype,
+            cfg.num_layers,
+            batch_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            max_len,
+            device=weight.device,
+            dtype=weight.dtype,
         )
 
     def update(self, layer: int, k_BGTDh: Tensor, v_BGTDh: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,8 +15,15 @@ from .transformer import ModelConfig
 def mixtral_8x7b() -> ModelConfig:
     """Mixtral 8x7B: Jiang et al. 2024, "Mixtral of Experts" (arXiv:2401.04088), Table 1."""
     return ModelConfig(
-        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5, tied_embeddings=False,
+        vocab_size=32000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        max_seq_len=32768,
+        rope_theta=1e6,
+        norm_eps=1e-5,
+        tied_embeddings=False,
         moe=MoEConfig(d_model=4096, d_hidden=14336, num_experts=8, top_k=2),
     )
 
@@ -24,8 +31,15 @@ def mixtral_8x7b() -> ModelConfig:
 def mixtral_8x22b() -> ModelConfig:
     """Mixtral 8x22B: the config.json of mistralai/Mixtral-8x22B-v0.1 (April 2024)."""
     return ModelConfig(
-        vocab_size=32000, d_model=6144, num_layers=56, num_heads=48, num_kv_heads=8,
-        max_seq_len=65536, rope_theta=1e6, norm_eps=1e-5, tied_embeddings=False,
+        vocab_size=32000,
+        d_model=6144,
+        num_layers=56,
+        num_heads=48,
+        num_kv_heads=8,
+        max_seq_len=65536,
+        rope_theta=1e6,
+        norm_eps=1e-5,
+        tied_embeddings=False,
         moe=MoEConfig(d_model=6144, d_hidden=16384, num_experts=8, top_k=2),
     )
 
@@ -37,12 +51,26 @@ def qwen1_5_moe_a2_7b() -> ModelConfig:
     q/k/v biases; untied embeddings.
     """
     return ModelConfig(
-        vocab_size=151936, d_model=2048, num_layers=24, num_heads=16, num_kv_heads=16,
-        qkv_bias=True, max_seq_len=8192, rope_theta=1e6, norm_eps=1e-6, tied_embeddings=False,
+        vocab_size=151936,
+        d_model=2048,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=16,
+        qkv_bias=True,
+        max_seq_len=8192,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        tied_embeddings=False,
         d_hidden=5632,
         moe=MoEConfig(
-            d_model=2048, d_hidden=1408, num_experts=60, top_k=4, renormalize=False,
-            num_shared_experts=1, d_shared_hidden=5632, shared_expert_gate=True,
+            d_model=2048,
+            d_hidden=1408,
+            num_experts=60,
+            top_k=4,
+            renormalize=False,
+            num_shared_experts=1,
+            d_shared_hidden=5632,
+            shared_expert_gate=True,
         ),
     )
 
@@ -53,8 +81,16 @@ def olmoe_1b_7b() -> ModelConfig:
     64 experts of width 1024, top 8, no renormalisation; RMSNorm over the whole q and k.
     """
     return ModelConfig(
-        vocab_size=50304, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=16,
-        qk_norm="full", max_seq_len=4096, rope_theta=1e4, norm_eps=1e-5, tied_embeddings=False,
+        vocab_size=50304,
+        d_model=2048,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=16,
+        qk_norm="full",
+        max_seq_len=4096,
+        rope_theta=1e4,
+        norm_eps=1e-5,
+        tied_embeddings=False,
         moe=MoEConfig(d_model=2048, d_hidden=1024, num_experts=64, top_k=8, renormalize=False),
     )
 
@@ -68,8 +104,14 @@ def grok_1() -> ModelConfig:
     layer (around attention and around the FFN) are added in `accounting_of`.
     """
     return ModelConfig(
-        vocab_size=131072, d_model=6144, num_layers=64, num_heads=48, num_kv_heads=8,
-        head_dim=128, max_seq_len=8192, tied_embeddings=True,
+        vocab_size=131072,
+        d_model=6144,
+        num_layers=64,
+        num_heads=48,
+        num_kv_heads=8,
+        head_dim=128,
+        max_seq_len=8192,
+        tied_embeddings=True,
         moe=MoEConfig(d_model=6144, d_hidden=32768, num_experts=8, top_k=2),
     )
 
@@ -84,11 +126,25 @@ def deepseek_v3_skeleton() -> ModelConfig:
     """
     d_model = 7168
     return ModelConfig(
-        vocab_size=129280, d_model=d_model, num_layers=61, num_heads=128, num_kv_heads=128,
-        max_seq_len=4096, tied_embeddings=False, d_hidden=18432, first_dense_layers=3,
+        vocab_size=129280,
+        d_model=d_model,
+        num_layers=61,
+        num_heads=128,
+        num_kv_heads=128,
+        max_seq_len=4096,
+        tied_embeddings=False,
+        d_hidden=18432,
+        first_dense_layers=3,
         moe=MoEConfig(
-            d_model=d_model, d_hidden=2048, num_experts=256, top_k=8, router="sigmoid_topk",
-            num_groups=8, topk_groups=4, routed_scaling=2.5, num_shared_experts=1,
+            d_model=d_model,
+            d_hidden=2048,
+            num_experts=256,
+            top_k=8,
+            router="sigmoid_topk",
+            num_groups=8,
+            topk_groups=4,
+            routed_scaling=2.5,
+            num_shared_experts=1,
         ),
     )
 

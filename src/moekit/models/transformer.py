@@ -77,7 +77,14 @@ class ModelConfig:
     dense_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "moe_every"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "max_seq_len",
+            "moe_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
@@ -116,7 +123,9 @@ class ModelConfig:
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
         kv = self.num_kv_heads
         if not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
-            raise ValueError(f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})")
+            raise ValueError(
+                f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})"
+            )
 
     def _check_moe(self) -> None:
         if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers:
@@ -126,8 +135,12 @@ class ModelConfig:
         if not isinstance(self.moe, MoEConfig):
             raise TypeError(f"moe must be a MoEConfig or None, got {type(self.moe).__name__}")
         if self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
-        bad = [i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
+            raise ValueError(
+                f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})"
+            )
+        bad = [
+            i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)
+        ]
         if bad:
             raise ValueError(f"dense_layers {bad} are not layer indices in [0, {self.num_layers})")
         if not self.moe_layers:
@@ -193,7 +206,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
-        q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        q_width, kv_width = (
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+        )
         self.wq = nn.Linear(config.d_model, q_width, bias=config.qkv_bias)
         self.wk = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
         self.wv = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
@@ -204,7 +220,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim if per_head else q_width, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim if per_head else kv_width, config.norm_eps)
 
-    def forward(self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None
+    ) -> Tensor:
         """Args: x_BTD; cos/sin for the T new positions; kv_cache or None. Returns y_BTD."""
         B, T, _ = x_BTD.shape
         # 1. project (q/k norm), split heads; rotate q and k by their positions
@@ -366,7 +384,10 @@ class Transformer(nn.Module):
         """Recompute the rotary tables (not stored in checkpoints) on the weights' device."""
         cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(self.lm_head.weight.device), sin.to(self.lm_head.weight.device)
+        self.rope_cos, self.rope_sin = (
+            cos.to(self.lm_head.weight.device),
+            sin.to(self.lm_head.weight.device),
+        )
 
     def forward(
         self,
@@ -411,8 +432,12 @@ class Transformer(nn.Module):
         # 4. loss in fp32 (a bf16 log-softmax over V loses precision)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+            )
         expert_ids = None
         if return_expert_ids:
             expert_ids = [expert_ids_of(r, B, T) for r in routings]
-        return ModelOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids)
+        return ModelOutput(
+            logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids
+        )

@@ -47,7 +47,9 @@ class ViTConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
         if self.moe is not None and self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
+            raise ValueError(
+                f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})"
+            )
         if self.moe_every < 1:
             raise ValueError(f"moe_every ({self.moe_every}) must be >= 1")
 

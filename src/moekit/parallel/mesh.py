@@ -109,8 +109,13 @@ def build_mesh(ep: int, *, timeout: timedelta, device: torch.device) -> Parallel
             dp_group = group
     world_group = dist.new_group(list(range(world)), timeout=timeout)
     return ParallelMesh(
-        ep=ep, dp=dp, rank=rank, ep_group=ep_group, dp_group=dp_group,
-        world_group=world_group, device=device,
+        ep=ep,
+        dp=dp,
+        rank=rank,
+        ep_group=ep_group,
+        dp_group=dp_group,
+        world_group=world_group,
+        device=device,
     )
 
 
@@ -131,8 +136,13 @@ def mesh_from_device_mesh(device_mesh) -> ParallelMesh:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return ParallelMesh(
-        ep=ep, dp=dp, rank=rank, ep_group=ep_group, dp_group=dp_group,
-        world_group=dist.group.WORLD, device=device,
+        ep=ep,
+        dp=dp,
+        rank=rank,
+        ep_group=ep_group,
+        dp_group=dp_group,
+        world_group=dist.group.WORLD,
+        device=device,
     )
 
 

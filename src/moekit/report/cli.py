@@ -47,9 +47,7 @@ def report_main(argv: list[str]) -> int:
         if getattr(args, flag) < 1:
             return command_error(
                 "report",
-                ValueError(
-                    f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be >= 1"
-                ),
+                ValueError(f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be >= 1"),
             )
     _one_thread()
     from .html import write_report
@@ -74,9 +72,7 @@ def route_main(argv: list[str]) -> int:
         "(its top-1), one line per layer. Without a terminal, or with NO_COLOR set, each "
         "token is followed by its expert id in brackets.",
     )
-    parser.add_argument(
-        "run_dir", help="a trained run folder (for a comparison folder, its moe/)"
-    )
+    parser.add_argument("run_dir", help="a trained run folder (for a comparison folder, its moe/)")
     parser.add_argument("--text", required=True, help="the text to route")
     parser.add_argument(
         "--layer",
@@ -126,11 +122,7 @@ def _route(run_dir, text: str, layers: list[int] | None, colour: bool) -> str:
         )
     for layer in layers or []:
         if layer not in available:
-            raise ValueError(
-                f"--layer {layer} is not an MoE layer; choose from {available}"
-            )
+            raise ValueError(f"--layer {layer} is not an MoE layer; choose from {available}")
     tokenizer = Tokenizer.load(run_dir)
     routing = route_tokens(model, tokenizer, tokenizer.encode(text))
-    return format_routing(
-        routing, model.config.moe.num_experts, colour=colour, layers=layers
-    )
+    return format_routing(routing, model.config.moe.num_experts, colour=colour, layers=layers)

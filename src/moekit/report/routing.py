@@ -105,9 +105,7 @@ def token_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
-def route_tokens(
-    model: Transformer, tokenizer: Tokenizer, ids: list[int]
-) -> TokenRouting:
+def route_tokens(model: Transformer, tokenizer: Tokenizer, ids: list[int]) -> TokenRouting:
     """Route one sequence of token ids (at most the model's max_seq_len)."""
     if not ids:
         raise ValueError("the text has no tokens")

@@ -14,7 +14,13 @@ import numpy as np
 
 from ..models.expert_ids import label_expert_counts
 
-__all__ = ["entropy_bits", "label_expert_counts", "load_cv", "mutual_information", "normalised_rows"]
+__all__ = [
+    "entropy_bits",
+    "label_expert_counts",
+    "load_cv",
+    "mutual_information",
+    "normalised_rows",
+]
 
 
 def mutual_information(counts_DE) -> float:

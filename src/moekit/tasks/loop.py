@@ -69,7 +69,9 @@ def shuffled_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, metrics_fn) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, metrics_fn
+) -> dict[str, float]:
     """Mean metrics over (x, y) in fixed-order batches of batch_size, in eval mode."""
     was_training = model.training
     model.eval()
@@ -146,7 +148,9 @@ def train_task(
 
 
 @torch.no_grad()
-def specialisation(model: nn.Module, x: Tensor, y: Tensor, labels: list[str], batch_size: int) -> dict:
+def specialisation(
+    model: nn.Module, x: Tensor, y: Tensor, labels: list[str], batch_size: int
+) -> dict:
     """Label x expert counts of each gate's first choice over (x, y), in eval mode.
 
     A gate choosing per token (the ViT) counts every token under its image's label.

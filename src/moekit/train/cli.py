@@ -29,7 +29,6 @@ mmoe-synthetic or vit; `moekit train --task NAME --help` shows that task's optio
 """
 
 
-
 def train_main(argv: list[str]) -> int:
     """`moekit train` for the language model: one run, or the MoE-versus-dense comparison."""
     from ..models import PRESETS
@@ -47,30 +46,20 @@ def train_main(argv: list[str]) -> int:
         default="tiny",
         help=f"model preset: {', '.join(PRESETS)} (default tiny)",
     )
-    parser.add_argument(
-        "--task", choices=TASKS, default="lm", help="what to train (default lm)"
-    )
+    parser.add_argument("--task", choices=TASKS, default="lm", help="what to train (default lm)")
     parser.add_argument(
         "--no-compare",
         action="store_true",
         help="train the preset alone, no dense twin",
     )
-    parser.add_argument(
-        "--out", help="output folder (a run, or a comparison of two runs)"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the stopped job in --out"
-    )
+    parser.add_argument("--out", help="output folder (a run, or a comparison of two runs)")
+    parser.add_argument("--resume", action="store_true", help="continue the stopped job in --out")
     parser.add_argument(
         "--data", help="training text (.txt, .jsonl, folder) or a prepared train.bin"
     )
     parser.add_argument("--steps", type=int, help="optimizer steps (= --train.steps)")
-    parser.add_argument(
-        "--batch-size", type=int, help="sequences per step (= --train.batch_size)"
-    )
-    parser.add_argument(
-        "--seq-len", type=int, help="tokens per sequence (= --train.seq_len)"
-    )
+    parser.add_argument("--batch-size", type=int, help="sequences per step (= --train.batch_size)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (= --train.seq_len)")
     parser.add_argument(
         "--eval-every",
         type=int,
@@ -140,13 +129,9 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
             overrides[f"train.{flag}"] = str(getattr(args, flag))
     if args.resume:
         if args.out is None:
-            raise ValueError(
-                "--resume needs --out DIR, the folder of the job to continue"
-            )
+            raise ValueError("--resume needs --out DIR, the folder of the job to continue")
         if overrides or args.data:
-            raise ValueError(
-                "--resume uses the settings saved in --out; drop the other settings"
-            )
+            raise ValueError("--resume uses the settings saved in --out; drop the other settings")
         result = train.resume_job(args.out, show_progress=progress, mesh=mesh)
         if isinstance(result, train.Comparison):
             print(train.format_table(result))
@@ -220,9 +205,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument(
         "--data", help="evaluate on this text (.txt, .jsonl, folder) or .bin instead"
     )
-    parser.add_argument(
-        "--max-batches", type=int, help="evaluate only the first batches"
-    )
+    parser.add_argument("--max-batches", type=int, help="evaluate only the first batches")
     args = parser.parse_args(argv)
     from .compare import comparison_runs
     from .inference import evaluate_run
@@ -247,9 +230,7 @@ def generate_main(argv: list[str]) -> int:
         prog="moekit generate",
         description="Continue a prompt with a trained run's model, streaming the text.",
     )
-    parser.add_argument(
-        "run_dir", help="a trained run folder (e.g. runs/compare-.../moe)"
-    )
+    parser.add_argument("run_dir", help="a trained run folder (e.g. runs/compare-.../moe)")
     parser.add_argument(
         "--prompt", default="", help='text to continue (default "": a new document)'
     )
@@ -259,15 +240,9 @@ def generate_main(argv: list[str]) -> int:
         default=200,
         help="at most this many tokens (default 200)",
     )
-    parser.add_argument(
-        "--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, help="sample from the k most likely tokens"
-    )
-    parser.add_argument(
-        "--top-p", type=float, help="nucleus sampling: the smallest set reaching p"
-    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set reaching p")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument(
         "--show-experts",
@@ -315,9 +290,7 @@ def _print_experts(pieces, run_dir) -> None:
 
 
 def routers_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="moekit routers", description="List the routers."
-    )
+    parser = argparse.ArgumentParser(prog="moekit routers", description="List the routers.")
     parser.parse_args(argv)
     from ..routing import ROUTER_CLASSES
 
@@ -325,5 +298,3 @@ def routers_main(argv: list[str]) -> int:
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:14s} {summary}")
     return 0
-
-

@@ -131,9 +131,7 @@ def compare(
     return comparison
 
 
-def summarize(
-    results: dict[str, tuple[TrainResult, object]], config: TrainConfig
-) -> Comparison:
+def summarize(results: dict[str, tuple[TrainResult, object]], config: TrainConfig) -> Comparison:
     """Build the Comparison from the two runs' results and parameter counts."""
     summaries = {}
     for name, (result, params) in results.items():
@@ -174,9 +172,7 @@ def steps_to_reach(evals: list[tuple[int, float]], target: float) -> float | Non
                 return float(step)
             prev_step, prev_loss = evals[i - 1]
             # Between two evaluations the loss is taken to fall linearly.
-            return prev_step + (step - prev_step) * (prev_loss - target) / (
-                prev_loss - loss
-            )
+            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
     return None
 
 
@@ -222,9 +218,7 @@ def format_table(comparison: Comparison) -> str:
         ),
     ]
     if comparison.speedup is None:
-        lines.append(
-            f"speed-up: the MoE did not reach the dense loss in {comparison.steps} steps"
-        )
+        lines.append(f"speed-up: the MoE did not reach the dense loss in {comparison.steps} steps")
     else:
         lines.append(
             f"speed-up (dense steps / MoE steps to the same loss): {comparison.speedup:.2f}x"
@@ -238,8 +232,7 @@ def write_outputs(comparison: Comparison, out_dir: str | Path) -> None:
     data = asdict(comparison)
     for key in RUN_NAMES:
         data[key] = {
-            k: (None if isinstance(v, float) and math.isnan(v) else v)
-            for k, v in data[key].items()
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data[key].items()
         }
     (out_dir / COMPARISON_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
     plot_curves(comparison, out_dir / PLOT_FILE)
@@ -263,9 +256,7 @@ def plot_curves(comparison: Comparison, path: str | Path) -> None:
             label=f"{label} ({summary.total_params / 1e6:.2f} M total, "
             f"{summary.active_params / 1e6:.2f} M active)",
         )
-    axes.axhline(
-        comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1
-    )
+    axes.axhline(comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel(f"step ({comparison.tokens_per_step:,} tokens each)")
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("MoE versus its dense twin")

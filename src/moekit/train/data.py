@@ -79,9 +79,7 @@ def _prepare_run_data(
         prepare(val_docs, tokenizer, stream_dir / VAL_FILE)
         # The tokenizer is written last: its presence marks the streams as complete.
         tokenizer.save(run_dir)
-    return _load(
-        run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE
-    )
+    return _load(run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE)
 
 
 def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
@@ -92,9 +90,7 @@ def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
     shutil.copy2(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
 
 
-def write_prepared(
-    data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096
-) -> Path:
+def write_prepared(data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096) -> Path:
     """`moekit prepare`: tokenise text (or the default corpus when data is None) into out_dir.
 
     Returns:
@@ -120,9 +116,7 @@ def _documents(
         documents = _pieces(documents[0], 20)
     train, validation = split_documents(documents, validation_fraction=0.05)
     if not train:
-        raise ValueError(
-            f"{str(data)!r} has too little text to split into train and validation"
-        )
+        raise ValueError(f"{str(data)!r} has too little text to split into train and validation")
     return train, validation
 
 

@@ -40,9 +40,7 @@ def train_one(
     Returns:
         The TrainResult.
     """
-    run_data = prepare_run_data(
-        run_dir, data=data, vocab_size=model_config.vocab_size, mesh=mesh
-    )
+    run_data = prepare_run_data(run_dir, data=data, vocab_size=model_config.vocab_size, mesh=mesh)
     trainer = Trainer(
         model_config,
         train_config,
@@ -93,6 +91,4 @@ def resume_job(
             show_progress=show_progress,
             mesh=mesh,
         )
-    raise ValueError(
-        f"--resume: {str(out_dir)!r} holds no moekit run (no {CONFIG_FILE})"
-    )
+    raise ValueError(f"--resume: {str(out_dir)!r} holds no moekit run (no {CONFIG_FILE})")

@@ -249,16 +249,12 @@ class Trainer:
 
     def result(self) -> TrainResult:
         """The run's result so far, read back from the metrics log."""
-        evals = [
-            (r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")
-        ]
+        evals = [(r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")]
         tokens = self.step * self.config.batch_size * self.config.seq_len
         return TrainResult(
             steps=self.step,
             final_val_loss=evals[-1][1] if evals else math.nan,
-            tokens_per_s=tokens / self.train_seconds
-            if self.train_seconds
-            else math.nan,
+            tokens_per_s=tokens / self.train_seconds if self.train_seconds else math.nan,
             train_seconds=self.train_seconds,
             evals=evals,
         )
@@ -305,9 +301,7 @@ def _trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.P
     return params
 
 
-def fixed_eval_batches(
-    data: RunData, config: TrainConfig
-) -> list[tuple[Tensor, Tensor]]:
+def fixed_eval_batches(data: RunData, config: TrainConfig) -> list[tuple[Tensor, Tensor]]:
     """eval_batches batches of evenly spaced validation windows (the same every eval).
 
     Spread over the whole split, not its head: the split is laid out document by document
@@ -357,9 +351,7 @@ def evaluate(model: Transformer, batches, observe=None) -> float:
         count += targets_BL.numel()
     model.train(was_training)
     if count == 0:
-        raise ValueError(
-            "no validation batches: the validation split is shorter than one sequence"
-        )
+        raise ValueError("no validation batches: the validation split is shorter than one sequence")
     return total / count
 
 
@@ -399,9 +391,7 @@ def load_trained_model(run_dir: str | Path) -> Transformer:
 
 
 def _perplexity(loss: float) -> float:
-    return math.exp(
-        min(loss, 50.0)
-    )  # capped: an untrained loss must not overflow to inf
+    return math.exp(min(loss, 50.0))  # capped: an untrained loss must not overflow to inf
 
 
 def _postfix(record: dict) -> str:
