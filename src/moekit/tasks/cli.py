@@ -36,30 +36,14 @@ from .loop import (
 
 TASKS = tuple(task for task in ALL_TASKS if task != "lm")
 # Per task: default epochs, batch size, learning rate, weight decay, eval_every.
+# fmt: off
 DEFAULTS = {
-    "classify-text": {
-        "epochs": 4,
-        "batch_size": 128,
-        "lr": 3e-3,
-        "weight_decay": 0.01,
-        "eval_every": 50,
-    },
-    "classify-digits": {
-        "epochs": 40,
-        "batch_size": 64,
-        "lr": 3e-3,
-        "weight_decay": 0.01,
-        "eval_every": 50,
-    },
-    "mmoe-synthetic": {
-        "epochs": 40,
-        "batch_size": 128,
-        "lr": 2e-3,
-        "weight_decay": 0.0,
-        "eval_every": 100,
-    },
+    "classify-text": {"epochs": 4, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
+    "classify-digits": {"epochs": 40, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
+    "mmoe-synthetic": {"epochs": 40, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.0, "eval_every": 100},
     "vit": {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 100},
 }
+# fmt: on
 
 
 def _widths(text: str) -> tuple[int, ...]:

@@ -167,6 +167,7 @@ def _print_result(result, out) -> None:
 
 
 def prepare_main(argv: list[str]) -> int:
+    """`moekit prepare`: tokenise text into train.bin / val.bin and a tokenizer."""
     parser = argparse.ArgumentParser(
         prog="moekit prepare",
         description="Train a tokenizer and write token streams (OUT/train.bin, OUT/val.bin, "
@@ -196,6 +197,7 @@ def prepare_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
+    """`moekit eval`: validation loss and perplexity of a run (or both runs of a comparison)."""
     parser = argparse.ArgumentParser(
         prog="moekit eval",
         description="Print the validation loss and perplexity of a trained run's checkpoint "
@@ -226,6 +228,7 @@ def eval_main(argv: list[str]) -> int:
 
 
 def generate_main(argv: list[str]) -> int:
+    """`moekit generate`: stream a continuation of a prompt from a trained run."""
     parser = argparse.ArgumentParser(
         prog="moekit generate",
         description="Continue a prompt with a trained run's model, streaming the text.",
@@ -290,6 +293,7 @@ def _print_experts(pieces, run_dir) -> None:
 
 
 def routers_main(argv: list[str]) -> int:
+    """`moekit routers`: one line per router."""
     parser = argparse.ArgumentParser(prog="moekit routers", description="List the routers.")
     parser.parse_args(argv)
     from ..routing import ROUTER_CLASSES
