@@ -283,7 +283,7 @@ def test_plan_is_a_permutation_of_the_kept_assignments(case, overflow, batch_pri
     rows = plan.dispatch(x_TD)[:, 0].long().tolist()
     counts = plan.counts_E.tolist()
     assert counts == torch.bincount(ids[kept], minlength=E).tolist()
-    assert len(rows) == sum(counts)
+    assert len(rows) == T * K  # the kept rows, then padding: shapes never depend on routing
     start = 0
     for e, count in enumerate(counts):
         expected = sorted(t for t in range(T) for k in range(K) if kept[t, k] and ids[t, k] == e)

@@ -9,27 +9,52 @@ import pytest
 import torch
 
 from moekit.config import ACTIVATIONS
-from moekit.experts import MLP, GroupedExperts
+from moekit.experts import BACKENDS, MLP, GroupedExperts, choose_backend, grouped_mm_supported
 
 # Experts 1 and 4 get no rows: their weight gradients must be exact zeros, not garbage.
 COUNTS_E = torch.tensor([3, 0, 7, 1, 0, 5])
+# Widths whose rows start on 16-byte boundaries in fp32 and bf16, so both backends run.
+D, F_ = 16, 16
+FAST = ["grouped_mm", "loop"]
 
 
-def _experts(activation: str, dtype=torch.float32, seed: int = 0) -> GroupedExperts:
+def _experts(activation: str, dtype=torch.float32, seed: int = 0, backend: str = "auto") -> GroupedExperts:
     torch.manual_seed(seed)
-    return GroupedExperts(len(COUNTS_E), 16, 12, activation).to(dtype)
+    return GroupedExperts(len(COUNTS_E), D, F_, activation, backend=backend).to(dtype)
+
+
+def test_grouped_mm_backend_is_chosen_where_supported_and_falls_back_cleanly():
+    x32, x16 = torch.empty(0, D), torch.empty(0, D, dtype=torch.float16)
+    assert grouped_mm_supported(x32, D, 2 * F_)
+    assert choose_backend("auto", x32, D, 2 * F_) == "grouped_mm"
+    assert choose_backend("loop", x32, D, 2 * F_) == "loop"
+    # fp16 on the CPU, or a row width that breaks the 16-byte rule: the loop, no error.
+    assert choose_backend("grouped_mm", x16, D, 2 * F_) == "loop"
+    assert choose_backend("grouped_mm", x32, D, 6) == "loop"
+    with pytest.raises(ValueError, match="unknown expert backend 'fast'"):
+        GroupedExperts(2, D, F_, backend="fast")
+    assert set(BACKENDS) == {"auto", "grouped_mm", "loop"}
+
+
+def test_odd_widths_run_through_the_fallback():
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 6, 5, "swiglu", backend="grouped_mm")
+    counts_E = torch.tensor([2, 0, 3])
+    x_RD = torch.randn(5, 6)
+    torch.testing.assert_close(experts(x_RD, counts_E), experts.forward_reference(x_RD, counts_E))
 
 
 def _grads(experts, output_RD, x_RD, grad_RD):
     return torch.autograd.grad(output_RD, [x_RD, experts.w_up, experts.w_down], grad_RD)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_fast_path_equals_reference_forward_and_backward(activation):
-    experts = _experts(activation)
+def test_fast_path_equals_reference_forward_and_backward(activation, backend):
+    experts = _experts(activation, backend=backend)
     R = int(COUNTS_E.sum())
-    x_RD = torch.randn(R, 16, requires_grad=True)
-    grad_RD = torch.randn(R, 16)
+    x_RD = torch.randn(R, D, requires_grad=True)
+    grad_RD = torch.randn(R, D)
 
     fast_RD = experts(x_RD, COUNTS_E)
     slow_RD = experts.forward_reference(x_RD, COUNTS_E)
@@ -39,9 +64,10 @@ def test_fast_path_equals_reference_forward_and_backward(activation):
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
-def test_experts_without_rows_get_zero_weight_gradients():
-    experts = _experts("swiglu")
-    x_RD = torch.randn(int(COUNTS_E.sum()), 16)
+@pytest.mark.parametrize("backend", FAST)
+def test_experts_without_rows_get_zero_weight_gradients(backend):
+    experts = _experts("swiglu", backend=backend)
+    x_RD = torch.randn(int(COUNTS_E.sum()), D)
     experts(x_RD, COUNTS_E).square().sum().backward()
     for e in (1, 4):
         assert torch.equal(experts.w_up.grad[e], torch.zeros_like(experts.w_up.grad[e]))
@@ -49,10 +75,11 @@ def test_experts_without_rows_get_zero_weight_gradients():
     assert experts.w_up.grad[0].abs().sum() > 0
 
 
-def test_expanded_upstream_gradient_from_sum():
+@pytest.mark.parametrize("backend", FAST)
+def test_expanded_upstream_gradient_from_sum(backend):
     """.sum().backward() sends a stride-0 gradient; the grouped GEMMs must accept it."""
-    experts = _experts("swiglu")
-    x_RD = torch.randn(int(COUNTS_E.sum()), 16, requires_grad=True)
+    experts = _experts("swiglu", backend=backend)
+    x_RD = torch.randn(int(COUNTS_E.sum()), D, requires_grad=True)
     experts(x_RD, COUNTS_E).sum().backward()
     fast = x_RD.grad.clone()
     x_RD.grad = None
@@ -60,13 +87,24 @@ def test_expanded_upstream_gradient_from_sum():
     torch.testing.assert_close(fast, x_RD.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_all_rows_to_no_expert_and_extra_rows_ignored():
-    experts = _experts("swiglu")
-    x_RD = torch.randn(4, 16)
-    assert experts(x_RD, torch.zeros(len(COUNTS_E), dtype=torch.long)).shape == (0, 16)
-    # Rows past sum(counts_E) (e.g. capacity padding) are not computed.
+@pytest.mark.parametrize("backend", FAST)
+def test_all_rows_to_no_expert_and_padding_rows_ignored(backend):
+    """Rows past sum(counts_E) (capacity padding) keep the shape static and are not computed."""
+    experts = _experts("swiglu", backend=backend)
+    x_RD = torch.randn(4, D, requires_grad=True)
+    y_RD = experts(x_RD, torch.zeros(len(COUNTS_E), dtype=torch.long))
+    assert y_RD.shape == (4, D)
     counts_E = torch.tensor([1, 0, 2, 0, 0, 0])
-    torch.testing.assert_close(experts(x_RD, counts_E), experts.forward_reference(x_RD[:3], counts_E))
+    y_RD = experts(x_RD, counts_E)
+    assert y_RD.shape == (4, D)
+    torch.testing.assert_close(y_RD[:3], experts.forward_reference(x_RD[:3], counts_E))
+    # Gradients reach only the computed rows' experts; padding contributes nothing to them.
+    grad_RD = torch.cat([torch.randn(3, D), torch.zeros(1, D)])
+    fast = _grads(experts, y_RD, x_RD, grad_RD)
+    slow = _grads(experts, experts.forward_reference(x_RD[:3], counts_E), x_RD, grad_RD[:3])
+    torch.testing.assert_close(fast[0][:3], slow[0][:3])
+    for f, s in zip(fast[1:], slow[1:]):
+        torch.testing.assert_close(f, s)
 
 
 def test_one_expert_equals_dense_mlp():
@@ -81,13 +119,14 @@ def test_one_expert_equals_dense_mlp():
     torch.testing.assert_close(experts(x_RD, torch.tensor([9])), mlp(x_RD), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_autocast_bf16_matches_reference(activation):
+def test_autocast_bf16_matches_reference(activation, backend):
     """Under autocast both paths compute in bf16 and keep fp32 parameter gradients."""
-    experts = _experts(activation)
+    experts = _experts(activation, backend=backend)
     R = int(COUNTS_E.sum())
-    x_RD = torch.randn(R, 16, requires_grad=True)
-    grad_RD = torch.randn(R, 16)
+    x_RD = torch.randn(R, D, requires_grad=True)
+    grad_RD = torch.randn(R, D)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast_RD = experts(x_RD, COUNTS_E)
         slow_RD = experts.forward_reference(x_RD, COUNTS_E)
@@ -100,13 +139,14 @@ def test_autocast_bf16_matches_reference(activation):
         torch.testing.assert_close(f, s, atol=5e-2, rtol=5e-2)
 
 
-def test_bf16_parameters_match_fp64_reference():
+@pytest.mark.parametrize("backend", FAST)
+def test_bf16_parameters_match_fp64_reference(backend):
     """Pure bf16 (the column-major forward GEMMs) against the same weights in fp64."""
-    experts = _experts("swiglu", torch.bfloat16)
+    experts = _experts("swiglu", torch.bfloat16, backend=backend)
     reference = _experts("swiglu", torch.float64)
     with torch.no_grad():
         reference.w_up.copy_(experts.w_up)
         reference.w_down.copy_(experts.w_down)
-    x_RD = torch.randn(int(COUNTS_E.sum()), 16, dtype=torch.bfloat16)
+    x_RD = torch.randn(int(COUNTS_E.sum()), D, dtype=torch.bfloat16)
     expected = reference.forward_reference(x_RD.double(), COUNTS_E)
     torch.testing.assert_close(experts(x_RD, COUNTS_E).double(), expected, atol=3e-2, rtol=3e-2)

@@ -16,6 +16,7 @@ combine count. When transformers is importable, its Mixtral sparse block runs be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -131,12 +132,32 @@ def _train_step(module: nn.Module, x: Tensor, grad: Tensor):
     return step
 
 
-def build_moe(shape: Shape, dtype: torch.dtype) -> MoE:
+def build_moe(shape: Shape, dtype: torch.dtype, backend: str = "auto") -> MoE:
     config = MoEConfig(
         d_model=shape.d_model, d_hidden=shape.d_hidden, num_experts=shape.num_experts,
         top_k=shape.top_k, router="softmax_topk", capacity_factor=None, balance_loss_coef=0.01,
+        expert_backend=backend,
     )
     return MoE(config).to(dtype)
+
+
+def saved_activation_bytes(module: nn.Module, x: Tensor) -> int:
+    """Bytes autograd keeps from forward to backward (distinct storages, parameters not
+    counted): the activation memory a training step holds at its peak, beyond the
+    weights and their gradients (which a same-FLOPs dense FFN has E/K times fewer of)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    del out
+    return sum(storages.values())
 
 
 def build_hf_block(shape: Shape, dtype: torch.dtype, implementation: str) -> nn.Module | None:
@@ -157,8 +178,11 @@ def build_hf_block(shape: Shape, dtype: torch.dtype, implementation: str) -> nn.
     return block.to(dtype)
 
 
-def run_shape(shape: Shape, dtype: torch.dtype, reps: int, warmup: int, hf: bool) -> dict:
-    """Times of dense, moekit and (optionally) transformers for one shape, in seconds."""
+def run_shape(
+    shape: Shape, dtype: torch.dtype, reps: int, warmup: int, hf: bool, compiled: bool = False
+) -> dict:
+    """Times of dense, moekit (each expert backend; compiled too if asked) and
+    (optionally) transformers for one shape, in seconds; saved-activation bytes."""
     torch.manual_seed(0)
     T, D, K = shape.num_tokens, shape.d_model, shape.top_k
     x_TD = torch.randn(T, D, dtype=dtype, requires_grad=True)
@@ -168,12 +192,27 @@ def run_shape(shape: Shape, dtype: torch.dtype, reps: int, warmup: int, hf: bool
 
     dense = DenseSwiGLU(D, shape.d_hidden).to(dtype)
     moe = build_moe(shape, dtype)
+    loop = build_moe(shape, dtype, backend="loop")
+    loop.load_state_dict(moe.state_dict())
     with torch.no_grad():
         counts_E = moe(x_TD).stats.tokens_per_expert
-    dense_s, moe_s = _median_seconds(
-        [_train_step(dense, x_AD, grad_AD), _train_step(moe, x_TD, grad_TD)], reps, warmup
+    dense_s, moe_s, loop_s = _median_seconds(
+        [_train_step(dense, x_AD, grad_AD), _train_step(moe, x_TD, grad_TD), _train_step(loop, x_TD, grad_TD)],
+        reps, warmup,
     )
-    result = {"dense": dense_s, "moekit": moe_s, "rows": (int(counts_E.min()), int(counts_E.max()))}
+    result = {
+        "dense": dense_s, "moekit": moe_s, "loop": loop_s,
+        "rows": (int(counts_E.min()), int(counts_E.max())),
+        "memory": saved_activation_bytes(moe, x_TD) / max(1, saved_activation_bytes(dense, x_AD)),
+        "compiled": None, "compile_s": None,
+    }
+    if compiled:
+        torch._dynamo.reset()
+        step = _train_step(torch.compile(moe, fullgraph=True), x_TD, grad_TD)
+        start = time.perf_counter()
+        step()
+        result["compile_s"] = time.perf_counter() - start
+        result["compiled"] = _median_seconds([step], reps, warmup)[0]
     for name in ("eager", "grouped_mm"):
         block = build_hf_block(shape, dtype, name) if hf else None
         if block is None:
@@ -205,40 +244,74 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (bf16 uses a third)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bf16-token-scale", type=float, default=0.25,
-                        help="bf16 runs T * this many tokens (bf16 GEMMs are slow without bf16 hardware)")
+    parser.add_argument("--bf16-token-scale", type=float, default=None,
+                        help="bf16 runs T * this many tokens; default 1 on CPUs with bf16 "
+                             "instructions, 0.25 without (bf16 GEMMs are slow there)")
+    parser.add_argument("--allocator", choices=["both", "default", "keep"], default="both",
+                        help="default malloc (a user's own loop), glibc keeping freed memory "
+                             "(what moekit train does), or both passes in one run")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the torch.compile'd layer (and its compile time)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers even if importable")
     parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory: no page faults on reused buffers")
+                        help="same as --allocator keep")
     args = parser.parse_args(argv)
+    try:
+        shapes = [Shape.parse(text) for text in (args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES))]
+    except ValueError as error:
+        parser.error(str(error))
 
     torch.set_num_threads(args.threads)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES)
     reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    allocator = "glibc, keeps freed memory" if args.keep_freed_memory and keep_freed_memory() else "default"
+    bf16_native = _has_cpu_flag("avx512_bf16") or _has_cpu_flag("amx_bf16")
+    token_scale = 1.0 if bf16_native and args.bf16_token_scale is None else (args.bf16_token_scale or 0.25)
     print(machine_summary())
-    print(f"allocator: {allocator} | load average before: {os.getloadavg()[0]:.2f} | "
-          f"median of {reps} reps after {warmup} warmup (bf16: a third, HF: a third)")
-    print("ratio = MoE fwd+bwd time / dense SwiGLU fwd+bwd with the same active FLOPs (1.00 = limit)")
-    print(f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
-          f"{'HF eager':>8} | {'HF grouped_mm':>13} | rows/expert min-max")
-    for dtype_name in dtypes:
-        for text in shapes:
-            shape = Shape.parse(text)
-            dtype_reps = reps
-            if dtype_name == "bf16":
-                shape.num_tokens = max(shape.num_experts, int(shape.num_tokens * args.bf16_token_scale))
-                dtype_reps = max(1, reps // 3)
-            r = run_shape(shape, DTYPES[dtype_name], dtype_reps, min(warmup, dtype_reps), not args.no_hf)
-            print(
-                f"{dtype_name:5} | {str(shape):22} | {r['dense'] * 1e3:9.1f} | {shape.flops() / r['dense'] / 1e9:7.1f} | "
-                f"{_ratio(r['moekit'], r['dense']):>6} | {_ratio(r['hf_eager'], r['dense']):>8} | "
-                f"{_ratio(r['hf_grouped_mm'], r['dense']):>13} | {r['rows'][0]}-{r['rows'][1]}",
-                flush=True,
-            )
+    print(f"load average before: {os.getloadavg()[0]:.2f} | median of {reps} reps after {warmup} warmup "
+          f"(bf16: a third, HF: a third) | bf16 at T x {token_scale:g} "
+          f"({'bf16 instructions present' if bf16_native else 'no bf16 instructions: fewer tokens'})")
+    print("ratio = MoE fwd+bwd time / dense SwiGLU fwd+bwd with the same active FLOPs (1.00 = limit); "
+          "act mem = saved activations, MoE / dense")
+    passes = {"both": ["default", "keep"], "default": ["default"], "keep": ["keep"]}[args.allocator]
+    if args.keep_freed_memory:
+        passes = ["keep"]
+    for allocator in passes:
+        if allocator == "keep" and not keep_freed_memory():
+            print("allocator: cannot keep freed memory (not glibc); skipped")
+            continue
+        print(f"\nallocator: {'glibc, keeps freed memory' if allocator == 'keep' else 'default (a user loop)'}")
+        print(f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
+              f"{'loop':>6} | {'compiled':>8} | {'HF eager':>8} | {'HF grouped_mm':>13} | {'act mem':>7} | rows/expert")
+        for dtype_name in dtypes:
+            for parsed in shapes:
+                shape = dataclasses.replace(parsed)
+                dtype_reps = reps
+                if dtype_name == "bf16":
+                    shape.num_tokens = max(shape.num_experts, int(shape.num_tokens * token_scale))
+                    dtype_reps = max(1, reps // 3)
+                r = run_shape(shape, DTYPES[dtype_name], dtype_reps, min(warmup, dtype_reps),
+                              not args.no_hf, compiled=args.compile)
+                compiled = "n/a" if r["compiled"] is None else f"{r['compiled'] / r['dense']:.2f}"
+                print(
+                    f"{dtype_name:5} | {str(shape):22} | {r['dense'] * 1e3:9.1f} | {shape.flops() / r['dense'] / 1e9:7.1f} | "
+                    f"{_ratio(r['moekit'], r['dense']):>6} | {_ratio(r['loop'], r['dense']):>6} | {compiled:>8} | "
+                    f"{_ratio(r['hf_eager'], r['dense']):>8} | {_ratio(r['hf_grouped_mm'], r['dense']):>13} | "
+                    f"{r['memory']:7.2f} | {r['rows'][0]}-{r['rows'][1]}"
+                    + ("" if r["compile_s"] is None else f" | compile {r['compile_s']:.1f} s"),
+                    flush=True,
+                )
 
+
+def _has_cpu_flag(name: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return name in line.split()
+    except OSError:
+        pass
+    return False
 
 if __name__ == "__main__":
     main()

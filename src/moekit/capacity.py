@@ -22,8 +22,10 @@ Overflow policies for the claims past C:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import expert_counts
 from .routing.base import TokenChoice
 
 
@@ -53,7 +55,7 @@ def positions_in_expert(expert_A: Tensor, num_bins: int) -> Tensor:
         (A,) long position of each entry within its expert.
     """
     sorted_A = torch.argsort(expert_A, stable=True)
-    counts = torch.bincount(expert_A, minlength=num_bins)
+    counts = expert_counts(expert_A, num_bins)
     starts = counts.cumsum(0) - counts
     position_sorted_A = torch.arange(expert_A.numel(), device=expert_A.device) - starts[
         expert_A[sorted_A]
@@ -65,6 +67,9 @@ def apply_capacity(
     routing: TokenChoice, capacity: int, overflow: str, batch_priority: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Limit every expert to `capacity` assignments.
+
+    Every tensor keeps its (T, K) shape whatever the routing: nothing here reads a value
+    on the host (torch.compile traces it whole).
 
     Returns:
         ids_TK: experts after rerouting (unchanged for drop), weights_TK (0 where not kept),
@@ -84,71 +89,70 @@ def apply_capacity(
 
     # 2. reroute what overflowed, or drop it.
     if overflow == "reroute":
-        overflowed_A = ~kept_A & (expert_A < E)
-        if bool(overflowed_A.any()):
-            ids_TK, weights_TK, kept_TK = _reroute(
-                routing, ids_TK, weights_TK, kept_TK, valid_TK, order_A[overflowed_A], capacity
-            )
+        ids_TK, weights_TK, kept_TK = _reroute(routing, valid_TK, kept_TK, order_A, capacity)
     return ids_TK, weights_TK * kept_TK, kept_TK
 
 
 def _reroute(
-    routing: TokenChoice,
-    ids_TK: Tensor,
-    weights_TK: Tensor,
-    kept_TK: Tensor,
-    valid_TK: Tensor,
-    pending_slots: Tensor,
-    capacity: int,
+    routing: TokenChoice, valid_TK: Tensor, kept_TK: Tensor, order_A: Tensor, capacity: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Move overflowed assignments (flat slots, in claim order) down each token's ranking."""
+    """Move overflowed assignments down each token's ranking, in rounds (module docstring).
+
+    Static shapes: each round works on all T tokens with masks. A round advances every
+    token that still has a pending assignment one rank, so after E + K rounds nothing is
+    pending; eager CPU runs stop as soon as nothing is (reading that flag is free there),
+    compiled and GPU runs do the fixed rounds without a host sync.
+    """
+    ids_TK, weights_TK, gate_TE = routing.ids_TK, routing.weights_TK, routing.gate_TE
     T, K = ids_TK.shape
-    E = routing.gate_TE.shape[-1]
-    ids_TK, kept_TK = ids_TK.clone(), kept_TK.clone()
-    new_weight_TK = weights_TK.clone()
+    E = gate_TE.shape[-1]
+    device = ids_TK.device
     rank_TE = routing.rank_TE.detach()
     order_TE = torch.argsort(rank_TE, dim=-1, descending=True, stable=True)
-    used_TE = torch.zeros(T, E, dtype=torch.bool, device=ids_TK.device)
+    used_TE = torch.zeros(T, E, dtype=torch.bool, device=device)
     used_TE.scatter_(1, ids_TK, valid_TK)  # a token never takes the same expert twice
-    room_E = capacity - torch.bincount(ids_TK[kept_TK], minlength=E)
+    room_E = capacity - expert_counts(ids_TK, E + 1, kept_TK)[:E]
     next_rank_T = valid_TK.sum(dim=-1)  # the token's own picks hold the first ranks
-    gate_TE = routing.gate_TE
+    # Claim position of each slot: a token's pending slots compete in this order.
+    claim_pos_TK = torch.empty_like(order_A).scatter_(
+        0, order_A, torch.arange(T * K, device=device)
+    ).view(T, K)
+    pending_TK = valid_TK & ~kept_TK
+    new_ids_TK, new_weights_TK, kept_TK = ids_TK.clone(), weights_TK, kept_TK.clone()
+    tokens_T = torch.arange(T, device=device)
+    k_range_K = torch.arange(K, device=device)
+    stop_early = device.type == "cpu" and not torch.compiler.is_compiling()
 
-    while pending_slots.numel():
-        tokens = pending_slots // K
+    for _ in range(E + K):
+        if stop_early and not bool(pending_TK.any()):
+            break
         # This round: each token's earliest pending slot tries its next-ranked expert.
-        first = _first_occurrence(tokens)
-        slots, tokens = pending_slots[first], tokens[first]
-        exhausted = next_rank_T[tokens] >= E
-        candidate = order_TE[tokens, next_rank_T[tokens].clamp(max=E - 1)]
-        allowed = torch.isfinite(rank_TE[tokens, candidate]) & ~exhausted
-        next_rank_T[tokens] += 1
-        tries = allowed & ~used_TE[tokens, candidate]
-        position = positions_in_expert(torch.where(tries, candidate, E), E + 1)
-        wins = tries & (position < room_E.index_select(0, candidate.clamp(max=E - 1)))
-        # Winners move; losers stay pending unless they ran out of experts.
-        won_slots, won_tokens, won_expert = slots[wins], tokens[wins], candidate[wins]
-        k = won_slots % K
-        old_expert = ids_TK[won_tokens, k]
-        scale = weights_TK[won_tokens, k] / gate_TE[won_tokens, old_expert].clamp_min(1e-20)
-        new_weight_TK = new_weight_TK.index_put(
-            (won_tokens, k), gate_TE[won_tokens, won_expert] * scale
+        has_pending_T = pending_TK.any(dim=-1)
+        k_T = torch.where(pending_TK, claim_pos_TK, T * K).argmin(dim=-1)
+        exhausted_T = next_rank_T >= E
+        candidate_T = order_TE.gather(1, next_rank_T.clamp(max=E - 1).unsqueeze(1)).squeeze(1)
+        allowed_T = has_pending_T & ~exhausted_T & torch.isfinite(rank_TE[tokens_T, candidate_T])
+        next_rank_T = next_rank_T + has_pending_T.long()
+        tries_T = allowed_T & ~used_TE[tokens_T, candidate_T]
+        # The trying tokens claim the remaining room in their slots' claim order.
+        claim_T = torch.where(tries_T, claim_pos_TK[tokens_T, k_T], T * K)
+        by_claim_T = torch.argsort(claim_T, stable=True)
+        expert_in_order_T = torch.where(tries_T, candidate_T, E)[by_claim_T]
+        position_T = torch.empty_like(by_claim_T).scatter_(
+            0, by_claim_T, positions_in_expert(expert_in_order_T, E + 1)
         )
-        ids_TK[won_tokens, k] = won_expert
-        kept_TK[won_tokens, k] = True
-        used_TE[won_tokens, won_expert] = True
-        room_E -= torch.bincount(won_expert, minlength=E)
-        finished = torch.zeros_like(pending_slots, dtype=torch.bool)
-        finished[first] = wins | ~allowed
-        pending_slots = pending_slots[~finished]
-    return ids_TK, new_weight_TK, kept_TK
-
-
-def _first_occurrence(values: Tensor) -> Tensor:
-    """Bool mask: True where values[i] does not occur in values[:i]."""
-    positions = torch.arange(values.numel(), device=values.device)
-    first_pos = torch.full(
-        (int(values.max()) + 1,), values.numel(), dtype=torch.long, device=values.device
-    )
-    first_pos.scatter_reduce_(0, values, positions, reduce="amin")
-    return first_pos[values] == positions
+        wins_T = tries_T & (position_T < room_E[candidate_T.clamp(max=E - 1)])
+        # Winners move (weight: new gate * original weight / original gate).
+        win_TK = wins_T.unsqueeze(1) & (k_range_K == k_T.unsqueeze(1))
+        old_expert_TK = ids_TK
+        scale_TK = weights_TK / gate_TE.gather(1, old_expert_TK).clamp_min(1e-20)
+        new_gate_T1 = gate_TE.gather(1, candidate_T.unsqueeze(1))
+        new_weights_TK = torch.where(win_TK, new_gate_T1 * scale_TK, new_weights_TK)
+        new_ids_TK = torch.where(win_TK, candidate_T.unsqueeze(1), new_ids_TK)
+        kept_TK = kept_TK | win_TK
+        used_TE = used_TE | (F.one_hot(candidate_T, E).bool() & wins_T.unsqueeze(1))
+        room_E = room_E - expert_counts(candidate_T, E, wins_T)
+        # Losers stay pending unless they ran out of experts.
+        finished_T = has_pending_T & (wins_T | ~allowed_T)
+        pending_TK = pending_TK & ~(finished_T.unsqueeze(1) & (k_range_K == k_T.unsqueeze(1)))
+    return new_ids_TK, new_weights_TK, kept_TK

@@ -19,6 +19,9 @@ ROUTERS = (
 )
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 OVERFLOW_POLICIES = ("drop", "reroute")
+# How the routed experts run: torch's grouped_mm where supported (auto), or one torch.mm
+# per expert (loop, which reads the counts on the host). See experts.choose_backend.
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 # Routers where every token goes to a fixed set of slots and capacity does not apply.
 _NO_CAPACITY_ROUTERS = ("soft", "dense")
 
@@ -46,6 +49,7 @@ class MoEConfig:
     top_k: int = 2
     router: str = "softmax_topk"
     activation: str = "swiglu"
+    expert_backend: str = "auto"  # "auto", "grouped_mm" or "loop"; see EXPERT_BACKENDS
 
     # Capacity: C = ceil(capacity_factor * T * top_k / E); None = dropless.
     capacity_factor: float | None = None
@@ -96,6 +100,11 @@ class MoEConfig:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor ({self.capacity_factor}) must be > 0 or None")
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(
+                f"unknown expert_backend {self.expert_backend!r}; choose one of "
+                f"{', '.join(EXPERT_BACKENDS)}"
+            )
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(
                 f"unknown overflow policy {self.overflow!r}; choose one of "

@@ -3,7 +3,9 @@
 # T tokens, D model, E experts, K top_k, A assignments (T*K), R routed rows (kept ones)
 
 Every plan has the same contract: `dispatch(x_TD) -> x_RD` with rows grouped by expert
-(counts_E rows for expert 0, then expert 1, ...), and `combine(y_RD) -> y_TD`.
+(counts_E rows for expert 0, then expert 1, ...; rows past sum(counts_E) are padding), and
+`combine(y_RD) -> y_TD`. Shapes never depend on the routing (R = T*K for token choice), so
+no step reads a count on the host and torch.compile traces one graph.
 An expert-parallel dispatcher replaces these with all-to-all versions (parallel/).
 
 Token choice is a permutation of the T*K assignment slots (argsort by expert), so its
@@ -17,7 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .routing.base import ExpertChoice, SoftAssignment
+from .capacity import apply_capacity
+from .config import MoEConfig
+from .losses import expert_counts
+from .routing.base import ExpertChoice, SoftAssignment, TokenChoice
 
 
 class _PermuteTokens(torch.autograd.Function):
@@ -60,42 +65,52 @@ class _UnpermuteAndMix(torch.autograd.Function):
 
 
 class TokenChoicePlan:
-    """Permutation dispatch for token-choice routing.
+    """Permutation dispatch for token-choice routing, with static shapes.
+
+    Every one of the A = T*K slots gets a row (R = A), so no size depends on the routing:
+    kept slots are sorted by expert into the first sum(counts_E) rows, dropped or unused
+    slots behind them (padding the experts never compute, read back as zeros).
 
     Args:
-        ids_TK: expert per assignment; kept_TK: bool, False for dropped or unused slots;
-        weights_TK: combine weights (0 where not kept).
+        ids_TK: expert per assignment; kept_TK: bool, False for dropped or unused slots
+        (None: all kept); weights_TK: combine weights (0 where not kept).
     """
 
     def __init__(self, ids_TK: Tensor, kept_TK: Tensor | None, weights_TK: Tensor, num_experts: int):
         T, K = ids_TK.shape
         self.top_k = K
         self.weights_TK = weights_TK
-        expert_A = ids_TK.flatten() if kept_TK is None else torch.where(kept_TK, ids_TK, num_experts).flatten()
+        self.kept_A = None if kept_TK is None else kept_TK.flatten()
+        expert_A = ids_TK.flatten() if kept_TK is None else torch.where(self.kept_A, ids_TK.flatten(), num_experts)
         # Stable sort: within an expert, rows keep token order (deterministic, cache friendly).
         slot_order_A = torch.argsort(expert_A, stable=True)
-        self.counts_E = torch.bincount(expert_A, minlength=num_experts + 1)[:num_experts]
-        self.num_rows = T * K if kept_TK is None else int(self.counts_E.sum())
-        self.slot_of_row_R = slot_order_A[: self.num_rows]
-        self.token_of_row_R = self.slot_of_row_R // K
-        # Inverse permutation; dropped slots (sorted behind the kept rows) read row 0 and
-        # are zeroed afterwards, so no padded copy of the rows is needed.
-        row_of_slot_A = torch.empty_like(slot_order_A)
-        row_of_slot_A[slot_order_A] = torch.arange(T * K, device=ids_TK.device)
-        self.dropped_slots = slot_order_A[self.num_rows :]
-        self.row_of_slot_A = row_of_slot_A.masked_fill_(row_of_slot_A >= self.num_rows, 0)
+        self.counts_E = expert_counts(expert_A, num_experts + 1)[:num_experts]
+        self.slot_of_row_R = slot_order_A
+        self.token_of_row_R = slot_order_A // K
+        # Inverse permutation: the row that holds each slot.
+        self.row_of_slot_A = torch.empty_like(slot_order_A).scatter_(
+            0, slot_order_A, torch.arange(T * K, device=ids_TK.device)
+        )
 
     def rows_to_slots(self, rows_RD: Tensor) -> Tensor:
         """rows_RD gathered into slot order (T*K, D); dropped slots get zeros."""
-        if self.num_rows == 0:
-            return rows_RD.new_zeros(self.row_of_slot_A.shape[0], rows_RD.shape[-1])
         slots_AD = rows_RD.index_select(0, self.row_of_slot_A)
-        if self.dropped_slots.numel():
-            slots_AD.index_fill_(0, self.dropped_slots, 0)
+        if self.kept_A is not None:  # padding rows hold garbage (even NaN): select, not scale
+            slots_AD = torch.where(self.kept_A.unsqueeze(-1), slots_AD, 0)
         return slots_AD
 
-    def dispatch(self, x_TD: Tensor) -> Tensor:
-        return _PermuteTokens.apply(x_TD, self)
+    @classmethod
+    def from_routing(cls, routing: TokenChoice, config: MoEConfig, capacity: int | None) -> TokenChoicePlan:
+        """Capacity (when set) decides which assignments are kept, then the permutation."""
+        ids_TK, weights_TK, kept_TK = routing.ids_TK, routing.weights_TK, routing.valid_TK
+        if capacity is not None:
+            ids_TK, weights_TK, kept_TK = apply_capacity(
+                routing, capacity, config.overflow, config.batch_priority
+            )
+        return cls(ids_TK, kept_TK, weights_TK, config.num_experts)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        return _PermuteTokens.apply(x.reshape(-1, x.shape[-1]), self)
 
     def combine(self, y_RD: Tensor) -> Tensor:
         return _UnpermuteAndMix.apply(y_RD, self.weights_TK, self)
@@ -111,8 +126,12 @@ class ExpertChoicePlan:
         self.weights_R = routing.weights_EC.flatten()
         self.counts_E = torch.full((E,), C, dtype=torch.long, device=self.token_of_row_R.device)
 
-    def dispatch(self, x_TD: Tensor) -> Tensor:
-        return x_TD.index_select(0, self.token_of_row_R)
+    @classmethod
+    def from_routing(cls, routing: ExpertChoice, config: MoEConfig, capacity: int | None) -> ExpertChoicePlan:
+        return cls(routing, routing.probs_TE.shape[0])
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.token_of_row_R)
 
     def combine(self, y_RD: Tensor) -> Tensor:
         weighted_RD = y_RD * self.weights_R.to(y_RD.dtype).unsqueeze(-1)
@@ -133,7 +152,12 @@ class SoftPlan:
             device=routing.dispatch_BNS.device,
         )
 
-    def dispatch(self, x_BND: Tensor) -> Tensor:
+    @classmethod
+    def from_routing(cls, routing: SoftAssignment, config: MoEConfig, capacity: int | None) -> SoftPlan:
+        return cls(routing, config.num_experts)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        x_BND = x.reshape(self.routing.dispatch_BNS.shape[:2] + x.shape[-1:])
         dispatch_BNS = self.routing.dispatch_BNS.to(x_BND.dtype)
         slots_BSD = torch.einsum("bns,bnd->bsd", dispatch_BNS, x_BND)
         B, _, D = slots_BSD.shape
@@ -146,3 +170,12 @@ class SoftPlan:
         D = y_RD.shape[-1]
         y_BSD = y_RD.view(self.num_experts, B, self.slots_per_expert, D).transpose(0, 1)
         return torch.einsum("bns,bsd->bnd", combine_BNS, y_BSD.reshape(B, combine_BNS.shape[-1], D))
+
+
+# Each routing decision's plan: the one place a decision family meets its dispatch.
+PLANS = {TokenChoice: TokenChoicePlan, ExpertChoice: ExpertChoicePlan, SoftAssignment: SoftPlan}
+
+
+def build_plan(routing, config: MoEConfig, capacity: int | None):
+    """The dispatch plan for a routing decision (capacity applies to token choice)."""
+    return PLANS[type(routing)].from_routing(routing, config, capacity)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import EXPERT_BACKENDS
+
 
 def activate(h_RH: Tensor, activation: str) -> Tensor:
     """The expert nonlinearity; GLU variants split h into (gate, up) halves."""
@@ -58,12 +60,26 @@ def _swiglu_backward(h_RH: Tensor, grad_a_RF: Tensor) -> Tensor:
 
 
 def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
-        return _swiglu_backward(h_RH, grad_a_RF)
-    with torch.enable_grad():
-        h = h_RH.detach().requires_grad_()
-        (grad_h_RH,) = torch.autograd.grad(activate(h, activation), h, grad_a_RF)
-    return grad_h_RH
+    """d activate(h) / dh by hand (torch's fused backward kernels), for every activation."""
+    if activation == "swiglu" and not torch.compiler.is_compiling():
+        return _swiglu_backward(h_RH, grad_a_RF)  # writes in place: eager only
+    aten = torch.ops.aten
+    if activation in ("swiglu", "geglu"):
+        gate_RF, up_RF = h_RH.chunk(2, dim=-1)
+        if activation == "swiglu":
+            grad_gate_RF = aten.silu_backward(grad_a_RF * up_RF, gate_RF)
+            grad_up_RF = grad_a_RF * F.silu(gate_RF)
+        else:
+            grad_gate_RF = aten.gelu_backward(grad_a_RF * up_RF, gate_RF, approximate="tanh")
+            grad_up_RF = grad_a_RF * F.gelu(gate_RF, approximate="tanh")
+        return torch.cat([grad_gate_RF, grad_up_RF], dim=-1)
+    if activation == "gelu":
+        return aten.gelu_backward(grad_a_RF, h_RH, approximate="tanh")
+    if activation == "relu":
+        return aten.threshold_backward(grad_a_RF, h_RH, 0)
+    if activation == "silu":
+        return aten.silu_backward(grad_a_RF, h_RH)
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 # Without avx512_bf16/AMX, torch's CPU bf16 GEMM falls back to a kernel whose
@@ -73,39 +89,104 @@ def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str) -> Te
 # (R x K, far smaller than the E x K x N weights a transposed weight copy would move).
 _SLOW_ROW_MAJOR_GEMM = (torch.bfloat16, torch.float16)
 
-
-def _grouped_mm(a_RK: Tensor, w_EKN: Tensor, groups: list[tuple[int, int, int]]) -> Tensor:
-    """out[start:end] = a_RK[start:end] @ w_EKN[e] for each (e, start, end) group."""
-    out_RN = a_RK.new_empty(a_RK.shape[0], w_EKN.shape[-1])
-    both_row_major = w_EKN.stride(-1) == 1
-    if both_row_major and a_RK.dtype in _SLOW_ROW_MAJOR_GEMM and a_RK.device.type == "cpu":
-        a_RK = a_RK.t().contiguous().t()
-    for e, start, end in groups:
-        torch.mm(a_RK[start:end], w_EKN[e], out=out_RN[start:end])
-    return out_RN
+BACKENDS = EXPERT_BACKENDS
 
 
-def _grouped_weight_grad(a_RK: Tensor, grad_RN: Tensor, groups, num_experts: int) -> Tensor:
-    """grad_w[e] = a_RK[rows of e].T @ grad_RN[rows of e], in one (E, K, N) buffer."""
-    grad_w_EKN = a_RK.new_empty(num_experts, a_RK.shape[-1], grad_RN.shape[-1])
-    if len(groups) < num_experts:  # experts without rows get an exact zero gradient
-        idle = sorted(set(range(num_experts)) - {e for e, _, _ in groups})
-        grad_w_EKN[idle] = 0
-    for e, start, end in groups:
-        torch.mm(a_RK[start:end].t(), grad_RN[start:end], out=grad_w_EKN[e])
-    return grad_w_EKN
+# grouped_mm as opaque ops for torch.compile: torch's own fake (meta) kernel accepts bf16
+# only, as CUDA's kernels do, while the CPU kernel also runs fp32. Eager calls go straight
+# to F.grouped_mm; compiled graphs call these, whose fakes give the shapes.
+@torch.library.custom_op("moekit::grouped_mm", mutates_args=())
+def _grouped_mm_op(a_RK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
+    return F.grouped_mm(a_RK, w_EKN, offs=offsets_E).contiguous()
+
+
+@_grouped_mm_op.register_fake
+def _(a_RK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
+    return a_RK.new_empty(a_RK.shape[0], w_EKN.shape[-1])
+
+
+@torch.library.custom_op("moekit::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(a_RK: Tensor, grad_RN: Tensor, offsets_E: Tensor) -> Tensor:
+    return F.grouped_mm(a_RK.t(), grad_RN, offs=offsets_E).contiguous()
+
+
+@_grouped_weight_grad_op.register_fake
+def _(a_RK: Tensor, grad_RN: Tensor, offsets_E: Tensor) -> Tensor:
+    return a_RK.new_empty(offsets_E.shape[0], a_RK.shape[-1], grad_RN.shape[-1])
+
+
+class _Groups:
+    """Where each expert's rows are: offsets on the device, and (loop only) Python ranges.
+
+    offsets_E: int32 end row of each expert's group (cumsum of counts), as grouped_mm takes
+    them; rows past offsets_E[-1] (capacity padding) are never computed and hold garbage.
+    ranges: (expert, start, end) of the experts with rows, read from the host (a sync),
+    or None for the grouped_mm backend.
+    """
+
+    def __init__(self, offsets_E: Tensor, ranges: list[tuple[int, int, int]] | None):
+        self.backend = "grouped_mm" if ranges is None else "loop"
+        self.num_experts = offsets_E.shape[0]
+        self.offsets_E, self.ranges = offsets_E, ranges
+
+    @staticmethod
+    def host_ranges(counts_E: Tensor) -> list[tuple[int, int, int]]:
+        """(expert, start, end) of the experts with rows: the loop's one host sync."""
+        ranges, start = [], 0
+        for e, count in enumerate(counts_E.tolist()):
+            if count:
+                ranges.append((e, start, start + count))
+            start += count
+        return ranges
+
+    def mm(self, a_RK: Tensor, w_EKN: Tensor) -> Tensor:
+        """out[rows of e] = a_RK[rows of e] @ w_EKN[e]; rows past the last group unset."""
+        if self.backend == "grouped_mm":
+            if torch.compiler.is_compiling():
+                return _grouped_mm_op(a_RK, w_EKN, self.offsets_E)
+            return F.grouped_mm(a_RK, w_EKN, offs=self.offsets_E)
+        out_RN = a_RK.new_empty(a_RK.shape[0], w_EKN.shape[-1])
+        both_row_major = w_EKN.stride(-1) == 1
+        if both_row_major and a_RK.dtype in _SLOW_ROW_MAJOR_GEMM and a_RK.device.type == "cpu":
+            a_RK = a_RK.t().contiguous().t()
+        for e, start, end in self.ranges:
+            torch.mm(a_RK[start:end], w_EKN[e], out=out_RN[start:end])
+        if self.ranges:
+            out_RN[self.ranges[-1][2] :] = 0
+        else:
+            out_RN.zero_()
+        return out_RN
+
+    def weight_grad(self, a_RK: Tensor, grad_RN: Tensor) -> Tensor:
+        """grad_w[e] = a_RK[rows of e].T @ grad_RN[rows of e], in one (E, K, N) buffer.
+
+        Experts without rows get an exact zero gradient.
+        """
+        if self.backend == "grouped_mm":
+            if torch.compiler.is_compiling():
+                return _grouped_weight_grad_op(a_RK, grad_RN, self.offsets_E)
+            return F.grouped_mm(a_RK.t(), grad_RN, offs=self.offsets_E)
+        E = self.num_experts
+        grad_w_EKN = a_RK.new_empty(E, a_RK.shape[-1], grad_RN.shape[-1])
+        if len(self.ranges) < E:
+            idle = sorted(set(range(E)) - {e for e, _, _ in self.ranges})
+            grad_w_EKN[idle] = 0
+        for e, start, end in self.ranges:
+            torch.mm(a_RK[start:end].t(), grad_RN[start:end], out=grad_w_EKN[e])
+        return grad_w_EKN
 
 
 class _GroupedMLP(torch.autograd.Function):
     """y_RD = act(x_RD @ w_up[e]) @ w_down[e] for each expert's rows, one autograd node."""
 
     @staticmethod
-    def forward(ctx, x_RD, w_up_EDH, w_down_EFD, groups, activation):
+    def forward(ctx, x_RD, w_up_EDH, w_down_EFD, offsets_E, ranges, activation):
+        groups = _Groups(offsets_E, ranges)
         dtype = _compute_dtype(x_RD)
         x_RD, w_up, w_down = x_RD.to(dtype), w_up_EDH.to(dtype), w_down_EFD.to(dtype)
-        h_RH = _grouped_mm(x_RD, w_up, groups)
+        h_RH = groups.mm(x_RD, w_up)
         a_RF = activate(h_RH, activation)
-        y_RD = _grouped_mm(a_RF, w_down, groups)
+        y_RD = groups.mm(a_RF, w_down)
         # a_RF is kept (not recomputed) for the w_down gradient.
         ctx.save_for_backward(x_RD, h_RH, a_RF, w_up, w_down)
         ctx.groups, ctx.activation = groups, activation
@@ -115,28 +196,50 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y_RD):
         x_RD, h_RH, a_RF, w_up, w_down = ctx.saved_tensors
-        groups, num_experts = ctx.groups, w_up.shape[0]
+        groups = ctx.groups
         # An expanded (stride-0) gradient, e.g. from .sum(), must not reach the GEMMs.
         grad_y_RD = grad_y_RD.to(x_RD.dtype).contiguous()
         # Backward GEMMs are (rows) @ w.T and rows.T @ (rows): transposed operands, fast in
         # every dtype. 1. through w_down, 2. the activation, 3. through w_up.
-        grad_a_RF = _grouped_mm(grad_y_RD, w_down.transpose(1, 2), groups)
-        grad_w_down = _grouped_weight_grad(a_RF, grad_y_RD, groups, num_experts)
+        grad_a_RF = groups.mm(grad_y_RD, w_down.transpose(1, 2))
+        grad_w_down = groups.weight_grad(a_RF, grad_y_RD)
         grad_h_RH = _activation_backward(h_RH, grad_a_RF, ctx.activation)
-        grad_x_RD = _grouped_mm(grad_h_RH, w_up.transpose(1, 2), groups)
-        grad_w_up = _grouped_weight_grad(x_RD, grad_h_RH, groups, num_experts)
+        grad_x_RD = groups.mm(grad_h_RH, w_up.transpose(1, 2))
+        grad_w_up = groups.weight_grad(x_RD, grad_h_RH)
         up_dtype, down_dtype = ctx.param_dtypes
-        return grad_x_RD, grad_w_up.to(up_dtype), grad_w_down.to(down_dtype), None, None
+        return grad_x_RD, grad_w_up.to(up_dtype), grad_w_down.to(down_dtype), None, None, None
 
 
-def _groups(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, start, end) row ranges of the experts that have rows."""
-    groups, start = [], 0
-    for e, count in enumerate(counts):
-        if count:
-            groups.append((e, start, start + count))
-        start += count
-    return groups
+def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
+    """Whether torch's grouped_mm runs this dtype and these row widths on x's device.
+
+    CPU: fp32 and bf16. CUDA: bf16 on compute capability >= 8.0. Every row must start on
+    a 16-byte boundary (the kernels' layout rule), so width * itemsize % 16 == 0.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dtype = x.dtype
+    if x.device.type == "cpu":
+        ok_dtype = dtype in (torch.float32, torch.bfloat16)
+    elif x.device.type == "cuda":
+        ok_dtype = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+    else:
+        ok_dtype = False
+    return ok_dtype and all(width * x.element_size() % 16 == 0 for width in widths)
+
+
+def choose_backend(requested: str, x: Tensor, *widths: int) -> str:
+    """The expert backend for this call: `requested`, with "auto" resolved and a clean
+    fallback to the loop where grouped_mm does not support the dtype, device or widths.
+
+    Rule for "auto" (measured, docs/benchmarks.md): grouped_mm wherever it is supported.
+    It needs no host synchronisation and compiles into one graph; on the CPU it matched or
+    beat the per-expert loop at every standard shape in fp32 and bf16.
+    """
+    supported = grouped_mm_supported(x, *widths)
+    if requested == "loop" or not supported:
+        return "loop"
+    return "grouped_mm"
 
 
 class GroupedExperts(nn.Module):
@@ -145,12 +248,20 @@ class GroupedExperts(nn.Module):
     Args:
         num_experts, d_model, d_hidden: E, D, F.
         activation: swiglu (default, as Mixtral), geglu, gelu, relu or silu.
+        backend: "auto" (grouped_mm where supported, else the loop), "grouped_mm" (torch's
+            grouped GEMM; falls back to the loop where unsupported) or "loop" (one torch.mm
+            per expert after reading the counts on the host).
     """
 
-    def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"):
+    def __init__(
+        self, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu",
+        backend: str = "auto",
+    ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown expert backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
-        self.activation = activation
+        self.activation, self.backend = activation, backend
         gated = activation in ("swiglu", "geglu")
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, d_hidden * (2 if gated else 1)))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
@@ -165,13 +276,18 @@ class GroupedExperts(nn.Module):
         """Run each expert on its rows.
 
         Args:
-            x_RD: rows grouped by expert; counts_E: (E,) rows per expert, sum <= R.
+            x_RD: rows grouped by expert (counts_E[0] rows for expert 0, then expert 1, ...);
+                rows past sum(counts_E) are padding (capacity's dropped slots).
+            counts_E: (E,) rows per expert, sum <= R.
         Returns:
-            y_RD: (sum(counts_E), D).
+            y_RD: (R, D); padding rows are zero for the loop, unspecified for grouped_mm
+            (the plans never read them).
         """
-        counts = counts_E.tolist()
-        x_RD = x_RD[: sum(counts)]
-        return _GroupedMLP.apply(x_RD, self.w_up, self.w_down, _groups(counts), self.activation)
+        probe = x_RD.to(_compute_dtype(x_RD)) if x_RD.is_floating_point() else x_RD
+        backend = choose_backend(self.backend, probe[:0], self.d_model, self.w_up.shape[-1], self.d_hidden)
+        ranges = _Groups.host_ranges(counts_E) if backend == "loop" else None
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        return _GroupedMLP.apply(x_RD, self.w_up, self.w_down, offsets_E, ranges, self.activation)
 
     def forward_reference(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """The obviously-correct loop (slow backward); the fast path must equal it."""
@@ -185,7 +301,7 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, "
-            f"d_hidden={self.d_hidden}, activation={self.activation}"
+            f"d_hidden={self.d_hidden}, activation={self.activation}, backend={self.backend}"
         )
 
 

@@ -9,6 +9,17 @@ import torch
 from torch import Tensor
 
 
+def expert_counts(ids: Tensor, num_bins: int, valid: Tensor | None = None) -> Tensor:
+    """(num_bins,) long count of each id (only where `valid`): a bincount of static shape.
+
+    bincount's output size depends on the values, so torch.compile cannot trace it into
+    one graph; a scatter_add into a fixed-size buffer can, and never syncs with the host.
+    """
+    ids = ids.flatten()
+    ones = torch.ones_like(ids) if valid is None else valid.flatten().long()
+    return torch.zeros(num_bins, dtype=torch.long, device=ids.device).scatter_add_(0, ids, ones)
+
+
 def switch_balance_loss(probs_TE: Tensor, ids_TK: Tensor, valid_TK: Tensor | None = None) -> Tensor:
     """Switch Transformer eq. (4): N * sum_i f_i * P_i.
 
@@ -17,8 +28,7 @@ def switch_balance_loss(probs_TE: Tensor, ids_TK: Tensor, valid_TK: Tensor | Non
     perfectly balanced, N when every token goes to one expert.
     """
     E = probs_TE.shape[-1]
-    ids = ids_TK.flatten() if valid_TK is None else ids_TK[valid_TK]
-    counts_E = torch.bincount(ids, minlength=E).to(probs_TE.dtype)
+    counts_E = expert_counts(ids_TK, E, valid_TK).to(probs_TE.dtype)
     fraction_E = counts_E / counts_E.sum().clamp_min(1.0)
     return E * torch.dot(fraction_E, probs_TE.mean(dim=0))
 

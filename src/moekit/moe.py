@@ -17,12 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from .capacity import apply_capacity
 from .config import MoEConfig
-from .dispatch import ExpertChoicePlan, SoftPlan, TokenChoicePlan
+from .dispatch import build_plan
 from .experts import MLP, GroupedExperts
-from .routing import ExpertChoice, SoftAssignment, build_router
-from .routing.base import TokenChoice
+from .routing import build_router
 
 
 @dataclass
@@ -69,7 +67,8 @@ class MoE(nn.Module):
         self.config = config
         self.router = build_router(config)
         self.experts = GroupedExperts(
-            config.num_experts, config.d_model, config.d_hidden, config.activation
+            config.num_experts, config.d_model, config.d_hidden, config.activation,
+            backend=config.expert_backend,
         )
         self.shared = MLP(config.d_model, config.shared_hidden, config.activation) if config.shared_hidden else None
         self.shared_gate = (
@@ -84,6 +83,11 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> MoEOutput:
         """Args: x (..., d_model). Returns MoEOutput with hidden of the same shape."""
         cfg = self.config
+        if not x.is_floating_point():
+            raise TypeError(
+                f"MoE input must be floating point (hidden states), got dtype {x.dtype}; "
+                "embed token ids first"
+            )
         if x.shape[-1] != cfg.d_model:
             raise ValueError(
                 f"input last dimension ({x.shape[-1]}) must equal d_model ({cfg.d_model}); "
@@ -120,73 +124,43 @@ class MoE(nn.Module):
     def route_and_plan(self, x: Tensor):
         """Steps 1-2 on this process's tokens: route, apply capacity, build the plan.
 
+        The router and its decision know their family (token choice, expert choice, Soft
+        MoE); this method asks neither which one it holds.
+
         Returns:
-            (x_in, routing, plan, capacity): the plan's input (x_TD, or x_BND for Soft MoE),
-            the router's decision, the dispatch plan and the capacity (None when dropless).
+            (x, routing, plan, capacity): the plan's input, the router's decision, the
+            dispatch plan and the capacity (None when dropless).
         """
-        cfg = self.config
-        x_TD = x.reshape(-1, cfg.d_model)
-        T = x_TD.shape[0]
-        capacity = cfg.capacity(T)
-        if cfg.router == "soft":
-            # Soft MoE mixes the tokens of one sequence: (B, N, D), or one sequence if 2-D.
-            x_in = x if x.dim() >= 3 else x.unsqueeze(0)
-            x_in = x_in.reshape(-1, x_in.shape[-2], cfg.d_model)
-            routing = self.router(x_in)
-            plan = SoftPlan(routing, cfg.num_experts)
-        elif cfg.router == "expert_choice":
-            x_in = x_TD
-            routing = self.router(x_TD, capacity)
-            plan = ExpertChoicePlan(routing, T)
-        else:
-            x_in = x_TD
-            routing = self.router(x_TD)
-            ids_TK, weights_TK, kept_TK = routing.ids_TK, routing.weights_TK, routing.valid_TK
-            if capacity is not None:
-                ids_TK, weights_TK, kept_TK = apply_capacity(
-                    routing, capacity, cfg.overflow, cfg.batch_priority
-                )
-            plan = TokenChoicePlan(ids_TK, kept_TK, weights_TK, cfg.num_experts)
-        return x_in, routing, plan, capacity
+        capacity = self.config.capacity(x.numel() // self.config.d_model)
+        routing = self.router.route(x, capacity)
+        return x, routing, build_plan(routing, self.config, capacity), capacity
 
     def _losses_and_stats(self, routing, plan, capacity: int | None) -> tuple[Tensor, MoEStats]:
         cfg = self.config
         counts_E = plan.counts_E.detach()
-        zero = counts_E.new_zeros((), dtype=torch.float32)
-        balance = z = importance = load = entropy = zero
-        routed = None
-        if isinstance(routing, TokenChoice):
-            valid = routing.valid_TK
-            routed = routing.ids_TK.numel() if valid is None else valid.sum()
-            balance = losses.switch_balance_loss(routing.probs_TE, routing.ids_TK, valid)
-            importance = losses.importance_loss(routing.weights_TK, routing.ids_TK, cfg.num_experts)
-            load_E = routing.load_E
-            if load_E is None:
-                load_E = counts_E.float()
-            load = losses.load_loss(load_E)
-        if isinstance(routing, (TokenChoice, ExpertChoice)):
-            z = losses.router_z_loss(routing.logits_TE)
-            entropy = losses.router_entropy(routing.probs_TE.detach())
-        elif isinstance(routing, SoftAssignment):
-            z = losses.router_z_loss(routing.logits_BNS.flatten(0, 1))
-            entropy = losses.router_entropy(routing.combine_BNS.detach().flatten(0, 1))
+        parts = routing.loss_parts(counts_E)
         aux = (
-            cfg.balance_loss_coef * balance
-            + cfg.z_loss_coef * z
-            + cfg.importance_loss_coef * importance
-            + cfg.load_loss_coef * load
+            cfg.balance_loss_coef * parts.balance
+            + cfg.z_loss_coef * parts.z
+            + cfg.importance_loss_coef * parts.importance
+            + cfg.load_loss_coef * parts.load
         )
-        kept = counts_E.sum()
-        dropped = zero if routed is None else 1.0 - kept.float() / torch.as_tensor(routed).clamp_min(1)
+        kept = counts_E.sum().float()
+        if parts.routed is None:
+            dropped = kept.new_zeros(())
+        elif isinstance(parts.routed, int):
+            dropped = 1.0 - kept / max(parts.routed, 1)
+        else:
+            dropped = 1.0 - kept / parts.routed.clamp_min(1)
         stats = MoEStats(
             tokens_per_expert=counts_E,
             dropped_fraction=dropped.detach(),
             load_cv=losses.cv_squared(counts_E.float()).sqrt(),
-            router_entropy=entropy,
-            balance_loss=balance.detach(),
-            z_loss=z.detach(),
-            importance_loss=importance.detach(),
-            load_loss=load.detach(),
+            router_entropy=parts.entropy,
+            balance_loss=parts.balance.detach(),
+            z_loss=parts.z.detach(),
+            importance_loss=parts.importance.detach(),
+            load_loss=parts.load.detach(),
             capacity=capacity,
         )
         return aux, stats

@@ -102,7 +102,9 @@ class ExpertParallelExperts(GroupedExperts):
                 f"expert-parallel size ({ep})"
             )
         local = experts.num_experts // ep
-        super().__init__(local, experts.d_model, experts.d_hidden, experts.activation)
+        super().__init__(
+            local, experts.d_model, experts.d_hidden, experts.activation, backend=experts.backend
+        )
         self.ep_group, self.ep = ep_group, ep
         self.num_global_experts = experts.num_experts
         self.first_expert = ep_rank * local
@@ -131,7 +133,10 @@ class ExpertParallelExperts(GroupedExperts):
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         y_in_RD = _Permute.apply(y_local_RD, inverse_R)
-        return _AllToAll.apply(y_in_RD, recv_sizes, send_sizes, self.ep_group)
+        y_RD = _AllToAll.apply(y_in_RD, recv_sizes, send_sizes, self.ep_group)
+        # The plan's padding rows (dropped slots) stay home and are never read: zeros.
+        padding = x_RD.shape[0] - y_RD.shape[0]
+        return torch.cat([y_RD, y_RD.new_zeros(padding, y_RD.shape[-1])]) if padding else y_RD
 
     def extra_repr(self) -> str:
         return (

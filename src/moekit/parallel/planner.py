@@ -50,25 +50,28 @@ class GroupPlanner:
 
     def __call__(self, layer, x: Tensor):
         cfg = layer.config
-        if cfg.router == "soft":
+        if not layer.router.uses_capacity:  # dense and Soft MoE: nothing is group-wide
             return layer.route_and_plan(x)
         x_TD = x.reshape(-1, cfg.d_model)
-        T = x_TD.shape[0]
-        sizes = self._sizes(T, x.device)
+        sizes = self._sizes(x_TD.shape[0], x.device)
         capacity = cfg.capacity(sum(sizes))
-        if cfg.router == "expert_choice":
-            return self._expert_choice(layer, x_TD, sizes, capacity)
-        routing = layer.router(x_TD)
-        ids_TK, weights_TK, kept_TK = routing.ids_TK, routing.weights_TK, routing.valid_TK
-        if capacity is not None:
-            start = sum(sizes[: self.rank])
-            group_routing = self._group_token_choice(routing, sizes, start, cfg)
-            ids_GK, weights_GK, kept_GK = apply_capacity(
-                group_routing, capacity, cfg.overflow, cfg.batch_priority
-            )
-            rows = slice(start, start + T)
-            ids_TK, weights_TK, kept_TK = ids_GK[rows], weights_GK[rows], kept_GK[rows]
-        return x_TD, routing, TokenChoicePlan(ids_TK, kept_TK, weights_TK, cfg.num_experts), capacity
+        if capacity is None:  # dropless token choice: every rank plans alone
+            return layer.route_and_plan(x)
+        # Capacity 0: an expert-choice router's local pick is replaced group-wide below.
+        routing = layer.router.route(x_TD, 0)
+        group_plan = self._token_choice if isinstance(routing, TokenChoice) else self._expert_choice
+        return x_TD, routing, group_plan(layer, x_TD, routing, sizes, capacity), capacity
+
+    def _token_choice(self, layer, x_TD: Tensor, routing: TokenChoice, sizes, capacity: int):
+        """Capacity decided over the group's tokens; this rank keeps its own rows of it."""
+        cfg = layer.config
+        start, T = sum(sizes[: self.rank]), x_TD.shape[0]
+        group_routing = self._group_token_choice(routing, sizes, start, cfg)
+        ids_GK, weights_GK, kept_GK = apply_capacity(
+            group_routing, capacity, cfg.overflow, cfg.batch_priority
+        )
+        rows = slice(start, start + T)
+        return TokenChoicePlan(ids_GK[rows], kept_GK[rows], weights_GK[rows], cfg.num_experts)
 
     def _sizes(self, num_tokens: int, device: torch.device) -> list[int]:
         counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(self.group))]
@@ -95,11 +98,9 @@ class GroupPlanner:
             rank_TE=self._splice(routing.rank_TE, sizes, start) if cfg.overflow == "reroute" else unused_GE,
         )
 
-    def _expert_choice(self, layer, x_TD: Tensor, sizes: list[int], capacity: int):
+    def _expert_choice(self, layer, x_TD: Tensor, routing, sizes: list[int], capacity: int):
         """Each expert's top-C over the group's tokens, as a (T, E) token-choice plan."""
         E = layer.config.num_experts
-        # Only the router's scores are used; its own (local) pick is replaced below.
-        routing = layer.router(x_TD, 0)
         probs_GE = gather_rows(routing.probs_TE.detach(), sizes, self.group)
         token_ids_EC = probs_GE.t().topk(capacity, dim=-1).indices
         chosen_EG = torch.zeros(E, probs_GE.shape[0], dtype=torch.bool, device=x_TD.device)
@@ -107,5 +108,4 @@ class GroupPlanner:
         start, T = sum(sizes[: self.rank]), x_TD.shape[0]
         chosen_TE = chosen_EG[:, start : start + T].t()
         ids_TE = torch.arange(E, device=x_TD.device).expand(T, E)
-        plan = TokenChoicePlan(ids_TE, chosen_TE, routing.probs_TE * chosen_TE, E)
-        return x_TD, routing, plan, capacity
+        return TokenChoicePlan(ids_TE, chosen_TE, routing.probs_TE * chosen_TE, E)

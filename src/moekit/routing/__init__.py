@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import MoEConfig
-from .base import ExpertChoice, Router, SoftAssignment, TokenChoice
+from .base import ExpertChoice, LossParts, Router, SoftAssignment, TokenChoice
 from .expert_choice import ExpertChoiceRouter
 from .noisy import NoisyTopK
 from .sigmoid import SigmoidTopK
@@ -41,6 +41,7 @@ __all__ = [
     "Dense",
     "ExpertChoice",
     "ExpertChoiceRouter",
+    "LossParts",
     "NoisyTopK",
     "Router",
     "SigmoidTopK",

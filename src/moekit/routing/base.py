@@ -14,7 +14,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import losses
 from ..config import MoEConfig
+
+
+@dataclass
+class LossParts:
+    """The unweighted router losses and the entropy of one routing decision (fp32 scalars).
+
+    routed: assignments the router made before capacity (the dropped fraction's
+    denominator), or None where capacity never drops (expert choice, Soft MoE).
+    """
+
+    balance: Tensor
+    z: Tensor
+    importance: Tensor
+    load: Tensor
+    entropy: Tensor
+    routed: Tensor | int | None
+
+
+def _zero(t: Tensor) -> Tensor:
+    return t.new_zeros((), dtype=torch.float32)
 
 
 @dataclass
@@ -43,6 +64,28 @@ class TokenChoice:
     probs_TE: Tensor
     load_E: Tensor | None = None
 
+    def loss_parts(self, counts_E: Tensor) -> LossParts:
+        """Switch balance, z, importance and load losses; counts_E (after capacity) is the
+        load when the router gives no smooth estimate."""
+        E = self.probs_TE.shape[-1]
+        valid = self.valid_TK
+        load_E = counts_E.float() if self.load_E is None else self.load_E
+        return LossParts(
+            balance=losses.switch_balance_loss(self.probs_TE, self.ids_TK, valid),
+            z=losses.router_z_loss(self.logits_TE),
+            importance=losses.importance_loss(self.weights_TK, self.ids_TK, E),
+            load=losses.load_loss(load_E),
+            entropy=losses.router_entropy(self.probs_TE.detach()),
+            routed=self.ids_TK.numel() if valid is None else valid.sum(),
+        )
+
+    def expert_ids(self, B: int, T: int) -> Tensor:
+        """(B, T, K) experts each token chose, best first; -1 in unused (top_p) slots."""
+        ids_TK = self.ids_TK
+        if self.valid_TK is not None:
+            ids_TK = ids_TK.masked_fill(~self.valid_TK, -1)
+        return ids_TK.reshape(B, T, -1)
+
 
 @dataclass
 class ExpertChoice:
@@ -55,6 +98,23 @@ class ExpertChoice:
     token_ids_EC: Tensor
     logits_TE: Tensor
     probs_TE: Tensor
+
+    def loss_parts(self, counts_E: Tensor) -> LossParts:
+        """Only the z-loss applies: every expert takes exactly C tokens (balanced by design)."""
+        zero = _zero(self.logits_TE)
+        return LossParts(
+            balance=zero, z=losses.router_z_loss(self.logits_TE), importance=zero, load=zero,
+            entropy=losses.router_entropy(self.probs_TE.detach()), routed=None,
+        )
+
+    def expert_ids(self, B: int, T: int) -> Tensor:
+        """(B, T, E): expert e where e picked the token, else -1 (a token may get 0..E)."""
+        E = self.token_ids_EC.shape[0]
+        device = self.token_ids_EC.device
+        picked_TE = torch.zeros(B * T, E, dtype=torch.bool, device=device)
+        picked_TE[self.token_ids_EC, torch.arange(E, device=device).unsqueeze(1)] = True
+        expert_TE = torch.arange(E, device=device).expand(B * T, E)
+        return torch.where(picked_TE, expert_TE, -1).reshape(B, T, E)
 
 
 @dataclass
@@ -69,6 +129,19 @@ class SoftAssignment:
     dispatch_BNS: Tensor
     combine_BNS: Tensor
     logits_BNS: Tensor
+
+    def loss_parts(self, counts_E: Tensor) -> LossParts:
+        """The z-loss over the slot logits; entropy of each token's combine weights."""
+        zero = _zero(self.logits_BNS)
+        return LossParts(
+            balance=zero, z=losses.router_z_loss(self.logits_BNS.flatten(0, 1)), importance=zero,
+            load=zero, entropy=losses.router_entropy(self.combine_BNS.detach().flatten(0, 1)),
+            routed=None,
+        )
+
+    def expert_ids(self, B: int, T: int) -> None:
+        """None: every token mixes every expert's slots, so no token has expert ids."""
+        return None
 
 
 class Router(nn.Module):
@@ -91,6 +164,14 @@ class Router(nn.Module):
         self.top_k = config.top_k
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
         self.reset_parameters()
+
+    def route(self, x: Tensor, capacity: int | None) -> TokenChoice | ExpertChoice:
+        """The routing decision for the layer input x (..., D), flattened to tokens.
+
+        Every router takes the layer's input and the capacity the same way, so the layer
+        and the expert-parallel planner never ask which router they hold.
+        """
+        return self(x.reshape(-1, x.shape[-1]))
 
     def reset_parameters(self, std: float | None = None) -> None:
         """Gate weights ~ N(0, std) (default d_model**-0.5); state buffers to zero."""

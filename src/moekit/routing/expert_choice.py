@@ -25,6 +25,9 @@ class ExpertChoiceRouter(Router):
 
     causal: ClassVar[bool] = False
 
+    def route(self, x: Tensor, capacity: int | None) -> ExpertChoice:
+        return self(x.reshape(-1, x.shape[-1]), capacity)
+
     def forward(self, x_TD: Tensor, capacity: int) -> ExpertChoice:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)

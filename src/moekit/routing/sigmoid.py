@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..config import MoEConfig
+from ..losses import expert_counts
 from .base import Router, TokenChoice
 
 
@@ -42,9 +43,9 @@ class SigmoidTopK(Router):
         weights_TK = self.renormalize(scores_TE.gather(1, ids_TK)) * self.config.routed_scaling
         if self.training:
             with torch.no_grad():
-                self.load_since_update += torch.bincount(
-                    ids_TK.flatten(), minlength=self.num_experts
-                ).to(self.load_since_update.dtype)
+                self.load_since_update += expert_counts(ids_TK, self.num_experts).to(
+                    self.load_since_update.dtype
+                )
         return TokenChoice(
             weights_TK=weights_TK,
             ids_TK=ids_TK,

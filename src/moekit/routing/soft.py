@@ -44,6 +44,11 @@ class SoftRouter(nn.Module):
         nn.init.normal_(self.slot_weight, std=std)
         nn.init.ones_(self.scale)
 
+    def route(self, x: Tensor, capacity: int | None) -> SoftAssignment:
+        """Soft MoE mixes the tokens of one sequence: x is (B, N, D), or one sequence (N, D)."""
+        x_BND = x if x.dim() >= 3 else x.unsqueeze(0)
+        return self(x_BND.reshape(-1, x_BND.shape[-2], x_BND.shape[-1]))
+
     def forward(self, x_BND: Tensor) -> SoftAssignment:
         with torch.autocast(device_type=x_BND.device.type, enabled=False):
             x_BND = F.normalize(x_BND.float(), dim=-1)
