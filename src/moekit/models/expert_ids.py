@@ -1,5 +1,6 @@
-"""Which experts each token went to: a hook on the routers, the decoding of a routing
-decision into per-token expert ids, and the counts of those ids by a label of the token.
+"""Which experts each token went to: a hook on the routers (each routing decision decodes
+its own per-token expert ids, `decision.expert_ids(B, T)`), and the counts of those ids by
+a label of the token.
 
 # B batch, T tokens, K top_k, E experts, C capacity
 
@@ -14,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from ..moe import MoE
-from ..routing.base import ExpertChoice, TokenChoice
 
 
 @contextlib.contextmanager
@@ -41,24 +41,6 @@ def tap_routers(layers: nn.ModuleList, enabled: bool = True):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def expert_ids_of(routing, B: int, T: int) -> Tensor | None:
-    """Per-token expert ids (B, T, K) from a routing decision; see ModelOutput.expert_ids."""
-    if isinstance(routing, TokenChoice):
-        ids_TK = routing.ids_TK
-        if routing.valid_TK is not None:
-            ids_TK = ids_TK.masked_fill(~routing.valid_TK, -1)
-        return ids_TK.reshape(B, T, -1)
-    if isinstance(routing, ExpertChoice):
-        E = routing.token_ids_EC.shape[0]
-        picked_TE = torch.zeros(B * T, E, dtype=torch.bool, device=routing.token_ids_EC.device)
-        picked_TE[routing.token_ids_EC, torch.arange(E, device=picked_TE.device).unsqueeze(1)] = (
-            True
-        )
-        expert_TE = torch.arange(E, device=picked_TE.device).expand(B * T, E)
-        return torch.where(picked_TE, expert_TE, -1).reshape(B, T, E)
-    return None
 
 
 def label_expert_counts(

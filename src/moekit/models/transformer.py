@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..config import ACTIVATIONS, MoEConfig
 from ..experts import MLP, GroupedExperts
 from ..moe import MoE, MoEOutput, MoEStats
-from .expert_ids import expert_ids_of, tap_routers
+from .expert_ids import tap_routers
 from .kv_cache import KVCache
 
 QK_NORMS = (None, "head", "full")
@@ -437,7 +437,7 @@ class Transformer(nn.Module):
             )
         expert_ids = None
         if return_expert_ids:
-            expert_ids = [expert_ids_of(r, B, T) for r in routings]
+            expert_ids = [None if r is None else r.expert_ids(B, T) for r in routings]
         return ModelOutput(
             logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids
         )
