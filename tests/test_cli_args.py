@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moekit.cli import main
-from moekit.cli_args import build_configs, parse_overrides
+from moekit.train.overrides import build_configs, parse_overrides
 
 
 def configs(*args: str):
@@ -29,9 +29,7 @@ def test_overrides_reach_model_moe_and_train_configs():
     assert (model.moe.num_experts, model.moe.d_hidden, model.num_layers) == (16, 64, 2)
     assert model.moe.renormalize is False
     assert train.lr == 3e-4
-    assert (
-        train.warmup_steps == 12
-    )  # None derives 5% of the 225 default steps (rounded up)
+    assert train.warmup_steps == 12  # None derives 5% of the 225 default steps (rounded up)
 
 
 def test_model_d_model_sets_the_moe_layer_width_too():
@@ -70,16 +68,12 @@ def test_unknown_keys_and_wrong_types_name_the_key(args, message):
 
 
 def test_moe_setting_on_a_dense_preset_is_an_error():
-    with pytest.raises(
-        ValueError, match=r"--model\.top_k: the preset 'tiny_dense' is dense"
-    ):
+    with pytest.raises(ValueError, match=r"--model\.top_k: the preset 'tiny_dense' is dense"):
         build_configs("tiny_dense", {"model.top_k": "1"})
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(
-        ValueError, match=r"unknown preset 'huge'; choose one of tiny, "
-    ):
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of tiny, "):
         build_configs("huge", {})
 
 
@@ -93,9 +87,7 @@ def test_train_command_reports_a_bad_key_and_exits_2(capsys):
     assert "--model.bogus" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "command", ["train", "prepare", "eval", "generate", "bench", "routers"]
-)
+@pytest.mark.parametrize("command", ["train", "prepare", "eval", "generate", "bench", "routers"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

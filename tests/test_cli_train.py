@@ -21,18 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(
-        inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8"
-    )
+    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("compare")
-    code, stdout, stderr = run_cli(
-        "train", "--data", str(text_file), "--out", str(out), *MICRO
-    )
+    code, stdout, stderr = run_cli("train", "--data", str(text_file), "--out", str(out), *MICRO)
     assert code == 0, stderr
     return out, stdout
 
@@ -55,13 +51,9 @@ def test_comparison_prints_the_table_and_writes_json_and_plot(comparison):
     # minus the routers (2 layers x E 4 x D 32 = 256 parameters).
     assert moe["active_params"] - dense["active_params"] == 256
     assert moe["total_params"] > moe["active_params"]
-    assert (
-        [s for s, _ in moe["evals"]] == [s for s, _ in dense["evals"]] == [0, 2, 4, 6]
-    )
+    assert [s for s, _ in moe["evals"]] == [s for s, _ in dense["evals"]] == [0, 2, 4, 6]
     assert dense["final_val_loss"] == dense["evals"][-1][1]
-    assert numbers["steps_to_dense_loss"] == steps_to_reach(
-        moe["evals"], dense["final_val_loss"]
-    )
+    assert numbers["steps_to_dense_loss"] == steps_to_reach(moe["evals"], dense["final_val_loss"])
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -70,15 +62,9 @@ def test_both_runs_saw_the_same_tokens(comparison):
     assert (out / "moe" / "tokenizer.json").read_bytes() == (
         out / "dense" / "tokenizer.json"
     ).read_bytes()
-    assert (out / "moe/data/train.bin").read_bytes() == (
-        out / "dense/data/train.bin"
-    ).read_bytes()
+    assert (out / "moe/data/train.bin").read_bytes() == (out / "dense/data/train.bin").read_bytes()
     # Step 0 evaluations differ (different models) but run on the same fixed batches.
-    assert (
-        len(read_metrics(out / "moe", "train"))
-        == len(read_metrics(out / "dense", "train"))
-        == 6
-    )
+    assert len(read_metrics(out / "moe", "train")) == len(read_metrics(out / "dense", "train")) == 6
 
 
 def test_steps_to_reach_interpolates_between_evaluations():
@@ -102,17 +88,12 @@ def test_eval_prints_the_runs_validation_loss(comparison):
     code, stdout, _ = run_cli("eval", str(out / "moe"), "--max-batches", "3")
     assert code == 0
     expected = evaluate_run(out / "moe", max_batches=3)
-    assert (
-        f"validation loss {expected.loss:.4f}, perplexity {expected.perplexity:.2f}"
-        in stdout
-    )
+    assert f"validation loss {expected.loss:.4f}, perplexity {expected.perplexity:.2f}" in stdout
 
 
 def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
     out, _ = comparison
-    code, stdout, _ = run_cli(
-        "eval", str(out), "--data", str(text_file), "--max-batches", "2"
-    )
+    code, stdout, _ = run_cli("eval", str(out), "--data", str(text_file), "--max-batches", "2")
     assert code == 0
     assert stdout.count("validation loss") == 2
 

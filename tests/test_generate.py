@@ -13,7 +13,12 @@ from moekit.models import ModelConfig, Transformer
 def make_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     fields = dict(
-        vocab_size=32, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
+        vocab_size=32,
+        d_model=16,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=32,
         moe=MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2),
     )
     fields.update(overrides)
@@ -86,7 +91,9 @@ def test_single_sequence_stops_at_its_end_token():
     free = generate(model, prompt(B=1), max_new_tokens=6, temperature=0.0).tokens_BN
     eos = int(free[0, 2])
     first_eos = int((free[0] == eos).nonzero()[0])
-    stopped = generate(model, prompt(B=1), max_new_tokens=6, temperature=0.0, eos_token_id=eos).tokens_BN
+    stopped = generate(
+        model, prompt(B=1), max_new_tokens=6, temperature=0.0, eos_token_id=eos
+    ).tokens_BN
     torch.testing.assert_close(stopped, free[:, : first_eos + 1])
 
 
@@ -148,7 +155,10 @@ def test_low_temperature_approaches_greedy():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(max_new_tokens=28), r"prompt length \(5\) \+ max_new_tokens \(28\) exceeds max_seq_len \(32\)"),
+        (
+            dict(max_new_tokens=28),
+            r"prompt length \(5\) \+ max_new_tokens \(28\) exceeds max_seq_len \(32\)",
+        ),
         (dict(max_new_tokens=2, temperature=-1.0), r"temperature \(-1.0\)"),
         (dict(max_new_tokens=2, top_k=0), r"top_k \(0\)"),
         (dict(max_new_tokens=2, top_p=1.5), r"top_p \(1.5\)"),

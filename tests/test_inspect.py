@@ -14,7 +14,9 @@ from moekit.interop.cli import inspect_main
 from moekit.models import PRESETS, count_parameters
 
 
-@pytest.mark.parametrize("name", [*PRESETS, "mixtral_8x7b", "qwen1_5_moe_a2_7b", "olmoe_1b_7b", "grok_1"])
+@pytest.mark.parametrize(
+    "name", [*PRESETS, "mixtral_8x7b", "qwen1_5_moe_a2_7b", "olmoe_1b_7b", "grok_1"]
+)
 def test_parts_sum_to_count_parameters(name):
     config = PRESETS[name]() if name in PRESETS else getattr(famous, name)()
     accounting = count_by_part(config)
@@ -46,15 +48,20 @@ def test_parts_of_a_small_config_by_hand():
 #   Switch-Base-128 7.4B, T5-Base 223M   Fedus et al. 2022 (JMLR), distillation tables
 #   GPT-4 (rumoured) 16 x 111B + 55B, ~280B per token   SemiAnalysis (Jul 2023)
 WITHIN_1_PERCENT = [
-    ("mixtral_8x7b", "total"), ("mixtral_8x7b", "active"),
-    ("mixtral_8x22b", "total"), ("mixtral_8x22b", "active"),
-    ("qwen1_5_moe_a2_7b", "total"), ("qwen1_5_moe_a2_7b", "active"),
+    ("mixtral_8x7b", "total"),
+    ("mixtral_8x7b", "active"),
+    ("mixtral_8x22b", "total"),
+    ("mixtral_8x22b", "active"),
+    ("qwen1_5_moe_a2_7b", "total"),
+    ("qwen1_5_moe_a2_7b", "active"),
     ("deepseek_v3", "total"),
     ("olmoe_1b_7b", "total"),
     ("grok_1", "total"),
     ("switch_base_8", "active"),
-    ("switch_base_128", "total"), ("switch_base_128", "active"),
-    ("gpt4_rumoured", "total"), ("gpt4_rumoured", "active"),
+    ("switch_base_128", "total"),
+    ("switch_base_128", "active"),
+    ("gpt4_rumoured", "total"),
+    ("gpt4_rumoured", "active"),
 ]
 
 
@@ -73,7 +80,9 @@ def test_figures_the_sources_round_coarser_than_one_percent():
     round to 37B, so the report's figure leaves the lookup out.
     """
     olmoe, deepseek = _report("olmoe_1b_7b"), _report("deepseek_v3")
-    assert round(olmoe["active"] / 1e9, 1) == 1.3 and abs(olmoe["published"]["active_error"]) < 0.015
+    assert (
+        round(olmoe["active"] / 1e9, 1) == 1.3 and abs(olmoe["published"]["active_error"]) < 0.015
+    )
     assert round(deepseek["active_without_input_embedding"] / 1e9) == 37
     assert round(deepseek["active"] / 1e9) == 38
     assert abs(deepseek["published"]["active_error"]) < 0.0105
@@ -100,8 +109,14 @@ def test_deepseek_v3_counts_the_moe_after_three_dense_layers_and_excludes_mtp():
 def test_mla_formula_matches_transformers_deepseek_v3_attention():
     transformers = pytest.importorskip("transformers")
     config = transformers.DeepseekV3Config(
-        hidden_size=64, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_hidden_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        num_hidden_layers=1,
     )
     attention = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention(config, 0)
     projections, norms = famous.mla_params(64, 4, 24, 16, 8, 4, 6)
@@ -110,11 +125,22 @@ def test_mla_formula_matches_transformers_deepseek_v3_attention():
 
 def test_switch_formula_matches_transformers_switch_transformers():
     transformers = pytest.importorskip("transformers")
-    sizes = dict(d_model=32, num_heads=4, head_dim=8, d_ff=48, num_layers=4, vocab_size=100, buckets=32)
+    sizes = dict(
+        d_model=32, num_heads=4, head_dim=8, d_ff=48, num_layers=4, vocab_size=100, buckets=32
+    )
     config = transformers.SwitchTransformersConfig(
-        d_model=32, num_heads=4, d_kv=8, d_ff=48, num_layers=4, num_decoder_layers=4,
-        vocab_size=100, num_experts=8, encoder_sparse_step=2, decoder_sparse_step=2,
-        relative_attention_num_buckets=32, tie_word_embeddings=True,
+        d_model=32,
+        num_heads=4,
+        d_kv=8,
+        d_ff=48,
+        num_layers=4,
+        num_decoder_layers=4,
+        vocab_size=100,
+        num_experts=8,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        relative_attention_num_buckets=32,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = transformers.SwitchTransformersForConditionalGeneration(config)
@@ -154,7 +180,9 @@ def test_inspect_json_parts_sum_to_totals(capsys):
 def test_inspect_prints_a_table_and_reads_run_configs(tmp_path, capsys):
     from moekit.train.config import model_config_to_dict
 
-    (tmp_path / "config.json").write_text(json.dumps({"format": 1, "model": model_config_to_dict(PRESETS["tiny"]())}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"format": 1, "model": model_config_to_dict(PRESETS["tiny"]())})
+    )
     assert inspect_main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "(moekit run)" in out and "4,269,184" in out and "routed_experts" in out
@@ -169,30 +197,69 @@ def test_inspect_unknown_target_is_an_error(capsys):
 # torch_dtype, sliding-window keys that are off. Each counts as its hand-written preset.
 HUB_CONFIGS = {
     "mixtral_8x7b": {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
-        "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6,
-        "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False,
-        "hidden_act": "silu", "router_aux_loss_coef": 0.02, "torch_dtype": "bfloat16",
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "router_aux_loss_coef": 0.02,
+        "torch_dtype": "bfloat16",
     },
     "qwen1_5_moe_a2_7b": {
-        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": 151936,
-        "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
-        "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
-        "num_experts_per_tok": 4, "norm_topk_prob": False, "decoder_sparse_step": 1,
-        "max_position_embeddings": 8192, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
-        "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21,
-        "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "max_position_embeddings": 8192,
+        "rope_theta": 1e6,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 21,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
     },
     "olmoe_1b_7b": {
-        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": 50304,
-        "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
-        "num_experts_per_tok": 8, "norm_topk_prob": False, "clip_qkv": None,
-        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rope_scaling": None,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+        "architectures": ["OlmoeForCausalLM"],
+        "model_type": "olmoe",
+        "vocab_size": 50304,
+        "hidden_size": 2048,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": False,
+        "clip_qkv": None,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
     },
 }
 

@@ -18,17 +18,34 @@ from moekit.train.trainer import load_trained_model
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXTS = ["the quick brown fox jumps over the lazy dog. " * 3, "a mixture of experts routes tokens. " * 3]
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog. " * 3,
+    "a mixture of experts routes tokens. " * 3,
+]
 
 
 def _qwen2_like() -> ModelConfig:
     """A config qwen2_moe expresses: gated shared expert, q/k/v biases, one dense layer."""
     return ModelConfig(
-        vocab_size=320, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=64,
-        qkv_bias=True, d_hidden=48, dense_layers=[1], tied_embeddings=False,
+        vocab_size=320,
+        d_model=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=64,
+        qkv_bias=True,
+        d_hidden=48,
+        dense_layers=[1],
+        tied_embeddings=False,
         moe=MoEConfig(
-            d_model=32, d_hidden=16, num_experts=4, top_k=2, renormalize=False,
-            num_shared_experts=1, d_shared_hidden=24, shared_expert_gate=True,
+            d_model=32,
+            d_hidden=16,
+            num_experts=4,
+            top_k=2,
+            renormalize=False,
+            num_shared_experts=1,
+            d_shared_hidden=24,
+            shared_expert_gate=True,
         ),
     )
 
@@ -61,10 +78,14 @@ def test_run_to_hf_to_run(run_dir, tmp_path, capsys):
     assert "wrote Hugging Face folder" in capsys.readouterr().out
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf_model).__name__ == "Qwen2MoeForCausalLM"
-    torch.testing.assert_close(_logits(hf_model, tokens_BT), _logits(ours, tokens_BT), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        _logits(hf_model, tokens_BT), _logits(ours, tokens_BT), atol=1e-5, rtol=0
+    )
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == 0 and config["mlp_only_layers"] == [1]
-    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (
+        run_dir / "tokenizer.json"
+    ).read_text()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tokenizer.encode(TEXTS[1]) == Tokenizer.load(run_dir).encode(TEXTS[1])
     assert hf_tokenizer.eos_token_id == 0
@@ -76,9 +97,35 @@ def test_run_to_hf_to_run(run_dir, tmp_path, capsys):
         assert torch.equal(back.state_dict()[name], tensor), name
     (tmp_path / "text.txt").write_text(TEXTS[0] * 40)
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run2"), "--data", str(tmp_path / "text.txt"), "--max-batches", "1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "run2"),
+                "--data",
+                str(tmp_path / "text.txt"),
+                "--max-batches",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "validation loss" in capsys.readouterr().out
-    assert main(["generate", str(tmp_path / "run2"), "--prompt", "the", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "run2"),
+                "--prompt",
+                "the",
+                "--max-new-tokens",
+                "3",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
 
 
 def test_hf_folder_to_run_keeps_transformers_logits(tmp_path):
@@ -90,7 +137,9 @@ def test_hf_folder_to_run_keeps_transformers_logits(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["qk_norm"] == "head" and saved["model"]["head_dim"] == 12
     ours = load_trained_model(tmp_path / "run")
-    torch.testing.assert_close(_logits(ours, TOKENS_BT), _logits(hf_model, TOKENS_BT), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        _logits(ours, TOKENS_BT), _logits(hf_model, TOKENS_BT), atol=1e-4, rtol=0
+    )
 
 
 def test_convert_errors_are_one_line(run_dir, tmp_path, capsys):

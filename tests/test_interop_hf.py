@@ -23,29 +23,49 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 96
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-    bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
 )
 
 
 def _build(arch: str, **overrides):
     t = transformers
     if arch == "mixtral":
-        config = t.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+        config = t.MixtralConfig(
+            **COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2
+        )
         cls = t.MixtralForCausalLM
     elif arch == "qwen2_moe":
         # layer 1 dense (mlp_only_layers); no renormalisation of the top-k weights
         config = t.Qwen2MoeConfig(
-            **COMMON, intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=False,
+            **COMMON,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
         )
         cls = t.Qwen2MoeForCausalLM
     elif arch == "qwen3_moe":
         # head_dim 12 != hidden / heads = 8; the top-k weights renormalised
         config = t.Qwen3MoeConfig(
-            **COMMON, intermediate_size=40, moe_intermediate_size=16, num_experts=4,
-            num_experts_per_tok=2, head_dim=12, norm_topk_prob=True,
+            **COMMON,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=12,
+            norm_topk_prob=True,
         )
         cls = t.Qwen3MoeForCausalLM
     else:
@@ -157,11 +177,15 @@ def test_tied_embeddings_load_save_and_reload(tmp_path):
 
 
 def test_config_semantics_are_mapped(hf_folders):
-    qwen2 = model_config_from_hf(json.loads((hf_folders["qwen2_moe"][1] / "config.json").read_text()))
+    qwen2 = model_config_from_hf(
+        json.loads((hf_folders["qwen2_moe"][1] / "config.json").read_text())
+    )
     assert qwen2.moe_layers == [0, 2] and qwen2.d_hidden == 40
     assert qwen2.qkv_bias and not qwen2.attn_out_bias and not qwen2.moe.renormalize
     assert qwen2.moe.shared_expert_gate and qwen2.moe.shared_hidden == 24
-    mixtral = model_config_from_hf(json.loads((hf_folders["mixtral"][1] / "config.json").read_text()))
+    mixtral = model_config_from_hf(
+        json.loads((hf_folders["mixtral"][1] / "config.json").read_text())
+    )
     assert mixtral.rope_theta == 1e6 and mixtral.moe.renormalize and not mixtral.tied_embeddings
     # transformers' balance loss is top_k times Switch's (it sums f_i over the top_k picks)
     assert mixtral.moe.balance_loss_coef == pytest.approx(0.001 * 2)
@@ -180,16 +204,23 @@ def test_unsupported_architecture_is_one_clear_error(hf_folders, tmp_path):
     folder = _copy_folder(hf_folders["olmoe"][1], tmp_path)
     config = json.loads((folder / "config.json").read_text()) | {"model_type": "llama"}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unsupported architecture 'llama'.*mixtral, qwen2_moe, qwen3_moe, olmoe"):
+    with pytest.raises(
+        ValueError, match=r"unsupported architecture 'llama'.*mixtral, qwen2_moe, qwen3_moe, olmoe"
+    ):
         load_hf(folder)
 
 
 def test_unsupported_options_are_listed_together(hf_folders, tmp_path):
     folder = _copy_folder(hf_folders["mixtral"][1], tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config |= {"sliding_window": 16, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}
+    config |= {
+        "sliding_window": 16,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0},
+    }
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"cannot reproduce: .*sliding_window 16.*rope type 'yarn'"):
+    with pytest.raises(
+        ValueError, match=r"cannot reproduce: .*sliding_window 16.*rope type 'yarn'"
+    ):
         load_hf(folder)
 
 
@@ -199,8 +230,11 @@ def test_missing_tensor_is_named(hf_folders, tmp_path):
     del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
     del tensors["model.layers.2.self_attn.q_norm.weight"]
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing tensors \[model.layers.1.mlp.experts.3.up_proj.weight, "
-                       r"model.layers.2.self_attn.q_norm.weight\] \(2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensors \[model.layers.1.mlp.experts.3.up_proj.weight, "
+        r"model.layers.2.self_attn.q_norm.weight\] \(2\)",
+    ):
         load_hf(folder)
 
 
@@ -209,7 +243,9 @@ def test_unexpected_tensor_is_named(hf_folders, tmp_path):
     tensors = load_file(folder / "model.safetensors")
     tensors["model.layers.0.mlp.experts.4.up_proj.weight"] = torch.zeros(16, 32)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"unexpected tensors \[model.layers.0.mlp.experts.4.up_proj.weight\]"):
+    with pytest.raises(
+        ValueError, match=r"unexpected tensors \[model.layers.0.mlp.experts.4.up_proj.weight\]"
+    ):
         load_hf(folder)
 
 
@@ -227,9 +263,13 @@ def test_settings_no_architecture_expresses_are_named(tmp_path):
     from moekit.models import Transformer
 
     tiny = Transformer(presets.tiny())  # a shared expert without a gate
-    with pytest.raises(ValueError, match=r"qwen2_moe architecture cannot express: .*shared_expert_gate False"):
+    with pytest.raises(
+        ValueError, match=r"qwen2_moe architecture cannot express: .*shared_expert_gate False"
+    ):
         save_hf(tiny, tmp_path / "out")
-    with pytest.raises(ValueError, match=r"mixtral architecture cannot express: num_shared_experts 1"):
+    with pytest.raises(
+        ValueError, match=r"mixtral architecture cannot express: num_shared_experts 1"
+    ):
         save_hf(tiny, tmp_path / "out", architecture="mixtral")
     assert not (tmp_path / "out").exists()
 
@@ -252,7 +292,9 @@ def test_dense_layers_must_be_layer_indices():
 
     moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4)
     with pytest.raises(ValueError, match=r"dense_layers \[3\] are not layer indices in \[0, 3\)"):
-        ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=2, moe=moe, dense_layers=[0, 3])
+        ModelConfig(
+            vocab_size=32, d_model=16, num_layers=3, num_heads=2, moe=moe, dense_layers=[0, 3]
+        )
     with pytest.raises(ValueError, match=r"unknown qk_norm 'rms'"):
         ModelConfig(vocab_size=32, d_model=16, num_layers=3, num_heads=2, qk_norm="rms")
 

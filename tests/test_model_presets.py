@@ -51,11 +51,15 @@ def test_dense_twin_has_the_active_parameters_of_the_moe(make):
 
 
 def test_dense_twin_width_is_top_k_expert_widths_plus_shared():
-    moe = MoEConfig(d_model=64, d_hidden=96, num_experts=8, top_k=3, num_shared_experts=2, d_shared_hidden=32)
+    moe = MoEConfig(
+        d_model=64, d_hidden=96, num_experts=8, top_k=3, num_shared_experts=2, d_shared_hidden=32
+    )
     config = ModelConfig(vocab_size=100, d_model=64, num_layers=2, num_heads=4, moe=moe)
     twin = dense_twin(config)
     assert twin.d_hidden == 3 * 96 + 2 * 32
-    assert count_parameters(config).active - count_parameters(twin).active == router_parameters(config)
+    assert count_parameters(config).active - count_parameters(twin).active == router_parameters(
+        config
+    )
 
 
 def test_dense_twin_keeps_the_activation():

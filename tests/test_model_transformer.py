@@ -15,7 +15,15 @@ TOKEN_CHOICE_ROUTERS = ["softmax_topk", "noisy_topk", "switch", "sigmoid_topk", 
 
 def make_config(**overrides) -> ModelConfig:
     moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2)
-    fields = dict(vocab_size=32, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=24, moe=moe)
+    fields = dict(
+        vocab_size=32,
+        d_model=16,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=24,
+        moe=moe,
+    )
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -171,7 +179,9 @@ def test_active_parameters_of_dense_and_expert_choice_routers():
     routed = 2 * 1536
     dense = count_parameters(make_config(moe=moe_config(router="dense")))
     assert dense.active == dense.total  # every expert runs for every token
-    expert_choice = count_parameters(make_config(moe=moe_config(router="expert_choice", capacity_factor=1.0)))
+    expert_choice = count_parameters(
+        make_config(moe=moe_config(router="expert_choice", capacity_factor=1.0))
+    )
     # C = T * top_k / E: on average a token is processed by top_k = 2 of 4 experts.
     assert expert_choice.total - expert_choice.active == routed // 2
 
@@ -179,8 +189,14 @@ def test_active_parameters_of_dense_and_expert_choice_routers():
 def test_huge_config_counts_on_meta_without_memory():
     moe = MoEConfig(d_model=4096, d_hidden=14336, num_experts=8, top_k=2)
     cfg = ModelConfig(
-        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        max_seq_len=4096, tied_embeddings=False, moe=moe,
+        vocab_size=32000,
+        d_model=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        max_seq_len=4096,
+        tied_embeddings=False,
+        moe=moe,
     )
     total, active = count_parameters(cfg)
     # Mixtral 8x7B: 46.7 B total, 12.9 B active (Jiang et al. 2024).
@@ -208,8 +224,14 @@ def test_tied_embeddings_share_storage():
 
 def test_residual_projections_get_the_scaled_init():
     torch.manual_seed(0)
-    cfg = make_config(d_model=64, num_heads=4, num_kv_heads=4, num_layers=8, vocab_size=256,
-                      moe=moe_config(d_model=64, d_hidden=128))
+    cfg = make_config(
+        d_model=64,
+        num_heads=4,
+        num_kv_heads=4,
+        num_layers=8,
+        vocab_size=256,
+        moe=moe_config(d_model=64, d_hidden=128),
+    )
     model = Transformer(cfg)
     residual_std = 0.02 / (2 * 8) ** 0.5
     assert model.layers[0].attn.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
@@ -265,7 +287,10 @@ def test_too_long_input_raises():
         (dict(rope_theta=0.0), r"rope_theta \(0.0\)"),
         (dict(norm_eps=-1.0), r"norm_eps \(-1.0\)"),
         (dict(activation="tanh"), r"unknown activation 'tanh'"),
-        (dict(moe=MoEConfig(d_model=32, d_hidden=8, num_experts=4)), r"moe.d_model \(32\) must equal d_model \(16\)"),
+        (
+            dict(moe=MoEConfig(d_model=32, d_hidden=8, num_experts=4)),
+            r"moe.d_model \(32\) must equal d_model \(16\)",
+        ),
     ],
 )
 def test_bad_config_values_raise_naming_the_value(overrides, message):

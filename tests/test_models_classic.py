@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_config(d_model: int, num_experts: int, **options) -> MoEConfig:
-    return MoEConfig(d_model=d_model, d_hidden=8, num_experts=num_experts, router="dense", **options)
+    return MoEConfig(
+        d_model=d_model, d_hidden=8, num_experts=num_experts, router="dense", **options
+    )
 
 
 def test_one_expert_equals_that_expert_forward_and_backward():
@@ -75,7 +77,10 @@ def test_sparse_top1_gate_runs_only_the_chosen_expert():
     h = model.embed(x)
     routing = model.moe.router(h)
     experts = model.moe.experts.experts
-    rows = [routing.weights_TK[b, 0] * experts[int(routing.ids_TK[b, 0])](h[b : b + 1])[0] for b in range(9)]
+    rows = [
+        routing.weights_TK[b, 0] * experts[int(routing.ids_TK[b, 0])](h[b : b + 1])[0]
+        for b in range(9)
+    ]
     torch.testing.assert_close(model(x).prediction, model.head(torch.stack(rows)))
     assert torch.all(routing.weights_TK == 1.0)  # top-1 renormalised
 

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vit_config(**moe_options) -> ViTConfig:
-    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, top_k=1, activation="gelu", **moe_options)
+    moe = MoEConfig(
+        d_model=16, d_hidden=16, num_experts=4, top_k=1, activation="gelu", **moe_options
+    )
     return ViTConfig(image_size=8, patch_size=2, num_classes=10, d_model=16, num_layers=2,
                      num_heads=2, mlp_hidden=16, moe=moe)  # fmt: skip
 

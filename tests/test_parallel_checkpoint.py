@@ -20,16 +20,24 @@ from moekit import MoEConfig
 from moekit.models import ModelConfig, Transformer
 from moekit.parallel import build_mesh, parallelize
 from moekit.parallel.launch import spawn_local
-from moekit.parallel.training import load_consolidated, save_consolidated
 from moekit.train.checkpoint import load_checkpoint
+from moekit.train.run import DistributedRun
 
 pytestmark = pytest.mark.distributed
-EP_DP_CASES = ("softmax_topk drop", "softmax_topk reroute priority", "expert_choice", "soft", "sigmoid_topk")
+EP_DP_CASES = (
+    "softmax_topk drop",
+    "softmax_topk reroute priority",
+    "expert_choice",
+    "soft",
+    "sigmoid_topk",
+)
 
 
 def micro_config() -> ModelConfig:
     moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2, num_shared_experts=1)
-    return ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=16, moe=moe)
+    return ModelConfig(
+        vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=16, moe=moe
+    )
 
 
 def rows_of(mesh, tokens_BL):
@@ -70,9 +78,9 @@ def reload_worker(folder: str) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         if i == 0:
             optimizer = optimizer_step(model, rows_of(mesh, tokens_BL))
-            save_consolidated(f"{folder}/ep4", model, optimizer, state, mesh)
+            DistributedRun(mesh).save(f"{folder}/ep4", model, optimizer, state)
         else:
-            load_consolidated(f"{folder}/ep4", model, optimizer, mesh)
+            DistributedRun(mesh).load(f"{folder}/ep4", model, optimizer)
             saved = load_file(f"{folder}/ep4/checkpoint/optimizer.safetensors")
             for name, param in model.named_parameters():
                 moment = optimizer.state[param]["exp_avg"]
@@ -92,7 +100,9 @@ def reload_worker(folder: str) -> None:
         with torch.no_grad():
             full = single.eval()(tokens_BL).logits
         torch.testing.assert_close(full[: logits[4].shape[0]], logits[4], atol=1e-5, rtol=1e-5)
-        experts = load_file(f"{folder}/ep4/checkpoint/model.safetensors")["layers.0.ffn.experts.w_up"]
+        experts = load_file(f"{folder}/ep4/checkpoint/model.safetensors")[
+            "layers.0.ffn.experts.w_up"
+        ]
         assert experts.shape[0] == 4, experts.shape
 
 

@@ -55,11 +55,20 @@ def test_mixtral_8x7b_sizes():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"ep": 3}, "ep (3) must divide num_experts (16)"), ({"ep": 0}, "ep (0)"),
-     ({"tokens_per_rank": -1}, "tokens_per_rank (-1)")],
+    [
+        ({"ep": 3}, "ep (3) must divide num_experts (16)"),
+        ({"ep": 0}, "ep (0)"),
+        ({"tokens_per_rank": -1}, "tokens_per_rank (-1)"),
+    ],
 )
 def test_bad_layouts_are_named(kwargs, message):
-    args = {"config": presets.tiny(), "tokens_per_rank": 1024, "ep": 2, "dp": 1, "link": LINK} | kwargs
+    args = {
+        "config": presets.tiny(),
+        "tokens_per_rank": 1024,
+        "ep": 2,
+        "dp": 1,
+        "link": LINK,
+    } | kwargs
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan(**args)
 
@@ -72,7 +81,9 @@ def test_dense_model_and_bad_link_are_errors():
 
 
 def test_bench_comm_prints_one_row_per_ep(capsys):
-    assert main(["bench", "--comm", "--model", "tiny", "--ep", "1", "2", "4", "--tokens", "1024"]) == 0
+    assert (
+        main(["bench", "--comm", "--model", "tiny", "--ep", "1", "2", "4", "--tokens", "1024"]) == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines[-3:]] == ["1", "2", "4"]
     assert main(["bench", "--comm", "--model", "nope"]) == 2

@@ -56,15 +56,25 @@ def cases() -> list[Case]:
     for router in TOKEN_CHOICE:
         out.append(Case(f"{router} drop", router_settings(router) | {"capacity_factor": 0.75}))
     out += [
-        Case("softmax_topk reroute priority", router_settings("softmax_topk")
-             | {"capacity_factor": 0.75, "overflow": "reroute", "batch_priority": True}),
-        Case("sigmoid_topk reroute", router_settings("sigmoid_topk")
-             | {"capacity_factor": 0.75, "overflow": "reroute"}),
+        Case(
+            "softmax_topk reroute priority",
+            router_settings("softmax_topk")
+            | {"capacity_factor": 0.75, "overflow": "reroute", "batch_priority": True},
+        ),
+        Case(
+            "sigmoid_topk reroute",
+            router_settings("sigmoid_topk") | {"capacity_factor": 0.75, "overflow": "reroute"},
+        ),
         Case("expert_choice cf 0.5", router_settings("expert_choice") | {"capacity_factor": 0.5}),
-        Case("shared experts", router_settings("softmax_topk") | {"num_shared_experts": 1,
-             "shared_expert_gate": True}),
-        Case("empty rank, capacity", router_settings("softmax_topk") | {"capacity_factor": 1.0},
-             sizes=(0, 9)),
+        Case(
+            "shared experts",
+            router_settings("softmax_topk") | {"num_shared_experts": 1, "shared_expert_gate": True},
+        ),
+        Case(
+            "empty rank, capacity",
+            router_settings("softmax_topk") | {"capacity_factor": 1.0},
+            sizes=(0, 9),
+        ),
         Case("empty rank, sigmoid groups", router_settings("sigmoid_topk"), sizes=(7, 0)),
         Case("empty rank, expert choice", router_settings("expert_choice"), sizes=(0, 6)),
         Case("empty rank, soft", router_settings("soft"), sizes=(0, 3)),
@@ -110,7 +120,9 @@ def check_case(case: Case, mesh, dp_groups: list[list[int]], ddp: bool = False) 
             mine = (x[rows], g[rows], ref[rows].detach())
     x_r, g_r, expected = mine
     out = wrapped(x_r).hidden
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case.name}: {m}")
+    torch.testing.assert_close(
+        out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case.name}: {m}"
+    )
     (out * g_r).sum().backward()  # this rank's loss; sync_gradients averages over W
     ref_loss.backward()
     sync_gradients(model, mesh, experts_only=ddp)
@@ -125,8 +137,13 @@ def check_case(case: Case, mesh, dp_groups: list[list[int]], ddp: bool = False) 
             assert param.grad is None, f"{case.name}: {name} got a gradient"
             continue
         assert param.grad is not None, f"{case.name}: {name} has no gradient"
-        torch.testing.assert_close(param.grad, expected_grad, atol=1e-5, rtol=1e-5,
-                                   msg=lambda m, n=name: f"{case.name}: grad {n}: {m}")
+        torch.testing.assert_close(
+            param.grad,
+            expected_grad,
+            atol=1e-5,
+            rtol=1e-5,
+            msg=lambda m, n=name: f"{case.name}: grad {n}: {m}",
+        )
     if case.starve_expert and mesh.ep_rank == mesh.ep - 1:
         assert shard.w_up.grad[-1].abs().max() == 0, "the starved expert got a gradient"
 
@@ -150,7 +167,9 @@ def equality_worker(mesh_shapes, names: list[str] | None) -> None:
         mesh = build_mesh(ep, timeout=timedelta(seconds=30), device=torch.device("cpu"))
         dp_groups = [[d * ep + e for e in range(ep)] for d in range(mesh.dp)]
         for case in cases():
-            if (case.sizes is not None and len(case.sizes) != ep) or (names and case.name not in names):
+            if (case.sizes is not None and len(case.sizes) != ep) or (
+                names and case.name not in names
+            ):
                 continue
             check_case(case, mesh, dp_groups)
         check_sigmoid_bias_update(mesh)
@@ -169,7 +188,9 @@ def device_mesh_worker() -> None:
     model = parallelize(copy.deepcopy(reference), device_mesh)
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(6))
     rows = slice(3 * mesh.rank, 3 * mesh.rank + 3)
-    torch.testing.assert_close(model(x[rows]).hidden, reference(x).hidden[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(x[rows]).hidden, reference(x).hidden[rows], atol=1e-5, rtol=1e-5
+    )
 
 
 def two_rank_worker() -> None:

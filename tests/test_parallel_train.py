@@ -48,14 +48,18 @@ def text_file(tmp_path_factory):
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "moekit", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=HARD_LIMIT_S, check=False)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=HARD_LIMIT_S, check=False
+    )
 
 
 @pytest.fixture(scope="module")
 def torchrun_job(tmp_path_factory, text_file):
     """The literal command: the MoE-versus-dense comparison at EP 2 on 2 CPU processes."""
     out = tmp_path_factory.mktemp("torchrun") / "job"
-    done = torchrun("train", "--parallel.ep", "2", "--data", str(text_file), "--out", str(out), *MICRO)
+    done = torchrun(
+        "train", "--parallel.ep", "2", "--data", str(text_file), "--out", str(out), *MICRO
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
 
@@ -65,7 +69,9 @@ def test_torchrun_trains_and_the_checkpoint_loads_at_ep1(torchrun_job, tmp_path,
     assert stdout.count("training moe in") == 1, stdout  # rank 0 reports alone
     assert stdout.count("comparison.json") == 1, stdout
     assert (out / "moe" / "rank1" / "metrics.jsonl").exists()
-    experts = load_file(out / "moe" / "checkpoint" / "model.safetensors")["layers.0.ffn.experts.w_up"]
+    experts = load_file(out / "moe" / "checkpoint" / "model.safetensors")[
+        "layers.0.ffn.experts.w_up"
+    ]
     assert experts.shape[0] == 4  # consolidated: every expert, not rank 0's half
 
     # The same job in one process sees the same global batches: the losses agree.
@@ -100,21 +106,38 @@ def resume_worker(folder: str, text: str) -> None:
 
     Runs inside a spawned world of 2 or 4 ranks (test_parallel_checkpoint.py: ep 2 x dp 2).
     """
-    from moekit.cli_args import build_configs
     from moekit.train import Trainer
     from moekit.train.data import prepare_run_data
+    from moekit.train.overrides import build_configs
 
-    init_parallel(2, timeout_s=30, device=torch.device("cpu"))
+    mesh = init_parallel(2, timeout_s=30, device=torch.device("cpu"))
     model_flags = MICRO[: MICRO.index("--steps")]
-    overrides = {key.removeprefix("--"): value for key, value in zip(model_flags[::2], model_flags[1::2])}
-    overrides.update({"train.steps": "4", "train.batch_size": "4", "train.seq_len": "32",
-                      "train.eval_every": "2", "train.eval_batches": "2", "train.checkpoint_every": "2"})
+    overrides = {
+        key.removeprefix("--"): value for key, value in zip(model_flags[::2], model_flags[1::2])
+    }
+    overrides.update(
+        {
+            "train.steps": "4",
+            "train.batch_size": "4",
+            "train.seq_len": "32",
+            "train.eval_every": "2",
+            "train.eval_batches": "2",
+            "train.checkpoint_every": "2",
+        }
+    )
     model_config, train_config = build_configs("tiny", overrides)
 
     def trainer(run, resume=False):
-        data = prepare_run_data(f"{folder}/{run}", data=text, vocab_size=384)
-        return Trainer(model_config, train_config, f"{folder}/{run}", data=data, resume=resume,
-                       show_progress=False)
+        data = prepare_run_data(f"{folder}/{run}", data=text, vocab_size=384, mesh=mesh)
+        return Trainer(
+            model_config,
+            train_config,
+            f"{folder}/{run}",
+            data=data,
+            mesh=mesh,
+            resume=resume,
+            show_progress=False,
+        )
 
     trainer("whole").train()
     trainer("stopped").train(stop_at=2)
@@ -149,7 +172,9 @@ def test_failed_rank_makes_the_other_exit_with_a_clear_error(tmp_path, text_file
         subprocess.Popen(
             [sys.executable, "-m", "moekit", *args],
             env=env_base | {"RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for r in range(2)
     ]

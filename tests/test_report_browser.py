@@ -23,11 +23,7 @@ from pathlib import Path
 import pytest
 from test_report_html import micro_comparison, run_cli
 
-CHROMIUM = (
-    "/usr/bin/chromium"
-    if Path("/usr/bin/chromium").exists()
-    else shutil.which("chromium")
-)
+CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -76,9 +72,7 @@ class DevToolsPipe:
         self._next_id = 0
         self.events: list[dict] = []
 
-    def send(
-        self, method: str, params: dict | None = None, session: str | None = None
-    ) -> dict:
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
         """Send a command and return its result (events that arrive meanwhile are kept)."""
         self._next_id += 1
         message = {"id": self._next_id, "method": method, "params": params or {}}
@@ -160,9 +154,9 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     browser = DevToolsPipe(tmp_path / "profile")
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.send(
-            "Target.attachToTarget", {"targetId": target, "flatten": True}
-        )["sessionId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable", session=session)
         browser.send("Page.navigate", {"url": report_path.resolve().as_uri()}, session)
@@ -182,13 +176,11 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     assert [s["id"] for s in page["sections"]] == [
         "summary", "tokens", "load", "specialisation", "curves", "params", "config"
     ]  # fmt: skip
-    assert all(s["width"] > 0 and s["height"] > 0 for s in page["sections"]), page[
-        "sections"
-    ]
+    assert all(s["width"] > 0 and s["height"] > 0 for s in page["sections"]), page["sections"]
     assert len(page["images"]) >= 5
-    assert all(
-        i["complete"] and i["width"] > 0 and i["height"] > 0 for i in page["images"]
-    ), page["images"]
+    assert all(i["complete"] and i["width"] > 0 and i["height"] > 0 for i in page["images"]), page[
+        "images"
+    ]
     assert page["tokens"] > 0
     assert page["panels"][0] > 0 and page["panels"][1] == 0
     assert panels_after_click[0] == 0 and panels_after_click[1] > 0

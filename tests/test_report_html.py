@@ -40,16 +40,10 @@ def write_domain_corpus(path) -> None:
     lines = []
     for i in range(20):
         lines.append({"text": "def " + code[1 + i % (len(code) - 1)], "domain": "code"})
-        lines.append(
-            {"text": prose[i * 40 : i * 40 + 400] or prose[:400], "domain": "prose"}
-        )
+        lines.append({"text": prose[i * 40 : i * 40 + 400] or prose[:400], "domain": "prose"})
         problem = generate_problems(1, seed=i)[0]
-        lines.append(
-            {"text": problem.question + "\n" + problem.solution, "domain": "math"}
-        )
-    path.write_text(
-        "".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8"
-    )
+        lines.append({"text": problem.question + "\n" + problem.solution, "domain": "math"})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
 
 
 def micro_comparison(tmp_path_factory):
@@ -57,9 +51,7 @@ def micro_comparison(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     corpus = folder / "corpus.jsonl"
     write_domain_corpus(corpus)
-    code, _, stderr = run_cli(
-        "train", "--data", str(corpus), "--out", str(folder / "cmp"), *MICRO
-    )
+    code, _, stderr = run_cli("train", "--data", str(corpus), "--out", str(folder / "cmp"), *MICRO)
     assert code == 0, stderr
     return folder / "cmp"
 
@@ -71,9 +63,7 @@ def comparison(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(comparison):
-    code, stdout, stderr = run_cli(
-        "report", str(comparison), "--tokens-per-domain", "256"
-    )
+    code, stdout, stderr = run_cli("report", str(comparison), "--tokens-per-domain", "256")
     assert code == 0, stderr
     assert stdout.strip() == f"wrote {comparison / 'report.html'}"
     return (comparison / "report.html").read_text(encoding="utf-8")
@@ -116,9 +106,7 @@ def test_token_tabs_colour_every_sample_token_by_its_top1_expert(report, compari
     _, routing = data.samples[0]
     panel = report.split('id="panel-1"')[1].split('<div class="panel"')[0]
     code_sample = panel.split("<h3>code</h3>")[1].split("</div>")[0]
-    spans = re.findall(
-        r'<span style="background:([^"]+)" title="([^"]*)">', code_sample
-    )
+    spans = re.findall(r'<span style="background:([^"]+)" title="([^"]*)">', code_sample)
     assert len(spans) == len(routing.pieces)
     from moekit.report.html import expert_colour
 
@@ -140,13 +128,9 @@ def test_specialisation_matrix_counts_top_k_assignments_per_domain(comparison):
 
 def test_routing_log_matches_the_models_own_expert_ids(tmp_path, comparison):
     model_config = load_trained_model(comparison / "moe").config
-    train_config = TrainConfig(
-        steps=4, batch_size=4, seq_len=32, eval_every=2, eval_batches=2
-    )
+    train_config = TrainConfig(steps=4, batch_size=4, seq_len=32, eval_every=2, eval_batches=2)
     run = tmp_path / "run"
-    data = prepare_run_data(
-        run, data=comparison.parent / "corpus.jsonl", vocab_size=384
-    )
+    data = prepare_run_data(run, data=comparison.parent / "corpus.jsonl", vocab_size=384)
     trainer = Trainer(
         model_config,
         train_config,
@@ -169,26 +153,18 @@ def test_routing_log_matches_the_models_own_expert_ids(tmp_path, comparison):
     domains = fixed_eval_domains(data, train_config)
     for layer in range(2):
         expected = torch.zeros(len(last["domains"]), 4, dtype=torch.long)
-        for (inputs_BL, _), domains_BL in zip(
-            fixed_eval_batches(data, train_config), domains
-        ):
+        for (inputs_BL, _), domains_BL in zip(fixed_eval_batches(data, train_config), domains):
             ids_BLK = model(inputs_BL, return_expert_ids=True).expert_ids[layer]
             for d in range(len(last["domains"])):
-                expected[d] += torch.bincount(
-                    ids_BLK[domains_BL == d].flatten(), minlength=4
-                )
+                expected[d] += torch.bincount(ids_BLK[domains_BL == d].flatten(), minlength=4)
         assert last["layers"][layer]["domain_expert_counts"] == expected.tolist()
 
 
 def test_routing_stats_can_be_switched_off(tmp_path, comparison):
     model_config = load_trained_model(comparison / "moe").config
     run = tmp_path / "run"
-    data = prepare_run_data(
-        run, data=comparison.parent / "corpus.jsonl", vocab_size=384
-    )
-    config = TrainConfig(
-        steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1
-    )
+    data = prepare_run_data(run, data=comparison.parent / "corpus.jsonl", vocab_size=384)
+    config = TrainConfig(steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1)
     Trainer(
         model_config, config, run, data=data, show_progress=False, routing_stats_every=0
     ).train()
@@ -197,9 +173,7 @@ def test_routing_stats_can_be_switched_off(tmp_path, comparison):
 
 def test_route_batch_agrees_with_the_models_expert_ids(comparison):
     model = load_trained_model(comparison / "moe")
-    tokens_BT = torch.randint(
-        2, 384, (2, 16), generator=torch.Generator().manual_seed(0)
-    )
+    tokens_BT = torch.randint(2, 384, (2, 16), generator=torch.Generator().manual_seed(0))
     decisions = route_batch(model, tokens_BT)
     expert_ids = model(tokens_BT, return_expert_ids=True).expert_ids
     for layer, (ids_BTK, weights_BTK) in decisions.items():
@@ -211,9 +185,7 @@ def test_route_batch_agrees_with_the_models_expert_ids(comparison):
 
 def test_route_prints_each_tokens_top1_expert_per_layer(comparison):
     text = "def wrap(text):\n    return text"
-    code, stdout, _ = run_cli(
-        "route", str(comparison), "--text", text, "--color", "never"
-    )
+    code, stdout, _ = run_cli("route", str(comparison), "--text", text, "--color", "never")
     assert code == 0
     routing = route_tokens(
         load_trained_model(comparison / "moe"),
@@ -223,8 +195,7 @@ def test_route_prints_each_tokens_top1_expert_per_layer(comparison):
     expected = [
         f"layer {layer}: "
         + "".join(
-            f"{p.replace(chr(10), '⏎')}[{e}]"
-            for p, e in zip(routing.pieces, routing.top1(i))
+            f"{p.replace(chr(10), '⏎')}[{e}]" for p, e in zip(routing.pieces, routing.top1(i))
         )
         for i, layer in enumerate(routing.layers)
     ]
@@ -242,9 +213,7 @@ def test_route_colours_only_on_request_or_a_terminal(comparison, monkeypatch):
         "--layer",
         "1",
     )
-    assert (
-        code == 0 and "\x1b[30;48;2;" in coloured and coloured.startswith("experts: ")
-    )
+    assert code == 0 and "\x1b[30;48;2;" in coloured and coloured.startswith("experts: ")
     assert sum(line.startswith("layer ") for line in coloured.splitlines()) == 1
     monkeypatch.setenv("NO_COLOR", "1")
     code, plain, _ = run_cli("route", str(comparison / "moe"), "--text", "x = 1")
@@ -283,8 +252,7 @@ def task_run(tmp_path, *, specialisation: dict | None):
         for s in range(1, 11)
     ]
     records += [
-        {"split": "val", "step": s, "loss": 2.2 / s, "accuracy": 0.45 + s / 40}
-        for s in (5, 10)
+        {"split": "val", "step": s, "loss": 2.2 / s, "accuracy": 0.45 + s / 40} for s in (5, 10)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if specialisation is not None:
@@ -322,8 +290,7 @@ def test_task_run_without_a_table_notes_it_and_a_bad_table_is_an_error(tmp_path)
     code, _, stderr = run_cli("report", str(run))
     assert (
         code == 2
-        and "layer 'x' has a counts table of shape (2, 1); expected one row per label (1)"
-        in stderr
+        and "layer 'x' has a counts table of shape (2, 1); expected one row per label (1)" in stderr
     )
 
 
@@ -358,15 +325,11 @@ def test_routers_without_top_k_tokens(router):
 
 def test_routing_statistics_do_not_change_training(tmp_path, comparison):
     model_config = load_trained_model(comparison / "moe").config
-    config = TrainConfig(
-        steps=4, batch_size=2, seq_len=32, eval_every=2, eval_batches=1
-    )
+    config = TrainConfig(steps=4, batch_size=2, seq_len=32, eval_every=2, eval_batches=1)
     weights, losses = [], []
     for every in (1, 0):
         run = tmp_path / f"every{every}"
-        data = prepare_run_data(
-            run, data=comparison.parent / "corpus.jsonl", vocab_size=384
-        )
+        data = prepare_run_data(run, data=comparison.parent / "corpus.jsonl", vocab_size=384)
         trainer = Trainer(
             model_config,
             config,

@@ -40,13 +40,9 @@ def test_counts_take_batched_shapes_and_reject_mismatched_labels():
 
 
 @pytest.mark.parametrize("num_labels, num_experts", [(2, 2), (5, 5), (5, 16), (4, 64)])
-def test_perfect_label_to_expert_mapping_gives_log2_of_the_labels(
-    num_labels, num_experts
-):
+def test_perfect_label_to_expert_mapping_gives_log2_of_the_labels(num_labels, num_experts):
     counts = np.zeros((num_labels, num_experts))
-    counts[np.arange(num_labels), np.arange(num_labels)] = (
-        100  # label d -> expert d only
-    )
+    counts[np.arange(num_labels), np.arange(num_labels)] = 100  # label d -> expert d only
     assert mutual_information(counts) == pytest.approx(math.log2(num_labels))
 
 

@@ -79,7 +79,9 @@ def test_offset_keeps_new_experts_out_even_where_their_score_is_highest():
     grown = add_experts(model, 2, "offset").eval()
     with torch.no_grad():  # make the copies' router rows dominate: bias alone keeps them out
         for layer in grown.config.moe_layers:
-            grown.layers[layer].ffn.router.weight[4:] = 100.0 * grown.layers[layer].ffn.router.weight[:2]
+            grown.layers[layer].ffn.router.weight[4:] = (
+                100.0 * grown.layers[layer].ffn.router.weight[:2]
+            )
     out = grown(batch(), return_expert_ids=True)
     assert all((ids < 4).all() for ids in out.expert_ids)
     assert torch.equal(out.logits, model(batch()).logits)

@@ -28,7 +28,9 @@ def dense_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("surgery")
     text = root / "source.txt"
     text.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
-    code, _, stderr = run_cli("train", "--data", str(text), "--out", str(root / "dense"), *MICRO_DENSE)
+    code, _, stderr = run_cli(
+        "train", "--data", str(text), "--out", str(root / "dense"), *MICRO_DENSE
+    )
     assert code == 0, stderr
     return root / "dense"
 
@@ -95,15 +97,23 @@ def test_add_experts_offset_on_a_sigmoid_run(dense_run, tmp_path):
 
 
 def test_errors_name_the_problem(dense_run, tmp_path):
-    code, _, stderr = run_cli("add-experts", str(dense_run), "--out", str(tmp_path / "x"), "--num", "2")
+    code, _, stderr = run_cli(
+        "add-experts", str(dense_run), "--out", str(tmp_path / "x"), "--num", "2"
+    )
     assert code == 2 and "moekit add-experts: error: the model is dense; upcycle it first" in stderr
-    code, _, stderr = run_cli("upcycle", str(dense_run), "--out", str(tmp_path / "y"), "--top-k", "9")
+    code, _, stderr = run_cli(
+        "upcycle", str(dense_run), "--out", str(tmp_path / "y"), "--top-k", "9"
+    )
     assert code == 2 and "top_k (9) must be <= num_experts (8)" in stderr
     code, _, stderr = run_cli("upcycle", str(dense_run), "--out", str(dense_run))
     assert code == 2 and "already holds a trained run" in stderr
     code, _, stderr = run_cli("upcycle", str(tmp_path / "none"), "--out", str(tmp_path / "z"))
     assert code == 2 and "is not a moekit run directory" in stderr
-    code, _, stderr = run_cli("upcycle", "--train.nope", "1", str(dense_run), "--out", str(tmp_path / "w"))
+    code, _, stderr = run_cli(
+        "upcycle", "--train.nope", "1", str(dense_run), "--out", str(tmp_path / "w")
+    )
     assert code == 2 and "unknown setting --train.nope" in stderr
-    code, _, stderr = run_cli("upcycle", str(dense_run), "--out", str(tmp_path / "v"), "--model.top_k", "1")
+    code, _, stderr = run_cli(
+        "upcycle", str(dense_run), "--out", str(tmp_path / "v"), "--model.top_k", "1"
+    )
     assert code == 2 and "only --train.FIELD overrides apply here" in stderr

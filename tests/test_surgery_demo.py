@@ -44,5 +44,7 @@ def test_demo_refuses_bad_domains_and_run_arguments(tmp_path):
     assert code == 2 and "--domains: choose two or more of" in stderr
     code, _, stderr = run_cli("merge", "--demo", "--preset", "tiny", "--out", str(tmp_path))
     assert code == 2 and "is an MoE" in stderr
-    code, _, stderr = run_cli("merge", "a", "b", "--parent", "p", "--out", "o", "--model.top_k", "1")
+    code, _, stderr = run_cli(
+        "merge", "a", "b", "--parent", "p", "--out", "o", "--model.top_k", "1"
+    )
     assert code == 2 and "overrides apply to --demo only" in stderr

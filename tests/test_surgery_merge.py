@@ -24,7 +24,9 @@ from moekit.train import TrainConfig, load_trained_model, prepare_run_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MICRO = ModelConfig(vocab_size=320, d_model=16, num_layers=2, num_heads=2, max_seq_len=32, d_hidden=32)
+MICRO = ModelConfig(
+    vocab_size=320, d_model=16, num_layers=2, num_heads=2, max_seq_len=32, d_hidden=32
+)
 
 
 def dense(seed: int) -> Transformer:
@@ -50,8 +52,12 @@ def test_experts_are_the_models_ffns_and_the_rest_is_averaged():
     merged = merge_dense_models(models, top_k=1, router="softmax_topk")
     for k, model in enumerate(models):
         for i in range(MICRO.num_layers):
-            assert torch.equal(merged.layers[i].ffn.experts.w_up[k], model.layers[i].ffn.up.weight.t())
-            assert torch.equal(merged.layers[i].ffn.experts.w_down[k], model.layers[i].ffn.down.weight.t())
+            assert torch.equal(
+                merged.layers[i].ffn.experts.w_up[k], model.layers[i].ffn.up.weight.t()
+            )
+            assert torch.equal(
+                merged.layers[i].ffn.experts.w_down[k], model.layers[i].ffn.down.weight.t()
+            )
     mean = sum(m.layers[1].attn.wq.weight for m in models) / 3
     torch.testing.assert_close(merged.layers[1].attn.wq.weight, mean)
     torch.testing.assert_close(merged.tok_embed.weight, sum(m.tok_embed.weight for m in models) / 3)
@@ -61,7 +67,9 @@ def test_experts_are_the_models_ffns_and_the_rest_is_averaged():
 def test_merge_refuses_one_model_and_different_configs():
     with pytest.raises(ValueError, match="at least 2"):
         merge_dense_models([dense(0)])
-    other = Transformer(ModelConfig(vocab_size=320, d_model=16, num_layers=3, num_heads=2, max_seq_len=32))
+    other = Transformer(
+        ModelConfig(vocab_size=320, d_model=16, num_layers=3, num_heads=2, max_seq_len=32)
+    )
     with pytest.raises(ValueError, match="config differs"):
         merge_dense_models([dense(0), other])
 
@@ -80,7 +88,13 @@ def experiment(tmp_path_factory):
     )
     train = TrainConfig(batch_size=4, seq_len=32, eval_every=50, eval_batches=2)
     result = branch_train_mix(
-        out, MICRO, train, settings, corpus_config=TINY_CORPUS, show_progress=False, log=lambda _: None
+        out,
+        MICRO,
+        train,
+        settings,
+        corpus_config=TINY_CORPUS,
+        show_progress=False,
+        log=lambda _: None,
     )
     return out, result
 
@@ -112,7 +126,9 @@ def test_routing_matrix_rows_sum_to_top_k_times_the_domain_tokens(experiment):
     assert len(evaluation.routing) == MICRO.num_layers
     for counts_GE in evaluation.routing:
         assert counts_GE.shape == (len(domains), 2)
-        np.testing.assert_array_equal(counts_GE.sum(axis=1), [2 * evaluation.tokens[d] for d in domains])
+        np.testing.assert_array_equal(
+            counts_GE.sum(axis=1), [2 * evaluation.tokens[d] for d in domains]
+        )
     assert sum(evaluation.tokens[d] for d in domains) == evaluation.tokens["all"]
     assert result["routing"]["BTX"] == [m.tolist() for m in evaluation.routing]
 

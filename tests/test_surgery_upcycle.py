@@ -66,7 +66,9 @@ def test_noisy_router_keeps_equality_in_training_mode():
     with torch.no_grad():
         for layer in moe.config.moe_layers:
             moe.layers[layer].ffn.router.noise_weight.normal_(0, 1.0)
-    torch.testing.assert_close(moe.train()(batch()).logits, dense(batch()).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        moe.train()(batch()).logits, dense(batch()).logits, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gelu_experts_copy_a_non_gated_ffn():

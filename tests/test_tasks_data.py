@@ -40,7 +40,9 @@ def tiny_corpus() -> Corpus:
     def docs(domain: str, text: str, count: int) -> list[Document]:
         return [Document(id=f"{domain}/{i}", domain=domain, text=text) for i in range(count)]
 
-    train = docs("code", "def f(x):\n    return x + 1\n", 3) + docs("prose", "The quick brown fox. ", 3)
+    train = docs("code", "def f(x):\n    return x + 1\n", 3) + docs(
+        "prose", "The quick brown fox. ", 3
+    )
     validation = docs("code", "class A:\n    pass\n", 1) + docs("prose", "A lazy dog sleeps. ", 1)
     return Corpus(train=train, validation=validation)
 

@@ -52,15 +52,11 @@ def micro_train(**overrides) -> TrainConfig:
 def text_file(tmp_path_factory):
     """About 60 kB of Python source: enough for a tokenizer and a validation split."""
     path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(
-        inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8"
-    )
+    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
     return path
 
 
-def make_trainer(
-    run_dir, text_file, model=None, resume=False, **train_overrides
-) -> Trainer:
+def make_trainer(run_dir, text_file, model=None, resume=False, **train_overrides) -> Trainer:
     model = model or micro_model()
     data = prepare_run_data(run_dir, data=text_file, vocab_size=model.vocab_size)
     return Trainer(
@@ -85,9 +81,7 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 
 def test_schedule_warmup_then_cosine_to_the_floor():
     # Warmup 2 of 6 steps: 0.5, 1.0; cosine over steps 2..5 (3 intervals) ends at 0.1.
-    lrs = [
-        lr_at(s, lr=1.0, steps=6, warmup_steps=2, min_lr_ratio=0.1) for s in range(6)
-    ]
+    lrs = [lr_at(s, lr=1.0, steps=6, warmup_steps=2, min_lr_ratio=0.1) for s in range(6)]
     assert lrs[:3] == [0.5, 1.0, 1.0]
     assert lrs[3] == pytest.approx(0.1 + 0.9 * 0.75)  # cos(pi/3) = 0.5
     assert lrs[5] == pytest.approx(0.1)
@@ -141,17 +135,13 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, text_file, monke
     def press_ctrl_c():
         calls.append(1)
         if len(calls) == 3:
-            signal.raise_signal(
-                signal.SIGINT
-            )  # arrives mid-step; the step still finishes
+            signal.raise_signal(signal.SIGINT)  # arrives mid-step; the step still finishes
         return next_batch()
 
     monkeypatch.setattr(interrupted.loader, "next_batch", press_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
-    state = json.loads(
-        (tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text()
-    )
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 3
     resumed = make_trainer(tmp_path / "b", text_file, resume=True)
     resumed.train()
@@ -167,9 +157,7 @@ def test_truncated_checkpoint_is_one_clear_error_and_is_left_alone(tmp_path, tex
     model_file = tmp_path / "checkpoint" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     before = snapshot(tmp_path / "checkpoint")
-    with pytest.raises(
-        CheckpointError, match="model.safetensors.* truncated or corrupt"
-    ):
+    with pytest.raises(CheckpointError, match="model.safetensors.* truncated or corrupt"):
         make_trainer(tmp_path, text_file, resume=True)
     # Starting afresh over it is refused too.
     with pytest.raises(ValueError, match="already holds a trained run"):
@@ -207,9 +195,7 @@ def test_unreadable_trainer_state_is_a_checkpoint_error(tmp_path, text_file):
 
 
 def test_sigmoid_router_bias_moves_after_the_step(tmp_path, text_file):
-    model = micro_model(
-        router="sigmoid_topk", balance_loss_coef=0.0, bias_update_rate=0.01
-    )
+    model = micro_model(router="sigmoid_topk", balance_loss_coef=0.0, bias_update_rate=0.01)
     trainer = make_trainer(tmp_path, text_file, model, steps=1, eval_every=1)
     trainer.train()
     for layer in trainer.model.layers:
@@ -218,12 +204,8 @@ def test_sigmoid_router_bias_moves_after_the_step(tmp_path, text_file):
 
 
 def test_bf16_autocast_trains(tmp_path, text_file):
-    result = make_trainer(
-        tmp_path, text_file, steps=2, eval_every=2, dtype="bfloat16"
-    ).train()
-    assert (
-        result.steps == 2 and result.final_val_loss == result.final_val_loss
-    )  # not NaN
+    result = make_trainer(tmp_path, text_file, steps=2, eval_every=2, dtype="bfloat16").train()
+    assert result.steps == 2 and result.final_val_loss == result.final_val_loss  # not NaN
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, text_file):

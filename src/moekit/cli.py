@@ -1,399 +1,33 @@
-"""`moekit <command>`: thin entry points into the library."""
+"""`moekit <command>`: a table of commands, each `main(argv) -> exit status` in its package.
+
+A command is imported only when it runs, so `moekit --help` and a quick command stay fast.
+Each command's parsing and logic live with its package (docs/architecture.md, "Layers").
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import os
 import sys
 
-
-def _bench(argv: list[str]) -> int:
-    from .benchmark import main
-
-    return main(argv)
-
-
-def _routers(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="moekit routers", description="List the routers."
-    )
-    parser.parse_args(argv)
-    from .routing import ROUTER_CLASSES
-
-    for name, cls in ROUTER_CLASSES.items():
-        summary = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:14s} {summary}")
-    return 0
-
-
-TRAIN_DESCRIPTION = """\
-Train a model. With no arguments: train the `tiny` MoE preset and its dense twin on the
-same tokens, batches and step budget, then print a table (parameters, final validation
-loss, steps for the MoE to reach the dense model's final loss, tokens/s) and write
-comparison.json and loss.png into the output folder (default runs/compare-<time>).
---no-compare trains the preset alone (default folder runs/<preset>-<time>).
-
-Settings: --preset NAME plus dotted overrides, e.g.
-  --model.num_experts 16 --model.top_k 1 --model.moe.d_hidden 128 --train.lr 3e-4
-(model.FIELD: ModelConfig, or an MoEConfig field it lacks; model.moe.FIELD: MoEConfig;
-train.FIELD: TrainConfig). Ctrl-C saves a checkpoint; --resume --out DIR continues.
-
---task picks what to train: lm (this, the default), classify-text, classify-digits,
-mmoe-synthetic or vit; `moekit train --task NAME --help` shows that task's options.
-"""
-
-
-def command_error(command: str, error: Exception) -> int:
-    """Print `moekit COMMAND: error: ...` to stderr; returns the exit status 2."""
-    print(f"moekit {command}: error: {error}", file=sys.stderr)
-    return 2
-
-
-TASKS = ("lm", "classify-text", "classify-digits", "mmoe-synthetic", "vit")
-
-
-def _train(argv: list[str]) -> int:
-    task = _task_of(argv)
-    if task not in (None, "lm"):
-        from .tasks.cli import main as task_main
-
-        return task_main(task, _without_task(argv))
-    argv = _without_task(argv)
-    from .models import PRESETS
-
-    parser = argparse.ArgumentParser(
-        prog="moekit train",
-        description=TRAIN_DESCRIPTION,
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--preset",
-        default="tiny",
-        help=f"model preset: {', '.join(PRESETS)} (default tiny)",
-    )
-    parser.add_argument(
-        "--task", choices=TASKS, default="lm", help="what to train (default lm)"
-    )
-    parser.add_argument(
-        "--no-compare",
-        action="store_true",
-        help="train the preset alone, no dense twin",
-    )
-    parser.add_argument(
-        "--out", help="output folder (a run, or a comparison of two runs)"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the stopped job in --out"
-    )
-    parser.add_argument(
-        "--data", help="training text (.txt, .jsonl, folder) or a prepared train.bin"
-    )
-    parser.add_argument("--steps", type=int, help="optimizer steps (= --train.steps)")
-    parser.add_argument(
-        "--batch-size", type=int, help="sequences per step (= --train.batch_size)"
-    )
-    parser.add_argument(
-        "--seq-len", type=int, help="tokens per sequence (= --train.seq_len)"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        help="steps between evaluations (= --train.eval_every)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: torch's choice, one per core); use 1 when other "
-        "processes share the cores, since busy-waiting threads then slow down sharply",
-    )
-    parser.add_argument(
-        "--parallel.ep",
-        dest="parallel_ep",
-        type=int,
-        help="expert-parallel size under torchrun (the rest is data parallel; default 1)",
-    )
-    parser.add_argument(
-        "--parallel.timeout",
-        dest="parallel_timeout",
-        type=float,
-        default=300.0,
-        help="seconds a rank waits in a collective before it stops with an error (default 300)",
-    )
-    args, extra = parser.parse_known_args(argv)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from .runtime import keep_freed_memory
-
-    # Reused memory instead of fresh pages each step: expert gradients are large.
-    keep_freed_memory()
-    from .parallel import init_for_training
-
-    mesh = None
-    try:
-        mesh = init_for_training(args.parallel_ep, args.parallel_timeout)
-        code = _run_train(args, extra, mesh)
-    except ValueError as error:
-        return command_error("train", error)
-    except RuntimeError as error:
-        if mesh is None:
-            raise
-        # A dead or hung rank surfaces here as a failed collective (after the timeout).
-        print(
-            f"moekit train: rank {mesh.rank} of {mesh.world_size} stopped: {error}\n"
-            "(a rank that dies or hangs makes the others' collectives fail within "
-            f"--parallel.timeout {args.parallel_timeout:g} s)",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted; continue from the last checkpoint with "
-            f"`moekit train --resume --out {args.out}`",
-            file=sys.stderr,
-        )
-        return 130
-    if mesh is not None:
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
-    return code
-
-
-def _task_of(argv: list[str]) -> str | None:
-    """The value of --task in argv (None when absent); an unknown task is an error."""
-    for i, arg in enumerate(argv):
-        if arg == "--task" or arg.startswith("--task="):
-            value = (
-                arg.partition("=")[2]
-                if "=" in arg
-                else (argv[i + 1] if i + 1 < len(argv) else "")
-            )
-            if value not in TASKS:
-                raise SystemExit(
-                    f"moekit train: error: --task {value!r}: choose one of {', '.join(TASKS)}"
-                )
-            return value
-    return None
-
-
-def _without_task(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--task":
-            skip = True
-        elif not arg.startswith("--task="):
-            out.append(arg)
-    return out
-
-
-def _run_train(args: argparse.Namespace, extra: list[str], mesh=None) -> int:
-    from . import train
-    from .cli_args import build_configs, parse_overrides
-
-    progress = not args.no_progress
-    if mesh is not None and mesh.rank != 0:  # rank 0 reports for all
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
-    overrides = parse_overrides(extra)
-    for flag in ("steps", "batch_size", "seq_len", "eval_every"):
-        if getattr(args, flag) is not None:
-            overrides[f"train.{flag}"] = str(getattr(args, flag))
-    if args.resume:
-        if args.out is None:
-            raise ValueError(
-                "--resume needs --out DIR, the folder of the job to continue"
-            )
-        if overrides or args.data:
-            raise ValueError(
-                "--resume uses the settings saved in --out; drop the other settings"
-            )
-        result = train.resume_job(args.out, show_progress=progress)
-        if isinstance(result, train.Comparison):
-            print(train.format_table(result))
-        else:
-            _print_result(result, args.out)
-        return 0
-    model_config, train_config = build_configs(args.preset, overrides)
-    if args.no_compare:
-        out = args.out = args.out or str(train.default_out_dir(args.preset))
-        result = train.train_one(
-            model_config, train_config, out, data=args.data, show_progress=progress
-        )
-        _print_result(result, out)
-        return 0
-    if model_config.moe is None:
-        raise ValueError(
-            f"preset {args.preset!r} is dense; compare needs an MoE preset (or add --no-compare)"
-        )
-    out = args.out = args.out or str(train.default_out_dir("compare"))
-    comparison = train.compare(
-        model_config, train_config, out, data=args.data, show_progress=progress
-    )
-    print(train.format_table(comparison))
-    print(f"wrote {out}/comparison.json and {out}/loss.png")
-    return 0
-
-
-def _print_result(result, out) -> None:
-    print(
-        f"{result.steps} steps, final validation loss {result.final_val_loss:.4f}, "
-        f"{result.tokens_per_s:,.0f} tokens/s; run directory {out}"
-    )
-
-
-def _prepare(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="moekit prepare",
-        description="Train a tokenizer and write token streams (OUT/train.bin, OUT/val.bin, "
-        "OUT/tokenizer.json) for `moekit train --data OUT/train.bin`.",
-    )
-    parser.add_argument(
-        "data",
-        nargs="?",
-        help="text: .txt, .jsonl or a folder (default: the built-in corpus)",
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=4096,
-        help="tokenizer vocabulary (default 4096)",
-    )
-    args = parser.parse_args(argv)
-    from .train import write_prepared
-
-    try:
-        path = write_prepared(args.data, args.out, vocab_size=args.vocab_size)
-    except ValueError as error:
-        return command_error("prepare", error)
-    print(f"wrote {path} (and val.bin, tokenizer.json beside it)")
-    return 0
-
-
-def _eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="moekit eval",
-        description="Print the validation loss and perplexity of a trained run's checkpoint "
-        "(both runs of a comparison folder).",
-    )
-    parser.add_argument("run_dir", help="a run folder, or a comparison folder")
-    parser.add_argument(
-        "--data", help="evaluate on this text (.txt, .jsonl, folder) or .bin instead"
-    )
-    parser.add_argument(
-        "--max-batches", type=int, help="evaluate only the first batches"
-    )
-    args = parser.parse_args(argv)
-    from pathlib import Path
-
-    from .train import evaluate_run
-
-    run_dir = Path(args.run_dir)
-    runs = (
-        [run_dir / "moe", run_dir / "dense"]
-        if (run_dir / "moe").is_dir()
-        else [run_dir]
-    )
-    try:
-        for run in runs:
-            result = evaluate_run(run, data=args.data, max_batches=args.max_batches)
-            print(
-                f"{run}: validation loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
-                f"({result.num_tokens:,} tokens)"
-            )
-    except ValueError as error:
-        return command_error("eval", error)
-    return 0
-
-
-def _generate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="moekit generate",
-        description="Continue a prompt with a trained run's model, streaming the text.",
-    )
-    parser.add_argument(
-        "run_dir", help="a trained run folder (e.g. runs/compare-.../moe)"
-    )
-    parser.add_argument(
-        "--prompt", default="", help='text to continue (default "": a new document)'
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=200,
-        help="at most this many tokens (default 200)",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, help="sample from the k most likely tokens"
-    )
-    parser.add_argument(
-        "--top-p", type=float, help="nucleus sampling: the smallest set reaching p"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument(
-        "--show-experts",
-        action="store_true",
-        help="after the text, list each token's experts per MoE layer",
-    )
-    args = parser.parse_args(argv)
-    from .train import generate_text
-
-    pieces = []
-    try:
-        print(args.prompt, end="", flush=True)
-        for piece in generate_text(
-            args.run_dir,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            show_experts=args.show_experts,
-        ):
-            print(piece.text, end="", flush=True)
-            pieces.append(piece)
-        print()
-    except ValueError as error:
-        return command_error("generate", error)
-    if args.show_experts:
-        _print_experts(pieces, args.run_dir)
-    return 0
-
-
-def _print_experts(pieces, run_dir) -> None:
-    from .data import Tokenizer
-
-    tokenizer = Tokenizer.load(run_dir)
-    print("\ntoken            experts per MoE layer")
-    for piece in pieces:
-        layers = [
-            f"L{i}:{','.join(map(str, ids))}"
-            for i, ids in enumerate(piece.expert_ids)
-            if ids is not None
-        ]
-        print(f"{tokenizer.decode([piece.token])!r:16} {' '.join(layers)}")
-
-
+# name: ("module:function", one line of help). `train` goes through tasks/cli.py because
+# --task picks between the language model (train/cli.py) and the other tasks.
 COMMANDS = {
     "train": (
-        _train,
+        "moekit.tasks.cli:train_main",
         "train the tiny MoE and its dense twin and compare them (or one model, or a --task)",
     ),
-    "prepare": (_prepare, "tokenise text into .bin token streams for training"),
-    "eval": (_eval, "validation loss and perplexity of a trained run"),
-    "generate": (_generate, "generate text with a trained run, streaming"),
-    "bench": (_bench, "time the MoE layer against a dense FFN of equal active FLOPs"),
-    "routers": (_routers, "list the available routers"),
-    # Commands that live in their own modules: "module:function", imported on use.
+    "prepare": (
+        "moekit.train.cli:prepare_main",
+        "tokenise text into .bin token streams for training",
+    ),
+    "eval": ("moekit.train.cli:eval_main", "validation loss and perplexity of a trained run"),
+    "generate": ("moekit.train.cli:generate_main", "generate text with a trained run, streaming"),
+    "bench": (
+        "moekit.benchmark:main",
+        "time the MoE layer against a dense FFN of equal active FLOPs",
+    ),
+    "routers": ("moekit.train.cli:routers_main", "list the available routers"),
     "inspect": (
         "moekit.interop.cli:inspect_main",
         "total and active parameters of a preset or config.json, by part",
@@ -425,13 +59,9 @@ COMMANDS = {
 }
 
 
-def _resolve(entry):
-    """A command's function: itself, or imported from its "module:function" string."""
-    if callable(entry):
-        return entry
-    import importlib
-
-    module, _, function = entry.partition(":")
+def _command(name: str):
+    """The function of a command, imported from its "module:function" string."""
+    module, _, function = COMMANDS[name][0].partition(":")
     return getattr(importlib.import_module(module), function)
 
 
@@ -448,15 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"moekit {__version__}")
         return 0
-    command = COMMANDS.get(argv[0])
-    if command is None:
+    if argv[0] not in COMMANDS:
         print(
             f"moekit: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}",
             file=sys.stderr,
         )
         return 2
     try:
-        return _resolve(command[0])(argv[1:])
+        return _command(argv[0])(argv[1:])
     except BrokenPipeError:
         # The reader went away (e.g. `moekit generate ... | head`): stop quietly, and point
         # stdout at devnull so the interpreter's final flush does not fail again.

@@ -20,47 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .models.kv_cache import KVCache
 from .models.transformer import Transformer
 
-
-class KVCache:
-    """Preallocated keys and values of every layer: (L, B, G, max_len, Dh) each.
-
-    Args:
-        num_layers, batch_size, num_kv_heads, head_dim: the cache's shape.
-        max_len: the most positions it holds (prompt plus generated tokens).
-        device, dtype: those of the model's activations.
-    """
-
-    def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_len, *, device=None, dtype=None):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k_LBGSDh = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_LBGSDh = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0  # positions filled; the model advances it after all layers ran
-
-    @classmethod
-    def for_model(cls, model: Transformer, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache shaped for `model` with room for max_len positions."""
-        cfg = model.config
-        weight = model.tok_embed.weight
-        return cls(
-            cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_dim, max_len,
-            device=weight.device, dtype=weight.dtype,
-        )
-
-    def update(self, layer: int, k_BGTDh: Tensor, v_BGTDh: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the T new keys/values of `layer`; return all of its (B, G, length + T, Dh)."""
-        end = self.length + k_BGTDh.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions > max_len ({self.max_len})")
-        self.k_LBGSDh[layer, :, :, self.length : end] = k_BGTDh
-        self.v_LBGSDh[layer, :, :, self.length : end] = v_BGTDh
-        return self.k_LBGSDh[layer, :, :, :end], self.v_LBGSDh[layer, :, :, :end]
-
-    def advance(self, num_tokens: int) -> None:
-        """Mark num_tokens more positions as filled (called once per model forward)."""
-        self.length += num_tokens
+__all__ = ["Generation", "KVCache", "Step", "generate", "sample_next", "stream"]
 
 
 def sample_next(
@@ -121,7 +84,9 @@ class Step:
     expert_ids: list[Tensor | None] | None = None
 
 
-def _check_args(model: Transformer, prompt_BT: Tensor, max_new_tokens: int, temperature, top_k, top_p) -> None:
+def _check_args(
+    model: Transformer, prompt_BT: Tensor, max_new_tokens: int, temperature, top_k, top_p
+) -> None:
     if prompt_BT.dim() != 2 or prompt_BT.shape[1] < 1:
         raise ValueError(f"prompt must be (B, T) with T >= 1, got shape {tuple(prompt_BT.shape)}")
     if max_new_tokens < 0:
@@ -181,7 +146,9 @@ def stream(
     for step in range(max_new_tokens):
         # 1. pick the next token from the last position; finished sequences repeat eos
         logits_BV = out.logits[:, -1]
-        token_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token_B = sample_next(
+            logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
         if eos_token_id is not None:
             token_B = token_B.masked_fill(finished_B, eos_token_id)
             finished_B = finished_B | (token_B == eos_token_id)

@@ -15,12 +15,18 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import ModelConfig, active_expert_fraction
-from ..models.transformer import meta_model
+from ..models import ModelConfig, active_expert_fraction, meta_model
 from ..moe import MoE
 
 PARTS = (
-    "embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_ffn", "norms", "other",
+    "embeddings",
+    "attention",
+    "router",
+    "routed_experts",
+    "shared_experts",
+    "dense_ffn",
+    "norms",
+    "other",
 )
 
 
@@ -117,10 +123,16 @@ def count_by_part(config: ModelConfig, name: str = "model") -> Accounting:
     active = {part: total[part] - round(inactive[part]) for part in PARTS}
     notes = [
         "embeddings: input table and output head"
-        + (" (tied: one matrix, counted once)" if config.tied_embeddings else " (untied: both counted)")
+        + (
+            " (tied: one matrix, counted once)"
+            if config.tied_embeddings
+            else " (untied: both counted)"
+        )
     ]
     input_embedding = 0 if config.tied_embeddings else config.vocab_size * config.d_model
-    return Accounting(name=name, total=total, active=active, input_embedding=input_embedding, notes=notes)
+    return Accounting(
+        name=name, total=total, active=active, input_embedding=input_embedding, notes=notes
+    )
 
 
 def config_from_file(path: str | Path) -> tuple[ModelConfig, str]:

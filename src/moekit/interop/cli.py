@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import command_error
+from ..errors import command_error
 
 INSPECT_DESCRIPTION = """\
 Total and active-per-token parameters by part (embeddings, attention, router, routed
@@ -25,7 +25,9 @@ def inspect_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="moekit inspect",
-        description=INSPECT_DESCRIPTION.format(famous=", ".join(FAMOUS), presets=", ".join(PRESETS)),
+        description=INSPECT_DESCRIPTION.format(
+            famous=", ".join(FAMOUS), presets=", ".join(PRESETS)
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", help="a preset name, a run directory or a config.json")
@@ -50,7 +52,10 @@ def _human(count: float) -> str:
 
 def format_report(report: dict) -> str:
     """The table `moekit inspect` prints."""
-    lines = [f"{report['name']}  ({report['kind']})", f"{'part':16s} {'total':>19s} {'active/token':>19s}"]
+    lines = [
+        f"{report['name']}  ({report['kind']})",
+        f"{'part':16s} {'total':>19s} {'active/token':>19s}",
+    ]
     for part, counts in report["parts"].items():
         lines.append(f"{part:16s} {counts['total']:>19,} {counts['active']:>19,}")
     total, active = report["total"], report["active"]

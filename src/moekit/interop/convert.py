@@ -76,7 +76,9 @@ def write_run(model: Transformer, run_dir: Path, *, source: str) -> None:
         "moekit_version": __version__,
         "model": model_config_to_dict(model.config),
         # eval reads its sequence length from here: no longer than the model's context
-        "train": dataclasses.asdict(TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))),
+        "train": dataclasses.asdict(
+            TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))
+        ),
         "data": None,
         "converted_from": source,
     }
@@ -114,7 +116,9 @@ def run_to_hf(src: str | Path, dst: str | Path, *, architecture: str | None = No
             "model_max_length": model.config.max_seq_len,
         }
         files[TOKENIZER_CONFIG_FILE] = json.dumps(tokenizer_config, indent=2)
-    return save_hf(model, dst, architecture=architecture, config_extra=config_extra, extra_files=files)
+    return save_hf(
+        model, dst, architecture=architecture, config_extra=config_extra, extra_files=files
+    )
 
 
 def _check_empty(path: str | Path) -> None:

@@ -1,7 +1,7 @@
 """The published MoEs, written from their published hyperparameters, for `moekit inspect`.
 
-Each entry gives the hyperparameters with their source and the published total and active
-figures the accounting is checked against (tests/test_inspect.py, within 1%). Where
+Each entry gives the hyperparameters with their source (the ModelConfigs themselves are in
+models/published.py) and the published total and active figures the accounting is checked against (tests/test_inspect.py, within 1%). Where
 moekit's Transformer can express the model, the entry is a ModelConfig counted on the meta
 device; where it cannot (DeepSeek-V3's multi-head latent attention, the encoder-decoder
 Switch Transformers, the rumoured GPT-4), those parts are counted from their ranks and
@@ -13,9 +13,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import MoEConfig
-from ..models import ModelConfig
+from ..models.published import (
+    deepseek_v3_skeleton,
+    grok_1,
+    mixtral_8x7b,
+    mixtral_8x22b,
+    olmoe_1b_7b,
+    qwen1_5_moe_a2_7b,
+)
 from .accounting import PARTS, Accounting, count_by_part
+
+__all__ = [
+    "FAMOUS",
+    "PUBLISHED",
+    "Published",
+    "deepseek_v3",
+    "deepseek_v3_skeleton",
+    "gpt4_rumoured",
+    "grok_1",
+    "mixtral_8x7b",
+    "mixtral_8x22b",
+    "mla_params",
+    "olmoe_1b_7b",
+    "qwen1_5_moe_a2_7b",
+    "switch_transformer",
+]
 
 
 @dataclass(frozen=True)
@@ -30,88 +52,15 @@ class Published:
     active_without_input_embedding: bool = False
 
 
-def mixtral_8x7b() -> ModelConfig:
-    """Mixtral 8x7B: Jiang et al. 2024, "Mixtral of Experts" (arXiv:2401.04088), Table 1."""
-    return ModelConfig(
-        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5, tied_embeddings=False,
-        moe=MoEConfig(d_model=4096, d_hidden=14336, num_experts=8, top_k=2),
-    )
-
-
-def mixtral_8x22b() -> ModelConfig:
-    """Mixtral 8x22B: the config.json of mistralai/Mixtral-8x22B-v0.1 (April 2024)."""
-    return ModelConfig(
-        vocab_size=32000, d_model=6144, num_layers=56, num_heads=48, num_kv_heads=8,
-        max_seq_len=65536, rope_theta=1e6, norm_eps=1e-5, tied_embeddings=False,
-        moe=MoEConfig(d_model=6144, d_hidden=16384, num_experts=8, top_k=2),
-    )
-
-
-def qwen1_5_moe_a2_7b() -> ModelConfig:
-    """Qwen1.5-MoE-A2.7B: the config.json of Qwen/Qwen1.5-MoE-A2.7B (March 2024).
-
-    60 routed experts of width 1408 (top 4) plus one gated shared expert of width 5632;
-    q/k/v biases; untied embeddings.
-    """
-    return ModelConfig(
-        vocab_size=151936, d_model=2048, num_layers=24, num_heads=16, num_kv_heads=16,
-        qkv_bias=True, max_seq_len=8192, rope_theta=1e6, norm_eps=1e-6, tied_embeddings=False,
-        d_hidden=5632,
-        moe=MoEConfig(
-            d_model=2048, d_hidden=1408, num_experts=60, top_k=4, renormalize=False,
-            num_shared_experts=1, d_shared_hidden=5632, shared_expert_gate=True,
-        ),
-    )
-
-
-def olmoe_1b_7b() -> ModelConfig:
-    """OLMoE-1B-7B: Muennighoff et al. 2024, "OLMoE" (arXiv:2409.02060), Table 1 / config.json.
-
-    64 experts of width 1024, top 8, no renormalisation; RMSNorm over the whole q and k.
-    """
-    return ModelConfig(
-        vocab_size=50304, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=16,
-        qk_norm="full", max_seq_len=4096, rope_theta=1e4, norm_eps=1e-5, tied_embeddings=False,
-        moe=MoEConfig(d_model=2048, d_hidden=1024, num_experts=64, top_k=8, renormalize=False),
-    )
-
-
-def grok_1() -> ModelConfig:
-    """Grok-1: xAI's released code (github.com/xai-org/grok-1, run.py and model.py).
-
-    64 layers, d_model 6144, 48 query / 8 key-value heads of 128, vocabulary 131072 with
-    the input embedding reused as the output head, 8 experts (top 2) of width
-    ffn_size(6144, widening 8) = int(8 * 6144) * 2 // 3 = 32768. Its four RMSNorms per
-    layer (around attention and around the FFN) are added in `accounting_of`.
-    """
-    return ModelConfig(
-        vocab_size=131072, d_model=6144, num_layers=64, num_heads=48, num_kv_heads=8,
-        head_dim=128, max_seq_len=8192, tied_embeddings=True,
-        moe=MoEConfig(d_model=6144, d_hidden=32768, num_experts=8, top_k=2),
-    )
-
-
-def deepseek_v3_skeleton() -> ModelConfig:
-    """DeepSeek-V3 without its attention: DeepSeek-AI 2024 (arXiv:2412.19437), section 4.2.
-
-    61 layers, d_model 7168, the first 3 dense (FFN width 18432), the other 58 with 256
-    routed experts of width 2048 (top 8, sigmoid scores, 8 groups of which 4 are used,
-    routed scaling 2.5) plus one shared expert of width 2048; vocabulary 129280, untied.
-    The attention here is a placeholder that `deepseek_v3` replaces by the MLA count.
-    """
-    d_model = 7168
-    return ModelConfig(
-        vocab_size=129280, d_model=d_model, num_layers=61, num_heads=128, num_kv_heads=128,
-        max_seq_len=4096, tied_embeddings=False, d_hidden=18432, first_dense_layers=3,
-        moe=MoEConfig(
-            d_model=d_model, d_hidden=2048, num_experts=256, top_k=8, router="sigmoid_topk",
-            num_groups=8, topk_groups=4, routed_scaling=2.5, num_shared_experts=1,
-        ),
-    )
-
-
-def mla_params(d_model: int, num_heads: int, q_rank: int, kv_rank: int, nope_dim: int, rope_dim: int, v_dim: int) -> tuple[int, int]:
+def mla_params(
+    d_model: int,
+    num_heads: int,
+    q_rank: int,
+    kv_rank: int,
+    nope_dim: int,
+    rope_dim: int,
+    v_dim: int,
+) -> tuple[int, int]:
     """(projection, norm) parameters of one multi-head latent attention layer (DeepSeek-V2/V3).
 
     q: d -> q_rank (W_DQ), RMSNorm(q_rank), q_rank -> H * (nope + rope) (W_UQ and W_QR);
@@ -143,11 +92,15 @@ def deepseek_v3() -> Accounting:
     # One MTP module (paper section 2.2): an MLA + MoE block, the projection M (d x 2d), the
     # RMSNorms on its two inputs and its own final norm; embedding and head are shared.
     layers = config.num_layers
-    moe_layer = sum(accounting.total[p] for p in ("router", "routed_experts", "shared_experts")) // (layers - 3)
+    moe_layer = sum(
+        accounting.total[p] for p in ("router", "routed_experts", "shared_experts")
+    ) // (layers - 3)
     block_norms = 2 * config.d_model + attn_norms
     mtp = attn + moe_layer + block_norms + 2 * config.d_model * config.d_model + 3 * config.d_model
     accounting.excluded["mtp_module"] = mtp
-    accounting.excluded["mtp_module_with_stored_embedding_and_head"] = mtp + accounting.total["embeddings"]
+    accounting.excluded["mtp_module_with_stored_embedding_and_head"] = (
+        mtp + accounting.total["embeddings"]
+    )
     accounting.notes += [
         "attention: multi-head latent attention counted from its ranks (moekit cannot run MLA)",
         "router: the 256 x 7168 gate per MoE layer; its 256 balancing biases are buffers, not counted",
@@ -238,16 +191,24 @@ FAMOUS: dict[str, Callable[[], Accounting]] = {
     "gpt4_rumoured": gpt4_rumoured,
 }
 
-_SWITCH = "Fedus et al. 2022, Switch Transformers (JMLR), distillation tables: T5-Base 223M; Switch-Base"
+_SWITCH = (
+    "Fedus et al. 2022, Switch Transformers (JMLR), distillation tables: T5-Base 223M; Switch-Base"
+)
 PUBLISHED: dict[str, Published] = {
     "mixtral_8x7b": Published(46.7e9, 12.9e9, "Mistral AI, 'Mixtral of experts' (11 Dec 2023)"),
-    "mixtral_8x22b": Published(141e9, 39e9, "Mistral AI, 'Cheaper, Better, Faster, Stronger' (17 Apr 2024)"),
+    "mixtral_8x22b": Published(
+        141e9, 39e9, "Mistral AI, 'Cheaper, Better, Faster, Stronger' (17 Apr 2024)"
+    ),
     "deepseek_v3": Published(
-        671e9, 37e9, "DeepSeek-AI, DeepSeek-V3 Technical Report (arXiv:2412.19437), abstract",
+        671e9,
+        37e9,
+        "DeepSeek-AI, DeepSeek-V3 Technical Report (arXiv:2412.19437), abstract",
         active_without_input_embedding=True,
     ),
     "qwen1_5_moe_a2_7b": Published(
-        14.3e9, 2.7e9, "Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated Parameters' (28 Mar 2024)"
+        14.3e9,
+        2.7e9,
+        "Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated Parameters' (28 Mar 2024)",
     ),
     "olmoe_1b_7b": Published(6.9e9, 1.3e9, "Muennighoff et al. 2024, OLMoE (arXiv:2409.02060)"),
     # xAI states the active share only as "25% of the weights": top_k / E = 2 / 8 of the experts.
@@ -256,6 +217,8 @@ PUBLISHED: dict[str, Published] = {
     "switch_base_128": Published(7.4e9, 223e6, f"{_SWITCH} with 128 experts 7.4B"),
     # The source's parts: 16 experts x ~111B + ~55B shared = ~1.83T (its headline rounds to ~1.8T).
     "gpt4_rumoured": Published(
-        16 * 111e9 + 55e9, 280e9, "Patel & Wong, SemiAnalysis, 'GPT-4 Architecture, Infrastructure, ...' (10 Jul 2023)"
+        16 * 111e9 + 55e9,
+        280e9,
+        "Patel & Wong, SemiAnalysis, 'GPT-4 Architecture, Infrastructure, ...' (10 Jul 2023)",
     ),
 }

@@ -20,8 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..models import Transformer
-from ..models.transformer import meta_model
+from ..models import Transformer, meta_model
 from .hf_config import (
     choose_architecture,
     hf_config,
@@ -44,7 +43,9 @@ def read_hf_config(path: str | Path) -> dict:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not a Hugging Face model folder ({CONFIG_FILE}: {error})") from None
+        raise ValueError(
+            f"{str(path)!r} is not a Hugging Face model folder ({CONFIG_FILE}: {error})"
+        ) from None
 
 
 def weight_files(path: str | Path) -> dict[str, Path]:
@@ -68,7 +69,9 @@ def mappings_for(model: Transformer, architecture: str, layout: str) -> list[Map
     mappings = expand(TABLES[architecture][layout], names, model.config.num_layers, num_experts)
     unmapped = sorted(names - {m.moekit for m in mappings})
     if unmapped:
-        raise ValueError(f"the {architecture} layout has no place for the tensors {_listed(unmapped)}")
+        raise ValueError(
+            f"the {architecture} layout has no place for the tensors {_listed(unmapped)}"
+        )
     return mappings
 
 
@@ -92,8 +95,13 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     model = meta_model(config)
     mappings = mappings_for(model, architecture, layout)
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())}
-        read = lambda name: handles[files[name]].get_tensor(name)
+        handles = {
+            f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())
+        }
+
+        def read(name: str) -> Tensor:
+            return handles[files[name]].get_tensor(name)
+
         _check_names(mappings, files, read, config.tied_embeddings)
         state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
     if dtype is None:
@@ -114,8 +122,11 @@ def _check_names(mappings: list[Mapping], files: dict, read, tied: bool) -> None
     present = {name for name in files if not name.endswith(_IGNORED_SUFFIXES)}
     unexpected = present - expected
     embed = "model.embed_tokens.weight"
-    if tied and "lm_head.weight" in unexpected and embed in files and torch.equal(
-        read("lm_head.weight"), read(embed)
+    if (
+        tied
+        and "lm_head.weight" in unexpected
+        and embed in files
+        and torch.equal(read("lm_head.weight"), read(embed))
     ):
         unexpected.discard("lm_head.weight")  # a tied head written out anyway
     missing = expected - present
@@ -170,7 +181,9 @@ def save_hf(
     architecture = architecture or choose_architecture(model.config)
     state = model.state_dict()
     dtype = state["tok_embed.weight"].dtype
-    config = hf_config(model.config, architecture, dtype=str(dtype).removeprefix("torch.")) | (config_extra or {})
+    config = hf_config(model.config, architecture, dtype=str(dtype).removeprefix("torch.")) | (
+        config_extra or {}
+    )
     tensors: dict[str, Tensor] = {}
     for m in mappings_for(model, architecture, "per_expert"):
         for name, tensor in zip(m.hf, m.op.to_hf(state[m.moekit].detach().cpu())):

@@ -41,11 +41,22 @@ _DEFAULTS = {
 }
 _REQUIRED = {
     "mixtral": ("intermediate_size", "num_local_experts"),
-    "qwen2_moe": ("moe_intermediate_size", "shared_expert_intermediate_size", "intermediate_size", "num_experts"),
+    "qwen2_moe": (
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "intermediate_size",
+        "num_experts",
+    ),
     "qwen3_moe": ("moe_intermediate_size", "intermediate_size", "num_experts"),
     "olmoe": ("intermediate_size", "num_experts"),
 }
-_STRUCTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
+_STRUCTURE = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_experts_per_tok",
+)
 # transformers' attribute_map aliases: the same setting under another name.
 _ALIASES = {"num_local_experts": "num_experts", "num_experts": "num_local_experts"}
 
@@ -84,14 +95,18 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     problems = _unsupported(arch, hf, get)
     rope_theta = _rope_theta(hf, get, problems)
     if problems:
-        raise ValueError(f"{arch} config.json has options moekit cannot reproduce: {'; '.join(problems)}")
+        raise ValueError(
+            f"{arch} config.json has options moekit cannot reproduce: {'; '.join(problems)}"
+        )
 
     top_k = hf["num_experts_per_tok"]
     num_experts = hf["num_local_experts" if arch == "mixtral" else "num_experts"]
     d_model = hf["hidden_size"]
     moe = MoEConfig(
         d_model=d_model,
-        d_hidden=hf["intermediate_size" if arch in ("mixtral", "olmoe") else "moe_intermediate_size"],
+        d_hidden=hf[
+            "intermediate_size" if arch in ("mixtral", "olmoe") else "moe_intermediate_size"
+        ],
         num_experts=num_experts,
         top_k=top_k,
         router="softmax_topk",
@@ -176,7 +191,9 @@ def choose_architecture(config: ModelConfig) -> str:
     return "mixtral"
 
 
-def hf_config(config: ModelConfig, architecture: str | None = None, *, dtype: str = "float32") -> dict:
+def hf_config(
+    config: ModelConfig, architecture: str | None = None, *, dtype: str = "float32"
+) -> dict:
     """The Hugging Face config.json (as a dict) of a moekit config.
 
     Args:
@@ -191,7 +208,9 @@ def hf_config(config: ModelConfig, architecture: str | None = None, *, dtype: st
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     moe = config.moe
     if moe is None:
-        raise ValueError("a dense model (moe None) has no Hugging Face MoE architecture; moekit writes MoE models only")
+        raise ValueError(
+            "a dense model (moe None) has no Hugging Face MoE architecture; moekit writes MoE models only"
+        )
     problems = _inexpressible(config, arch)
     if problems:
         raise ValueError(f"the {arch} architecture cannot express: {'; '.join(problems)}")
@@ -245,7 +264,9 @@ def _architecture_keys(config: ModelConfig, arch: str) -> dict:
     # qwen: the MoE layers as decoder_sparse_step + mlp_only_layers
     moe_layers = set(config.moe_layers)
     step = config.moe_every if config.first_dense_layers == 0 else 1
-    dense = sorted(i for i in range(config.num_layers) if (i + 1) % step == 0 and i not in moe_layers)
+    dense = sorted(
+        i for i in range(config.num_layers) if (i + 1) % step == 0 and i not in moe_layers
+    )
     out = {
         "intermediate_size": config.d_hidden,
         "moe_intermediate_size": moe.d_hidden,
@@ -258,7 +279,10 @@ def _architecture_keys(config: ModelConfig, arch: str) -> dict:
         "sliding_window": None,
     }
     if arch == "qwen2_moe":
-        return out | {"shared_expert_intermediate_size": moe.shared_hidden, "qkv_bias": config.qkv_bias}
+        return out | {
+            "shared_expert_intermediate_size": moe.shared_hidden,
+            "qkv_bias": config.qkv_bias,
+        }
     return out | {"attention_bias": config.qkv_bias}
 
 
@@ -275,7 +299,9 @@ def _inexpressible(config: ModelConfig, arch: str) -> list[str]:
     if has_dense and config.activation != "swiglu":
         problems.append(f"dense activation {config.activation!r} (only swiglu)")
     if has_dense and arch in ("mixtral", "olmoe"):
-        problems.append(f"dense layers {[i for i in range(config.num_layers) if not config.is_moe_layer(i)]}")
+        problems.append(
+            f"dense layers {[i for i in range(config.num_layers) if not config.is_moe_layer(i)]}"
+        )
     wants_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(arch)
     if config.qk_norm != wants_norm:
         problems.append(f"qk_norm {config.qk_norm!r} ({arch} has {wants_norm!r})")
@@ -289,11 +315,15 @@ def _inexpressible(config: ModelConfig, arch: str) -> list[str]:
             )
     else:
         if moe.num_shared_experts:
-            problems.append(f"num_shared_experts {moe.num_shared_experts} (only qwen2_moe has a shared expert, gated)")
+            problems.append(
+                f"num_shared_experts {moe.num_shared_experts} (only qwen2_moe has a shared expert, gated)"
+            )
         if arch == "mixtral" and (config.qkv_bias or config.attn_out_bias):
             problems.append("attention biases")
         elif config.qkv_bias != config.attn_out_bias:
-            problems.append(f"qkv_bias {config.qkv_bias} with attn_out_bias {config.attn_out_bias} (one attention_bias)")
+            problems.append(
+                f"qkv_bias {config.qkv_bias} with attn_out_bias {config.attn_out_bias} (one attention_bias)"
+            )
     if arch == "mixtral" and not moe.renormalize:
         problems.append("renormalize false (Mixtral always renormalises the top-k weights)")
     if arch == "olmoe" and config.head_dim * config.num_heads != config.d_model:

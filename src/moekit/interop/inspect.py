@@ -38,7 +38,9 @@ def inspect_target(target: str) -> dict:
 
 def _published(name: str, report: dict) -> dict:
     figures = PUBLISHED[name]
-    active = report["active_without_input_embedding" if figures.active_without_input_embedding else "active"]
+    active = report[
+        "active_without_input_embedding" if figures.active_without_input_embedding else "active"
+    ]
     out = {
         "total": figures.total,
         "active": figures.active,

@@ -85,7 +85,11 @@ _COMMON = (
     Rule("layers.{i}.attn.q_norm.weight", (f"{_L}.self_attn.q_norm.weight",)),
     Rule("layers.{i}.attn.k_norm.weight", (f"{_L}.self_attn.k_norm.weight",)),
     # dense FFN layers (Qwen-MoE's mlp_only_layers / decoder_sparse_step)
-    Rule("layers.{i}.ffn.up.weight", (f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"), FUSE_GLU),
+    Rule(
+        "layers.{i}.ffn.up.weight",
+        (f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"),
+        FUSE_GLU,
+    ),
     Rule("layers.{i}.ffn.down.weight", (f"{_L}.mlp.down_proj.weight",)),
 )
 
@@ -126,7 +130,10 @@ TABLES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "per_expert": _COMMON + _per_expert("block_sparse_moe", "w1", "w3", "w2"),
         "fused": _COMMON + _FUSED,
     },
-    "qwen2_moe": {"per_expert": _COMMON + _QWEN_EXPERTS + _SHARED, "fused": _COMMON + _FUSED + _SHARED},
+    "qwen2_moe": {
+        "per_expert": _COMMON + _QWEN_EXPERTS + _SHARED,
+        "fused": _COMMON + _FUSED + _SHARED,
+    },
     "qwen3_moe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
     "olmoe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
 }
@@ -142,7 +149,9 @@ class Mapping:
     op: TensorOp
 
 
-def expand(rules: tuple[Rule, ...], moekit_names: set[str], num_layers: int, num_experts: int) -> list[Mapping]:
+def expand(
+    rules: tuple[Rule, ...], moekit_names: set[str], num_layers: int, num_experts: int
+) -> list[Mapping]:
     """The rules made concrete for one model: every layer, every expert.
 
     Args:

@@ -2,6 +2,7 @@
 classic, hierarchical and multi-gate mixtures; the vision MoE."""
 
 from . import presets
+from .accounting import ParamCount, active_expert_fraction, count_parameters, meta_model
 from .classic import (
     DenseClassifier,
     HierarchicalClassifier,
@@ -10,16 +11,10 @@ from .classic import (
     MoEClassifier,
     TaskOutput,
 )
+from .kv_cache import KVCache
 from .mmoe import MMoE, SharedBottom
 from .presets import PRESETS, dense_twin
-from .transformer import (
-    ModelConfig,
-    ModelOutput,
-    ParamCount,
-    Transformer,
-    active_expert_fraction,
-    count_parameters,
-)
+from .transformer import ModelConfig, ModelOutput, Transformer
 from .vit import ViTConfig, ViTMoE
 
 __all__ = [
@@ -27,6 +22,7 @@ __all__ = [
     "DenseClassifier",
     "HierarchicalClassifier",
     "HierarchicalMoE",
+    "KVCache",
     "MMoE",
     "MoEClassifier",
     "ModelConfig",
@@ -41,5 +37,6 @@ __all__ = [
     "active_expert_fraction",
     "count_parameters",
     "dense_twin",
+    "meta_model",
     "presets",
 ]

@@ -85,7 +85,12 @@ class SharedBottom(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, num_tasks: int = 2, *, bottom_hidden: int = 136, tower_hidden: int = 8
+        self,
+        in_features: int,
+        num_tasks: int = 2,
+        *,
+        bottom_hidden: int = 136,
+        tower_hidden: int = 8,
     ):
         super().__init__()
         if num_tasks < 1:

@@ -14,7 +14,8 @@ import dataclasses
 from collections.abc import Callable
 
 from ..config import MoEConfig
-from .transformer import ModelConfig, active_expert_fraction
+from .accounting import active_expert_fraction
+from .transformer import ModelConfig
 
 
 def tiny() -> ModelConfig:
@@ -39,8 +40,15 @@ def tiny() -> ModelConfig:
         num_kv_heads=2,
         max_seq_len=256,
         moe=MoEConfig(
-            d_model=128, d_hidden=128, num_experts=16, top_k=2, router="softmax_topk",
-            num_shared_experts=1, d_shared_hidden=256, balance_loss_coef=0.01, z_loss_coef=1e-3,
+            d_model=128,
+            d_hidden=128,
+            num_experts=16,
+            top_k=2,
+            router="softmax_topk",
+            num_shared_experts=1,
+            d_shared_hidden=256,
+            balance_loss_coef=0.01,
+            z_loss_coef=1e-3,
         ),
     )
 
@@ -64,8 +72,14 @@ def small() -> ModelConfig:
         d_hidden=1536,
         first_dense_layers=1,
         moe=MoEConfig(
-            d_model=d_model, d_hidden=512, num_experts=16, top_k=2, router="softmax_topk",
-            num_shared_experts=1, balance_loss_coef=0.01, z_loss_coef=1e-3,
+            d_model=d_model,
+            d_hidden=512,
+            num_experts=16,
+            top_k=2,
+            router="softmax_topk",
+            num_shared_experts=1,
+            balance_loss_coef=0.01,
+            z_loss_coef=1e-3,
         ),
     )
 
@@ -96,7 +110,12 @@ def dense_twin(config: ModelConfig) -> ModelConfig:
             f"would be {width}; set d_hidden to {width} for a twin of a hybrid config"
         )
     return dataclasses.replace(
-        config, moe=None, d_hidden=width, activation=moe.activation, moe_every=1, first_dense_layers=0
+        config,
+        moe=None,
+        d_hidden=width,
+        activation=moe.activation,
+        moe_every=1,
+        first_dense_layers=0,
     )
 
 

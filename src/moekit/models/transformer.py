@@ -3,18 +3,16 @@
 # B batch, T tokens per sequence (new tokens when decoding with a cache), S cached + new
 # tokens, D model, V vocab, H query heads, G key/value heads, Dh head dim, E experts
 
-Read top to bottom: ModelConfig, RMSNorm, rotary embeddings, Attention, Block, Transformer,
-count_parameters. One block is pre-norm:
+Read top to bottom: ModelConfig, RMSNorm, rotary embeddings, Attention, Block, Transformer.
+One block is pre-norm:
     x = x + Attention(RMSNorm(x));  x = x + FFN(RMSNorm(x))
 where FFN is a dense SwiGLU `MLP` or a `MoE` layer (see `ModelConfig.is_moe_layer`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +21,8 @@ from torch import Tensor, nn
 from ..config import ACTIVATIONS, MoEConfig
 from ..experts import MLP, GroupedExperts
 from ..moe import MoE, MoEOutput, MoEStats
-from ..routing.base import ExpertChoice, TokenChoice
-
-if TYPE_CHECKING:
-    from ..generate import KVCache
-
+from .expert_ids import tap_routers
+from .kv_cache import KVCache
 
 QK_NORMS = (None, "head", "full")
 
@@ -82,7 +77,14 @@ class ModelConfig:
     dense_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "moe_every"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "max_seq_len",
+            "moe_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
@@ -121,7 +123,9 @@ class ModelConfig:
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
         kv = self.num_kv_heads
         if not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
-            raise ValueError(f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})")
+            raise ValueError(
+                f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})"
+            )
 
     def _check_moe(self) -> None:
         if not isinstance(self.first_dense_layers, int) or not 0 <= self.first_dense_layers:
@@ -131,8 +135,12 @@ class ModelConfig:
         if not isinstance(self.moe, MoEConfig):
             raise TypeError(f"moe must be a MoEConfig or None, got {type(self.moe).__name__}")
         if self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
-        bad = [i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
+            raise ValueError(
+                f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})"
+            )
+        bad = [
+            i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.num_layers)
+        ]
         if bad:
             raise ValueError(f"dense_layers {bad} are not layer indices in [0, {self.num_layers})")
         if not self.moe_layers:
@@ -198,7 +206,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
-        q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        q_width, kv_width = (
+            config.num_heads * config.head_dim,
+            config.num_kv_heads * config.head_dim,
+        )
         self.wq = nn.Linear(config.d_model, q_width, bias=config.qkv_bias)
         self.wk = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
         self.wv = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
@@ -209,7 +220,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim if per_head else q_width, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim if per_head else kv_width, config.norm_eps)
 
-    def forward(self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None
+    ) -> Tensor:
         """Args: x_BTD; cos/sin for the T new positions; kv_cache or None. Returns y_BTD."""
         B, T, _ = x_BTD.shape
         # 1. project (q/k norm), split heads; rotate q and k by their positions
@@ -359,7 +372,7 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, MoE):
-                _init_router_state(module.router, std)
+                module.router.reset_parameters(std)
         for module in self.modules():
             if isinstance(module, Attention):
                 nn.init.normal_(module.wo.weight, std=residual_std)
@@ -371,7 +384,10 @@ class Transformer(nn.Module):
         """Recompute the rotary tables (not stored in checkpoints) on the weights' device."""
         cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(self.lm_head.weight.device), sin.to(self.lm_head.weight.device)
+        self.rope_cos, self.rope_sin = (
+            cos.to(self.lm_head.weight.device),
+            sin.to(self.lm_head.weight.device),
+        )
 
     def forward(
         self,
@@ -385,7 +401,7 @@ class Transformer(nn.Module):
         Args:
             tokens_BT: (B, T) token ids; with a kv_cache, the tokens after the cached ones.
             targets: (B, T) next-token ids for the loss, or None.
-            kv_cache: a `moekit.generate.KVCache`; positions continue from its length and it
+            kv_cache: a `KVCache` (models/kv_cache.py); positions continue from its length and it
                 grows by T.
             return_expert_ids: also return each MoE layer's per-token expert ids.
         Returns:
@@ -416,123 +432,12 @@ class Transformer(nn.Module):
         # 4. loss in fp32 (a bf16 log-softmax over V loses precision)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+            )
         expert_ids = None
         if return_expert_ids:
-            expert_ids = [_expert_ids(r, B, T) for r in routings]
-        return ModelOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids)
-
-
-def _init_router_state(module: nn.Module, std: float) -> None:
-    """Router weights ~ N(0, std); noisy top-k's noise gate at 0 (Shazeer 2017); Soft MoE's
-    scale at 1; the sigmoid router's balancing bias and load counts (buffers) at 0."""
-    for name, param in module.named_parameters(recurse=False):
-        if name == "noise_weight":
-            nn.init.zeros_(param)
-        elif name == "scale":
-            nn.init.ones_(param)
-        else:
-            nn.init.normal_(param, std=std)
-    for buffer in module.buffers(recurse=False):
-        buffer.zero_()
-
-
-@contextlib.contextmanager
-def tap_routers(layers: nn.ModuleList, enabled: bool = True):
-    """Yield a list with, per layer, the routing decision its MoE router made (None for
-    dense layers), captured by a forward hook on the router while the context is open.
-
-    The hook reads the decision the layer actually used (no second router call, so a noisy
-    router's sample and the sigmoid router's load counts are untouched). It is the router's
-    choice before capacity: an assignment capacity dropped still shows its expert.
-    """
-    routings: list = [None] * len(layers)
-    handles = []
-    if enabled:
-        for i, block in enumerate(layers):
-            if isinstance(block.ffn, MoE):
-                def keep(module, args, output, i=i):
-                    routings[i] = output
-                handles.append(block.ffn.router.register_forward_hook(keep))
-    try:
-        yield routings
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _expert_ids(routing, B: int, T: int) -> Tensor | None:
-    """Per-token expert ids (B, T, K) from a routing decision; see ModelOutput.expert_ids."""
-    if isinstance(routing, TokenChoice):
-        ids_TK = routing.ids_TK
-        if routing.valid_TK is not None:
-            ids_TK = ids_TK.masked_fill(~routing.valid_TK, -1)
-        return ids_TK.reshape(B, T, -1)
-    if isinstance(routing, ExpertChoice):
-        E = routing.token_ids_EC.shape[0]
-        picked_TE = torch.zeros(B * T, E, dtype=torch.bool, device=routing.token_ids_EC.device)
-        picked_TE[routing.token_ids_EC, torch.arange(E, device=picked_TE.device).unsqueeze(1)] = True
-        expert_TE = torch.arange(E, device=picked_TE.device).expand(B * T, E)
-        return torch.where(picked_TE, expert_TE, -1).reshape(B, T, E)
-    return None
-
-
-class ParamCount(NamedTuple):
-    """Parameter counts: total stored, and active (used) per token."""
-
-    total: int
-    active: int
-
-
-def active_expert_fraction(moe: MoEConfig) -> float:
-    """Share of the routed experts' weights one token uses, on average.
-
-    Token choice: top_k / E (for top_p, top_k is the most a token may use, so this is an
-    upper bound). Expert choice: each expert takes C = cf * T * top_k / E tokens, so a token
-    is processed by cf * top_k experts on average (cf None means 1). Dense: every expert
-    (top_k = E). Soft MoE: every expert, because every token's output mixes every expert's
-    slots (its FLOPs per token are lower: E * slots_per_expert slots per sequence).
-    """
-    if moe.router == "soft":
-        return 1.0
-    if moe.router == "expert_choice":
-        factor = 1.0 if moe.capacity_factor is None else moe.capacity_factor
-        return min(1.0, factor * moe.top_k / moe.num_experts)
-    return moe.top_k / moe.num_experts
-
-
-def meta_model(config: ModelConfig) -> Transformer:
-    """The model on the meta device: shapes only, no memory, no initialisers run.
-
-    Skipping torch.nn.init matters for speed alone: there are no values to set, and a
-    meta normal_ imports torch._dynamo, which takes seconds.
-    """
-    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            return Transformer(config)
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
-
-
-def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
-    """Total and active-per-token parameter counts (tied embeddings counted once).
-
-    Active = every parameter except the routed experts', plus active_expert_fraction of
-    the routed experts' weights. Embedding and head count as active. A config is built on
-    the meta device, so huge configs cost no memory.
-    """
-    model = model_or_config
-    if isinstance(model, ModelConfig):
-        model = meta_model(model)
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0.0
-    for module in model.modules():
-        if isinstance(module, MoE):
-            routed = sum(p.numel() for p in module.experts.parameters())
-            inactive += routed * (1.0 - active_expert_fraction(module.config))
-    return ParamCount(total=total, active=total - round(inactive))
+            expert_ids = [None if r is None else r.expert_ids(B, T) for r in routings]
+        return ModelOutput(
+            logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids
+        )

@@ -22,7 +22,7 @@ from ..config import MoEConfig
 from ..experts import MLP
 from ..moe import MoE
 from .classic import GateChoice, TaskOutput, first_choice
-from .transformer import tap_routers
+from .expert_ids import tap_routers
 
 
 @dataclass(kw_only=True)
@@ -47,7 +47,9 @@ class ViTConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
         if self.moe is not None and self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
+            raise ValueError(
+                f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})"
+            )
         if self.moe_every < 1:
             raise ValueError(f"moe_every ({self.moe_every}) must be >= 1")
 

@@ -4,7 +4,8 @@
     model = parallelize(Transformer(config), mesh)
     loss.backward(); sync_gradients(model, mesh); optimizer.step()
 
-See docs/scaling.md for what is global under expert parallelism, the gradient groups,
+`moekit train` joins and leaves the process group with `with training_mesh(ep, timeout_s)
+as mesh:` and passes the mesh to the Trainer. See docs/scaling.md for what is global under expert parallelism, the gradient groups,
 checkpoints, and the communication planner (`moekit bench --comm`).
 """
 
@@ -20,14 +21,13 @@ from .apply import (
 from .checkpoint import consolidated, full_optimizer_tensors, shard_optimizer_tensors
 from .mesh import (
     ParallelMesh,
-    active_mesh,
     backend_for,
     build_mesh,
     default_device,
-    init_for_training,
     init_parallel,
     launched_by_torchrun,
     mesh_from_device_mesh,
+    training_mesh,
 )
 from .planner import GroupPlanner
 
@@ -35,7 +35,6 @@ __all__ = [
     "ExpertParallelExperts",
     "GroupPlanner",
     "ParallelMesh",
-    "active_mesh",
     "all_reduce_router_loads",
     "backend_for",
     "build_mesh",
@@ -45,11 +44,11 @@ __all__ = [
     "default_device",
     "expert_parameters",
     "full_optimizer_tensors",
-    "init_for_training",
     "init_parallel",
     "launched_by_torchrun",
     "mesh_from_device_mesh",
     "parallelize",
     "shard_optimizer_tensors",
     "sync_gradients",
+    "training_mesh",
 ]

@@ -24,8 +24,11 @@ from ..experts import GroupedExperts
 def _exchange(x_RD: Tensor, send_sizes: list[int], recv_sizes: list[int], group) -> Tensor:
     out = x_RD.new_empty(sum(recv_sizes), *x_RD.shape[1:])
     dist.all_to_all_single(
-        out, x_RD.contiguous(), output_split_sizes=recv_sizes,
-        input_split_sizes=send_sizes, group=group,
+        out,
+        x_RD.contiguous(),
+        output_split_sizes=recv_sizes,
+        input_split_sizes=send_sizes,
+        group=group,
     )
     return out
 

@@ -160,8 +160,11 @@ def all_reduce_router_loads(model: nn.Module, mesh: ParallelMesh) -> None:
     Every rank then moves its bias by the same sign(mean - load) of the whole global batch,
     so the (replicated) biases stay equal and match the single-process update.
     """
-    loads = [m.router.load_since_update for m in model.modules() if isinstance(m, MoE)
-             and hasattr(m.router, "load_since_update")]
+    loads = [
+        m.router.load_since_update
+        for m in model.modules()
+        if isinstance(m, MoE) and hasattr(m.router, "load_since_update")
+    ]
     if not loads:
         return
     flat = torch.cat(loads)

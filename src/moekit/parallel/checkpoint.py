@@ -28,7 +28,8 @@ def _gather_experts(t_L: Tensor, group) -> Tensor:
 
 def _sharded_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [
-        (name, m) for name, m in model.named_modules()
+        (name, m)
+        for name, m in model.named_modules()
         if isinstance(m, MoE) and isinstance(m.experts, ExpertParallelExperts)
     ]
 
@@ -76,7 +77,9 @@ def full_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dict
     full = {}
     for key, value in tensors.items():
         shard = experts.get(key.rsplit(".", 1)[0])
-        full[key] = value if shard is None or value.dim() == 0 else _gather_experts(value, shard.ep_group)
+        full[key] = (
+            value if shard is None or value.dim() == 0 else _gather_experts(value, shard.ep_group)
+        )
     return full
 
 
@@ -90,4 +93,3 @@ def shard_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dic
             value = value[shard.first_expert : shard.first_expert + shard.num_experts]
         sharded[key] = value.contiguous()
     return sharded
-

@@ -119,17 +119,25 @@ def plan(
             ring_seconds += link.seconds(2 * (group - 1), sent)
     compute = None if flops_per_s is None else 6 * counts.active * tokens_per_rank / flops_per_s
     return CommPlan(
-        ep=ep, dp=dp, experts_per_rank=moe.num_experts // ep, params_per_rank=params_per_rank,
+        ep=ep,
+        dp=dp,
+        experts_per_rank=moe.num_experts // ep,
+        params_per_rank=params_per_rank,
         memory_bytes_per_rank=params_per_rank * ADAM_BYTES_PER_PARAM,
-        all_to_all_bytes=a2a_bytes, all_to_all_seconds=a2a_seconds,
-        all_reduce_bytes=ring_bytes, all_reduce_seconds=ring_seconds, compute_seconds=compute,
+        all_to_all_bytes=a2a_bytes,
+        all_to_all_seconds=a2a_seconds,
+        all_reduce_bytes=ring_bytes,
+        all_reduce_seconds=ring_seconds,
+        compute_seconds=compute,
     )
 
 
 def format_table(plans: list[CommPlan]) -> str:
     """A fixed-width table, one row per layout."""
-    head = (f"{'ep':>3} {'dp':>3} {'experts/rank':>12} {'params/rank':>12} {'mem/rank GB':>11} "
-            f"{'a2a MB':>10} {'a2a ms':>9} {'allreduce MB':>12} {'allreduce ms':>12} {'compute ms':>10}")
+    head = (
+        f"{'ep':>3} {'dp':>3} {'experts/rank':>12} {'params/rank':>12} {'mem/rank GB':>11} "
+        f"{'a2a MB':>10} {'a2a ms':>9} {'allreduce MB':>12} {'allreduce ms':>12} {'compute ms':>10}"
+    )
     rows = [head]
     for p in plans:
         compute = "-" if p.compute_seconds is None else f"{p.compute_seconds * 1e3:.1f}"
@@ -144,14 +152,17 @@ def format_table(plans: list[CommPlan]) -> str:
 
 def preset_config(name: str) -> ModelConfig:
     """A moekit preset by name, or a published model (mixtral_8x7b, mixtral_8x22b)."""
-    from ..interop import famous
     from ..models import PRESETS
+    from ..models.published import PUBLISHED_CONFIGS
 
     if name in PRESETS:
         return PRESETS[name]()
-    published = getattr(famous, name, None)
-    if name.startswith("_") or not callable(published):
-        raise ValueError(f"unknown model {name!r}; choose a preset ({', '.join(PRESETS)}) or mixtral_8x7b")
+    published = PUBLISHED_CONFIGS.get(name)
+    if published is None:
+        raise ValueError(
+            f"unknown model {name!r}; choose a preset ({', '.join(PRESETS)}) or a published "
+            f"model ({', '.join(PUBLISHED_CONFIGS)})"
+        )
     return published()
 
 
@@ -177,17 +188,28 @@ def main(argv: list[str] | None = None) -> int:
         config = preset_config(args.model)
         link = Link(args.bandwidth, args.latency)
         plans = [
-            plan(config, args.tokens, ep, args.dp, link,
-                 bytes_per_value=2 if args.dtype == "bf16" else 4, flops_per_s=args.flops)
+            plan(
+                config,
+                args.tokens,
+                ep,
+                args.dp,
+                link,
+                bytes_per_value=2 if args.dtype == "bf16" else 4,
+                flops_per_s=args.flops,
+            )
             for ep in args.ep
         ]
     except ValueError as error:
         print(f"moekit bench --comm: {error}")
         return 2
     counts = count_parameters(config)
-    print(f"{args.model}: {counts.total / 1e6:,.1f} M parameters ({expert_parameters(config) / 1e6:,.1f} M in "
-          f"routed experts), {counts.active / 1e6:,.1f} M active per token")
-    print(f"{args.tokens} tokens per rank per step, {args.dtype} activations, dp {args.dp}, "
-          f"{args.bandwidth:g} GB/s and {args.latency:g} us per message")
+    print(
+        f"{args.model}: {counts.total / 1e6:,.1f} M parameters ({expert_parameters(config) / 1e6:,.1f} M in "
+        f"routed experts), {counts.active / 1e6:,.1f} M active per token"
+    )
+    print(
+        f"{args.tokens} tokens per rank per step, {args.dtype} activations, dp {args.dp}, "
+        f"{args.bandwidth:g} GB/s and {args.latency:g} us per message"
+    )
     print(format_table(plans))
     return 0

@@ -23,7 +23,10 @@ def _entry(rank, world_size, folder, timeout_s, fn, args) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size,
+            "gloo",
+            init_method=f"file://{folder}/store",
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
         )
         fn(*args)
@@ -34,7 +37,11 @@ def _entry(rank, world_size, folder, timeout_s, fn, args) -> None:
 
 
 def spawn_local(
-    fn, args: tuple = (), *, world_size: int, timeout_s: float = 120.0,
+    fn,
+    args: tuple = (),
+    *,
+    world_size: int,
+    timeout_s: float = 120.0,
     collective_timeout_s: float = 30.0,
 ) -> None:
     """Call fn(*args) in world_size spawned processes with a gloo process group set up.
@@ -53,7 +60,9 @@ def spawn_local(
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="moekit-spawn-") as folder:
         procs = [
-            ctx.Process(target=_entry, args=(rank, world_size, folder, collective_timeout_s, fn, args))
+            ctx.Process(
+                target=_entry, args=(rank, world_size, folder, collective_timeout_s, fn, args)
+            )
             for rank in range(world_size)
         ]
         for proc in procs:
@@ -64,7 +73,9 @@ def spawn_local(
                 if any(p.exitcode not in (None, 0) for p in procs):
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world_size} ranks still running after {timeout_s} s; killed")
+                    raise TimeoutError(
+                        f"{world_size} ranks still running after {timeout_s} s; killed"
+                    )
                 time.sleep(0.05)
         finally:
             for proc in procs:

@@ -14,8 +14,9 @@ collective fail with an error after at most `timeout_s`, instead of waiting fore
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
-_active: ParallelMesh | None = None
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,7 @@ def init_parallel(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), timeout=timeout)
-    global _active
-    _active = build_mesh(ep, timeout=timeout, device=device)
-    return _active
-
-
-def active_mesh() -> ParallelMesh | None:
-    """The mesh init_parallel made in this process (the trainer picks it up), or None."""
-    return _active
+    return build_mesh(ep, timeout=timeout, device=device)
 
 
 def build_mesh(ep: int, *, timeout: timedelta, device: torch.device) -> ParallelMesh:
@@ -116,8 +109,13 @@ def build_mesh(ep: int, *, timeout: timedelta, device: torch.device) -> Parallel
             dp_group = group
     world_group = dist.new_group(list(range(world)), timeout=timeout)
     return ParallelMesh(
-        ep=ep, dp=dp, rank=rank, ep_group=ep_group, dp_group=dp_group,
-        world_group=world_group, device=device,
+        ep=ep,
+        dp=dp,
+        rank=rank,
+        ep_group=ep_group,
+        dp_group=dp_group,
+        world_group=world_group,
+        device=device,
     )
 
 
@@ -138,15 +136,28 @@ def mesh_from_device_mesh(device_mesh) -> ParallelMesh:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return ParallelMesh(
-        ep=ep, dp=dp, rank=rank, ep_group=ep_group, dp_group=dp_group,
-        world_group=dist.group.WORLD, device=device,
+        ep=ep,
+        dp=dp,
+        rank=rank,
+        ep_group=ep_group,
+        dp_group=dp_group,
+        world_group=dist.group.WORLD,
+        device=device,
     )
 
 
-def init_for_training(ep: int | None, timeout_s: float) -> ParallelMesh | None:
+@contextlib.contextmanager
+def training_mesh(ep: int | None, timeout_s: float) -> Iterator[ParallelMesh | None]:
     """The mesh `moekit train` runs on: from torchrun's env vars, or None for one process.
 
-    The trainer computes on the CPU, so its groups use gloo even where CUDA is present.
+    Inside the block, ranks other than 0 print nothing (rank 0 reports for all); on a
+    normal exit the process group is destroyed. After an error it is left alone: a failed
+    collective (a dead or hung rank) can make the teardown wait too. The trainer computes
+    on the CPU, so its groups use gloo even where CUDA is present.
+
+    Args:
+        ep: the expert-parallel size (None = 1); more than 1 needs torchrun.
+        timeout_s: the collective timeout of every group, in seconds.
     """
     if not launched_by_torchrun():
         if ep not in (None, 1):
@@ -154,41 +165,12 @@ def init_for_training(ep: int | None, timeout_s: float) -> ParallelMesh | None:
                 f"--parallel.ep {ep} needs one process per rank: "
                 f"torchrun --nproc-per-node {ep} -m moekit train --parallel.ep {ep} ..."
             )
-        return None
-    return init_parallel(ep or 1, timeout_s=timeout_s, device=torch.device("cpu"))
-
-
-def rank_zero_first(fn):
-    """Decorator: under an active mesh, rank 0 runs fn (e.g. writes the run's data) before
-    the other ranks do (they then read what it wrote)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        mesh = active_mesh()
-        if mesh is None:
-            return fn(*args, **kwargs)
+        yield None
+        return
+    mesh = init_parallel(ep or 1, timeout_s=timeout_s, device=torch.device("cpu"))
+    with contextlib.ExitStack() as stack:
         if mesh.rank != 0:
-            dist.barrier(group=mesh.world_group)
-            return fn(*args, **kwargs)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            dist.barrier(group=mesh.world_group)
-
-    return wrapper
-
-
-def rank_zero_only(fn):
-    """Decorator: under an active mesh only rank 0 runs fn (a pure write); the others
-    return None at once. No collective, so callers may reach it on some ranks only (a
-    file-exists check racing with rank 0's write); a later rank_zero_first call, or the
-    next collective, orders the other ranks after rank 0's write."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        mesh = active_mesh()
-        if mesh is not None and mesh.rank != 0:
-            return None
-        return fn(*args, **kwargs)
-
-    return wrapper
+            devnull = stack.enter_context(open(os.devnull, "w", encoding="utf-8"))
+            stack.enter_context(contextlib.redirect_stdout(devnull))
+        yield mesh
+    dist.destroy_process_group()

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..cli import command_error
+from ..errors import command_error
 
 
 def _one_thread() -> None:
@@ -47,9 +47,7 @@ def report_main(argv: list[str]) -> int:
         if getattr(args, flag) < 1:
             return command_error(
                 "report",
-                ValueError(
-                    f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be >= 1"
-                ),
+                ValueError(f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be >= 1"),
             )
     _one_thread()
     from .html import write_report
@@ -74,9 +72,7 @@ def route_main(argv: list[str]) -> int:
         "(its top-1), one line per layer. Without a terminal, or with NO_COLOR set, each "
         "token is followed by its expert id in brackets.",
     )
-    parser.add_argument(
-        "run_dir", help="a trained run folder (for a comparison folder, its moe/)"
-    )
+    parser.add_argument("run_dir", help="a trained run folder (for a comparison folder, its moe/)")
     parser.add_argument("--text", required=True, help="the text to route")
     parser.add_argument(
         "--layer",
@@ -94,9 +90,10 @@ def route_main(argv: list[str]) -> int:
     _one_thread()
     from pathlib import Path
 
-    run_dir = Path(args.run_dir)
-    if (run_dir / "moe").is_dir() and not (run_dir / "config.json").exists():
-        run_dir = run_dir / "moe"
+    from ..train.compare import comparison_runs
+
+    comparison = comparison_runs(args.run_dir)
+    run_dir = Path(args.run_dir) if comparison is None else comparison["moe"]
     try:
         text = _route(run_dir, args.text, args.layer, _use_colour(args.color))
     except ValueError as error:
@@ -125,11 +122,7 @@ def _route(run_dir, text: str, layers: list[int] | None, colour: bool) -> str:
         )
     for layer in layers or []:
         if layer not in available:
-            raise ValueError(
-                f"--layer {layer} is not an MoE layer; choose from {available}"
-            )
+            raise ValueError(f"--layer {layer} is not an MoE layer; choose from {available}")
     tokenizer = Tokenizer.load(run_dir)
     routing = route_tokens(model, tokenizer, tokenizer.encode(text))
-    return format_routing(
-        routing, model.config.moe.num_experts, colour=colour, layers=layers
-    )
+    return format_routing(routing, model.config.moe.num_experts, colour=colour, layers=layers)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..train.compare import comparison_runs
 from ..train.metrics import ROUTING_FILE, read_metrics
 from .routing import (
     TokenRouting,
@@ -80,15 +81,14 @@ def gather(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{str(run_dir)!r} is not a directory")
-    if (run_dir / "moe").is_dir() and (run_dir / "dense").is_dir():
-        data = _language(run_dir / "moe", tokens_per_domain, sample_tokens)
+    runs = comparison_runs(run_dir)
+    if runs is not None and runs["dense"].is_dir():
+        data = _language(runs["moe"], tokens_per_domain, sample_tokens)
         data.run_dir, data.kind = run_dir, "comparison"
-        data.twin_metrics = _metrics(run_dir / "dense")
-        data.params.append(("dense twin", *_param_counts(run_dir / "dense")))
+        data.twin_metrics = _metrics(runs["dense"])
+        data.params.append(("dense twin", *_param_counts(runs["dense"])))
         path = run_dir / "comparison.json"
-        data.comparison = (
-            json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-        )
+        data.comparison = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         return data
     config = _config(run_dir)
     if "task" in config:
@@ -123,14 +123,10 @@ def _language(run_dir: Path, tokens_per_domain: int, sample_tokens: int) -> Repo
     from ..train.trainer import load_trained_model, read_run_config
 
     config = read_run_config(run_dir)
-    data = ReportData(
-        run_dir=run_dir, kind="language", config=config, metrics=_metrics(run_dir)
-    )
+    data = ReportData(run_dir=run_dir, kind="language", config=config, metrics=_metrics(run_dir))
     routing_path = run_dir / ROUTING_FILE
     data.routing = read_metrics(routing_path) if routing_path.exists() else []
-    data.params.append(
-        ("MoE" if config["model"].get("moe") else "dense", *_param_counts(run_dir))
-    )
+    data.params.append(("MoE" if config["model"].get("moe") else "dense", *_param_counts(run_dir)))
     try:
         model = load_trained_model(run_dir)
     except CheckpointError as error:
@@ -159,9 +155,7 @@ def _language(run_dir: Path, tokens_per_domain: int, sample_tokens: int) -> Repo
 
 
 def _task(run_dir: Path, config: dict) -> ReportData:
-    data = ReportData(
-        run_dir=run_dir, kind="task", config=config, metrics=_metrics(run_dir)
-    )
+    data = ReportData(run_dir=run_dir, kind="task", config=config, metrics=_metrics(run_dir))
     path = run_dir / SPECIALISATION_FILE
     if path.exists():
         try:
@@ -172,9 +166,7 @@ def _task(run_dir: Path, config: dict) -> ReportData:
                 for layer in table["layers"]
             ]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"{str(path)!r} is not a specialisation table: {error!r}"
-            ) from None
+            raise ValueError(f"{str(path)!r} is not a specialisation table: {error!r}") from None
         for name, counts in data.label_counts:
             if counts.ndim != 2 or counts.shape[0] != len(data.labels):
                 raise ValueError(

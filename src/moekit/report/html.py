@@ -52,16 +52,12 @@ def expert_colour(expert: int, num_experts: int) -> str:
     """A light background colour for an expert: hues spread around the circle."""
     if expert < 0:
         return "#ffffff"
-    hue = (
-        expert * 360 / max(num_experts, 1) + (expert % 2) * 180 / max(num_experts, 1)
-    ) % 360
+    hue = (expert * 360 / max(num_experts, 1) + (expert % 2) * 180 / max(num_experts, 1)) % 360
     lightness = 78 if expert % 2 else 86
     return f"hsl({hue:.0f}, 70%, {lightness}%)"
 
 
-def write_report(
-    run_dir: str | Path, out: str | Path | None = None, **gather_options
-) -> Path:
+def write_report(run_dir: str | Path, out: str | Path | None = None, **gather_options) -> Path:
     """Write the report of a run or comparison directory.
 
     Args:
@@ -83,8 +79,7 @@ def write_report(
 def render(data: ReportData) -> str:
     """The whole page for the gathered data."""
     body = "\n".join(
-        _section(name, title, builder(data))
-        for name, (title, builder) in SECTION_BUILDERS.items()
+        _section(name, title, builder(data)) for name, (title, builder) in SECTION_BUILDERS.items()
     )
     title = f"moekit report: {data.run_dir.name}"
     return (
@@ -109,8 +104,7 @@ def _img(uri: str, alt: str) -> str:
 def _table(header: list[str] | None, rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header or [])
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-        for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
     )
     return f"<table>{f'<tr>{head}</tr>' if head else ''}{body}</table>"
 
@@ -129,16 +123,12 @@ def _summary(data: ReportData) -> str:
                 ),
             ]
         )
-        rows.append(
-            ["MoE layers", f"{len(data.label_counts) or '?'} of {model['num_layers']}"]
-        )
+        rows.append(["MoE layers", f"{len(data.label_counts) or '?'} of {model['num_layers']}"])
     if "task" in data.config:
         rows.append(["task", str(data.config["task"])])
     val = [r for r in data.metrics if r.get("split") == "val"]
     if val:
-        rows.append(
-            ["final validation loss", f"{val[-1]['loss']:.4f} (step {val[-1]['step']})"]
-        )
+        rows.append(["final validation loss", f"{val[-1]['loss']:.4f} (step {val[-1]['step']})"])
         if "accuracy" in val[-1]:
             rows.append(["final validation accuracy", f"{val[-1]['accuracy']:.4f}"])
     if data.comparison:
@@ -209,9 +199,7 @@ def _coloured(routing: TokenRouting, position: int, num_experts: int) -> str:
     ids_TK, weights_TK = routing.ids[position], routing.weights[position]
     spans = []
     for t, piece in enumerate(routing.pieces):
-        chosen = [
-            f"expert {e}: {w:.2f}" for e, w in zip(ids_TK[t], weights_TK[t]) if e >= 0
-        ]
+        chosen = [f"expert {e}: {w:.2f}" for e, w in zip(ids_TK[t], weights_TK[t]) if e >= 0]
         tip = f"{piece!r} layer {routing.layers[position]}: " + ", ".join(chosen)
         colour = expert_colour(int(top1_T[t]), num_experts)
         spans.append(
@@ -238,11 +226,7 @@ def _load(data: ReportData) -> str:
     if data.label_counts:
         names = [name for name, _ in data.label_counts]
         loads_LE = np.stack([counts.sum(axis=0) for _, counts in data.label_counts])
-        source = (
-            "the report's validation sample"
-            if data.kind != "task"
-            else "the evaluation data"
-        )
+        source = "the report's validation sample" if data.kind != "task" else "the evaluation data"
         parts.append(
             _img(
                 plots.load_heatmap(loads_LE, names, f"Load on {source}"),
@@ -277,8 +261,7 @@ def _load_evolution(train: list[dict]) -> str:
     names = [f"layer {layer}" for layer in layers]
     steps = [r["step"] for r in train]
     loads = [
-        np.array([r["layers"][i]["tokens_per_expert"] for r in train])
-        for i in range(len(layers))
+        np.array([r["layers"][i]["tokens_per_expert"] for r in train]) for i in range(len(layers))
     ]
     panels = []
     for key, title in (
@@ -297,17 +280,15 @@ def _load_evolution(train: list[dict]) -> str:
                 },
             )
         )
-    return _img(
-        plots.load_evolution(steps, loads, names), "expert load over training"
-    ) + _img(plots.layer_metrics(panels), "routing statistics over training")
+    return _img(plots.load_evolution(steps, loads, names), "expert load over training") + _img(
+        plots.layer_metrics(panels), "routing statistics over training"
+    )
 
 
 def _specialisation(data: ReportData) -> str:
     if not data.label_counts:
         if data.kind == "task":
-            return _note(
-                "No specialisation table: this run has no specialisation.json."
-            )
+            return _note("No specialisation table: this run has no specialisation.json.")
         return _note(_why_no_routing(data, "specialisation table"))
     D = len(data.labels)
     bound = math.log2(min(D, data.label_counts[0][1].shape[1])) if D > 1 else 0.0
@@ -336,9 +317,7 @@ def _specialisation(data: ReportData) -> str:
                 series.setdefault(f"layer {layer['layer']}", []).append(
                     (record["step"], mutual_information(counts))
                 )
-        parts.append(
-            "<h3>Mutual information over training (the evaluation batches)</h3>"
-        )
+        parts.append("<h3>Mutual information over training (the evaluation batches)</h3>")
         parts.append(
             _img(
                 plots.curves(
@@ -354,9 +333,7 @@ def _specialisation(data: ReportData) -> str:
 
 def _points(metrics: list[dict], split: str, key: str) -> list[tuple[int, float]]:
     return [
-        (r["step"], r[key])
-        for r in metrics
-        if r.get("split") == split and r.get(key) is not None
+        (r["step"], r[key]) for r in metrics if r.get("split") == split and r.get(key) is not None
     ]
 
 
@@ -370,12 +347,8 @@ def _curves(data: ReportData) -> str:
     ]
     marker = hline = None
     if data.twin_metrics:
-        series[1:1] = [
-            ("dense twin (validation)", _points(data.twin_metrics, "val", "loss"))
-        ]
-        series.append(
-            ("dense twin (train)", _points(data.twin_metrics, "train", "loss"))
-        )
+        series[1:1] = [("dense twin (validation)", _points(data.twin_metrics, "val", "loss"))]
+        series.append(("dense twin (train)", _points(data.twin_metrics, "train", "loss")))
     if data.comparison:
         hline = data.comparison["dense"]["final_val_loss"]
         reached, speedup = (
@@ -389,9 +362,7 @@ def _curves(data: ReportData) -> str:
             )
     parts = [
         _img(
-            plots.curves(
-                series, ylabel="loss (nats)", title="Loss", marker=marker, hline=hline
-            ),
+            plots.curves(series, ylabel="loss (nats)", title="Loss", marker=marker, hline=hline),
             "loss curves",
         )
     ]
@@ -411,16 +382,12 @@ def _curves(data: ReportData) -> str:
 
 def _params(data: ReportData) -> str:
     if not data.params:
-        return _note(
-            "No parameter table: the run's config has no language-model section."
-        )
+        return _note("No parameter table: the run's config has no language-model section.")
     rows = [
         [name, f"{total:,}", f"{active:,}", f"{active / total:.1%}"]
         for name, total, active in data.params
     ]
-    return _table(
-        ["model", "total parameters", "active per token", "active share"], rows
-    )
+    return _table(["model", "total parameters", "active per token", "active share"], rows)
 
 
 def _config(data: ReportData) -> str:

@@ -33,9 +33,7 @@ def to_data_uri(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(
-        "ascii"
-    )
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def curves(
@@ -86,21 +84,15 @@ def load_heatmap(loads_LE: np.ndarray, layer_names: list[str], title: str) -> st
     plt = _pyplot()
     share_LE = normalised_rows(loads_LE) * 100
     L, E = share_LE.shape
-    figure, axes = plt.subplots(
-        figsize=(min(1.2 + 0.45 * E, 14), 1.2 + 0.42 * L), dpi=100
-    )
+    figure, axes = plt.subplots(figsize=(min(1.2 + 0.45 * E, 14), 1.2 + 0.42 * L), dpi=100)
     image = _percent_heatmap(axes, share_LE, layer_names, "viridis")
-    axes.set_title(
-        f"{title} (% of the layer's assignments; uniform = {100 / E:.1f}%)", fontsize=10
-    )
+    axes.set_title(f"{title} (% of the layer's assignments; uniform = {100 / E:.1f}%)", fontsize=10)
     figure.colorbar(image, ax=axes, fraction=0.03)
     figure.tight_layout()
     return to_data_uri(figure)
 
 
-def load_evolution(
-    steps_S: list[int], loads_LSE: list[np.ndarray], layer_names: list[str]
-) -> str:
+def load_evolution(steps_S: list[int], loads_LSE: list[np.ndarray], layer_names: list[str]) -> str:
     """One step x expert heatmap per layer: how each expert's share moved during training."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -112,11 +104,7 @@ def load_evolution(
         rows, columns, figsize=(3.2 * columns + 0.8, 2.8 * rows), dpi=100, squeeze=False
     )
     # Rows centred on their steps: half a logging interval above and below.
-    half = (
-        (steps_S[-1] - steps_S[0]) / (2 * (len(steps_S) - 1))
-        if len(steps_S) > 1
-        else 0.5
-    )
+    half = (steps_S[-1] - steps_S[0]) / (2 * (len(steps_S) - 1)) if len(steps_S) > 1 else 0.5
     vmax = max(float((normalised_rows(loads) * 100).max()) for loads in loads_LSE)
     for axes, loads_SE, name in zip(grid.flat, loads_LSE, layer_names):
         share_SE = normalised_rows(loads_SE) * 100
@@ -140,9 +128,7 @@ def load_evolution(
         axes.tick_params(labelsize=7)
     for axes in list(grid.flat)[L:]:
         axes.axis("off")
-    figure.colorbar(
-        image, ax=grid.ravel().tolist(), fraction=0.02, label="% of assignments"
-    )
+    figure.colorbar(image, ax=grid.ravel().tolist(), fraction=0.02, label="% of assignments")
     return to_data_uri(figure)
 
 
@@ -177,9 +163,7 @@ def specialisation(
     plt = _pyplot()
     share_DE = normalised_rows(counts_DE) * 100
     D, E = share_DE.shape
-    figure, axes = plt.subplots(
-        figsize=(min(1.8 + 0.42 * E, 14), 1.0 + 0.38 * D), dpi=100
-    )
+    figure, axes = plt.subplots(figsize=(min(1.8 + 0.42 * E, 14), 1.0 + 0.38 * D), dpi=100)
     image = _percent_heatmap(axes, share_DE, labels, "magma")
     bits = mutual_information(counts_DE)
     axes.set_title(f"{title}: I({word}; expert) = {bits:.3f} bits", fontsize=10)

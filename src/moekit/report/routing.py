@@ -16,10 +16,9 @@ import torch
 
 from ..data import Tokenizer, TokenStream
 from ..models import Transformer
-from ..models.transformer import tap_routers
+from ..models.expert_ids import label_expert_counts, tap_routers
 from ..routing import router_class
 from ..routing.base import ExpertChoice, TokenChoice
-from .stats import label_expert_counts
 
 
 @dataclass
@@ -107,9 +106,7 @@ def token_pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
-def route_tokens(
-    model: Transformer, tokenizer: Tokenizer, ids: list[int]
-) -> TokenRouting:
+def route_tokens(model: Transformer, tokenizer: Tokenizer, ids: list[int]) -> TokenRouting:
     """Route one sequence of token ids (at most the model's max_seq_len)."""
     if not ids:
         raise ValueError("the text has no tokens")

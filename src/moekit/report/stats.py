@@ -11,38 +11,16 @@ many batches add up before they are interpreted.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import Tensor
 
+from ..models.expert_ids import label_expert_counts
 
-def label_expert_counts(
-    ids_TK: Tensor, labels_T: Tensor, num_labels: int, num_experts: int
-) -> Tensor:
-    """(num_labels, num_experts) int64 counts of the assignments of each label's tokens.
-
-    Every chosen slot counts once, so a row sums to the number of its tokens' valid
-    assignments (K per token for top-k). Slots with id -1 are left out.
-
-    Args:
-        ids_TK: (..., K) expert ids, -1 for unused slots.
-        labels_T: (...) label ids of the same tokens, in [0, num_labels).
-    """
-    if ids_TK.shape[:-1] != labels_T.shape:
-        raise ValueError(
-            f"ids shape {tuple(ids_TK.shape)} does not match labels shape {tuple(labels_T.shape)}"
-        )
-    ids_A = ids_TK.reshape(-1)
-    labels_A = (
-        labels_T.reshape(-1, 1)
-        .expand(-1, ids_TK.shape[-1])
-        .reshape(-1)
-        .to(ids_A.device)
-    )
-    valid_A = ids_A >= 0
-    flat_A = labels_A[valid_A].long() * num_experts + ids_A[valid_A]
-    return torch.bincount(flat_A, minlength=num_labels * num_experts).view(
-        num_labels, num_experts
-    )
+__all__ = [
+    "entropy_bits",
+    "label_expert_counts",
+    "load_cv",
+    "mutual_information",
+    "normalised_rows",
+]
 
 
 def mutual_information(counts_DE) -> float:

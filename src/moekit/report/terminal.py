@@ -52,8 +52,7 @@ def format_routing(
     lines = []
     if colour:
         lines.append(
-            "experts: "
-            + " ".join(_paint(f" {e} ", e, num_experts) for e in range(num_experts))
+            "experts: " + " ".join(_paint(f" {e} ", e, num_experts) for e in range(num_experts))
         )
     for layer in shown:
         position = routing.layers.index(layer)
@@ -61,10 +60,6 @@ def format_routing(
         tokens = []
         for piece, expert in zip(routing.pieces, top1_T):
             text = piece.translate(VISIBLE)
-            tokens.append(
-                _paint(text, int(expert), num_experts)
-                if colour
-                else f"{text}[{expert}]"
-            )
+            tokens.append(_paint(text, int(expert), num_experts) if colour else f"{text}[{expert}]")
         lines.append(f"layer {layer}: " + "".join(tokens))
     return "\n".join(lines)

@@ -51,7 +51,7 @@ OFFSET_MARGIN = 0.01
 
 
 def default_method(config: ModelConfig) -> str:
-    """"offset" for sigmoid_topk (new capacity at the same top_k), else "split"."""
+    """ "offset" for sigmoid_topk (new capacity at the same top_k), else "split"."""
     biased = config.moe is not None and router_class(config.moe.router).has_selection_bias
     return "offset" if biased else "split"
 
@@ -72,7 +72,9 @@ def add_experts_unsupported(config: ModelConfig, method: str) -> str | None:
             "of the top-k; use method 'split', or a sigmoid_topk model"
         )
     if method in ("split", "grow") and not router.splits_exactly:
-        return f"the {moe.router} router cannot split experts exactly (see moekit.surgery.add_experts)"
+        return (
+            f"the {moe.router} router cannot split experts exactly (see moekit.surgery.add_experts)"
+        )
     if router.has_selection_bias and moe.num_groups > 1:
         return "group-limited routing (num_groups > 1): new experts change the group scores"
     return None
@@ -100,7 +102,8 @@ def added_experts_config(config: ModelConfig, num_new: int, method: str) -> Mode
             top_k=moe.top_k * parts,
             d_hidden=moe.d_hidden if method == "grow" else moe.d_hidden // parts,
             # Shared experts keep their width (it defaults to d_hidden).
-            d_shared_hidden=moe.d_shared_hidden or (moe.d_hidden if moe.num_shared_experts else None),
+            d_shared_hidden=moe.d_shared_hidden
+            or (moe.d_hidden if moe.num_shared_experts else None),
         )
     return dataclasses.replace(config, moe=new_moe)
 
@@ -197,5 +200,7 @@ def _parts(num_experts: int, d_hidden: int, num_new: int) -> int:
         )
     parts = 1 + num_new // num_experts
     if d_hidden % parts:
-        raise ValueError(f"split into {parts} parts needs d_hidden ({d_hidden}) divisible by {parts}")
+        raise ValueError(
+            f"split into {parts} parts needs d_hidden ({d_hidden}) divisible by {parts}"
+        )
     return parts

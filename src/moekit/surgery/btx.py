@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..data import CorpusConfig, TokenStream, sequential_batches
 from ..models import ModelConfig, Transformer
-from ..report.stats import label_expert_counts
+from ..models.expert_ids import label_expert_counts
 from ..train import (
     TrainConfig,
     Trainer,
@@ -85,15 +85,21 @@ def evaluate_by_domain(
     moe_layers = model.config.moe_layers
     num_experts = model.config.moe.num_experts if model.config.moe else 0
     routing = [torch.zeros(num_domains, num_experts, dtype=torch.int64) for _ in moe_layers]
-    batches = sequential_batches(stream, batch_size=batch_size, seq_len=seq_len, return_domains=True)
+    batches = sequential_batches(
+        stream, batch_size=batch_size, seq_len=seq_len, return_domains=True
+    )
     for inputs_BL, targets_BL, domains_BL in batches:
         out = model(inputs_BL, return_expert_ids=bool(moe_layers))
-        losses_BL = F.cross_entropy(out.logits.flatten(0, 1).float(), targets_BL.flatten(), reduction="none")
+        losses_BL = F.cross_entropy(
+            out.logits.flatten(0, 1).float(), targets_BL.flatten(), reduction="none"
+        )
         domains_N = domains_BL.flatten().long()
         loss_sum_G += torch.bincount(domains_N, weights=losses_BL.double(), minlength=num_domains)
         count_G += torch.bincount(domains_N, minlength=num_domains).double()
         for counts_GE, layer in zip(routing, moe_layers):
-            counts_GE += label_expert_counts(out.expert_ids[layer], domains_BL, num_domains, num_experts)
+            counts_GE += label_expert_counts(
+                out.expert_ids[layer], domains_BL, num_domains, num_experts
+            )
     model.train(was_training)
     present = [g for g in range(num_domains) if count_G[g] > 0]
     losses = {stream.domains[g]: (loss_sum_G[g] / count_G[g]).item() for g in present}
@@ -133,7 +139,12 @@ def merge_runs(
         if steps == 0:
             continue
         trainer, _ = derived_run(
-            union_run, out / name, merged, steps=steps, train_changes=changes, show_progress=show_progress
+            union_run,
+            out / name,
+            merged,
+            steps=steps,
+            train_changes=changes,
+            show_progress=show_progress,
         )
         merged, last = trainer.model, out / name
     if last.name == "stage0":  # no training: the merged weights as a run at step 0
@@ -163,7 +174,9 @@ def branch_train_mix(
     out = Path(out)
     parent_dir = out / "parent"
     log(f"parent: {settings.parent_steps} steps on all domains")
-    data = prepare_run_data(parent_dir, vocab_size=model_config.vocab_size, corpus_config=corpus_config)
+    data = prepare_run_data(
+        parent_dir, vocab_size=model_config.vocab_size, corpus_config=corpus_config
+    )
     parent_train = dataclasses.replace(train_config, steps=settings.parent_steps, warmup_steps=None)
     Trainer(model_config, parent_train, parent_dir, data=data, show_progress=show_progress).train()
     parent = load_trained_model(parent_dir)
@@ -182,7 +195,13 @@ def branch_train_mix(
         show_progress=show_progress,
     )  # fmt: skip
     log(f"baseline: the parent, {settings.extra_steps} more steps on all domains")
-    derived_run(parent_dir, out / "baseline", parent, steps=settings.extra_steps, show_progress=show_progress)
+    derived_run(
+        parent_dir,
+        out / "baseline",
+        parent,
+        steps=settings.extra_steps,
+        show_progress=show_progress,
+    )
     runs = {"parent": parent_dir}
     runs |= {f"branch {d}": b for d, b in zip(settings.domains, branch_dirs)}
     if (out / "mix" / "stage1").exists() and mix_dir.name == "stage2":
@@ -225,7 +244,10 @@ def format_btx(result: dict) -> str:
     domains = result["domains"]
     columns = domains + ["all"]
     width = max(len(name) for name in result["losses"]) + 2
-    lines = ["validation loss (nats/token) by domain", " " * width + "".join(f"{c[:12]:>13}" for c in columns)]
+    lines = [
+        "validation loss (nats/token) by domain",
+        " " * width + "".join(f"{c[:12]:>13}" for c in columns),
+    ]
     for name, losses in result["losses"].items():
         lines.append(f"{name:<{width}}" + "".join(f"{losses[c]:13.3f}" for c in columns))
     for name, layers in result["routing"].items():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import command_error
-from ..cli_args import _parse, parse_overrides
 from ..config import ROUTERS
+from ..errors import command_error
 from ..train.config import TrainConfig
+from ..train.overrides import parse_overrides, parse_setting
 
 
 def _train_changes(extra: list[str]) -> dict:
@@ -18,7 +18,7 @@ def _train_changes(extra: list[str]) -> dict:
         section, _, name = key.partition(".")
         if section != "train":
             raise ValueError(f"unknown setting --{key}; only --train.FIELD overrides apply here")
-        changes[name] = _parse(TrainConfig, name, raw, key)
+        changes[name] = parse_setting(TrainConfig, name, raw, key)
     return changes
 
 
@@ -60,13 +60,21 @@ def upcycle_main(argv: list[str]) -> int:
     )  # fmt: skip
     parser.add_argument("run", help="the trained dense run directory")
     _common(parser)
-    parser.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    parser.add_argument(
+        "--num-experts", type=int, default=8, help="experts per MoE layer (default 8)"
+    )
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    parser.add_argument("--router", default="softmax_topk", choices=ROUTERS, help="default softmax_topk")
+    parser.add_argument(
+        "--router", default="softmax_topk", choices=ROUTERS, help="default softmax_topk"
+    )
     parser.add_argument("--capacity-factor", type=float, help="default: dropless")
     parser.add_argument("--no-renormalize", action="store_true", help="keep raw top-k gate values")
-    parser.add_argument("--moe-every", type=int, default=1, help="every n-th layer is MoE (default 1)")
-    parser.add_argument("--first-dense-layers", type=int, default=0, help="leading layers kept dense")
+    parser.add_argument(
+        "--moe-every", type=int, default=1, help="every n-th layer is MoE (default 1)"
+    )
+    parser.add_argument(
+        "--first-dense-layers", type=int, default=0, help="leading layers kept dense"
+    )
     parser.add_argument("--seed", type=int, default=0, help="router init seed (default 0)")
     argv, extra = _dotted(argv)
     args = parser.parse_args(argv)
@@ -121,7 +129,9 @@ def add_experts_main(argv: list[str]) -> int:
     from .runs import add_experts_run
 
     _threads(args.threads)
-    moe_changes = {} if args.bias_update_rate is None else {"bias_update_rate": args.bias_update_rate}
+    moe_changes = (
+        {} if args.bias_update_rate is None else {"bias_update_rate": args.bias_update_rate}
+    )
     try:
         trainer, result = add_experts_run(
             args.run, args.out, args.num, method=args.method, steps=args.steps,
@@ -161,15 +171,25 @@ def merge_main(argv: list[str]) -> int:
     parser.add_argument("--parent", help="the run whose data and settings the stages use")
     parser.add_argument("--out", help="output folder (--demo default: runs/btx-<time>)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    parser.add_argument("--router", default="softmax_topk", choices=ROUTERS, help="default softmax_topk")
+    parser.add_argument(
+        "--router", default="softmax_topk", choices=ROUTERS, help="default softmax_topk"
+    )
     parser.add_argument("--router-steps", type=int, help="stage 1 steps (demo default 40)")
     parser.add_argument("--joint-steps", type=int, help="stage 2 steps (demo default 80)")
     parser.add_argument("--parent-steps", type=int, help="demo: parent steps (default 200)")
     parser.add_argument("--branch-steps", type=int, help="demo: steps per branch (default 60)")
-    parser.add_argument("--domains", help="demo: comma-separated domains to branch on (default all)")
-    parser.add_argument("--preset", default="tiny_dense", help="demo: parent model (default tiny_dense)")
-    parser.add_argument("--batch-size", type=int, default=16, help="demo: sequences per step (default 16)")
-    parser.add_argument("--seq-len", type=int, default=128, help="demo: tokens per sequence (default 128)")
+    parser.add_argument(
+        "--domains", help="demo: comma-separated domains to branch on (default all)"
+    )
+    parser.add_argument(
+        "--preset", default="tiny_dense", help="demo: parent model (default tiny_dense)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="demo: sequences per step (default 16)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=128, help="demo: tokens per sequence (default 128)"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     argv, extra = _dotted(argv)
@@ -200,9 +220,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
-    from ..cli_args import build_configs
     from ..data import DOMAINS
     from ..train import default_out_dir
+    from ..train.overrides import build_configs
     from .btx import BTXSettings, branch_train_mix, format_btx
 
     if args.runs or args.parent:
@@ -223,7 +243,9 @@ def _demo(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     )
     unknown = sorted(set(settings.domains) - set(DOMAINS))
     if unknown or len(settings.domains) < 2:
-        raise ValueError(f"--domains: choose two or more of {', '.join(DOMAINS)}; got {args.domains!r}")
+        raise ValueError(
+            f"--domains: choose two or more of {', '.join(DOMAINS)}; got {args.domains!r}"
+        )
     out = args.out or str(default_out_dir("btx"))
     start = time.perf_counter()
     result = branch_train_mix(
@@ -255,4 +277,3 @@ def _threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-

@@ -30,9 +30,7 @@ def merged_config(dense: ModelConfig, num_experts: int, **moe_options) -> ModelC
 
 
 @torch.no_grad()
-def merge_dense_models(
-    models: list[Transformer], *, seed: int = 0, **moe_options
-) -> Transformer:
+def merge_dense_models(models: list[Transformer], *, seed: int = 0, **moe_options) -> Transformer:
     """One MoE whose layer-i experts are the models' layer-i FFNs; other weights averaged.
 
     Args:
@@ -47,7 +45,9 @@ def merge_dense_models(
     dense = models[0].config
     for i, model in enumerate(models[1:], start=1):
         if model.config != dense:
-            raise ValueError(f"model {i}'s config differs from model 0's; merged models must share one")
+            raise ValueError(
+                f"model {i}'s config differs from model 0's; merged models must share one"
+            )
     config = merged_config(dense, len(models), **moe_options)
     parameter = next(models[0].parameters())
     merged = seeded_model(config, seed).to(device=parameter.device, dtype=parameter.dtype)

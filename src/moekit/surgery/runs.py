@@ -96,7 +96,12 @@ def derived_run(
     copy_run_data(source_run, run_dir)
     data = prepare_run_data(run_dir, data=data_source, vocab_size=model.config.vocab_size)
     trainer = start_run(
-        model, train_config, run_dir, data=data, data_source=data_source, show_progress=show_progress
+        model,
+        train_config,
+        run_dir,
+        data=data,
+        data_source=data_source,
+        show_progress=show_progress,
     )
     return trainer, (trainer.train() if steps is not None else None)
 
@@ -119,7 +124,12 @@ def upcycle_run(
     dense = load_trained_model(dense_run)
     model = upcycle(dense, upcycle_config(dense.config, **moe_options), seed=seed)
     return derived_run(
-        dense_run, run_dir, model, steps=steps, train_changes=train_changes, show_progress=show_progress
+        dense_run,
+        run_dir,
+        model,
+        steps=steps,
+        train_changes=train_changes,
+        show_progress=show_progress,
     )
 
 
@@ -143,7 +153,9 @@ def add_experts_run(
     model = load_trained_model(moe_run)
     model = add_experts(model, num_new, method or default_method(model.config), seed=seed)
     if moe_changes:
-        unknown = sorted(set(moe_changes) - {"bias_update_rate", "balance_loss_coef", "z_loss_coef"})
+        unknown = sorted(
+            set(moe_changes) - {"bias_update_rate", "balance_loss_coef", "z_loss_coef"}
+        )
         if unknown:
             raise ValueError(f"add-experts cannot change {unknown}: they would change the output")
         config = dataclasses.replace(
@@ -153,7 +165,12 @@ def add_experts_run(
         rebuilt.load_state_dict(model.state_dict(), strict=True)
         model = rebuilt
     return derived_run(
-        moe_run, run_dir, model, steps=steps, train_changes=train_changes, show_progress=show_progress
+        moe_run,
+        run_dir,
+        model,
+        steps=steps,
+        train_changes=train_changes,
+        show_progress=show_progress,
     )
 
 

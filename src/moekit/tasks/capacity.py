@@ -22,7 +22,9 @@ from ..models.vit import ViTConfig, ViTMoE
 from . import data as task_data
 
 
-def load_vit_run(run_dir: str | Path, *, capacity_factor: float | None, batch_priority: bool) -> ViTMoE:
+def load_vit_run(
+    run_dir: str | Path, *, capacity_factor: float | None, batch_priority: bool
+) -> ViTMoE:
     """The run's trained ViT with its MoE layers set to the given capacity and claim order."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
@@ -63,11 +65,17 @@ def capacity_sweep(run_dir: str | Path, factors: list[float], batch_size: int = 
     rows = []
     for factor in factors:
         for priority in ("batch", "position"):
-            model = load_vit_run(run_dir, capacity_factor=factor, batch_priority=priority == "batch")
+            model = load_vit_run(
+                run_dir, capacity_factor=factor, batch_priority=priority == "batch"
+            )
             correct, dropped = 0, []
             for start in range(0, len(data.x_val), batch_size):
                 out = model(data.x_val[start : start + batch_size])
-                correct += (out.prediction.argmax(-1) == data.y_val[start : start + batch_size]).sum().item()
+                correct += (
+                    (out.prediction.argmax(-1) == data.y_val[start : start + batch_size])
+                    .sum()
+                    .item()
+                )
                 dropped += [s.dropped_fraction.item() for s in out.stats]
             rows.append({
                 "capacity_factor": factor,
@@ -76,4 +84,3 @@ def capacity_sweep(run_dir: str | Path, factors: list[float], batch_size: int = 
                 "dropped_fraction": sum(dropped) / len(dropped),
             })  # fmt: skip
     return rows
-

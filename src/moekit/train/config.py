@@ -82,15 +82,11 @@ class TrainConfig:
                 f"weight_decay ({self.weight_decay}) and grad_clip ({self.grad_clip}) must be >= 0"
             )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(
-                f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)"
-            )
+            raise ValueError(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
         if self.trainable is not None and not trainable_patterns(self.trainable):
             raise ValueError(f"trainable ({self.trainable!r}) names no parameter pattern")
         if self.dtype not in DTYPES:
-            raise ValueError(
-                f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
-            )
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
 def trainable_patterns(trainable: str) -> list[str]:
@@ -121,7 +117,5 @@ def _build(cls, data: dict, section: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(
-            f"unknown {section} settings {unknown}; this moekit knows {sorted(known)}"
-        )
+        raise ValueError(f"unknown {section} settings {unknown}; this moekit knows {sorted(known)}")
     return cls(**data)

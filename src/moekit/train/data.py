@@ -26,7 +26,8 @@ from ..data import (
     train_tokenizer,
 )
 from ..data.tokenizer import TOKENIZER_FILE
-from ..parallel.mesh import rank_zero_first, rank_zero_only
+from ..parallel import ParallelMesh
+from .run import run_on
 
 DATA_DIR = "data"
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
@@ -41,13 +42,13 @@ class RunData:
     validation: TokenStream
 
 
-@rank_zero_first  # under torchrun, rank 0 tokenises; the others read its files
 def prepare_run_data(
     run_dir: str | Path,
     *,
     data: str | Path | None = None,
     vocab_size: int = 4096,
     corpus_config: CorpusConfig | None = None,
+    mesh: ParallelMesh | None = None,
 ) -> RunData:
     """Tokenise the run's data into run_dir, or read it back when it is already there.
 
@@ -57,10 +58,17 @@ def prepare_run_data(
             (split 95/5 by document); or a prepared train .bin.
         vocab_size: the tokenizer's vocabulary (the model's vocab_size).
         corpus_config: a smaller default corpus (tests, quick experiments).
+        mesh: under torchrun, rank 0 tokenises and the other ranks then read its files.
     Returns:
         The RunData.
     """
-    run_dir = Path(run_dir)
+    with run_on(mesh).main_first():
+        return _prepare_run_data(Path(run_dir), data, vocab_size, corpus_config)
+
+
+def _prepare_run_data(
+    run_dir: Path, data: str | Path | None, vocab_size: int, corpus_config: CorpusConfig | None
+) -> RunData:
     if data is not None and Path(data).suffix == ".bin":
         return _prepared_stream_data(run_dir, Path(data))
     stream_dir = run_dir / DATA_DIR
@@ -71,12 +79,9 @@ def prepare_run_data(
         prepare(val_docs, tokenizer, stream_dir / VAL_FILE)
         # The tokenizer is written last: its presence marks the streams as complete.
         tokenizer.save(run_dir)
-    return _load(
-        run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE
-    )
+    return _load(run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE)
 
 
-@rank_zero_only  # under torchrun, rank 0 copies while the others wait
 def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
     """Give run_dir the tokenizer and streams of source_dir (the same tokens, no re-tokenising)."""
     source_dir, run_dir = Path(source_dir), Path(run_dir)
@@ -85,9 +90,7 @@ def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
     shutil.copy2(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
 
 
-def write_prepared(
-    data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096
-) -> Path:
+def write_prepared(data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096) -> Path:
     """`moekit prepare`: tokenise text (or the default corpus when data is None) into out_dir.
 
     Returns:
@@ -113,9 +116,7 @@ def _documents(
         documents = _pieces(documents[0], 20)
     train, validation = split_documents(documents, validation_fraction=0.05)
     if not train:
-        raise ValueError(
-            f"{str(data)!r} has too little text to split into train and validation"
-        )
+        raise ValueError(f"{str(data)!r} has too little text to split into train and validation")
     return train, validation
 
 

@@ -62,9 +62,7 @@ def evaluate_run(
     batches = list(islice(batches, max_batches))
     loss = evaluate(model, batches)
     num_tokens = sum(targets.numel() for _, targets in batches)
-    return EvalResult(
-        loss=loss, perplexity=torch.tensor(loss).exp().item(), num_tokens=num_tokens
-    )
+    return EvalResult(loss=loss, perplexity=torch.tensor(loss).exp().item(), num_tokens=num_tokens)
 
 
 @dataclass
@@ -133,7 +131,5 @@ def generate_text(
         shown += piece
         experts = None
         if step.expert_ids is not None:
-            experts = [
-                None if ids is None else ids[0].tolist() for ids in step.expert_ids
-            ]
+            experts = [None if ids is None else ids[0].tolist() for ids in step.expert_ids]
         yield TextPiece(text=piece, token=token, expert_ids=experts)

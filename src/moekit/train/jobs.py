@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from ..models import ModelConfig
-from .compare import Comparison, compare
+from ..parallel import ParallelMesh
+from .compare import Comparison, compare, comparison_runs
 from .config import TrainConfig
 from .data import prepare_run_data
 from .trainer import CONFIG_FILE, Trainer, TrainResult, run_configs
@@ -25,6 +26,7 @@ def train_one(
     data: str | Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    mesh: ParallelMesh | None = None,
 ) -> TrainResult:
     """Train one model in run_dir (tokenising its data there first if needed).
 
@@ -34,15 +36,17 @@ def train_one(
         data: see prepare_run_data (None = the default corpus).
         resume: continue from run_dir's checkpoint.
         show_progress: a tqdm bar.
+        mesh: the ranks to train on (None = this process).
     Returns:
         The TrainResult.
     """
-    run_data = prepare_run_data(run_dir, data=data, vocab_size=model_config.vocab_size)
+    run_data = prepare_run_data(run_dir, data=data, vocab_size=model_config.vocab_size, mesh=mesh)
     trainer = Trainer(
         model_config,
         train_config,
         run_dir,
         data=run_data,
+        mesh=mesh,
         resume=resume,
         show_progress=show_progress,
         data_source=None if data is None else str(data),
@@ -51,7 +55,11 @@ def train_one(
 
 
 def resume_job(
-    out_dir: str | Path, *, show_progress: bool = True, log=print
+    out_dir: str | Path,
+    *,
+    show_progress: bool = True,
+    log=print,
+    mesh: ParallelMesh | None = None,
 ) -> TrainResult | Comparison:
     """Continue a stopped `moekit train` job with the config saved in out_dir.
 
@@ -59,8 +67,9 @@ def resume_job(
     resumes that run.
     """
     out_dir = Path(out_dir)
-    if (out_dir / "moe" / CONFIG_FILE).exists():
-        model_config, train_config, data = run_configs(out_dir / "moe")
+    runs = comparison_runs(out_dir)
+    if runs is not None:
+        model_config, train_config, data = run_configs(runs["moe"])
         return compare(
             model_config,
             train_config,
@@ -69,6 +78,7 @@ def resume_job(
             resume=True,
             show_progress=show_progress,
             log=log,
+            mesh=mesh,
         )
     if (out_dir / CONFIG_FILE).exists():
         model_config, train_config, data = run_configs(out_dir)
@@ -79,7 +89,6 @@ def resume_job(
             data=data,
             resume=True,
             show_progress=show_progress,
+            mesh=mesh,
         )
-    raise ValueError(
-        f"--resume: {str(out_dir)!r} holds no moekit run (no {CONFIG_FILE})"
-    )
+    raise ValueError(f"--resume: {str(out_dir)!r} holds no moekit run (no {CONFIG_FILE})")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.expert_ids import label_expert_counts
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -111,8 +113,10 @@ class RoutingLog(MetricsLog):
         layers = []
         for layer, (counts_E, scalars) in sorted(self._sums.items()):
             means = (scalars / self._steps).tolist()
-            layers.append({"layer": layer, "tokens_per_expert": counts_E.tolist()}
-                          | dict(zip(ROUTING_SCALARS, means, strict=True)))
+            layers.append(
+                {"layer": layer, "tokens_per_expert": counts_E.tolist()}
+                | dict(zip(ROUTING_SCALARS, means, strict=True))
+            )
         self.append({"split": "train", "step": step, "steps": self._steps, "layers": layers})
         self._sums, self._steps = {}, 0
 
@@ -127,14 +131,14 @@ class RoutingLog(MetricsLog):
         """
         if not self.every:
             return None
-        from ..report.stats import label_expert_counts
-
         self._eval_counts = {}
 
         def observe(i: int, out) -> None:
             for layer, ids_BLK in enumerate(out.expert_ids):
                 if ids_BLK is not None:
-                    counts = label_expert_counts(ids_BLK, domains_per_batch[i], num_domains, num_experts)
+                    counts = label_expert_counts(
+                        ids_BLK, domains_per_batch[i], num_domains, num_experts
+                    )
                     previous = self._eval_counts.get(layer)
                     self._eval_counts[layer] = counts if previous is None else previous + counts
 
@@ -144,7 +148,9 @@ class RoutingLog(MetricsLog):
         """Write the evaluation record the observer counted (nothing for a dense model)."""
         if not self._eval_counts:
             return
-        layers = [{"layer": layer, "domain_expert_counts": counts.tolist()}
-                  for layer, counts in sorted(self._eval_counts.items())]
+        layers = [
+            {"layer": layer, "domain_expert_counts": counts.tolist()}
+            for layer, counts in sorted(self._eval_counts.items())
+        ]
         self.append({"split": "val", "step": step, "domains": list(domains), "layers": layers})
         self._eval_counts = {}

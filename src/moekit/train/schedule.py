@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 
 
-def lr_at(
-    step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float
-) -> float:
+def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """Learning rate for optimizer step `step` (0-based).
 
     Warmup rises linearly to lr over warmup_steps (step 0 already gets lr / warmup_steps,

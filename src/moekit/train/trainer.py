@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import __version__, update_router_biases
+from .. import __version__
 from ..data import BatchLoader, sequential_batches
 from ..models import ModelConfig, Transformer
-from ..parallel import active_mesh, all_reduce_router_loads, parallelize
-from ..parallel import training as distributed
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from ..parallel import ParallelMesh
+from .checkpoint import checkpoint_dir, load_checkpoint
 from .config import (
     TrainConfig,
     model_config_from_dict,
@@ -41,7 +40,8 @@ from .config import (
 )
 from .data import RunData
 from .metrics import MetricsLog, RoutingLog, read_metrics
-from .schedule import lr_at
+from .run import run_on
+from .step import optimizer_step, train_record
 
 CONFIG_FILE = "config.json"
 RUN_FORMAT = 1
@@ -70,6 +70,9 @@ class Trainer:
         train_config: the training settings.
         run_dir: the run directory (created if needed).
         data: the run's tokenizer and streams (prepare_run_data).
+        mesh: the ranks to train on (parallel.training_mesh under torchrun), or None for
+            this process alone. Rank 0 writes the run directory, rank r > 0 logs its local
+            metrics in RUN/rank{r}/ (docs/scaling.md).
         resume: continue from run_dir's checkpoint (its config must equal the given one).
         show_progress: draw a tqdm progress bar on stderr.
         data_source: recorded in config.json (None = the default corpus).
@@ -83,6 +86,7 @@ class Trainer:
         run_dir: str | Path,
         *,
         data: RunData,
+        mesh: ParallelMesh | None = None,
         resume: bool = False,
         show_progress: bool = True,
         data_source: str | None = None,
@@ -96,14 +100,10 @@ class Trainer:
                 f"is {model_config.vocab_size}"
             )
         torch.manual_seed(train_config.seed)
-        self.model = Transformer(model_config)
-        # Under torchrun (moekit train --parallel.ep N): rank 0 writes the run directory,
-        # rank r > 0 logs its local metrics in RUN/rank{r}/ (docs/scaling.md).
-        self.mesh = active_mesh()
-        self.is_main = self.mesh is None or self.mesh.rank == 0
+        self.run = run_on(mesh)
+        self.model = self.run.prepare(Transformer(model_config))
+        self.is_main = self.run.is_main
         self.show_progress = show_progress and self.is_main
-        if self.mesh is not None:
-            parallelize(self.model, self.mesh)
         self.optimizer = build_optimizer(self.model, train_config)
         self.loader = BatchLoader(
             data.train,
@@ -112,7 +112,7 @@ class Trainer:
             seed=train_config.seed,
         )
         self.eval_batches = fixed_eval_batches(data, train_config)
-        log_dir = self.run_dir if self.is_main else self.run_dir / f"rank{self.mesh.rank}"
+        log_dir = self.run_dir if self.is_main else self.run_dir / f"rank{self.run.rank}"
         self.metrics = MetricsLog(log_dir)
         self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
         self.eval_domains = (data.validation.domains, fixed_eval_domains(data, train_config))
@@ -137,10 +137,7 @@ class Trainer:
                 raise ValueError(
                     f"--resume: the config differs from the one saved in {str(self.run_dir)!r}"
                 )
-            if self.mesh is None:
-                state = load_checkpoint(self.run_dir, self.model, self.optimizer)
-            else:
-                state = distributed.load_consolidated(self.run_dir, self.model, self.optimizer, self.mesh)
+            state = self.run.load(self.run_dir, self.model, self.optimizer)
             self.step, self.train_seconds = state["step"], state["train_seconds"]
             self.loader.load_state_dict(state["loader"])
             self.metrics.truncate_after(self.step)
@@ -182,7 +179,7 @@ class Trainer:
                 bar.set_postfix_str(_postfix(record))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     self.evaluate_and_log()
-                if self._any_rank(interrupt.is_set()):  # every rank saves, or none does
+                if self.run.any(interrupt.is_set()):  # every rank saves, or none does
                     self.save()
                     raise KeyboardInterrupt
                 if self.step % cfg.checkpoint_every == 0 and self.step < last:
@@ -192,51 +189,29 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step on the next batch; appends and returns its metrics record."""
-        cfg = self.config
         start = time.perf_counter()
         inputs_BL, targets_BL = self.loader.next_batch()
         num_tokens = inputs_BL.numel()
-        if self.mesh is not None:
-            inputs_BL, targets_BL = distributed.shard_batch(inputs_BL, targets_BL, self.mesh)
+        inputs_BL, targets_BL = self.run.shard(inputs_BL, targets_BL)
         with self._autocast():
             out = self.model(inputs_BL, targets_BL)
         (out.loss + out.aux_loss).backward()
-        if self.mesh is None:
-            grad_norm = clip_gradients(self.model, cfg.grad_clip)
-        else:
-            grad_norm = distributed.reduce_and_clip(self.model, cfg.grad_clip, self.mesh)
-            all_reduce_router_loads(self.model, self.mesh)
-        lr = lr_at(
-            self.step,
-            lr=cfg.lr,
-            steps=cfg.steps,
-            warmup_steps=cfg.warmup_steps,
-            min_lr_ratio=cfg.min_lr_ratio,
-        )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_router_biases(self.model)  # DeepSeek-V3 bias balancing, outside autograd
+        lr, grad_norm = optimizer_step(self.model, self.optimizer, self.config, self.step, self.run)
         self.step += 1
         self.routing.add(out.stats)
-        if self.step % max(self.routing.every, 1) == 0 or self.step == cfg.steps:
+        if self.step % max(self.routing.every, 1) == 0 or self.step == self.config.steps:
             self.routing.flush(self.step)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        moe_stats = [s for s in out.stats if s is not None]
-        record = {
-            "split": "train",
-            "step": self.step,
-            "loss": self._mean_over_ranks(out.loss.item()),
-            "aux_loss": self._mean_over_ranks(out.aux_loss.item()),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": num_tokens / seconds,
-            "dropped_fraction": _mean([s.dropped_fraction for s in moe_stats]),
-            "load_cv": _mean([s.load_cv for s in moe_stats]),
-            "time": time.time(),
-        }
+        record = train_record(
+            step=self.step,
+            loss=self.run.mean(out.loss.item()),
+            aux_loss=self.run.mean(out.aux_loss.item()),
+            lr=lr,
+            grad_norm=grad_norm,
+            throughput=("tokens_per_s", num_tokens / seconds),
+            stats=out.stats,
+        )
         self.metrics.append(record)
         return record
 
@@ -245,15 +220,13 @@ class Trainer:
         domain x expert counts of those batches to the routing log)."""
         names, domains_per_batch = self.eval_domains
         num_experts = self.model_config.moe.num_experts if self.model_config.moe else 0
-        if self.mesh is not None:  # each rank its rows of every batch; no domain counts
-            batches = [distributed.shard_batch(*batch, self.mesh) for batch in self.eval_batches]
-            with self._autocast():
-                loss = self._mean_over_ranks(evaluate(self.model, batches))
-        else:
+        batches = [self.run.shard(*batch) for batch in self.eval_batches]
+        observe = None
+        if self.run.world_size == 1:  # ranks see a part of each batch: no domain counts
             observe = self.routing.eval_observer(domains_per_batch, len(names), num_experts)
-            with self._autocast():
-                loss = evaluate(self.model, self.eval_batches, observe=observe)
-            self.routing.write_eval(self.step, names)
+        with self._autocast():
+            loss = self.run.mean(evaluate(self.model, batches, observe=observe))
+        self.routing.write_eval(self.step, names)
         self.metrics.append(
             {
                 "split": "val",
@@ -272,28 +245,16 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "config": read_run_config(self.run_dir),
         }
-        if self.mesh is not None:
-            return distributed.save_consolidated(self.run_dir, self.model, self.optimizer, state, self.mesh)
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, state)
-
-    def _mean_over_ranks(self, value: float) -> float:
-        return value if self.mesh is None else distributed.mean_over_ranks(value, self.mesh)
-
-    def _any_rank(self, flag: bool) -> bool:
-        return flag if self.mesh is None else distributed.any_rank(flag, self.mesh)
+        return self.run.save(self.run_dir, self.model, self.optimizer, state)
 
     def result(self) -> TrainResult:
         """The run's result so far, read back from the metrics log."""
-        evals = [
-            (r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")
-        ]
+        evals = [(r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")]
         tokens = self.step * self.config.batch_size * self.config.seq_len
         return TrainResult(
             steps=self.step,
             final_val_loss=evals[-1][1] if evals else math.nan,
-            tokens_per_s=tokens / self.train_seconds
-            if self.train_seconds
-            else math.nan,
+            tokens_per_s=tokens / self.train_seconds if self.train_seconds else math.nan,
             train_seconds=self.train_seconds,
             evals=evals,
         )
@@ -340,9 +301,7 @@ def _trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.P
     return params
 
 
-def fixed_eval_batches(
-    data: RunData, config: TrainConfig
-) -> list[tuple[Tensor, Tensor]]:
+def fixed_eval_batches(data: RunData, config: TrainConfig) -> list[tuple[Tensor, Tensor]]:
     """eval_batches batches of evenly spaced validation windows (the same every eval).
 
     Spread over the whole split, not its head: the split is laid out document by document
@@ -392,9 +351,7 @@ def evaluate(model: Transformer, batches, observe=None) -> float:
         count += targets_BL.numel()
     model.train(was_training)
     if count == 0:
-        raise ValueError(
-            "no validation batches: the validation split is shorter than one sequence"
-        )
+        raise ValueError("no validation batches: the validation split is shorter than one sequence")
     return total / count
 
 
@@ -433,22 +390,8 @@ def load_trained_model(run_dir: str | Path) -> Transformer:
     return model.eval()
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to max_norm (0 = no clipping); returns the norm before."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
-
-
-def _mean(values: list[Tensor]) -> float:
-    return torch.stack(values).float().mean().item() if values else 0.0
-
-
 def _perplexity(loss: float) -> float:
-    return math.exp(
-        min(loss, 50.0)
-    )  # capped: an untrained loss must not overflow to inf
+    return math.exp(min(loss, 50.0))  # capped: an untrained loss must not overflow to inf
 
 
 def _postfix(record: dict) -> str:

@@ -17,9 +17,9 @@ import dataclasses
 import types
 import typing
 
-from .config import MoEConfig
-from .models import PRESETS, ModelConfig
-from .train.config import TrainConfig
+from ..config import MoEConfig
+from ..models import PRESETS, ModelConfig
+from .config import TrainConfig
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -37,9 +37,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise ValueError(
-                f"unrecognised argument {arg!r}; overrides look like --model.top_k 2"
-            )
+            raise ValueError(f"unrecognised argument {arg!r}; overrides look like --model.top_k 2")
         key, has_value, value = arg[2:].partition("=")
         if not has_value:
             if i + 1 >= len(args):
@@ -50,9 +48,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return overrides
 
 
-def build_configs(
-    preset: str, overrides: dict[str, str]
-) -> tuple[ModelConfig, TrainConfig]:
+def build_configs(preset: str, overrides: dict[str, str]) -> tuple[ModelConfig, TrainConfig]:
     """The preset's ModelConfig and the default TrainConfig with overrides applied.
 
     Args:
@@ -62,23 +58,19 @@ def build_configs(
         (model_config, train_config), validated by their __post_init__.
     """
     if preset not in PRESETS:
-        raise ValueError(
-            f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
-        )
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     model = PRESETS[preset]()
     model_changes, moe_changes, train_changes = {}, {}, {}
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
         if section == "train":
-            train_changes[name] = _parse(TrainConfig, name, raw, key)
+            train_changes[name] = parse_setting(TrainConfig, name, raw, key)
         elif section == "model" and name.startswith("moe."):
-            moe_changes[name[4:]] = _parse(
-                MoEConfig, name[4:], raw, key, model.moe, preset
-            )
+            moe_changes[name[4:]] = parse_setting(MoEConfig, name[4:], raw, key, model.moe, preset)
         elif section == "model" and name in _fields(ModelConfig):
-            model_changes[name] = _parse(ModelConfig, name, raw, key)
+            model_changes[name] = parse_setting(ModelConfig, name, raw, key)
         elif section == "model" and name in _fields(MoEConfig):
-            moe_changes[name] = _parse(MoEConfig, name, raw, key, model.moe, preset)
+            moe_changes[name] = parse_setting(MoEConfig, name, raw, key, model.moe, preset)
         else:
             raise ValueError(
                 f"unknown setting --{key}; keys are model.FIELD, model.moe.FIELD, train.FIELD"
@@ -94,14 +86,20 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _parse(
+def parse_setting(
     cls, name: str, raw: str, key: str, moe: MoEConfig | None = None, preset: str = ""
 ):
-    """Convert raw to the type of cls.name; errors name the key."""
+    """Convert raw to the type of the dataclass field cls.name; errors name the key.
+
+    Args:
+        cls: ModelConfig, MoEConfig or TrainConfig.
+        name: the field.
+        raw: the value as typed.
+        key: the dotted key as typed (for the error messages).
+        moe, preset: for MoEConfig fields, the preset's MoE config (None: a dense preset).
+    """
     if cls is MoEConfig and moe is None:
-        raise ValueError(
-            f"--{key}: the preset {preset!r} is dense (it has no MoE layers)"
-        )
+        raise ValueError(f"--{key}: the preset {preset!r} is dense (it has no MoE layers)")
     if name not in _fields(cls) or name == "moe":
         raise ValueError(f"unknown setting --{key}")
     hint = typing.get_type_hints(cls)[name]

@@ -1,0 +1,66 @@
+"""Parameter accounting of the decoder: total and active-per-token counts, counted on the
+meta device so that a 671B configuration costs no memory and no time.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+from ..moe import MoE
+from ..routing import router_class
+from .transformer import ModelConfig, Transformer
+
+
+class ParamCount(NamedTuple):
+    """Parameter counts: total stored, and active (used) per token."""
+
+    total: int
+    active: int
+
+
+def active_expert_fraction(moe: MoEConfig) -> float:
+    """Share of the routed experts' weights one token uses, on average; the router says
+    (`Router.active_fraction`): top_k / E for token choice (an upper bound for top_p),
+    cf * top_k / E for expert choice, every expert for dense and Soft MoE."""
+    return router_class(moe.router).active_fraction(moe)
+
+
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model on the meta device: shapes only, no memory, no initialisers run.
+
+    Skipping torch.nn.init matters for speed alone: there are no values to set, and a
+    meta normal_ imports torch._dynamo, which takes seconds.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return Transformer(config)
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
+    """Total and active-per-token parameter counts (tied embeddings counted once).
+
+    Active = every parameter except the routed experts', plus active_expert_fraction of
+    the routed experts' weights. Embedding and head count as active. A config is built on
+    the meta device, so huge configs cost no memory.
+    """
+    model = model_or_config
+    if isinstance(model, ModelConfig):
+        model = meta_model(model)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            routed = sum(p.numel() for p in module.experts.parameters())
+            inactive += routed * (1.0 - active_expert_fraction(module.config))
+    return ParamCount(total=total, active=total - round(inactive))

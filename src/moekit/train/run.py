@@ -1,0 +1,180 @@
+"""Where a training run executes: one process, or a mesh of ranks. One contract, two classes.
+
+The Trainer is single-process code that calls a Run for everything that differs between
+the two, as the MoE layer calls a dispatch plan:
+
+    run.shard(*tensors)          this rank's rows of a global batch
+    run.mean(value)              a per-rank scalar averaged over the ranks
+    run.any(flag)                True on every rank when it is True on any
+    run.reduce_and_clip(model, max_norm)
+                                 gradients averaged over the ranks, clipped to the global
+                                 norm (returned), router loads summed for the bias update
+    run.save(run_dir, ...) / run.load(run_dir, ...)
+                                 the checkpoint, one consolidated copy whatever the ranks
+    run.main_first()             rank 0 runs the block (writes files) before the others
+    run.is_main, run.rank        rank 0 writes the run directory and reports
+
+LocalRun is the identity of all of these. DistributedRun (under torchrun, see
+docs/scaling.md) works on a ParallelMesh:
+- batches: every rank draws the same global batch (same loader, same seed) and keeps its
+  own contiguous rows, so the global batch, the data order and a resume are exactly those
+  of the single-process run.
+- gradients: sync_gradients (EP x DP groups), then the global-norm clip.
+- checkpoints: consolidated (unsharded) files written by rank 0, loadable at any EP size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..parallel import (
+    ParallelMesh,
+    all_reduce_router_loads,
+    clip_grad_norm,
+    consolidated,
+    full_optimizer_tensors,
+    parallelize,
+    shard_optimizer_tensors,
+    sync_gradients,
+)
+from .checkpoint import (
+    OPTIMIZER_FILE,
+    checkpoint_dir,
+    load_checkpoint,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (0 = no clipping); returns the norm before."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+
+
+class LocalRun:
+    """One process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def shard(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tensors
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
+        return clip_gradients(model, max_norm)
+
+    def save(self, run_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
+        return save_checkpoint(run_dir, model, optimizer, state)
+
+    def load(self, run_dir: str | Path, model: nn.Module, optimizer) -> dict:
+        return load_checkpoint(run_dir, model, optimizer)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        yield
+
+
+class DistributedRun:
+    """The ranks of a ParallelMesh (expert x data parallel); every method is collective."""
+
+    def __init__(self, mesh: ParallelMesh):
+        self.mesh = mesh
+        self.rank, self.world_size = mesh.rank, mesh.world_size
+        self.is_main = mesh.rank == 0
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Shard the experts over the EP group; replicas start from rank 0's weights."""
+        return parallelize(model, self.mesh)
+
+    def shard(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """This rank's rows of each global batch (its size must divide by the world size)."""
+        B, W = tensors[0].shape[0], self.world_size
+        if B % W:
+            raise ValueError(f"batch_size ({B}) must be divisible by the number of processes ({W})")
+        rows = slice(self.rank * B // W, (self.rank + 1) * B // W)
+        return tuple(t[rows] for t in tensors)
+
+    def mean(self, value: float) -> float:
+        """The mean of a per-rank scalar (each rank's mean over equally many tokens)."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.mesh.device)
+        dist.all_reduce(t, group=self.mesh.world_group)
+        return float(t) / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (e.g. a Ctrl-C that reached some ranks
+        a step earlier than others: all must save at the same step, or the collectives part)."""
+        t = torch.tensor([int(flag)], device=self.mesh.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
+        return bool(t)
+
+    def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
+        """Average the gradients over the mesh, clip to the global norm (returned), and sum
+        the router loads so every rank's bias update sees the global load."""
+        sync_gradients(model, self.mesh)
+        norm = clip_grad_norm(model, max_norm, self.mesh)
+        all_reduce_router_loads(model, self.mesh)
+        return norm
+
+    def save(self, run_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
+        """Gather the experts and their moments; rank 0 writes the checkpoint."""
+        moments = full_optimizer_tensors(optimizer_tensors(model, optimizer), model)
+        with consolidated(model):
+            if self.is_main:
+                save_checkpoint(run_dir, model, moments, state)
+        dist.barrier(group=self.mesh.world_group)  # nobody reads the folder while rank 0 swaps it
+        return Path(run_dir) / "checkpoint"
+
+    def load(self, run_dir: str | Path, model: nn.Module, optimizer) -> dict:
+        """Every rank reads the full checkpoint and keeps its experts' slice."""
+        with consolidated(model):
+            state = load_checkpoint(run_dir, model)  # weights (and the file hashes checked)
+        # The moments load outside the block: the optimizer holds the sharded parameters.
+        saved = load_file(str(checkpoint_dir(run_dir) / OPTIMIZER_FILE))
+        load_optimizer_tensors(model, optimizer, shard_optimizer_tensors(saved, model))
+        restore_rng_state(state)
+        return state
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block (e.g. writes the run's data) before the other ranks do
+        (they then read what it wrote)."""
+        if not self.is_main:
+            dist.barrier(group=self.mesh.world_group)
+            yield
+            return
+        try:
+            yield
+        finally:
+            dist.barrier(group=self.mesh.world_group)
+
+
+Run = LocalRun | DistributedRun
+
+
+def run_on(mesh: ParallelMesh | None) -> Run:
+    """The Run for a mesh: LocalRun for None (one process), else DistributedRun."""
+    return LocalRun() if mesh is None else DistributedRun(mesh)
+
+
+LOCAL_RUN = LocalRun()
