@@ -19,15 +19,23 @@ CASES = [dict(router=r) for r in ROUTERS] + [
     dict(router="softmax_topk", capacity_factor=1.0, overflow="drop"),
     dict(router="softmax_topk", capacity_factor=1.0, overflow="reroute"),
     dict(router="top_p", capacity_factor=0.75, overflow="reroute", batch_priority=True),
-    dict(router="sigmoid_topk", num_groups=2, topk_groups=1, capacity_factor=1.0, overflow="reroute"),
+    dict(
+        router="sigmoid_topk", num_groups=2, topk_groups=1, capacity_factor=1.0, overflow="reroute"
+    ),
     dict(router="softmax_topk", capacity_factor=1.0, batch_priority=True, num_shared_experts=1),
 ]
 
 
 def _layer(case: dict) -> MoE:
     torch.manual_seed(0)
-    kw = dict(d_model=16, d_hidden=16, num_experts=4, top_k=1 if case["router"] == "switch" else 2,
-              z_loss_coef=1e-3, importance_loss_coef=1e-2)
+    kw = dict(
+        d_model=16,
+        d_hidden=16,
+        num_experts=4,
+        top_k=1 if case["router"] == "switch" else 2,
+        z_loss_coef=1e-3,
+        importance_loss_coef=1e-2,
+    )
     kw.update(case)
     return MoE(MoEConfig(**kw))
 
@@ -37,7 +45,8 @@ def _run(layer, x, grad):
     torch.autograd.backward([out.hidden, out.aux_loss], [grad, torch.ones_like(out.aux_loss)])
     grads = {
         name.removeprefix("_orig_mod."): p.grad.clone()
-        for name, p in layer.named_parameters() if p.grad is not None
+        for name, p in layer.named_parameters()
+        if p.grad is not None
     }
     layer.zero_grad(set_to_none=True)
     return out, grads, x.grad.clone()
@@ -62,7 +71,9 @@ def test_compiled_layer_is_one_graph_and_equals_eager(case):
     torch.testing.assert_close(comp_x, eager_x, atol=1e-5, rtol=1e-5)
     assert comp_grads.keys() == eager_grads.keys()
     for name in eager_grads:
-        torch.testing.assert_close(comp_grads[name], eager_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(
+            comp_grads[name], eager_grads[name], atol=1e-5, rtol=1e-5, msg=name
+        )
     assert torch.equal(comp_out.stats.tokens_per_expert, eager_out.stats.tokens_per_expert)
     torch.testing.assert_close(comp_out.stats.dropped_fraction, eager_out.stats.dropped_fraction)
 
@@ -96,7 +107,9 @@ def test_inductor_compiled_layer_equals_eager():
     torch.testing.assert_close(comp_out.hidden, eager_out.hidden, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(comp_x, eager_x, atol=1e-5, rtol=1e-5)
     for name in eager_grads:
-        torch.testing.assert_close(comp_grads[name], eager_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(
+            comp_grads[name], eager_grads[name], atol=1e-5, rtol=1e-5, msg=name
+        )
 
 
 def test_transformer_training_forward_has_no_graph_break():
@@ -108,8 +121,13 @@ def test_transformer_training_forward_has_no_graph_break():
 
     torch._dynamo.reset()
     base = tiny()
-    config = dataclasses.replace(base, vocab_size=256, num_layers=2, max_seq_len=32,
-                                 moe=dataclasses.replace(base.moe, capacity_factor=1.25))
+    config = dataclasses.replace(
+        base,
+        vocab_size=256,
+        num_layers=2,
+        max_seq_len=32,
+        moe=dataclasses.replace(base.moe, capacity_factor=1.25),
+    )
     model = Transformer(config)
     tokens = torch.randint(0, 256, (2, 16))
 

@@ -18,7 +18,9 @@ D, F_ = 16, 16
 FAST = ["grouped_mm", "loop"]
 
 
-def _experts(activation: str, dtype=torch.float32, seed: int = 0, backend: str = "auto") -> GroupedExperts:
+def _experts(
+    activation: str, dtype=torch.float32, seed: int = 0, backend: str = "auto"
+) -> GroupedExperts:
     torch.manual_seed(seed)
     return GroupedExperts(len(COUNTS_E), D, F_, activation, backend=backend).to(dtype)
 
@@ -60,7 +62,9 @@ def test_fast_path_equals_reference_forward_and_backward(activation, backend):
     slow_RD = experts.forward_reference(x_RD, COUNTS_E)
 
     torch.testing.assert_close(fast_RD, slow_RD, atol=1e-5, rtol=1e-5)
-    for fast, slow in zip(_grads(experts, fast_RD, x_RD, grad_RD), _grads(experts, slow_RD, x_RD, grad_RD)):
+    for fast, slow in zip(
+        _grads(experts, fast_RD, x_RD, grad_RD), _grads(experts, slow_RD, x_RD, grad_RD)
+    ):
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 

@@ -25,7 +25,9 @@ def test_bf16_grouped_mm_equals_loop_on_cuda():
     torch.manual_seed(0)
     experts = GroupedExperts(8, 64, 128).cuda().bfloat16()
     counts_E = torch.tensor([5, 0, 17, 3, 0, 9, 1, 13], device="cuda")
-    x_RD = torch.randn(int(counts_E.sum()) + 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x_RD = torch.randn(
+        int(counts_E.sum()) + 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
     assert choose_backend("auto", x_RD, 64, 256, 128) == "grouped_mm"
     grad_RD = torch.randn_like(x_RD)
     n = int(counts_E.sum())
@@ -48,7 +50,9 @@ def test_dropless_and_capacity_paths_never_sync(capacity_factor):
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = layer(x)
-        torch.autograd.backward([out.hidden, out.aux_loss], [torch.ones_like(out.hidden), torch.ones_like(out.aux_loss)])
+        torch.autograd.backward(
+            [out.hidden, out.aux_loss], [torch.ones_like(out.hidden), torch.ones_like(out.aux_loss)]
+        )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -10,7 +10,9 @@ from moekit.routing import ROUTER_CLASSES, build_router, router_class
 
 
 def _config(router: str) -> MoEConfig:
-    return MoEConfig(d_model=8, d_hidden=4, num_experts=4, top_k=1 if router == "switch" else 2, router=router)
+    return MoEConfig(
+        d_model=8, d_hidden=4, num_experts=4, top_k=1 if router == "switch" else 2, router=router
+    )
 
 
 def test_every_router_is_registered_and_declares_its_traits():
@@ -61,7 +63,9 @@ def test_reset_parameters_default_std_is_the_constructor_init():
 def test_router_knowledge_other_modules_ask_for():
     cfg = _config("softmax_topk")
     assert router_class("softmax_topk").active_fraction(cfg) == 2 / 4
-    ec = MoEConfig(d_model=8, d_hidden=4, num_experts=4, top_k=2, router="expert_choice", capacity_factor=1.5)
+    ec = MoEConfig(
+        d_model=8, d_hidden=4, num_experts=4, top_k=2, router="expert_choice", capacity_factor=1.5
+    )
     assert router_class("expert_choice").active_fraction(ec) == 0.75
     assert router_class("soft").active_fraction(_config("soft")) == 1.0
     sparse = {name for name in ROUTERS if router_class(name).sparse}
@@ -71,9 +75,13 @@ def test_router_knowledge_other_modules_ask_for():
     assert exact == {"softmax_topk", "noisy_topk", "dense", "sigmoid_topk"}
     # Why a token's weights may not sum to one (upcycling needs them to).
     assert router_class("softmax_topk").weights_not_summing_to_one(cfg) is None
-    unnormalised = MoEConfig(d_model=8, d_hidden=4, num_experts=4, router="top_p", renormalize=False)
+    unnormalised = MoEConfig(
+        d_model=8, d_hidden=4, num_experts=4, router="top_p", renormalize=False
+    )
     assert "without renormalize" in router_class("top_p").weights_not_summing_to_one(unnormalised)
-    scaled = MoEConfig(d_model=8, d_hidden=4, num_experts=4, router="sigmoid_topk", routed_scaling=2.5)
+    scaled = MoEConfig(
+        d_model=8, d_hidden=4, num_experts=4, router="sigmoid_topk", routed_scaling=2.5
+    )
     assert "routed_scaling (2.5)" in router_class("sigmoid_topk").weights_not_summing_to_one(scaled)
     assert "top-1" in router_class("switch").weights_not_summing_to_one(_config("switch"))
     assert router_class("dense").weights_not_summing_to_one(_config("dense")) is None

@@ -32,7 +32,12 @@ from .moe import MoE
 from .runtime import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-STANDARD_SHAPES = ["4096,512,1024,8,2", "1024,512,1024,64,2", "4096,512,1024,64,2", "1024,512,256,64,8"]
+STANDARD_SHAPES = [
+    "4096,512,1024,8,2",
+    "1024,512,1024,64,2",
+    "4096,512,1024,64,2",
+    "1024,512,256,64,8",
+]
 QUICK_SHAPES = ["512,256,512,8,2", "256,256,128,32,4"]
 
 
@@ -73,7 +78,10 @@ def machine_summary() -> str:
                     break
     except OSError:
         pass
-    has = {name: ("yes" if name in flags else "no") for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+    has = {
+        name: ("yes" if name in flags else "no")
+        for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    }
     return (
         f"machine: {model}, {torch.get_num_threads()} threads | "
         + ", ".join(f"{k} {v}" for k, v in has.items())
@@ -118,15 +126,22 @@ def _train_step(module: nn.Module, x: Tensor, grad: Tensor):
         if isinstance(out, Tensor):
             out.backward(grad)
         else:  # MoEOutput: the balance loss trains the router too
-            torch.autograd.backward([out.hidden, out.aux_loss], [grad, torch.ones_like(out.aux_loss)])
+            torch.autograd.backward(
+                [out.hidden, out.aux_loss], [grad, torch.ones_like(out.aux_loss)]
+            )
 
     return step
 
 
 def build_moe(shape: Shape, dtype: torch.dtype, backend: str = "auto") -> MoE:
     config = MoEConfig(
-        d_model=shape.d_model, d_hidden=shape.d_hidden, num_experts=shape.num_experts,
-        top_k=shape.top_k, router="softmax_topk", capacity_factor=None, balance_loss_coef=0.01,
+        d_model=shape.d_model,
+        d_hidden=shape.d_hidden,
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        router="softmax_topk",
+        capacity_factor=None,
+        balance_loss_coef=0.01,
         expert_backend=backend,
     )
     return MoE(config).to(dtype)
@@ -159,8 +174,10 @@ def build_hf_block(shape: Shape, dtype: torch.dtype, implementation: str) -> nn.
     except ImportError:
         return None
     config = MixtralConfig(
-        hidden_size=shape.d_model, intermediate_size=shape.d_hidden,
-        num_local_experts=shape.num_experts, num_experts_per_tok=shape.top_k,
+        hidden_size=shape.d_model,
+        intermediate_size=shape.d_hidden,
+        num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
         experts_implementation=implementation,
     )
     block = MixtralSparseMoeBlock(config)
@@ -188,14 +205,22 @@ def run_shape(
     with torch.no_grad():
         counts_E = moe(x_TD).stats.tokens_per_expert
     dense_s, moe_s, loop_s = _median_seconds(
-        [_train_step(dense, x_AD, grad_AD), _train_step(moe, x_TD, grad_TD), _train_step(loop, x_TD, grad_TD)],
-        reps, warmup,
+        [
+            _train_step(dense, x_AD, grad_AD),
+            _train_step(moe, x_TD, grad_TD),
+            _train_step(loop, x_TD, grad_TD),
+        ],
+        reps,
+        warmup,
     )
     result = {
-        "dense": dense_s, "moekit": moe_s, "loop": loop_s,
+        "dense": dense_s,
+        "moekit": moe_s,
+        "loop": loop_s,
         "rows": (int(counts_E.min()), int(counts_E.max())),
         "memory": saved_activation_bytes(moe, x_TD) / max(1, saved_activation_bytes(dense, x_AD)),
-        "compiled": None, "compile_s": None,
+        "compiled": None,
+        "compile_s": None,
     }
     if compiled:
         torch._dynamo.reset()
@@ -230,25 +255,40 @@ def main(argv: list[str] | None = None) -> int | None:
         return comm_main([arg for arg in argv if arg != "--comm"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
-    parser.add_argument("--shapes", nargs="+", metavar="T,d,h,E,k", help="default: the four standard shapes")
+    parser.add_argument(
+        "--shapes", nargs="+", metavar="T,d,h,E,k", help="default: the four standard shapes"
+    )
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (bf16 uses a third)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bf16-token-scale", type=float, default=None,
-                        help="bf16 runs T * this many tokens; default 1 on CPUs with bf16 "
-                             "instructions, 0.25 without (bf16 GEMMs are slow there)")
-    parser.add_argument("--allocator", choices=["both", "default", "keep"], default="both",
-                        help="default malloc (a user's own loop), glibc keeping freed memory "
-                             "(what moekit train does), or both passes in one run")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the torch.compile'd layer (and its compile time)")
+    parser.add_argument(
+        "--bf16-token-scale",
+        type=float,
+        default=None,
+        help="bf16 runs T * this many tokens; default 1 on CPUs with bf16 "
+        "instructions, 0.25 without (bf16 GEMMs are slow there)",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=["both", "default", "keep"],
+        default="both",
+        help="default malloc (a user's own loop), glibc keeping freed memory "
+        "(what moekit train does), or both passes in one run",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the torch.compile'd layer (and its compile time)",
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip transformers even if importable")
     parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="same as --allocator keep")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="same as --allocator keep")
     args = parser.parse_args(argv)
     try:
-        shapes = [Shape.parse(text) for text in (args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES))]
+        shapes = [
+            Shape.parse(text)
+            for text in (args.shapes or (QUICK_SHAPES if args.quick else STANDARD_SHAPES))
+        ]
     except ValueError as error:
         parser.error(str(error))
 
@@ -256,13 +296,19 @@ def main(argv: list[str] | None = None) -> int | None:
     reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     bf16_native = _has_cpu_flag("avx512_bf16") or _has_cpu_flag("amx_bf16")
-    token_scale = 1.0 if bf16_native and args.bf16_token_scale is None else (args.bf16_token_scale or 0.25)
+    token_scale = (
+        1.0 if bf16_native and args.bf16_token_scale is None else (args.bf16_token_scale or 0.25)
+    )
     print(machine_summary())
-    print(f"load average before: {os.getloadavg()[0]:.2f} | median of {reps} reps after {warmup} warmup "
-          f"(bf16: a third, HF: a third) | bf16 at T x {token_scale:g} "
-          f"({'bf16 instructions present' if bf16_native else 'no bf16 instructions: fewer tokens'})")
-    print("ratio = MoE fwd+bwd time / dense SwiGLU fwd+bwd with the same active FLOPs (1.00 = limit); "
-          "act mem = saved activations, MoE / dense")
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} | median of {reps} reps after {warmup} warmup "
+        f"(bf16: a third, HF: a third) | bf16 at T x {token_scale:g} "
+        f"({'bf16 instructions present' if bf16_native else 'no bf16 instructions: fewer tokens'})"
+    )
+    print(
+        "ratio = MoE fwd+bwd time / dense SwiGLU fwd+bwd with the same active FLOPs (1.00 = limit); "
+        "act mem = saved activations, MoE / dense"
+    )
     passes = {"both": ["default", "keep"], "default": ["default"], "keep": ["keep"]}[args.allocator]
     if args.keep_freed_memory:
         passes = ["keep"]
@@ -270,9 +316,13 @@ def main(argv: list[str] | None = None) -> int | None:
         if allocator == "keep" and not keep_freed_memory():
             print("allocator: cannot keep freed memory (not glibc); skipped")
             continue
-        print(f"\nallocator: {'glibc, keeps freed memory' if allocator == 'keep' else 'default (a user loop)'}")
-        print(f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
-              f"{'loop':>6} | {'compiled':>8} | {'HF eager':>8} | {'HF grouped_mm':>13} | {'act mem':>7} | rows/expert")
+        print(
+            f"\nallocator: {'glibc, keeps freed memory' if allocator == 'keep' else 'default (a user loop)'}"
+        )
+        print(
+            f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
+            f"{'loop':>6} | {'compiled':>8} | {'HF eager':>8} | {'HF grouped_mm':>13} | {'act mem':>7} | rows/expert"
+        )
         for dtype_name in dtypes:
             for parsed in shapes:
                 shape = dataclasses.replace(parsed)
@@ -280,8 +330,14 @@ def main(argv: list[str] | None = None) -> int | None:
                 if dtype_name == "bf16":
                     shape.num_tokens = max(shape.num_experts, int(shape.num_tokens * token_scale))
                     dtype_reps = max(1, reps // 3)
-                r = run_shape(shape, DTYPES[dtype_name], dtype_reps, min(warmup, dtype_reps),
-                              not args.no_hf, compiled=args.compile)
+                r = run_shape(
+                    shape,
+                    DTYPES[dtype_name],
+                    dtype_reps,
+                    min(warmup, dtype_reps),
+                    not args.no_hf,
+                    compiled=args.compile,
+                )
                 compiled = "n/a" if r["compiled"] is None else f"{r['compiled'] / r['dense']:.2f}"
                 print(
                     f"{dtype_name:5} | {str(shape):22} | {r['dense'] * 1e3:9.1f} | {shape.flops() / r['dense'] / 1e9:7.1f} | "
@@ -302,6 +358,7 @@ def _has_cpu_flag(name: str) -> bool:
     except OSError:
         pass
     return False
+
 
 if __name__ == "__main__":
     main()

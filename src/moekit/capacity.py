@@ -57,9 +57,9 @@ def positions_in_expert(expert_A: Tensor, num_bins: int) -> Tensor:
     sorted_A = torch.argsort(expert_A, stable=True)
     counts = expert_counts(expert_A, num_bins)
     starts = counts.cumsum(0) - counts
-    position_sorted_A = torch.arange(expert_A.numel(), device=expert_A.device) - starts[
-        expert_A[sorted_A]
-    ]
+    position_sorted_A = (
+        torch.arange(expert_A.numel(), device=expert_A.device) - starts[expert_A[sorted_A]]
+    )
     return torch.empty_like(position_sorted_A).scatter_(0, sorted_A, position_sorted_A)
 
 
@@ -78,7 +78,11 @@ def apply_capacity(
     ids_TK, weights_TK = routing.ids_TK, routing.weights_TK
     T, K = ids_TK.shape
     E = routing.gate_TE.shape[-1]
-    valid_TK = routing.valid_TK if routing.valid_TK is not None else torch.ones_like(ids_TK, dtype=torch.bool)
+    valid_TK = (
+        routing.valid_TK
+        if routing.valid_TK is not None
+        else torch.ones_like(ids_TK, dtype=torch.bool)
+    )
     priority_T = routing.gate_TE.detach().max(dim=-1).values if batch_priority else None
 
     # 1. first pass: every valid assignment claims a slot at its chosen expert.
@@ -114,9 +118,11 @@ def _reroute(
     room_E = capacity - expert_counts(ids_TK, E + 1, kept_TK)[:E]
     next_rank_T = valid_TK.sum(dim=-1)  # the token's own picks hold the first ranks
     # Claim position of each slot: a token's pending slots compete in this order.
-    claim_pos_TK = torch.empty_like(order_A).scatter_(
-        0, order_A, torch.arange(T * K, device=device)
-    ).view(T, K)
+    claim_pos_TK = (
+        torch.empty_like(order_A)
+        .scatter_(0, order_A, torch.arange(T * K, device=device))
+        .view(T, K)
+    )
     pending_TK = valid_TK & ~kept_TK
     new_ids_TK, new_weights_TK, kept_TK = ids_TK.clone(), weights_TK, kept_TK.clone()
     tokens_T = torch.arange(T, device=device)

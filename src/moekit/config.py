@@ -181,7 +181,9 @@ class MoEConfig:
         active parameters stay the same while the routing gets finer.
         """
         if factor < 1 or self.d_hidden % factor:
-            raise ValueError(f"factor ({factor}) must be >= 1 and divide d_hidden ({self.d_hidden})")
+            raise ValueError(
+                f"factor ({factor}) must be >= 1 and divide d_hidden ({self.d_hidden})"
+            )
         return dataclasses.replace(
             self,
             num_experts=self.num_experts * factor,

@@ -76,12 +76,18 @@ class TokenChoicePlan:
         (None: all kept); weights_TK: combine weights (0 where not kept).
     """
 
-    def __init__(self, ids_TK: Tensor, kept_TK: Tensor | None, weights_TK: Tensor, num_experts: int):
+    def __init__(
+        self, ids_TK: Tensor, kept_TK: Tensor | None, weights_TK: Tensor, num_experts: int
+    ):
         T, K = ids_TK.shape
         self.top_k = K
         self.weights_TK = weights_TK
         self.kept_A = None if kept_TK is None else kept_TK.flatten()
-        expert_A = ids_TK.flatten() if kept_TK is None else torch.where(self.kept_A, ids_TK.flatten(), num_experts)
+        expert_A = (
+            ids_TK.flatten()
+            if kept_TK is None
+            else torch.where(self.kept_A, ids_TK.flatten(), num_experts)
+        )
         # Stable sort: within an expert, rows keep token order (deterministic, cache friendly).
         slot_order_A = torch.argsort(expert_A, stable=True)
         self.counts_E = expert_counts(expert_A, num_experts + 1)[:num_experts]
@@ -100,7 +106,9 @@ class TokenChoicePlan:
         return slots_AD
 
     @classmethod
-    def from_routing(cls, routing: TokenChoice, config: MoEConfig, capacity: int | None) -> TokenChoicePlan:
+    def from_routing(
+        cls, routing: TokenChoice, config: MoEConfig, capacity: int | None
+    ) -> TokenChoicePlan:
         """Capacity (when set) decides which assignments are kept, then the permutation."""
         ids_TK, weights_TK, kept_TK = routing.ids_TK, routing.weights_TK, routing.valid_TK
         if capacity is not None:
@@ -127,7 +135,9 @@ class ExpertChoicePlan:
         self.counts_E = torch.full((E,), C, dtype=torch.long, device=self.token_of_row_R.device)
 
     @classmethod
-    def from_routing(cls, routing: ExpertChoice, config: MoEConfig, capacity: int | None) -> ExpertChoicePlan:
+    def from_routing(
+        cls, routing: ExpertChoice, config: MoEConfig, capacity: int | None
+    ) -> ExpertChoicePlan:
         return cls(routing, routing.probs_TE.shape[0])
 
     def dispatch(self, x: Tensor) -> Tensor:
@@ -148,12 +158,16 @@ class SoftPlan:
         self.num_experts = num_experts
         self.slots_per_expert = S // num_experts
         self.counts_E = torch.full(
-            (num_experts,), B * self.slots_per_expert, dtype=torch.long,
+            (num_experts,),
+            B * self.slots_per_expert,
+            dtype=torch.long,
             device=routing.dispatch_BNS.device,
         )
 
     @classmethod
-    def from_routing(cls, routing: SoftAssignment, config: MoEConfig, capacity: int | None) -> SoftPlan:
+    def from_routing(
+        cls, routing: SoftAssignment, config: MoEConfig, capacity: int | None
+    ) -> SoftPlan:
         return cls(routing, config.num_experts)
 
     def dispatch(self, x: Tensor) -> Tensor:

@@ -254,12 +254,18 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(
-        self, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu",
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "swiglu",
         backend: str = "auto",
     ):
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"unknown expert backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise ValueError(
+                f"unknown expert backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.activation, self.backend = activation, backend
         gated = activation in ("swiglu", "geglu")
@@ -284,7 +290,9 @@ class GroupedExperts(nn.Module):
             (the plans never read them).
         """
         probe = x_RD.to(_compute_dtype(x_RD)) if x_RD.is_floating_point() else x_RD
-        backend = choose_backend(self.backend, probe[:0], self.d_model, self.w_up.shape[-1], self.d_hidden)
+        backend = choose_backend(
+            self.backend, probe[:0], self.d_model, self.w_up.shape[-1], self.d_hidden
+        )
         ranges = _Groups.host_ranges(counts_E) if backend == "loop" else None
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         return _GroupedMLP.apply(x_RD, self.w_up, self.w_down, offsets_E, ranges, self.activation)

@@ -67,10 +67,17 @@ class MoE(nn.Module):
         self.config = config
         self.router = build_router(config)
         self.experts = GroupedExperts(
-            config.num_experts, config.d_model, config.d_hidden, config.activation,
+            config.num_experts,
+            config.d_model,
+            config.d_hidden,
+            config.activation,
             backend=config.expert_backend,
         )
-        self.shared = MLP(config.d_model, config.shared_hidden, config.activation) if config.shared_hidden else None
+        self.shared = (
+            MLP(config.d_model, config.shared_hidden, config.activation)
+            if config.shared_hidden
+            else None
+        )
         self.shared_gate = (
             nn.Linear(config.d_model, 1, bias=False)
             if self.shared is not None and config.shared_expert_gate
@@ -109,7 +116,9 @@ class MoE(nn.Module):
         y_RD = self.experts(x_RD, plan.counts_E)
         y = plan.combine(y_RD).reshape(x.shape)
         if T == 0:  # an empty rank under a planner still took part in the exchange above
-            return MoEOutput(hidden=y.to(x.dtype), aux_loss=x.new_zeros(()), stats=self._empty_stats(x))
+            return MoEOutput(
+                hidden=y.to(x.dtype), aux_loss=x.new_zeros(()), stats=self._empty_stats(x)
+            )
 
         # 6. shared experts
         if self.shared is not None:
@@ -168,9 +177,17 @@ class MoE(nn.Module):
     def _empty_stats(self, x: Tensor) -> MoEStats:
         zero = x.new_zeros((), dtype=torch.float32)
         return MoEStats(
-            tokens_per_expert=torch.zeros(self.config.num_experts, dtype=torch.long, device=x.device),
-            dropped_fraction=zero, load_cv=zero, router_entropy=zero, balance_loss=zero,
-            z_loss=zero, importance_loss=zero, load_loss=zero, capacity=self.config.capacity(0),
+            tokens_per_expert=torch.zeros(
+                self.config.num_experts, dtype=torch.long, device=x.device
+            ),
+            dropped_fraction=zero,
+            load_cv=zero,
+            router_entropy=zero,
+            balance_loss=zero,
+            z_loss=zero,
+            importance_loss=zero,
+            load_loss=zero,
+            capacity=self.config.capacity(0),
         )
 
     @torch.no_grad()

@@ -74,7 +74,10 @@ class GroupPlanner:
         return TokenChoicePlan(ids_GK[rows], kept_GK[rows], weights_GK[rows], cfg.num_experts)
 
     def _sizes(self, num_tokens: int, device: torch.device) -> list[int]:
-        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(self.group))]
+        counts = [
+            torch.zeros(1, dtype=torch.long, device=device)
+            for _ in range(dist.get_world_size(self.group))
+        ]
         dist.all_gather(counts, torch.tensor([num_tokens], device=device), group=self.group)
         return [int(c) for c in counts]
 
@@ -93,9 +96,13 @@ class GroupPlanner:
             routing,
             ids_TK=gather_rows(routing.ids_TK, sizes, self.group),
             weights_TK=self._splice(routing.weights_TK, sizes, start),
-            valid_TK=None if valid is None else gather_rows(valid.to(torch.uint8), sizes, self.group).bool(),
+            valid_TK=None
+            if valid is None
+            else gather_rows(valid.to(torch.uint8), sizes, self.group).bool(),
             gate_TE=self._splice(routing.gate_TE, sizes, start) if needs_gates else unused_GE,
-            rank_TE=self._splice(routing.rank_TE, sizes, start) if cfg.overflow == "reroute" else unused_GE,
+            rank_TE=self._splice(routing.rank_TE, sizes, start)
+            if cfg.overflow == "reroute"
+            else unused_GE,
         )
 
     def _expert_choice(self, layer, x_TD: Tensor, routing, sizes: list[int], capacity: int):

@@ -103,8 +103,12 @@ class ExpertChoice:
         """Only the z-loss applies: every expert takes exactly C tokens (balanced by design)."""
         zero = _zero(self.logits_TE)
         return LossParts(
-            balance=zero, z=losses.router_z_loss(self.logits_TE), importance=zero, load=zero,
-            entropy=losses.router_entropy(self.probs_TE.detach()), routed=None,
+            balance=zero,
+            z=losses.router_z_loss(self.logits_TE),
+            importance=zero,
+            load=zero,
+            entropy=losses.router_entropy(self.probs_TE.detach()),
+            routed=None,
         )
 
     def expert_ids(self, B: int, T: int) -> Tensor:
@@ -134,8 +138,11 @@ class SoftAssignment:
         """The z-loss over the slot logits; entropy of each token's combine weights."""
         zero = _zero(self.logits_BNS)
         return LossParts(
-            balance=zero, z=losses.router_z_loss(self.logits_BNS.flatten(0, 1)), importance=zero,
-            load=zero, entropy=losses.router_entropy(self.combine_BNS.detach().flatten(0, 1)),
+            balance=zero,
+            z=losses.router_z_loss(self.logits_BNS.flatten(0, 1)),
+            importance=zero,
+            load=zero,
+            entropy=losses.router_entropy(self.combine_BNS.detach().flatten(0, 1)),
             routed=None,
         )
 
