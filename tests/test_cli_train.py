@@ -14,6 +14,7 @@ from helpers import MICRO, run_cli
 from moekit.data import Tokenizer
 from moekit.generate import generate
 from moekit.train import evaluate_run, load_trained_model, read_metrics, steps_to_reach
+from moekit.train.compare import seconds_at_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +55,12 @@ def test_comparison_prints_the_table_and_writes_json_and_plot(comparison):
     assert [s for s, _ in moe["evals"]] == [s for s, _ in dense["evals"]] == [0, 2, 4, 6]
     assert dense["final_val_loss"] == dense["evals"][-1][1]
     assert numbers["steps_to_dense_loss"] == steps_to_reach(moe["evals"], dense["final_val_loss"])
+    if numbers["steps_to_dense_loss"] is not None:  # the stopwatch race, from the step times
+        steps = [128 / r["tokens_per_s"] for r in read_metrics(out / "moe", "train")]
+        seconds = seconds_at_step(steps, numbers["steps_to_dense_loss"])
+        assert numbers["seconds_to_dense_loss"] == pytest.approx(seconds)
+        assert numbers["wall_clock_speedup"] == pytest.approx(dense["train_seconds"] / seconds)
+        assert "wall-clock speed-up" in stdout
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,6 +72,15 @@ def test_both_runs_saw_the_same_tokens(comparison):
     assert (out / "moe/data/train.bin").read_bytes() == (out / "dense/data/train.bin").read_bytes()
     # Step 0 evaluations differ (different models) but run on the same fixed batches.
     assert len(read_metrics(out / "moe", "train")) == len(read_metrics(out / "dense", "train")) == 6
+
+
+def test_seconds_at_step_sums_the_step_times_with_a_fraction_of_the_next():
+    step_seconds = [5.0, 1.0, 1.0, 2.0]  # the first step held a compile
+    assert seconds_at_step(step_seconds, 0.0) == 0.0
+    assert seconds_at_step(step_seconds, 2.0) == 6.0
+    assert seconds_at_step(step_seconds, 3.5) == 8.0  # 7 + half of the fourth step
+    assert seconds_at_step(step_seconds, 4.0) == 9.0
+    assert seconds_at_step(step_seconds, 4.5) is None  # past the log
 
 
 def test_steps_to_reach_interpolates_between_evaluations():

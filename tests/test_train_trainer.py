@@ -224,3 +224,24 @@ def test_resume_of_a_run_saved_before_newer_settings_existed(tmp_path, text_file
     config_path.write_text(json.dumps(saved))
     resumed = make_trainer(tmp_path, text_file, resume=True)
     assert resumed.step == 2
+
+
+def test_compiled_training_follows_the_eager_run(tmp_path, text_file):
+    """--train.compile true: the same losses, router biases and weights as eager training
+    (to float rounding: the compiled kernels may sum in another order)."""
+    model = micro_model(
+        router="sigmoid_topk", capacity_factor=1.25, bias_update_rate=0.01, z_loss_coef=1e-3
+    )
+    torch._dynamo.reset()
+    runs = {}
+    for compiled in (False, True):
+        trainer = make_trainer(
+            tmp_path / str(compiled), text_file, model, steps=3, eval_every=3, compile=compiled
+        )
+        trainer.train()
+        losses = [r["loss"] for r in read_metrics(tmp_path / str(compiled), split="train")]
+        runs[compiled] = (losses, weights(trainer))
+    (eager_losses, eager_weights), (comp_losses, comp_weights) = runs[False], runs[True]
+    assert comp_losses == pytest.approx(eager_losses, rel=1e-4)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(comp_weights[key], value, atol=1e-4, rtol=1e-4, msg=key)

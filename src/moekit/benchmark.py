@@ -51,10 +51,10 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        values = [int(v) for v in text.replace(" ", ",").split(",") if v]
-        if len(values) != 5:
-            raise ValueError(f"a shape is 'T,d,h,E,k' (5 integers); got {text!r}")
-        return cls(*values)
+        parts = [v for v in text.replace(" ", ",").split(",") if v]
+        if len(parts) != 5 or not all(v.isdigit() and int(v) > 0 for v in parts):
+            raise ValueError(f"a shape is 'T,d,h,E,k' (5 positive integers); got {text!r}")
+        return cls(*(int(v) for v in parts))
 
     def __str__(self) -> str:
         return f"{self.num_tokens} {self.d_model} {self.d_hidden} {self.num_experts} {self.top_k}"
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int | None:
         from .parallel.comm import main as comm_main
 
         return comm_main([arg for arg in argv if arg != "--comm"])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="moekit bench", description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument(
         "--shapes", nargs="+", metavar="T,d,h,E,k", help="default: the four standard shapes"

@@ -57,7 +57,9 @@ class _UnpermuteAndMix(torch.autograd.Function):
         y_TKD, w_T1K = ctx.saved_tensors
         plan = ctx.plan
         grad_TD = grad_TD.contiguous()
-        grad_w_TK = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1)
+        # A dot product per slot: vecdot streams y once (a (1, D) @ (D, 1) bmm per slot
+        # runs 2-7x slower on the CPU, worst in bf16).
+        grad_w_TK = torch.linalg.vecdot(y_TKD, grad_TD.unsqueeze(1))
         # d y_RD[r] = w[slot r] * grad_TD[token r]: a gather and a row scale, no slot buffer.
         w_R1 = w_T1K.flatten().index_select(0, plan.slot_of_row_R).unsqueeze(-1)
         grad_y_RD = grad_TD.index_select(0, plan.token_of_row_R).mul_(w_R1)

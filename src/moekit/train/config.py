@@ -43,6 +43,9 @@ class TrainConfig:
     # bfloat16 autocast for the matmuls (routers stay fp32 inside the layer); float32
     # is the default because CPUs without bf16 instructions run bf16 matmuls slowly.
     dtype: str = "float32"
+    # torch.compile the training forward and backward (one graph for the whole model; the
+    # first step pays the compile, docs/benchmarks.md says when that pays off).
+    compile: bool = False
 
     # Validation loss on eval_batches batches of windows spread evenly over the validation
     # split (the same batches every time, so curves compare), every eval_every steps and at

@@ -52,7 +52,8 @@ class TrainResult:
     """What a finished (or stopped) run reports.
 
     evals: (step, validation loss) pairs in step order. tokens_per_s: training tokens
-    over training time (evaluation and checkpoints excluded).
+    over training time (evaluation and checkpoints excluded). step_seconds: the wall time
+    of each training step in order (the first one holds a compile, when there is one).
     """
 
     steps: int
@@ -60,6 +61,7 @@ class TrainResult:
     tokens_per_s: float
     train_seconds: float
     evals: list[tuple[int, float]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -102,6 +104,8 @@ class Trainer:
         torch.manual_seed(train_config.seed)
         self.run = run_on(mesh)
         self.model = self.run.prepare(Transformer(model_config))
+        # The training forward, compiled when asked; evaluation and saving use the model.
+        self.forward = torch.compile(self.model) if train_config.compile else self.model
         self.is_main = self.run.is_main
         self.show_progress = show_progress and self.is_main
         self.optimizer = build_optimizer(self.model, train_config)
@@ -194,7 +198,7 @@ class Trainer:
         num_tokens = inputs_BL.numel()
         inputs_BL, targets_BL = self.run.shard(inputs_BL, targets_BL)
         with self._autocast():
-            out = self.model(inputs_BL, targets_BL)
+            out = self.forward(inputs_BL, targets_BL)
         (out.loss + out.aux_loss).backward()
         lr, grad_norm = optimizer_step(self.model, self.optimizer, self.config, self.step, self.run)
         self.step += 1
@@ -250,13 +254,18 @@ class Trainer:
     def result(self) -> TrainResult:
         """The run's result so far, read back from the metrics log."""
         evals = [(r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")]
-        tokens = self.step * self.config.batch_size * self.config.seq_len
+        tokens_per_step = self.config.batch_size * self.config.seq_len
+        step_seconds = [
+            tokens_per_step / r["tokens_per_s"] for r in read_metrics(self.run_dir, split="train")
+        ]
+        tokens = self.step * tokens_per_step
         return TrainResult(
             steps=self.step,
             final_val_loss=evals[-1][1] if evals else math.nan,
             tokens_per_s=tokens / self.train_seconds if self.train_seconds else math.nan,
             train_seconds=self.train_seconds,
             evals=evals,
+            step_seconds=step_seconds,
         )
 
     def _autocast(self):
