@@ -183,3 +183,132 @@ def test_expert_ids_with_and_without_cache_agree_up_to_max_seq_len():
     torch.testing.assert_close(cached.tokens_BN, uncached.tokens_BN)
     for a, b in zip(cached.expert_ids, uncached.expert_ids):
         torch.testing.assert_close(a, b)
+
+
+# Prompts of different lengths in one batch.
+LENGTHS = [5, 1, 8, 3]
+
+
+def ragged_prompts(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 32, (n,), generator=gen) for n in LENGTHS]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize(
+    "moe",
+    [
+        MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2),
+        MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=1, router="switch"),
+        MoEConfig(d_model=16, d_hidden=8, num_experts=4, router="sigmoid_topk", num_groups=2),
+        MoEConfig(d_model=16, d_hidden=8, num_experts=4, router="top_p", num_shared_experts=1),
+    ],
+    ids=["softmax_topk", "switch", "sigmoid_topk", "top_p-shared"],
+)
+def test_batched_greedy_decoding_gives_each_prompt_its_tokens_alone(moe, use_cache):
+    model = make_model(moe=moe, max_seq_len=24)
+    prompts = ragged_prompts()
+    kwargs = dict(max_new_tokens=10, temperature=0.0, use_cache=use_cache)
+    batched = generate(model, prompts, **kwargs)
+    for row, p in enumerate(prompts):
+        alone = generate(model, p.unsqueeze(0), **kwargs)
+        torch.testing.assert_close(batched.tokens_BN[row], alone.tokens_BN[0])
+        torch.testing.assert_close(
+            batched.logits_BNV[row], alone.logits_BNV[0], atol=1e-5, rtol=1e-4
+        )
+
+
+def test_padded_forward_equals_each_sequence_alone():
+    # Left and right padding through one forward: each sequence's real positions match.
+    model = make_model()
+    prompts = ragged_prompts()
+    T = max(LENGTHS)
+    for left in (True, False):
+        tokens_BT = torch.zeros(len(prompts), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(prompts), T, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            cols = slice(T - len(p), T) if left else slice(0, len(p))
+            tokens_BT[b, cols], mask_BT[b, cols] = p, True
+        logits = model(tokens_BT, attention_mask_BT=mask_BT).logits
+        for b, p in enumerate(prompts):
+            alone = model(p.unsqueeze(0)).logits[0]
+            torch.testing.assert_close(logits[b][mask_BT[b]], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_right_padded_prompt_with_a_mask_equals_the_list_of_prompts():
+    model = make_model()
+    prompts = ragged_prompts()
+    tokens_BT = torch.zeros(len(prompts), max(LENGTHS), dtype=torch.long)
+    mask_BT = torch.zeros_like(tokens_BT)
+    for b, p in enumerate(prompts):
+        tokens_BT[b, : len(p)], mask_BT[b, : len(p)] = p, 1
+    kwargs = dict(max_new_tokens=6, temperature=0.0)
+    from_list = generate(model, prompts, **kwargs).tokens_BN
+    from_mask = generate(model, tokens_BT, attention_mask=mask_BT, **kwargs).tokens_BN
+    torch.testing.assert_close(from_mask, from_list)
+
+
+def test_each_sequence_of_a_ragged_batch_stops_at_its_end_token():
+    model = make_model(max_seq_len=24)
+    prompts = ragged_prompts()
+    free = generate(model, prompts, max_new_tokens=10, temperature=0.0).tokens_BN
+    eos = int(free[2, 1])
+    stopped = generate(model, prompts, max_new_tokens=10, temperature=0.0, eos_token_id=eos)
+    for row in range(len(prompts)):
+        hits = (free[row] == eos).nonzero()
+        end = int(hits[0]) if len(hits) else 10
+        torch.testing.assert_close(stopped.tokens_BN[row, : end + 1], free[row, : end + 1])
+        assert (stopped.tokens_BN[row, end:] == eos).all()
+
+
+def test_static_cache_is_written_in_place_and_keeps_its_shapes():
+    model = make_model()
+    cache = KVCache.for_model(model, batch_size=2, max_len=10)
+    pointers = [k.data_ptr() for k in cache.k_BGSDh]
+    model(prompt(T=4), kv_cache=cache)
+    for t in range(3):
+        model(prompt(T=1, seed=t), kv_cache=cache)
+    assert cache.length == 7 and cache.seen_B.tolist() == [7, 7]
+    assert [k.data_ptr() for k in cache.k_BGSDh] == pointers
+    assert all(k.shape == (2, 2, 10, 4) for k in cache.k_BGSDh)
+    assert cache.filled_BS[:, :7].all() and not cache.filled_BS[:, 7:].any()
+
+
+def test_decode_step_compiles_once_and_is_reused():
+    from torch._dynamo.testing import CompileCounter
+
+    from moekit.generate import _decode_step
+
+    torch._dynamo.reset()
+    model = make_model()
+    counter = CompileCounter()
+    step = torch.compile(_decode_step, backend=counter, fullgraph=True, dynamic=False)
+    cache = KVCache.for_model(model, batch_size=2, max_len=16)
+    eager_cache = KVCache.for_model(model, batch_size=2, max_len=16)
+    with torch.no_grad():
+        model(prompt(), kv_cache=cache)
+        model(prompt(), kv_cache=eager_cache)
+        for t in range(6):
+            token_B1 = prompt(T=1, seed=t)
+            logits, _ = step(model, token_B1, cache, None)
+            expected, _ = _decode_step(model, token_B1, eager_cache, None)
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    assert counter.frame_count == 1
+
+
+def test_compiled_generation_equals_eager_with_sampling_and_expert_ids():
+    torch._dynamo.reset()
+    model = make_model()
+    kwargs = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.95, return_expert_ids=True)
+    eager = generate(model, ragged_prompts(), generator=torch.Generator().manual_seed(0), **kwargs)
+    compiled = generate(
+        model,
+        ragged_prompts(),
+        generator=torch.Generator().manual_seed(0),
+        compile=True,
+        **kwargs,
+    )
+    torch.testing.assert_close(compiled.tokens_BN, eager.tokens_BN)
+    torch.testing.assert_close(compiled.logits_BNV, eager.logits_BNV, atol=1e-4, rtol=1e-4)
+    for a, b in zip(compiled.expert_ids, eager.expert_ids):
+        torch.testing.assert_close(a, b)

@@ -297,6 +297,27 @@ class GroupedExperts(nn.Module):
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         return _GroupedMLP.apply(x_RD, self.w_up, self.w_down, offsets_E, ranges, self.activation)
 
+    def forward_gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        """Each token through its own K experts, the chosen experts' weights gathered per slot.
+
+        The small-batch path (decoding): no sort, no groups, one batched matmul per
+        projection over the T*K slots. Inference only: under autograd the gathers' backward
+        would scatter the weight gradients into full-size (E, ...) buffers.
+
+        Args:
+            x_TD: tokens; ids_TK: each token's experts; weights_TK: combine weights (0 for
+                unused slots, whose expert runs and is multiplied by 0).
+        Returns:
+            y_TD = sum over k of weights_TK[t, k] * expert ids_TK[t, k] applied to x_TD[t].
+        """
+        T, K = ids_TK.shape
+        ids_A = ids_TK.flatten()
+        x_A1D = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
+        h_A1H = torch.bmm(x_A1D, self.w_up.index_select(0, ids_A))
+        y_A1D = torch.bmm(activate(h_A1H, self.activation), self.w_down.index_select(0, ids_A))
+        w_T1K = weights_TK.to(y_A1D.dtype).unsqueeze(1)
+        return torch.bmm(w_T1K, y_A1D.view(T, K, -1)).squeeze(1)
+
     def forward_reference(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """The obviously-correct loop (slow backward); the fast path must equal it."""
         outputs, start = [], 0

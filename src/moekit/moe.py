@@ -22,6 +22,11 @@ from .dispatch import build_plan
 from .experts import MLP, GroupedExperts
 from .routing import build_router
 
+# A call with at most this many assignment rows (tokens * top_k) gathers each token's
+# experts instead of dispatching (inference only; see MoE.gathers_experts). Measured with
+# bench/generate.py --threshold, docs/benchmarks.md ("Decoding").
+SMALL_BATCH_ROWS = 16
+
 
 @dataclass
 class MoEStats:
@@ -105,16 +110,25 @@ class MoE(nn.Module):
             # x * 0 (not zeros_like) keeps an empty batch connected to autograd.
             return MoEOutput(hidden=x * 0, aux_loss=x.new_zeros(()), stats=self._empty_stats(x))
 
-        # 1. route, 2. plan (capacity for token choice)
-        if self.planner is None:
-            x_in, routing, plan, capacity = self.route_and_plan(x)
-        else:
+        # 1. route, 2. plan (capacity for token choice); none for the small-batch path
+        if self.planner is not None:
             x_in, routing, plan, capacity = self.planner(self, x)
+        elif self.gathers_experts(T):
+            x_in, routing, plan, capacity = x, self.router.route(x, None), None, None
+        else:
+            x_in, routing, plan, capacity = self.route_and_plan(x)
 
-        # 3. dispatch, 4. experts, 5. combine
-        x_RD = plan.dispatch(x_in)
-        y_RD = self.experts(x_RD, plan.counts_E)
-        y = plan.combine(y_RD).reshape(x.shape)
+        # 3. dispatch, 4. experts, 5. combine; or each token's own experts, gathered
+        if plan is None:
+            ids_TK, weights_TK = routing.ids_TK, routing.weights_TK
+            y = self.experts.forward_gathered(x.reshape(T, -1), ids_TK, weights_TK)
+            y = y.reshape(x.shape)
+            counts_E = losses.expert_counts(ids_TK, cfg.num_experts, routing.valid_TK)
+        else:
+            x_RD = plan.dispatch(x_in)
+            y_RD = self.experts(x_RD, plan.counts_E)
+            y = plan.combine(y_RD).reshape(x.shape)
+            counts_E = plan.counts_E
         if T == 0:  # an empty rank under a planner still took part in the exchange above
             return MoEOutput(
                 hidden=y.to(x.dtype), aux_loss=x.new_zeros(()), stats=self._empty_stats(x)
@@ -127,7 +141,7 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             y = y + shared
 
-        aux_loss, stats = self._losses_and_stats(routing, plan, capacity)
+        aux_loss, stats = self._losses_and_stats(routing, counts_E, capacity)
         return MoEOutput(hidden=y.to(x.dtype), aux_loss=aux_loss, stats=stats)
 
     def route_and_plan(self, x: Tensor):
@@ -144,9 +158,26 @@ class MoE(nn.Module):
         routing = self.router.route(x, capacity)
         return x, routing, build_plan(routing, self.config, capacity), capacity
 
-    def _losses_and_stats(self, routing, plan, capacity: int | None) -> tuple[Tensor, MoEStats]:
+    def gathers_experts(self, num_tokens: int) -> bool:
+        """Whether a call of num_tokens takes the small-batch path (`forward_gathered`).
+
+        Only in inference (no autograd), for dropless, causal routers (token choice: a
+        token's experts depend on that token alone), and only for a few assignment rows:
+        below SMALL_BATCH_ROWS, sorting T*K slots costs more than the rows themselves.
+        """
         cfg = self.config
-        counts_E = plan.counts_E.detach()
+        return (
+            not torch.is_grad_enabled()
+            and self.router.causal
+            and cfg.capacity(num_tokens) is None
+            and num_tokens * cfg.top_k <= SMALL_BATCH_ROWS
+        )
+
+    def _losses_and_stats(
+        self, routing, counts_E: Tensor, capacity: int | None
+    ) -> tuple[Tensor, MoEStats]:
+        cfg = self.config
+        counts_E = counts_E.detach()
         parts = routing.loss_parts(counts_E)
         aux = (
             cfg.balance_loss_coef * parts.balance

@@ -22,7 +22,7 @@ from ..config import ACTIVATIONS, MoEConfig
 from ..experts import MLP, GroupedExperts
 from ..moe import MoE, MoEOutput, MoEStats
 from .expert_ids import tap_routers
-from .kv_cache import KVCache
+from .kv_cache import KVCache, padded_positions
 
 QK_NORMS = (None, "head", "full")
 
@@ -193,6 +193,21 @@ def apply_rope(x_BHTDh: Tensor, cos_TP: Tensor, sin_TP: Tensor) -> Tensor:
     return rotated.to(x_BHTDh.dtype)
 
 
+@dataclass
+class Placement:
+    """Where a forward's T new tokens sit, shared by every layer.
+
+    cos, sin: rotary tables at the tokens' positions, (T, P) or (B, 1, T, P) per sequence.
+    mask_B1TS: which keys each query may attend to; None = causal over the T tokens alone.
+    slots_T: the cache slots the new keys and values go to (None without a cache).
+    """
+
+    cos: Tensor
+    sin: Tensor
+    mask_B1TS: Tensor | None
+    slots_T: Tensor | None
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads and rotary positions.
 
@@ -220,10 +235,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim if per_head else q_width, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim if per_head else kv_width, config.norm_eps)
 
-    def forward(
-        self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None
-    ) -> Tensor:
-        """Args: x_BTD; cos/sin for the T new positions; kv_cache or None. Returns y_BTD."""
+    def forward(self, x_BTD: Tensor, where: Placement, kv_cache: KVCache | None) -> Tensor:
+        """Args: x_BTD; where the T new tokens are (Placement); kv_cache or None. Returns y_BTD."""
         B, T, _ = x_BTD.shape
         # 1. project (q/k norm), split heads; rotate q and k by their positions
         q, k = self.wq(x_BTD), self.wk(x_BTD)
@@ -235,44 +248,44 @@ class Attention(nn.Module):
             q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
         q_BHTDh, k_BGTDh = q_BTHDh.transpose(1, 2), k_BTGDh.transpose(1, 2)
         v_BGTDh = self.wv(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHTDh = apply_rope(q_BHTDh, cos_TP, sin_TP)
-        k_BGTDh = apply_rope(k_BGTDh, cos_TP, sin_TP)
+        q_BHTDh = apply_rope(q_BHTDh, where.cos, where.sin)
+        k_BGTDh = apply_rope(k_BGTDh, where.cos, where.sin)
 
-        # 2. append to the cache; attend over every cached position plus the new ones
-        start = 0
+        # 2. write into the cache; attend over all of its slots (the mask says which count)
         if kv_cache is not None:
-            start = kv_cache.length
-            k_BGTDh, v_BGTDh = kv_cache.update(self.layer, k_BGTDh, v_BGTDh)
+            k_BGTDh, v_BGTDh = kv_cache.update(self.layer, where.slots_T, k_BGTDh, v_BGTDh)
 
-        # 3. grouped-query: each key/value head serves num_heads / num_kv_heads query heads.
-        # The cache keeps the G heads; repeating happens here (works on every torch >= 2.4,
-        # unlike SDPA's enable_gqa).
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k_BGTDh = k_BGTDh.repeat_interleave(groups, dim=1)
-            v_BGTDh = v_BGTDh.repeat_interleave(groups, dim=1)
-        mask_TS, is_causal = causal_mask(start, T, x_BTD.device)
-        y_BHTDh = F.scaled_dot_product_attention(
-            q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask_TS, is_causal=is_causal
-        )
+        # 3. attention, each key/value head serving num_heads / num_kv_heads query heads
+        y_BHTDh = grouped_query_attention(q_BHTDh, k_BGTDh, v_BGTDh, where.mask_B1TS)
 
         # 4. merge heads and project back
         return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
-def causal_mask(start: int, num_new: int, device: torch.device) -> tuple[Tensor | None, bool]:
-    """(attn_mask, is_causal) for num_new queries at positions start.. over start+num_new keys.
+def grouped_query_attention(
+    q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, mask_B1TS: Tensor | None
+) -> Tensor:
+    """SDPA with G key/value heads for H query heads; causal when mask_B1TS is None.
 
-    SDPA's is_causal aligns the mask to the top-left corner, which is right only when there
-    are no cached keys; one new token may see every key; otherwise build the mask.
+    With a mask (a cache or padding), the query heads of one key/value head are folded
+    into its rows, (B, G, H/G * T, Dh), so the cached keys and values are read as they are,
+    never repeated per query head. Without one (training), SDPA's is_causal needs the rows
+    as they are, so the keys and values are repeated (works on every torch >= 2.4, unlike
+    SDPA's enable_gqa).
     """
-    if start == 0:
-        return None, num_new > 1
-    if num_new == 1:
-        return None, False
-    query_T1 = torch.arange(start, start + num_new, device=device).unsqueeze(1)
-    key_1S = torch.arange(start + num_new, device=device).unsqueeze(0)
-    return key_1S <= query_T1, False
+    B, H, T, Dh = q_BHTDh.shape
+    groups = H // k_BGSDh.shape[1]
+    if mask_B1TS is None:
+        if groups > 1:
+            k_BGSDh = k_BGSDh.repeat_interleave(groups, dim=1)
+            v_BGSDh = v_BGSDh.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q_BHTDh, k_BGSDh, v_BGSDh, is_causal=T > 1)
+    # Query head h uses key/value head h // groups (repeat_interleave's order), so the
+    # reshape puts row j * T + t of head g at query head g * groups + j, position t.
+    q_BGMDh = q_BHTDh.reshape(B, -1, groups * T, Dh)
+    mask_B1MS = mask_B1TS.repeat(1, 1, groups, 1)
+    y_BGMDh = F.scaled_dot_product_attention(q_BGMDh, k_BGSDh, v_BGSDh, attn_mask=mask_B1MS)
+    return y_BGMDh.reshape(B, H, T, Dh)
 
 
 class Block(nn.Module):
@@ -289,10 +302,10 @@ class Block(nn.Module):
             self.ffn = MLP(config.d_model, config.d_hidden, config.activation)
 
     def forward(
-        self, x_BTD: Tensor, cos_TP: Tensor, sin_TP: Tensor, kv_cache: KVCache | None
+        self, x_BTD: Tensor, where: Placement, kv_cache: KVCache | None
     ) -> tuple[Tensor, MoEOutput | None]:
         """Returns the new x_BTD and the MoE layer's output (None for a dense FFN)."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TP, sin_TP, kv_cache)
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), where, kv_cache)
         out = self.ffn(self.ffn_norm(x_BTD))
         if isinstance(out, MoEOutput):
             return x_BTD + out.hidden, out
@@ -395,25 +408,23 @@ class Transformer(nn.Module):
         targets: Tensor | None = None,
         kv_cache: KVCache | None = None,
         return_expert_ids: bool = False,
+        attention_mask_BT: Tensor | None = None,
     ) -> ModelOutput:
         """Run the decoder.
 
         Args:
             tokens_BT: (B, T) token ids; with a kv_cache, the tokens after the cached ones.
             targets: (B, T) next-token ids for the loss, or None.
-            kv_cache: a `KVCache` (models/kv_cache.py); positions continue from its length and it
-                grows by T.
+            kv_cache: a `KVCache` (models/kv_cache.py); the tokens take its next T slots and
+                their positions continue from each sequence's cached tokens.
             return_expert_ids: also return each MoE layer's per-token expert ids.
+            attention_mask_BT: 1 for real tokens, 0 for padding (any layout), or None (all
+                real). Padding is never attended to and takes no position.
         Returns:
             ModelOutput (logits (B, T, V), loss, aux_loss, per-layer stats, expert_ids).
         """
         B, T = tokens_BT.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence length ({start + T}) exceeds max_seq_len ({self.config.max_seq_len})"
-            )
-        cos_TP, sin_TP = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        where = self.place(tokens_BT, kv_cache, attention_mask_BT)
 
         # 1. embed, 2. blocks (collecting the MoE layers' losses and stats), 3. norm and head
         x_BTD = self.tok_embed(tokens_BT)
@@ -421,12 +432,10 @@ class Transformer(nn.Module):
         stats: list[MoEStats | None] = []
         with tap_routers(self.layers, enabled=return_expert_ids) as routings:
             for block in self.layers:
-                x_BTD, moe_out = block(x_BTD, cos_TP, sin_TP, kv_cache)
+                x_BTD, moe_out = block(x_BTD, where, kv_cache)
                 if moe_out is not None:
                     aux_loss = aux_loss + moe_out.aux_loss
                 stats.append(None if moe_out is None else moe_out.stats)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         logits_BTV = self.lm_head(self.norm(x_BTD))
 
         # 4. loss in fp32 (a bf16 log-softmax over V loses precision)
@@ -441,3 +450,30 @@ class Transformer(nn.Module):
         return ModelOutput(
             logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids
         )
+
+    def place(
+        self, tokens_BT: Tensor, kv_cache: KVCache | None, attention_mask_BT: Tensor | None
+    ) -> Placement:
+        """Positions, attention mask and cache slots of the new tokens (claims the slots)."""
+        B, T = tokens_BT.shape
+        start = 0
+        if kv_cache is not None and not torch.compiler.is_compiling():
+            start = kv_cache.length  # compiled decode steps check the room beforehand
+        if start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length ({start + T}) exceeds max_seq_len ({self.config.max_seq_len})"
+            )
+        if kv_cache is None and attention_mask_BT is None:
+            return Placement(self.rope_cos[:T], self.rope_sin[:T], None, None)
+        if attention_mask_BT is None:
+            real_BT = torch.ones(B, T, dtype=torch.bool, device=tokens_BT.device)
+        else:
+            real_BT = attention_mask_BT.to(device=tokens_BT.device, dtype=torch.bool)
+        slots_T = None
+        if kv_cache is None:
+            positions_BT, mask_B1TS = padded_positions(real_BT)
+        else:
+            slots_T, positions_BT, mask_B1TS = kv_cache.claim(real_BT)
+        cos_B1TP = self.rope_cos[positions_BT].unsqueeze(1)
+        sin_B1TP = self.rope_sin[positions_BT].unsqueeze(1)
+        return Placement(cos_B1TP, sin_B1TP, mask_B1TS, slots_T)

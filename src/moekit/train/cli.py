@@ -252,6 +252,11 @@ def generate_main(argv: list[str]) -> int:
         action="store_true",
         help="after the text, list each token's experts per MoE layer",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile (a one-time cost; faster per token)",
+    )
     args = parser.parse_args(argv)
     from .inference import generate_text
 
@@ -267,6 +272,7 @@ def generate_main(argv: list[str]) -> int:
             top_p=args.top_p,
             seed=args.seed,
             show_experts=args.show_experts,
+            compile=args.compile,
         ):
             print(piece.text, end="", flush=True)
             pieces.append(piece)

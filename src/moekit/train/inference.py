@@ -84,6 +84,7 @@ def generate_text(
     top_p: float | None = None,
     seed: int = 0,
     show_experts: bool = False,
+    compile: bool = False,
 ) -> Iterator[TextPiece]:
     """Stream text from a run's checkpoint with moekit.generate.stream.
 
@@ -97,6 +98,7 @@ def generate_text(
             (temperature 0 = greedy).
         seed: seed of the sampling generator.
         show_experts: fill TextPiece.expert_ids.
+        compile: run the decode step through torch.compile (pays off for long outputs).
     Yields:
         TextPiece per generated token.
     """
@@ -118,6 +120,7 @@ def generate_text(
         eos_token_id=tokenizer.eot_id,
         return_expert_ids=show_experts,
         generator=torch.Generator().manual_seed(seed),
+        compile=compile,
     )
     new_ids: list[int] = []
     shown = ""
