@@ -11,7 +11,7 @@ call (prefill included); the greedy tokens must be identical.
 
     python bench/generate.py                  # both models, batch 1 and 8, eager and compiled
     python bench/generate.py --models tiny --no-compile
-    python bench/generate.py --threshold      # the small-batch MoE path against dispatch
+    python bench/generate.py --threshold      # decode steps: small-batch MoE path or dispatch
 
 The decode limit: bytes one decode step must read (the distinct experts the batch uses,
 attention, router and norm weights, the output head, the embedding rows, the KV cache at
@@ -31,11 +31,10 @@ import torch
 import torch._inductor.config
 
 import moekit.moe
-from moekit import MoE, MoEConfig
 from moekit.benchmark import machine_summary
-from moekit.generate import generate
+from moekit.generate import _decode_step, compiled_decode_step, generate
 from moekit.interop import load_hf, save_hf
-from moekit.models import Transformer, presets
+from moekit.models import KVCache, Transformer, presets
 
 
 def tiny_mixtral(folder: Path) -> None:
@@ -73,15 +72,20 @@ def small_as_mixtral(folder: Path) -> None:
 MODELS = {"tiny": tiny_mixtral, "small": small_as_mixtral}
 
 
-def seconds(call, reps: int) -> tuple[float, object]:
-    """Median wall time of reps calls (after one warm-up call) and the last result."""
-    result = call()
-    times = []
+def seconds(calls: list, reps: int) -> list[tuple[float, object]]:
+    """Median wall time of each call and its last result, after one warm-up call each.
+
+    The calls take turns within each repetition, so a slow spell (other processes on the
+    cores) hits them alike.
+    """
+    results = [call() for call in calls]
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(reps):
-        start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            results[i] = call()
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), result) for t, result in zip(times, results)]
 
 
 def copy_bandwidth(megabytes: int = 512) -> float:
@@ -114,6 +118,7 @@ def step_bytes(model: Transformer, batch: int, cache_len: float) -> float:
     return size * (cfg.num_layers * (per_layer + kv) + head)
 
 
+@torch.no_grad()
 def hf_generate(hf_model, prompt_BT: torch.Tensor, new_tokens: int) -> torch.Tensor:
     out = hf_model.generate(
         prompt_BT,
@@ -153,19 +158,23 @@ def run_batch(name: str, model, hf_model, batch: int, bandwidth: float, args) ->
     prompt_BT = torch.randint(
         0, model.config.vocab_size, (batch, args.prompt_len), generator=torch.Generator()
     )
-    with torch.no_grad():
-        hf_s, hf_tokens = seconds(lambda: hf_generate(hf_model, prompt_BT, N), args.reps)
     kw = dict(max_new_tokens=N, temperature=0.0)
-    eager_s, eager = seconds(lambda: generate(model, prompt_BT, **kw).tokens_BN, args.reps)
-    cells = [name, str(batch), f"{batch * N / hf_s:.0f}", f"{batch * N / eager_s:.0f}"]
-    same = torch.equal(hf_tokens, eager)
-    best_s = eager_s
+    calls = [
+        lambda: hf_generate(hf_model, prompt_BT, N),
+        lambda: generate(model, prompt_BT, **kw).tokens_BN,
+    ]
+    cold = None
     if args.compile:
         torch._dynamo.reset()
         cold = _timed(lambda: generate(model, prompt_BT, compile=True, **kw))
-        comp_s, comp = seconds(
-            lambda: generate(model, prompt_BT, compile=True, **kw).tokens_BN, args.reps
-        )
+        calls.append(lambda: generate(model, prompt_BT, compile=True, **kw).tokens_BN)
+    timed = seconds(calls, args.reps)
+    (hf_s, hf_tokens), (eager_s, eager) = timed[:2]
+    cells = [name, str(batch), f"{batch * N / hf_s:.0f}", f"{batch * N / eager_s:.0f}"]
+    same = torch.equal(hf_tokens, eager)
+    best_s = eager_s
+    if cold is not None:
+        comp_s, comp = timed[2]
         same = same and torch.equal(hf_tokens, comp)
         per_token_gain = (eager_s - comp_s) / N
         pays = f"{(cold - comp_s) / per_token_gain:.0f}" if per_token_gain > 0 else "never"
@@ -185,47 +194,58 @@ def run_batch(name: str, model, hf_model, batch: int, bandwidth: float, args) ->
 
 def time_to_first_token(name: str, model, hf_model, args) -> str:
     prompt_BT = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator())
-    with torch.no_grad():
-        hf_s, _ = seconds(lambda: hf_generate(hf_model, prompt_BT, 1), args.reps)
-    ours_s, _ = seconds(lambda: generate(model, prompt_BT, max_new_tokens=1), args.reps)
+    (hf_s, _), (ours_s, _) = seconds(
+        [
+            lambda: hf_generate(hf_model, prompt_BT, 1),
+            lambda: generate(model, prompt_BT, max_new_tokens=1),
+        ],
+        args.reps,
+    )
     return (
         f"time to first token, 512-token prompt, batch 1, {name}: transformers "
         f"{hf_s * 1e3:.0f} ms, moekit {ours_s * 1e3:.0f} ms"
     )
 
 
-def layer_seconds(layer: MoE, x: torch.Tensor, small_batch_rows: int) -> float:
-    """Seconds per inference call of layer(x) with the small-batch limit set as given."""
+def step_ms(model: Transformer, batch: int, step, small_batch_rows: int) -> float:
+    """Milliseconds per decode step (after a 32-token prefill) with the given limit."""
     saved, moekit.moe.SMALL_BATCH_ROWS = moekit.moe.SMALL_BATCH_ROWS, small_batch_rows
     try:
+        cache = KVCache.for_model(model, batch, 256)
+        token_B1 = torch.randint(0, model.config.vocab_size, (batch, 1))
         with torch.no_grad():
-            return seconds(lambda: [layer(x) for _ in range(50)], 5)[0] / 50
+            model(torch.randint(0, model.config.vocab_size, (batch, 32)), kv_cache=cache)
+            calls = [lambda: [step(model, token_B1, cache, None) for _ in range(20)]]
+            return seconds(calls, 3)[0][0] / 20 * 1e3
     finally:
         moekit.moe.SMALL_BATCH_ROWS = saved
 
 
 def threshold_sweep(args) -> None:
-    """MoE layer time per inference call: the small-batch path against dispatch."""
-    shapes = {"tiny": (256, 512, 8, 2), "small": (512, 512, 16, 2)}
-    print("| layer D F E K | rows (T*K) | dispatch us | gathered us | gathered / dispatch |")
-    print("|---|---|---|---|---|")
-    for name, (D, F, E, K) in shapes.items():
-        torch.manual_seed(0)
-        layer = MoE(MoEConfig(d_model=D, d_hidden=F, num_experts=E, top_k=K)).eval()
-        for rows in (2, 4, 8, 16, 32, 64):
-            x = torch.randn(rows // K, 1, D)
-            times = [layer_seconds(layer, x, limit) for limit in (0, 10**6)]
-            print(
-                f"| {name} {D} {F} {E} {K} | {rows} | {times[0] * 1e6:.0f} | "
-                f"{times[1] * 1e6:.0f} | {times[1] / times[0]:.2f} |",
-                flush=True,
-            )
+    """Decode-step time, the small-batch MoE path against dispatch, eager and compiled."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_mixtral(Path(tmp) / "tiny")
+        model = load_hf(Path(tmp) / "tiny")
+    print("tiny Mixtral decode step, ms (batch B: B * top_k = 2B assignment rows per layer)")
+    print(
+        "| batch | rows | dispatch eager | gathered eager | dispatch compiled | gathered compiled |"
+    )
+    print("|---|---|---|---|---|---|")
+    for batch in args.batches:
+        cells = []
+        for step in (_decode_step, compiled_decode_step()):
+            for limit in (0, 10**6):
+                torch._dynamo.reset()
+                cells.append(f"{step_ms(model, batch, step, limit):.2f}")
+        eager, compiled = cells[:2], cells[2:]
+        row = [str(batch), str(2 * batch), *eager, *compiled]
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="default 1 8")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
@@ -233,6 +253,7 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--threshold", action="store_true", help="only the small-batch sweep")
     args = parser.parse_args()
+    args.batches = args.batches or ([1, 2, 4, 8] if args.threshold else [1, 8])
     torch.set_num_threads(args.threads)
     # Cold compile times, as a first run sees them (inductor's on-disk cache off).
     torch._inductor.config.fx_graph_cache = False

@@ -298,11 +298,13 @@ class GroupedExperts(nn.Module):
         return _GroupedMLP.apply(x_RD, self.w_up, self.w_down, offsets_E, ranges, self.activation)
 
     def forward_gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
-        """Each token through its own K experts, the chosen experts' weights gathered per slot.
+        """Each token through its own K experts, without sorting or grouping the T*K slots.
 
-        The small-batch path (decoding): no sort, no groups, one batched matmul per
-        projection over the T*K slots. Inference only: under autograd the gathers' backward
-        would scatter the weight gradients into full-size (E, ...) buffers.
+        The small-batch path (decoding). Eager: a loop over the distinct experts the slots
+        chose (ids read on the host, free on the CPU), each expert's weights used in place.
+        Compiled: the chosen experts' weights gathered per slot and one batched matmul per
+        projection (no host read, so it stays one graph). Inference only: under autograd the
+        gathers' backward would scatter the weight gradients into full-size buffers.
 
         Args:
             x_TD: tokens; ids_TK: each token's experts; weights_TK: combine weights (0 for
@@ -311,12 +313,23 @@ class GroupedExperts(nn.Module):
             y_TD = sum over k of weights_TK[t, k] * expert ids_TK[t, k] applied to x_TD[t].
         """
         T, K = ids_TK.shape
-        ids_A = ids_TK.flatten()
-        x_A1D = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
-        h_A1H = torch.bmm(x_A1D, self.w_up.index_select(0, ids_A))
-        y_A1D = torch.bmm(activate(h_A1H, self.activation), self.w_down.index_select(0, ids_A))
-        w_T1K = weights_TK.to(y_A1D.dtype).unsqueeze(1)
-        return torch.bmm(w_T1K, y_A1D.view(T, K, -1)).squeeze(1)
+        if torch.compiler.is_compiling():
+            ids_A = ids_TK.flatten()
+            x_A1D = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
+            h_A1H = torch.bmm(x_A1D, self.w_up.index_select(0, ids_A))
+            a_A1F = activate(h_A1H, self.activation)
+            y_AD = torch.bmm(a_A1F, self.w_down.index_select(0, ids_A)).squeeze(1)
+        else:
+            slots_of_expert: dict[int, list[int]] = {}
+            for slot, expert in enumerate(ids_TK.flatten().tolist()):
+                slots_of_expert.setdefault(expert, []).append(slot)
+            y_AD = x_TD.new_empty(T * K, self.d_model)
+            for expert, slots in slots_of_expert.items():
+                slots_R = torch.tensor(slots, device=x_TD.device)
+                h_RH = x_TD.index_select(0, slots_R // K) @ self.w_up[expert]
+                y_AD[slots_R] = activate(h_RH, self.activation) @ self.w_down[expert]
+        w_T1K = weights_TK.to(y_AD.dtype).unsqueeze(1)
+        return torch.bmm(w_T1K, y_AD.view(T, K, -1)).squeeze(1)
 
     def forward_reference(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """The obviously-correct loop (slow backward); the fast path must equal it."""

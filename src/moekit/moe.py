@@ -23,9 +23,11 @@ from .experts import MLP, GroupedExperts
 from .routing import build_router
 
 # A call with at most this many assignment rows (tokens * top_k) gathers each token's
-# experts instead of dispatching (inference only; see MoE.gathers_experts). Measured with
-# bench/generate.py --threshold, docs/benchmarks.md ("Decoding").
-SMALL_BATCH_ROWS = 16
+# experts instead of dispatching (inference only; see MoE.gathers_experts). Measured on a
+# tiny Mixtral's decode step (bench/generate.py --threshold, docs/benchmarks.md,
+# "Decoding"): 1.7x faster at 2 rows (batch 1, top-2), eager and compiled; from 4 rows on
+# no faster than dispatch, and slower in as many cases as faster.
+SMALL_BATCH_ROWS = 2
 
 
 @dataclass
