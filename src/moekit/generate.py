@@ -257,8 +257,9 @@ def _steps(
     B = prompt_BT.shape[0]
     tokens_BT = prompt_BT
     finished_B = torch.zeros(B, dtype=torch.bool, device=prompt_BT.device)
-    out = model(prompt_BT, kv_cache=cache, attention_mask_BT=real_BT)
-    logits_BV = out.logits[:, -1]  # left padding: the last column is real in every row
+    # Left padding: the last column is real in every row, and only it needs logits.
+    out = model(prompt_BT, kv_cache=cache, attention_mask_BT=real_BT, num_logits=1)
+    logits_BV = out.logits[:, -1]
     for step in range(max_new_tokens):
         # 1. pick the next token; finished sequences repeat eos
         token_B = sample(logits_BV)
@@ -280,7 +281,12 @@ def _steps(
             tokens_BT = torch.cat([tokens_BT, token_B.unsqueeze(1)], dim=1)
             if real_BT is not None:
                 real_BT = torch.cat([real_BT, real_BT.new_ones(B, 1)], dim=1)
-            out = model(tokens_BT, attention_mask_BT=real_BT, return_expert_ids=return_expert_ids)
+            out = model(
+                tokens_BT,
+                attention_mask_BT=real_BT,
+                return_expert_ids=return_expert_ids,
+                num_logits=1,
+            )
             logits_BV = out.logits[:, -1]
             if return_expert_ids:
                 expert_ids = [None if ids is None else ids[:, -1] for ids in out.expert_ids]

@@ -409,6 +409,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         return_expert_ids: bool = False,
         attention_mask_BT: Tensor | None = None,
+        num_logits: int | None = None,
     ) -> ModelOutput:
         """Run the decoder.
 
@@ -420,6 +421,8 @@ class Transformer(nn.Module):
             return_expert_ids: also return each MoE layer's per-token expert ids.
             attention_mask_BT: 1 for real tokens, 0 for padding (any layout), or None (all
                 real). Padding is never attended to and takes no position.
+            num_logits: only the last num_logits positions get logits (generation needs
+                the last one: the output head is a large share of a long prompt's time).
         Returns:
             ModelOutput (logits (B, T, V), loss, aux_loss, per-layer stats, expert_ids).
         """
@@ -436,6 +439,10 @@ class Transformer(nn.Module):
                 if moe_out is not None:
                     aux_loss = aux_loss + moe_out.aux_loss
                 stats.append(None if moe_out is None else moe_out.stats)
+        if num_logits is not None:
+            if targets is not None:
+                raise ValueError("num_logits leaves out logits the loss needs; pass one of them")
+            x_BTD = x_BTD[:, -num_logits:]
         logits_BTV = self.lm_head(self.norm(x_BTD))
 
         # 4. loss in fp32 (a bf16 log-softmax over V loses precision)
