@@ -26,7 +26,7 @@ from .routing import build_router
 # experts instead of dispatching (inference only; see MoE.gathers_experts). Measured on a
 # tiny Mixtral's decode step (bench/generate.py --threshold, docs/benchmarks.md,
 # "Decoding"): 1.7x faster at 2 rows (batch 1, top-2), eager and compiled; from 4 rows on
-# no faster than dispatch, and slower in as many cases as faster.
+# it lost 4 of 6 comparisons, each within the noise.
 SMALL_BATCH_ROWS = 2
 
 
