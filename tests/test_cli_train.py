@@ -114,7 +114,8 @@ def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
     assert stdout.count("validation loss") == 2
 
 
-def test_generate_greedy_equals_the_library(comparison):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_generate_greedy_equals_the_library(comparison, compiled):
     run = comparison[0] / "moe"
     prompt = "def decode(self, s"
     code, stdout, _ = run_cli(
@@ -126,6 +127,7 @@ def test_generate_greedy_equals_the_library(comparison):
         "0",
         "--max-new-tokens",
         "8",
+        *(["--compile"] if compiled else []),
     )
     assert code == 0
     model, tokenizer = load_trained_model(run), Tokenizer.load(run)
