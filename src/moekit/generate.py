@@ -9,10 +9,13 @@ Prompts of different lengths are left-padded into one batch: padding is masked o
 attention and takes no rotary position, so each sequence gets the tokens it would get
 decoded alone. With compile=True the one-token decode step runs through torch.compile
 over a static cache (models/kv_cache.py): one graph, traced once per batch size and cache
-length, reused at every position. Expert choice and Soft MoE layers are not causal, so their outputs in generation depend
+length, reused at every position.
+
+Expert choice and Soft MoE layers are not causal, so their outputs in generation depend
 on how many tokens one call sees; use token-choice routers in decoders. With a capacity
-factor, capacity also depends on the tokens per call; dropless routing (capacity_factor
-None) gives the same logits with and without the cache.
+factor, capacity also depends on the tokens per call (and padding takes room); dropless
+routing (capacity_factor None) gives the same logits with and without the cache, and in
+a batch or alone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from .models.expert_ids import tap_routers
 from .models.kv_cache import KVCache
 from .models.transformer import Transformer
 
-__all__ = ["Generation", "KVCache", "Step", "generate", "sample_next", "stream"]
+__all__ = [
+    "Generation",
+    "KVCache",
+    "Step",
+    "generate",
+    "left_padded",
+    "sample_next",
+    "stream",
+]
 
 # A compiled step's cache length is rounded up to a multiple of this, so prompts of
 # nearby lengths reuse one compiled graph (each new cache shape compiles once more).
