@@ -94,3 +94,13 @@ def test_training_and_large_calls_keep_the_general_path():
         limit = moekit.moe.SMALL_BATCH_ROWS // 2
         assert layer.gathers_experts(limit)
         assert not layer.gathers_experts(limit + 1)
+
+
+def test_heterogeneous_experts_keep_the_general_path():
+    from moekit.experts import MLP, ModuleExperts
+
+    layer = _layer(dict(router="softmax_topk"))
+    layer.experts = ModuleExperts([MLP(32, 8 + e) for e in range(8)])
+    with torch.no_grad():
+        assert not layer.gathers_experts(1)
+        assert layer(torch.randn(1, 32)).hidden.shape == (1, 32)

@@ -24,10 +24,10 @@ from .routing import build_router
 
 # A call with at most this many assignment rows (tokens * top_k) gathers each token's
 # experts instead of dispatching (inference only; see MoE.gathers_experts). Measured on a
-# tiny Mixtral's decode step (bench/generate.py --threshold, docs/benchmarks.md,
-# "Decoding"): 1.7x faster at 2 rows (batch 1, top-2), eager and compiled; from 4 rows on
-# it lost 4 of 6 comparisons, each within the noise.
-SMALL_BATCH_ROWS = 2
+# tiny Mixtral's decode step, two threads (bench/generate.py --threshold,
+# docs/benchmarks.md, "Decoding"): faster at 2, 4 and 8 rows (batch 1, 2, 4 with top-2),
+# eager and compiled; at 16 rows slower eager, level compiled.
+SMALL_BATCH_ROWS = 8
 
 
 @dataclass
@@ -164,12 +164,14 @@ class MoE(nn.Module):
         """Whether a call of num_tokens takes the small-batch path (`forward_gathered`).
 
         Only in inference (no autograd), for dropless, causal routers (token choice: a
-        token's experts depend on that token alone), and only for a few assignment rows:
+        token's experts depend on that token alone) and grouped experts (heterogeneous
+        `ModuleExperts` keep the general path), and only for a few assignment rows:
         below SMALL_BATCH_ROWS, sorting T*K slots costs more than the rows themselves.
         """
         cfg = self.config
         return (
             not torch.is_grad_enabled()
+            and isinstance(self.experts, GroupedExperts)
             and self.router.causal
             and cfg.capacity(num_tokens) is None
             and num_tokens * cfg.top_k <= SMALL_BATCH_ROWS
