@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..data import BatchLoader, sequential_batches
 from ..models import ModelConfig, Transformer
 from ..parallel import ParallelMesh
 from .checkpoint import checkpoint_dir, load_checkpoint
@@ -71,7 +70,10 @@ class Trainer:
         model_config: the model to build.
         train_config: the training settings.
         run_dir: the run directory (created if needed).
-        data: the run's tokenizer and streams (prepare_run_data).
+        data: the run's tokenizer and streams (prepare_run_data), or other data with
+            RunData's loader, eval_windows and domain_names (finetune's instructions).
+        model: the model to train (a fine-tuning base, say); None builds a fresh one from
+            model_config.
         mesh: the ranks to train on (parallel.training_mesh under torchrun), or None for
             this process alone. Rank 0 writes the run directory, rank r > 0 logs its local
             metrics in RUN/rank{r}/ (docs/scaling.md).
@@ -88,10 +90,11 @@ class Trainer:
         run_dir: str | Path,
         *,
         data: RunData,
+        model: Transformer | None = None,
         mesh: ParallelMesh | None = None,
         resume: bool = False,
         show_progress: bool = True,
-        data_source: str | None = None,
+        data_source: str | dict | None = None,
         routing_stats_every: int = 10,
     ):
         self.model_config, self.config = model_config, train_config
@@ -103,27 +106,25 @@ class Trainer:
             )
         torch.manual_seed(train_config.seed)
         self.run = run_on(mesh)
-        self.model = self.run.prepare(Transformer(model_config))
+        if model is not None and model.config != model_config:
+            raise ValueError("the given model was not built from model_config")
+        self.model = self.run.prepare(model if model is not None else Transformer(model_config))
         # The training forward, compiled when asked; evaluation and saving use the model.
         self.forward = torch.compile(self.model) if train_config.compile else self.model
         self.is_main = self.run.is_main
         self.show_progress = show_progress and self.is_main
         self.optimizer = build_optimizer(self.model, train_config)
-        self.loader = BatchLoader(
-            data.train,
-            batch_size=train_config.batch_size,
-            seq_len=train_config.seq_len,
-            seed=train_config.seed,
-        )
-        self.eval_batches = fixed_eval_batches(data, train_config)
+        self.loader = data.loader(train_config)
+        windows = data.eval_windows(train_config)
+        self.eval_batches = [batch[:2] for batch in windows]
         log_dir = self.run_dir if self.is_main else self.run_dir / f"rank{self.run.rank}"
         self.metrics = MetricsLog(log_dir)
         self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
-        self.eval_domains = (data.validation.domains, fixed_eval_domains(data, train_config))
+        self.eval_domains = (data.domain_names, [domains_BL for *_, domains_BL in windows])
         self.step, self.train_seconds = 0, 0.0
         self._start(resume, data_source)
 
-    def _start(self, resume: bool, data_source: str | None) -> None:
+    def _start(self, resume: bool, data_source: str | dict | None) -> None:
         run_config = {
             "format": RUN_FORMAT,
             "moekit_version": __version__,
@@ -311,30 +312,13 @@ def _trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.P
 
 
 def fixed_eval_batches(data: RunData, config: TrainConfig) -> list[tuple[Tensor, Tensor]]:
-    """eval_batches batches of evenly spaced validation windows (the same every eval).
-
-    Spread over the whole split, not its head: the split is laid out document by document
-    and the built-in corpus groups its documents by domain, so the first batches would hold
-    only the first domains.
-    """
-    return [batch[:2] for batch in _eval_windows(data, config)]
+    """The (inputs_BL, targets_BL) batches every evaluation uses (RunData.eval_windows)."""
+    return [batch[:2] for batch in data.eval_windows(config)]
 
 
 def fixed_eval_domains(data: RunData, config: TrainConfig) -> list[Tensor]:
     """The (B, L) domain ids of the target tokens of fixed_eval_batches."""
-    return [domains_BL for *_, domains_BL in _eval_windows(data, config)]
-
-
-def _eval_windows(data: RunData, config: TrainConfig) -> list[tuple[Tensor, ...]]:
-    return list(
-        sequential_batches(
-            data.validation,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-            return_domains=True,
-            max_windows=config.eval_batches * config.batch_size,
-        )
-    )
+    return [domains_BL for *_, domains_BL in data.eval_windows(config)]
 
 
 @torch.no_grad()
@@ -356,8 +340,11 @@ def evaluate(model: Transformer, batches, observe=None) -> float:
         out = model(inputs_BL, targets_BL, return_expert_ids=observe is not None)
         if observe is not None:
             observe(i, out)
-        total += out.loss.item() * targets_BL.numel()
-        count += targets_BL.numel()
+        # Weighted by the tokens the loss counts (fine-tuning ignores prompts and padding).
+        num_targets = int((targets_BL != -100).sum())
+        if num_targets:
+            total += out.loss.item() * num_targets
+            count += num_targets
     model.train(was_training)
     if count == 0:
         raise ValueError("no validation batches: the validation split is shorter than one sequence")
