@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..data import Tokenizer
 from ..data.tokenizer import TOKENIZER_FILE
 from ..interop import load_hf, save_hf
@@ -148,12 +150,13 @@ def prepare_model(
     if lora.rank:
         if not finetune.train_router and "router" in lora.target_list:
             raise ValueError("finetune.train_router false contradicts lora.targets 'router'")
+        torch.manual_seed(train_config.seed)  # the adapters' initialisation
         add_lora(model, lora)
     elif not finetune.train_router:
         for name, param in model.named_parameters():
             if ".router." in name:
                 param.requires_grad_(False)
-    return model, train_config
+    return model.train(), train_config  # a loaded base comes in eval mode
 
 
 def _rebuilt(base: Transformer, config: ModelConfig) -> Transformer:
