@@ -216,3 +216,57 @@ def test_finetune_command_writes_a_chat_model_and_a_peft_adapter(tmp_path, base_
     assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
         "<|user|>\nHello<|endoftext|>\n<|assistant|>\n"
     )
+
+
+def test_the_instruction_set_is_deterministic_and_holds_families_out():
+    from moekit.finetune.instructions import HELD_OUT, build_instructions, math_answer
+
+    train, held_out = build_instructions(num_math=60)
+    again, _ = build_instructions(num_math=60)
+    assert [c.messages for c in train] == [c.messages for c in again]
+    assert {c.family for c in held_out} == set(HELD_OUT)
+    assert not {c.family for c in train} & set(HELD_OUT)
+    families = {c.family for c in train}
+    assert {"python-explain", "chat-greetings", "math-addition"} <= families
+    division = next(c for c in held_out if c.family == "math-division")
+    assert math_answer(division.messages[1]["content"]).count("remainder") == 1
+    for conversation in train + held_out:  # every example passes the data checks
+        parse_line(json.dumps({"messages": conversation.messages}), conversation.source)
+
+
+def test_router_freezing_and_aux_losses_are_settings(base_dir):
+    from moekit.finetune.job import FinetuneConfig, prepare_model
+    from moekit.models.lora import LoRAConfig
+
+    base, _ = load_base(base_dir)
+    frozen, _ = prepare_model(base, {}, LoRAConfig(), FinetuneConfig(train_router=False))
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and not any(".router." in n for n in trainable)
+    assert frozen.training  # a loaded base comes in eval mode; dropout and noise must act
+    base, _ = load_base(base_dir)
+    quiet, train = prepare_model(
+        base, {"train.lr": "1e-4"}, LoRAConfig(), FinetuneConfig(aux_losses=False)
+    )
+    assert quiet.config.moe.balance_loss_coef == 0 and train.lr == 1e-4
+    assert quiet(torch.zeros(1, 4, dtype=torch.long)).aux_loss.item() == 0.0
+    with pytest.raises(ValueError, match="contradicts lora.targets 'router'"):
+        prepare_model(
+            base, {}, LoRAConfig(rank=2, targets="router"), FinetuneConfig(train_router=False)
+        )
+    with pytest.raises(ValueError, match="do not fit the base's weights"):
+        prepare_model(base, {"model.num_experts": "8"}, LoRAConfig(), FinetuneConfig())
+    with pytest.raises(ValueError, match=r"train.seq_len \(100\) exceeds"):
+        prepare_model(base, {"train.seq_len": "100"}, LoRAConfig(), FinetuneConfig())
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_on_a_small_budget(tmp_path):
+    from moekit.finetune.demo import DemoBudget, run_demo
+
+    budget = DemoBudget(
+        pretrain_steps=4, finetune_steps=3, eval_per_family=2, exact_match_per_family=1
+    )
+    results = run_demo(tmp_path, seeds=1, show_progress=False, budget=budget)
+    assert set(results["seeds"][0]) == {"moe", "moe, router frozen", "dense"}
+    assert "| moe, router frozen |" in results["table"]
+    assert (tmp_path / "results.json").is_file()

@@ -28,7 +28,7 @@ from ..data import Tokenizer
 from ..generate import generate
 from ..models import Transformer, presets
 from ..models.lora import LoRAConfig
-from ..train import TrainConfig, compare, default_out_dir, load_trained_model
+from ..train import TrainConfig, compare, default_out_dir, load_trained_model, write_prepared
 from .chat import DEFAULT_TEMPLATE, IGNORE, ChatTemplate, Conversation
 from .data import encode_all, pad_batch
 from .instructions import build_instructions, math_answer
@@ -131,12 +131,16 @@ def run_demo(
     train_set, held_out = build_instructions()
     loss_set, math_set = _evaluation_sets(held_out, budget)
     results: dict = {"budget": vars(budget), "seeds": {}}
+    # The default corpus, tokenised once for every seed's pretraining.
+    corpus = out / "corpus" / "train.bin"
+    if not corpus.exists():
+        write_prepared(None, corpus.parent, vocab_size=presets.tiny().vocab_size)
     for seed in range(seeds):
         pretrain = out / f"seed{seed}" / "pretrain"
         config = TrainConfig(
             steps=budget.pretrain_steps, batch_size=budget.pretrain_batch, seed=seed
         )
-        compare(presets.tiny(), config, pretrain, show_progress=show_progress)
+        compare(presets.tiny(), config, pretrain, data=corpus, show_progress=show_progress)
         tokenizer = Tokenizer.load(pretrain / "moe")
         template = ChatTemplate(DEFAULT_TEMPLATE, tokenizer)
         row, before_by_run = {}, {}
