@@ -22,8 +22,9 @@ from moekit.finetune.chat import (
 )
 from moekit.finetune.data import pad_batch
 from moekit.finetune.job import finetune, load_base
-from moekit.interop import save_hf
+from moekit.interop import load_hf, save_hf
 from moekit.models import ModelConfig, Transformer
+from moekit.train import load_trained_model
 from moekit.train.checkpoint import read_checkpoint_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,6 +212,11 @@ def test_finetune_command_writes_a_chat_model_and_a_peft_adapter(tmp_path, base_
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    # moekit reads the LoRA run back with its adapters merged: the merged export's logits
+    tokens = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        ours = load_trained_model(out)(tokens).logits
+        torch.testing.assert_close(load_hf(out / "merged")(tokens).logits, ours)
     hf = transformers.AutoTokenizer.from_pretrained(out / "merged")
     messages = [{"role": "user", "content": "Hello"}]
     assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (

@@ -37,15 +37,15 @@ from .job import FinetuneConfig, run_finetune
 
 @dataclass(kw_only=True)
 class DemoBudget:
-    """Steps and sizes of the demo; the defaults take minutes per seed on 2 cores."""
+    """Steps and sizes of the demo: about five minutes per seed on 2 shared cores."""
 
     pretrain_steps: int = 150
-    pretrain_batch: int = 32
-    finetune_steps: int = 100
-    finetune_batch: int = 16
+    pretrain_batch: int = 16
+    finetune_steps: int = 60
+    finetune_batch: int = 8
     finetune_lr: float = 1e-3
-    eval_per_family: int = 24
-    exact_match_per_family: int = 16
+    eval_per_family: int = 16
+    exact_match_per_family: int = 8
     max_new_tokens: int = 48
     seq_len: int = 128
 

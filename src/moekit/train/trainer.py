@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..models import ModelConfig, Transformer
+from ..models.lora import LoRAConfig, add_lora, merge_lora
 from ..parallel import ParallelMesh
 from .checkpoint import checkpoint_dir, load_checkpoint
 from .config import (
@@ -379,11 +380,18 @@ def run_configs(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, str | No
 
 
 def load_trained_model(run_dir: str | Path) -> Transformer:
-    """The run's model with its checkpoint's weights, in eval mode."""
-    model_config, _, _ = run_configs(run_dir)
+    """The run's model with its checkpoint's weights, in eval mode.
+
+    A LoRA fine-tuning run (its config.json's data names a "lora" rank) comes back with
+    the adapters merged into the weights.
+    """
+    model_config, _, source = run_configs(run_dir)
     model = Transformer(model_config)
+    lora = source.get("lora") if isinstance(source, dict) else None
+    if lora and lora.get("rank"):
+        add_lora(model, LoRAConfig(**lora))
     load_checkpoint(run_dir, model)
-    return model.eval()
+    return (merge_lora(model) if lora and lora.get("rank") else model).eval()
 
 
 def _perplexity(loss: float) -> float:
