@@ -276,3 +276,13 @@ def test_the_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert set(results["seeds"][0]) == {"moe", "moe, router frozen", "dense"}
     assert "| moe, router frozen |" in results["table"]
     assert (tmp_path / "results.json").is_file()
+
+
+def test_demo_budget_overrides_are_parsed_and_checked():
+    from moekit.finetune.cli import _demo_budget
+
+    assert _demo_budget(["--demo.pretrain_steps", "600"]).pretrain_steps == 600
+    with pytest.raises(ValueError, match="--demo.FIELD settings"):
+        _demo_budget(["--train.steps", "3"])
+    with pytest.raises(ValueError, match="expects an integer"):
+        _demo_budget(["--demo.pretrain_steps", "many"])

@@ -28,7 +28,8 @@ Settings are dotted overrides as in `moekit train`:
 
 --demo runs the Flan-MoE experiment instead (docs/finetune.md): pretrain the tiny MoE and
 its dense twin, instruction-tune both on the embedded instruction set, and compare them on
-held-out task families.
+held-out task families; --demo.FIELD sets its budget (pretrain_steps, pretrain_batch,
+finetune_steps, finetune_batch, finetune_lr, eval_per_family, exact_match_per_family).
 """
 
 
@@ -58,7 +59,8 @@ def finetune_main(argv: list[str]) -> int:
         if args.demo:
             from .demo import run_demo
 
-            run_demo(args.out, seeds=args.seeds, show_progress=not args.no_progress)
+            budget = _demo_budget(extra)
+            run_demo(args.out, seeds=args.seeds, show_progress=not args.no_progress, budget=budget)
             return 0
         return _finetune(args, extra)
     except ValueError as error:
@@ -69,6 +71,20 @@ def finetune_main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _demo_budget(extra: list[str]):
+    """The demo's DemoBudget with --demo.FIELD overrides (e.g. --demo.pretrain_steps 600)."""
+    from ..train.overrides import parse_overrides, parse_setting
+    from .demo import DemoBudget
+
+    changes = {}
+    for key, raw in parse_overrides(extra).items():
+        section, _, name = key.partition(".")
+        if section != "demo":
+            raise ValueError(f"--demo takes --demo.FIELD settings (DemoBudget), not --{key}")
+        changes[name] = parse_setting(DemoBudget, name, raw, key)
+    return DemoBudget(**changes)
 
 
 def _finetune(args: argparse.Namespace, extra: list[str]) -> int:
