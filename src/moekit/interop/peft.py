@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..models import Transformer
 from ..models.lora import LoRAConfig, lora_state_dict
+from .hf_config import hf_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -122,11 +123,13 @@ def save_peft(
     Returns:
         The folder, written beside and renamed into place.
     Raises:
-        ValueError: an adapter PEFT cannot express; no adapters; a non-empty path.
+        ValueError: a base save_hf cannot write, or an adapter PEFT cannot express (named);
+            no adapters; a non-empty path.
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{str(path)!r} exists and is not an empty folder")
+    hf_config(model.config)  # the base must have a Hugging Face form (ValueError naming why)
     tensors, modules, parameters = peft_tensors(model)
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save")
