@@ -28,11 +28,17 @@ from ..interop import load_hf, save_hf
 from ..interop.peft import save_peft
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora, remove_lora
-from ..train import TrainConfig, Trainer, TrainResult
+from ..train import TrainConfig, Trainer, TrainResult, load_trained_model
 from ..train.checkpoint import checkpoint_dir
 from ..train.overrides import apply_overrides, parse_setting
 from ..train.trainer import read_run_config
-from .chat import DEFAULT_TEMPLATE, ChatTemplate, Conversation, tokenizer_config
+from .chat import (
+    DEFAULT_TEMPLATE,
+    ChatTemplate,
+    Conversation,
+    read_conversations,
+    tokenizer_config,
+)
 from .data import InstructionData, encode_all
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -90,8 +96,6 @@ def load_base(path: str | Path) -> tuple[Transformer, Tokenizer]:
     Raises:
         ValueError: naming the path and why it cannot be loaded.
     """
-    from ..train import load_trained_model
-
     path = Path(path)
     if not (path / "config.json").is_file():
         hint = " (a comparison: pick BASE/moe or BASE/dense)" if (path / "moe").is_dir() else ""
@@ -201,8 +205,6 @@ def finetune(
         raise ValueError(f"--out {str(out)!r} already holds {what} or choose a new folder")
     rest, lora, config = split_overrides(overrides)
     base, tokenizer = load_base(base_path)
-    from .chat import read_conversations
-
     conversations = read_conversations(data_path)
     train, validation = split_examples(conversations, config.eval_fraction)
     source = {"base": str(base_path), "data": str(data_path), "overrides": overrides}
