@@ -42,6 +42,7 @@ from .data import RunData
 from .metrics import MetricsLog, RoutingLog, read_metrics
 from .run import run_on
 from .step import optimizer_step, train_record
+from .tensorboard import TensorBoardLog
 
 CONFIG_FILE = "config.json"
 RUN_FORMAT = 1
@@ -122,6 +123,10 @@ class Trainer:
         self.eval_domains = (data.validation.domains, fixed_eval_domains(data, train_config))
         self.step, self.train_seconds = 0, 0.0
         self._start(resume, data_source)
+        # After _start: a resumed run drops the events past its checkpoint's step.
+        self.tensorboard = None
+        if train_config.tensorboard:
+            self.tensorboard = TensorBoardLog(log_dir, purge_step=self.step + 1 if resume else None)
 
     def _start(self, resume: bool, data_source: str | None) -> None:
         run_config = {
@@ -189,6 +194,8 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 and self.step < last:
                     self.save()
         self.save()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return self.result()
 
     def train_step(self) -> dict:
@@ -204,7 +211,9 @@ class Trainer:
         self.step += 1
         self.routing.add(out.stats)
         if self.step % max(self.routing.every, 1) == 0 or self.step == self.config.steps:
-            self.routing.flush(self.step)
+            routing_record = self.routing.flush(self.step)
+            if self.tensorboard is not None:
+                self.tensorboard.routing(routing_record)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         record = train_record(
@@ -216,7 +225,7 @@ class Trainer:
             throughput=("tokens_per_s", num_tokens / seconds),
             stats=out.stats,
         )
-        self.metrics.append(record)
+        self._log(record)
         return record
 
     def evaluate_and_log(self) -> float:
@@ -231,15 +240,16 @@ class Trainer:
         with self._autocast():
             loss = self.run.mean(evaluate(self.model, batches, observe=observe))
         self.routing.write_eval(self.step, names)
-        self.metrics.append(
-            {
-                "split": "val",
-                "step": self.step,
-                "loss": loss,
-                "perplexity": _perplexity(loss),
-            }
+        self._log(
+            {"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)}
         )
         return loss
+
+    def _log(self, record: dict) -> None:
+        """A metrics record into metrics.jsonl (and TensorBoard, when on)."""
+        self.metrics.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
     def save(self) -> Path:
         """Checkpoint the current step into run_dir/checkpoint/."""
