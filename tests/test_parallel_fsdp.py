@@ -111,3 +111,114 @@ def _owner(model, name: str) -> ExpertParallelExperts | None:
 )
 def test_fsdp_and_expert_parallel_equal_one_process(router, world, ep):
     spawn_local(_worker, (router, ep), world_size=world, timeout_s=240)
+
+
+# ---------------------------------------------------------------- through the Trainer
+
+TRAIN_MICRO = {
+    "model.vocab_size": "384", "model.d_model": "32", "model.num_layers": "2",
+    "model.num_heads": "2", "model.num_kv_heads": "1", "model.max_seq_len": "32",
+    "model.moe.d_hidden": "32", "model.num_experts": "4", "model.moe.balance_loss_coef": "0",
+    "train.steps": "4", "train.batch_size": "4", "train.seq_len": "32", "train.eval_every": "2",
+    "train.eval_batches": "2", "train.checkpoint_every": "2",
+}  # fmt: skip
+
+
+def _trainer(
+    folder: str, text: str, run: str, mesh, resume: bool = False, router: str = "softmax_topk"
+):
+    from moekit.train import Trainer
+    from moekit.train.data import prepare_run_data
+    from moekit.train.overrides import build_configs
+
+    model_config, train_config = build_configs("tiny", TRAIN_MICRO | {"model.moe.router": router})
+    data = prepare_run_data(f"{folder}/{run}", data=text, vocab_size=384, mesh=mesh)
+    return Trainer(
+        model_config, train_config, f"{folder}/{run}", data=data, mesh=mesh, resume=resume,
+        show_progress=False,
+    )  # fmt: skip
+
+
+def _train_losses(run_dir: str) -> list[float]:
+    from moekit.train import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir, split="train")]
+
+
+def trainer_worker(folder: str, text: str, ep: int, router: str) -> None:
+    """FSDP (x EP) through the Trainer: the single-process losses and weights, a stopped and
+    resumed run bit-identical to an uninterrupted one, and the checkpoint resumed in one
+    process (another layout) ending at the same weights."""
+    from safetensors.torch import load_file
+
+    from moekit.parallel import init_parallel
+
+    mesh = init_parallel(ep, timeout_s=120, device=torch.device("cpu"), fsdp=True)
+    _trainer(folder, text, "whole", mesh, router=router).train()
+    _trainer(folder, text, "half", mesh, router=router).train(stop_at=2)
+    _trainer(folder, text, "stopped", mesh, router=router).train(stop_at=2)
+    resumed = _trainer(folder, text, "stopped", mesh, resume=True, router=router)
+    assert resumed.step == 2
+    resumed.train()
+    if mesh.rank == 0:
+        whole = load_file(f"{folder}/whole/checkpoint/model.safetensors")
+        again = load_file(f"{folder}/stopped/checkpoint/model.safetensors")
+        for name, tensor in whole.items():
+            assert torch.equal(tensor, again[name]), name
+        # One process, same data and seed: the same losses and weights (to rounding).
+        _trainer(folder, text, "single", None, router=router).train()
+        for got, want in zip(_train_losses(f"{folder}/whole"), _train_losses(f"{folder}/single")):
+            assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+        single = load_file(f"{folder}/single/checkpoint/model.safetensors")
+        for name, tensor in single.items():
+            torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+        # The FSDP checkpoint of step 2 resumes in one process (another layout): the same
+        # end weights as the uninterrupted FSDP run.
+        relayout = _trainer(folder, text, "half", None, resume=True, router=router)
+        assert relayout.step == 2
+        relayout.train()
+        ended = load_file(f"{folder}/half/checkpoint/model.safetensors")
+        for name, tensor in whole.items():
+            torch.testing.assert_close(ended[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp", "fsdp_x_ep2"])
+def test_trainer_under_fsdp_equals_one_process_and_resumes(tmp_path, ep):
+    import inspect
+    import json
+    import textwrap
+
+    text = tmp_path / "source.txt"
+    text.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    spawn_local(
+        trainer_worker, (str(tmp_path), str(text), ep, "sigmoid_topk"), world_size=2, timeout_s=300
+    )
+
+
+def test_torchrun_fsdp_x_ep_trains_the_comparison_end_to_end(tmp_path):
+    """The literal command: `torchrun ... -m moekit train --parallel.fsdp true --parallel.ep 2`."""
+    import inspect
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import load_file
+
+    text = tmp_path / "source.txt"
+    text.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    micro = [f"--{key}={value}" for key, value in TRAIN_MICRO.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "moekit", "train", "--parallel.fsdp", "true", "--parallel.ep", "2",
+               "--data", str(text), "--out", str(tmp_path / "job"), "--no-progress", "--threads", "1",
+               *micro]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "speed-up" in done.stdout
+    weights = load_file(str(tmp_path / "job/moe/checkpoint/model.safetensors"))
+    assert weights["layers.0.ffn.experts.w_up"].shape[0] == 4  # consolidated: every expert
+    memory = json.loads((tmp_path / "job/moe/memory.json").read_text())
+    assert memory["parameters_mib"] > 0
+    assert memory["optimizer_mib"] == pytest.approx(2 * memory["parameters_mib"], abs=0.002)
+    assert "bytes per rank" in done.stdout

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .all_to_all import ExpertParallelExperts
 from .mesh import ParallelMesh
@@ -106,3 +106,113 @@ def sharded_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
                 if isinstance(value, Tensor) and value.dim() > 0:
                     state += _local(value).numel() * value.element_size()
     return {"parameters": params, "gradients": grads, "optimizer": state}
+
+
+# Checkpoints: the consolidated format of parallel/checkpoint.py (every tensor whole, as
+# one process writes it), so a run saved under FSDP x EP resumes at any layout, one process
+# included. Saving gathers each tensor (FSDP shards, then the EP group's expert slices) on
+# every rank for the moment of the save; loading keeps this rank's shard of each.
+
+
+def _ep_owner(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    return {
+        f"{name}.{param}": module
+        for name, module in model.named_modules()
+        if isinstance(module, ExpertParallelExperts)
+        for param in ("w_up", "w_down")
+    }
+
+
+def _gather(t: Tensor, owner: ExpertParallelExperts | None) -> Tensor:
+    """A sharded tensor made whole: FSDP's shards, then the EP group's expert slices."""
+    if hasattr(t, "full_tensor"):
+        full = t.full_tensor()
+        # The gather may still be in flight (an AsyncCollectiveTensor): wait, and own it.
+        full = (full.wait() if hasattr(full, "wait") else full).clone()
+    else:
+        full = t.detach()
+    if owner is None or full.dim() == 0:
+        return full
+    parts = [torch.empty_like(full) for _ in range(owner.ep)]
+    dist.all_gather(parts, full.contiguous(), group=owner.ep_group)
+    return torch.cat(parts)
+
+
+def _scatter(full: Tensor, like: Tensor, owner: ExpertParallelExperts | None) -> Tensor:
+    """This rank's part of a whole tensor, shaped and placed like `like` (a DTensor shard)."""
+    if owner is not None and full.dim() > 0:
+        full = full[owner.first_expert : owner.first_expert + owner.num_experts]
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
+    return full
+
+
+def _resharded(model: nn.Module) -> None:
+    """Put every FSDP unit back in its sharded state. After a forward without backward (an
+    evaluation) the root keeps its weights gathered, and its attributes then point at the
+    gathered buffers, which FSDP frees later: never read or write those."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@torch.no_grad()
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter whole (collective), and the persistent buffers."""
+    _resharded(model)
+    owners = _ep_owner(model)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
+    state = {name: _gather(p, owners.get(name)) for name, p in params.items()}
+    for name, value in model.state_dict().items():
+        if name not in params:  # persistent buffers (never sharded)
+            state[name] = value.detach()
+    return state
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy whole tensors (full_state's, or a one-process checkpoint's) into the shards."""
+    _resharded(model)
+    owners = _ep_owner(model)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
+    for name, value in state.items():
+        if name in params:
+            local = _scatter(value, params[name], owners.get(name))
+            _local(params[name]).copy_(_local(local))
+    buffers = {k: v for k, v in state.items() if k not in params}
+    model.load_state_dict(buffers, strict=False)
+
+
+@torch.no_grad()
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """AdamW moments whole, named "{param}.{exp_avg|exp_avg_sq|step}" (train.checkpoint's)."""
+    _resharded(model)
+    owners = _ep_owner(model)
+    tensors = {}
+    for name, param in model.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            whole = _gather(value, owners.get(name)) if isinstance(value, Tensor) else value
+            tensors[f"{name}.{key}"] = torch.as_tensor(whole).detach().cpu().contiguous()
+    return tensors
+
+
+@torch.no_grad()
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
+) -> None:
+    """Inverse of full_optimizer_state: each parameter's moments as its own shards."""
+    _resharded(model)
+    owners = _ep_owner(model)
+    params = dict(model.named_parameters())
+    unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - set(params))
+    if unknown:
+        raise KeyError(f"optimizer state for unknown parameters {unknown[:3]}")
+    for key, value in tensors.items():
+        name, field = key.rsplit(".", 1)
+        param = params[name]
+        if value.dim() == 0:  # the step count
+            optimizer.state[param][field] = value.clone()
+        else:
+            optimizer.state[param][field] = _scatter(value, param, owners.get(name))

@@ -48,6 +48,9 @@ CONFIG_FILE = "config.json"
 RUN_FORMAT = 1
 
 
+MEMORY_FILE = "memory.json"  # under a mesh: the largest rank's MiB after the first step
+
+
 @dataclass
 class TrainResult:
     """What a finished (or stopped) run reports.
@@ -184,6 +187,8 @@ class Trainer:
         ):
             while self.step < last:
                 record = self.train_step()
+                if self.step == 1:
+                    self._report_memory()
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -245,6 +250,20 @@ class Trainer:
         )
         return loss
 
+    def _report_memory(self) -> None:
+        """Under a mesh, once: what the largest rank holds (docs/scaling.md has the layouts)."""
+        memory = self.run.memory(self.model, self.optimizer)
+        if memory is None:
+            return
+        if self.is_main:
+            (self.run_dir / MEMORY_FILE).write_text(json.dumps(memory, indent=1), encoding="utf-8")
+            print(
+                f"bytes per rank (largest): parameters {memory['parameters_mib']:.2f} MiB, "
+                f"gradients {memory['gradients_mib']:.2f} MiB, "
+                f"optimizer {memory['optimizer_mib']:.2f} MiB",
+                flush=True,
+            )
+
     def _log(self, record: dict) -> None:
         """A metrics record into metrics.jsonl (and TensorBoard, when on)."""
         self.metrics.append(record)
@@ -299,8 +318,15 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # Sharded (DTensor) parameters take the plain per-parameter loop.
+    fused = not any(hasattr(p, "device_mesh") for p in params)
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=fused or None,
+        foreach=None if fused else False,
     )
 
 
