@@ -222,3 +222,9 @@ def test_torchrun_fsdp_x_ep_trains_the_comparison_end_to_end(tmp_path):
     assert memory["parameters_mib"] > 0
     assert memory["optimizer_mib"] == pytest.approx(2 * memory["parameters_mib"], abs=0.002)
     assert "bytes per rank" in done.stdout
+    assert "all-to-all on rank 0:" in done.stdout  # communication against compute
+    records = [
+        json.loads(line) for line in (tmp_path / "job/moe/metrics.jsonl").read_text().splitlines()
+    ]
+    exchanged = [r["all_to_all_s"] for r in records if r["split"] == "train"]
+    assert len(exchanged) == 4 and all(s > 0 for s in exchanged)

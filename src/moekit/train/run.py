@@ -27,6 +27,7 @@ model with FSDP2 on top of it):
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -92,8 +93,8 @@ class LocalRun:
     def any(self, flag: bool) -> bool:
         return flag
 
-    def memory(self, model: nn.Module, optimizer) -> dict | None:
-        return None  # one process: nothing is split, nothing to report
+    def report_memory(self, model: nn.Module, optimizer, run_dir: str | Path) -> None:
+        pass  # one process: nothing is split, nothing to report
 
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
         return clip_gradients(model, max_norm)
@@ -142,16 +143,22 @@ class DistributedRun:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
         return bool(t)
 
-    def memory(self, model: nn.Module, optimizer) -> dict:
-        """The largest rank's parameter, gradient and optimizer-state MiB (collective)."""
+    def report_memory(self, model: nn.Module, optimizer, run_dir: str | Path) -> None:
+        """The largest rank's parameter, gradient and optimizer-state MiB (collective):
+        printed by rank 0 and written to RUN/memory.json."""
         held = sharded_bytes(model, optimizer)
         held["gradients"] = held["parameters"]  # every trained weight gets a gradient
-        t = torch.tensor(
-            [held[k] for k in ("parameters", "gradients", "optimizer")], dtype=torch.float64
-        )
+        names = ("parameters", "gradients", "optimizer")
+        t = torch.tensor([held[k] for k in names], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
-        names = ("parameters_mib", "gradients_mib", "optimizer_mib")
-        return {name: round(v / 2**20, 3) for name, v in zip(names, t.tolist())}
+        memory = {f"{k}_mib": round(v / 2**20, 3) for k, v in zip(names, t.tolist())}
+        if self.is_main:
+            (Path(run_dir) / MEMORY_FILE).write_text(json.dumps(memory, indent=1), encoding="utf-8")
+            print(
+                "bytes per rank (largest): "
+                + ", ".join(f"{k} {memory[k + '_mib']:.2f} MiB" for k in names),
+                flush=True,
+            )
 
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
         """Average the gradients over the mesh, clip to the global norm (returned), and sum
@@ -228,6 +235,7 @@ class FSDPRun(DistributedRun):
 
 
 Run = LocalRun | DistributedRun | FSDPRun
+MEMORY_FILE = "memory.json"
 
 
 def run_on(mesh: ParallelMesh | None) -> Run:

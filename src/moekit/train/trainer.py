@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import __version__
 from ..data import BatchLoader, sequential_batches
 from ..models import ModelConfig, Transformer
-from ..parallel import ParallelMesh
+from ..parallel import ParallelMesh, exchange_seconds
 from .checkpoint import checkpoint_dir, load_checkpoint
 from .config import (
     TrainConfig,
@@ -46,9 +46,6 @@ from .tensorboard import TensorBoardLog
 
 CONFIG_FILE = "config.json"
 RUN_FORMAT = 1
-
-
-MEMORY_FILE = "memory.json"  # under a mesh: the largest rank's MiB after the first step
 
 
 @dataclass
@@ -124,7 +121,7 @@ class Trainer:
         self.metrics = MetricsLog(log_dir)
         self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
         self.eval_domains = (data.validation.domains, fixed_eval_domains(data, train_config))
-        self.step, self.train_seconds = 0, 0.0
+        self.step, self.train_seconds, self.exchange_seconds = 0, 0.0, 0.0
         self._start(resume, data_source)
         # After _start: a resumed run drops the events past its checkpoint's step.
         self.tensorboard = None
@@ -187,8 +184,8 @@ class Trainer:
         ):
             while self.step < last:
                 record = self.train_step()
-                if self.step == 1:
-                    self._report_memory()
+                if self.step == 1:  # under a mesh: the largest rank's bytes, once
+                    self.run.report_memory(self.model, self.optimizer, self.run_dir)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -201,6 +198,13 @@ class Trainer:
         self.save()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.exchange_seconds and self.is_main:
+            share = self.exchange_seconds / max(self.train_seconds, 1e-9)
+            print(
+                f"all-to-all on rank 0: {self.exchange_seconds:.1f} s of "
+                f"{self.train_seconds:.1f} s of training steps ({share:.0%}); the rest is compute",
+                flush=True,
+            )
         return self.result()
 
     def train_step(self) -> dict:
@@ -230,6 +234,10 @@ class Trainer:
             throughput=("tokens_per_s", num_tokens / seconds),
             stats=out.stats,
         )
+        exchanged = exchange_seconds(self.model)
+        if exchanged:  # expert parallelism: this rank's all-to-all time within the step
+            record["all_to_all_s"] = exchanged
+            self.exchange_seconds += exchanged
         self._log(record)
         return record
 
@@ -249,20 +257,6 @@ class Trainer:
             {"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)}
         )
         return loss
-
-    def _report_memory(self) -> None:
-        """Under a mesh, once: what the largest rank holds (docs/scaling.md has the layouts)."""
-        memory = self.run.memory(self.model, self.optimizer)
-        if memory is None:
-            return
-        if self.is_main:
-            (self.run_dir / MEMORY_FILE).write_text(json.dumps(memory, indent=1), encoding="utf-8")
-            print(
-                f"bytes per rank (largest): parameters {memory['parameters_mib']:.2f} MiB, "
-                f"gradients {memory['gradients_mib']:.2f} MiB, "
-                f"optimizer {memory['optimizer_mib']:.2f} MiB",
-                flush=True,
-            )
 
     def _log(self, record: dict) -> None:
         """A metrics record into metrics.jsonl (and TensorBoard, when on)."""
