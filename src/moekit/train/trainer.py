@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import __version__
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora
-from ..parallel import ParallelMesh
+from ..parallel import ParallelMesh, exchange_seconds
 from .checkpoint import checkpoint_dir, load_checkpoint
 from .config import (
     TrainConfig,
@@ -42,6 +42,7 @@ from .data import RunData
 from .metrics import MetricsLog, RoutingLog, read_metrics
 from .run import run_on
 from .step import optimizer_step, train_record
+from .tensorboard import TensorBoardLog
 
 CONFIG_FILE = "config.json"
 RUN_FORMAT = 1
@@ -122,8 +123,12 @@ class Trainer:
         self.metrics = MetricsLog(log_dir)
         self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
         self.eval_domains = (data.domain_names, [domains_BL for *_, domains_BL in windows])
-        self.step, self.train_seconds = 0, 0.0
+        self.step, self.train_seconds, self.exchange_seconds = 0, 0.0, 0.0
         self._start(resume, data_source)
+        # After _start: a resumed run drops the events past its checkpoint's step.
+        self.tensorboard = None
+        if train_config.tensorboard:
+            self.tensorboard = TensorBoardLog(log_dir, purge_step=self.step + 1 if resume else None)
 
     def _start(self, resume: bool, data_source: str | dict | None) -> None:
         run_config = {
@@ -181,6 +186,8 @@ class Trainer:
         ):
             while self.step < last:
                 record = self.train_step()
+                if self.step == 1:  # under a mesh: the largest rank's bytes, once
+                    self.run.report_memory(self.model, self.optimizer, self.run_dir)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -191,6 +198,15 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 and self.step < last:
                     self.save()
         self.save()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.exchange_seconds and self.is_main:
+            share = self.exchange_seconds / max(self.train_seconds, 1e-9)
+            print(
+                f"all-to-all on rank 0: {self.exchange_seconds:.1f} s of "
+                f"{self.train_seconds:.1f} s of training steps ({share:.0%}); the rest is compute",
+                flush=True,
+            )
         return self.result()
 
     def train_step(self) -> dict:
@@ -206,7 +222,9 @@ class Trainer:
         self.step += 1
         self.routing.add(out.stats)
         if self.step % max(self.routing.every, 1) == 0 or self.step == self.config.steps:
-            self.routing.flush(self.step)
+            routing_record = self.routing.flush(self.step)
+            if self.tensorboard is not None:
+                self.tensorboard.routing(routing_record)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         record = train_record(
@@ -218,7 +236,11 @@ class Trainer:
             throughput=("tokens_per_s", num_tokens / seconds),
             stats=out.stats,
         )
-        self.metrics.append(record)
+        exchanged = exchange_seconds(self.model)
+        if exchanged:  # expert parallelism: this rank's all-to-all time within the step
+            record["all_to_all_s"] = exchanged
+            self.exchange_seconds += exchanged
+        self._log(record)
         return record
 
     def evaluate_and_log(self) -> float:
@@ -233,15 +255,16 @@ class Trainer:
         with self._autocast():
             loss = self.run.mean(evaluate(self.model, batches, observe=observe))
         self.routing.write_eval(self.step, names)
-        self.metrics.append(
-            {
-                "split": "val",
-                "step": self.step,
-                "loss": loss,
-                "perplexity": _perplexity(loss),
-            }
+        self._log(
+            {"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)}
         )
         return loss
+
+    def _log(self, record: dict) -> None:
+        """A metrics record into metrics.jsonl (and TensorBoard, when on)."""
+        self.metrics.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
     def save(self) -> Path:
         """Checkpoint the current step into run_dir/checkpoint/."""
@@ -291,8 +314,15 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # Sharded (DTensor) parameters take the plain per-parameter loop.
+    fused = not any(hasattr(p, "device_mesh") for p in params)
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=fused or None,
+        foreach=None if fused else False,
     )
 
 
