@@ -286,3 +286,10 @@ def test_demo_budget_overrides_are_parsed_and_checked():
         _demo_budget(["--train.steps", "3"])
     with pytest.raises(ValueError, match="expects an integer"):
         _demo_budget(["--demo.pretrain_steps", "many"])
+
+
+def test_lora_settings_without_a_rank_warn():
+    from moekit.finetune.job import split_overrides
+
+    with pytest.warns(UserWarning, match="lora.alpha, lora.targets: no effect without lora.rank"):
+        split_overrides({"lora.targets": "experts", "lora.alpha": "4"})

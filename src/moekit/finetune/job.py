@@ -17,6 +17,7 @@ import dataclasses
 import json
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,12 @@ def split_overrides(overrides: dict[str, str]) -> tuple[dict, LoRAConfig, Finetu
             sections[section][name] = parse_setting(cls, name, raw, key)
         else:
             rest[key] = raw
-    return rest, LoRAConfig(**sections["lora"]), FinetuneConfig(**sections["finetune"])
+    lora = LoRAConfig(**sections["lora"])
+    idle = sorted(f"lora.{name}" for name in sections["lora"] if name != "rank")
+    if idle and not lora.rank:
+        message = f"{', '.join(idle)}: no effect without lora.rank (full fine-tuning)"
+        warnings.warn(message, stacklevel=2)
+    return rest, lora, FinetuneConfig(**sections["finetune"])
 
 
 def prepare_model(
