@@ -146,8 +146,12 @@ def shared_experts(moe, x_D: Tensor) -> Tensor:
 # ---------------------------------------------------------------- token-choice routers
 
 
-def route_token(moe, x_D: Tensor, noise_E: Tensor | None, jitter_D: Tensor | None) -> TokenRoute:
-    """One token through the configured router, from the paper's definition."""
+def route_token(
+    moe, x_D: Tensor, noise_E: Tensor | None, jitter_D: Tensor | None, uniform: Tensor | None = None
+) -> TokenRoute:
+    """One token through the configured router, from the paper's definition.
+
+    uniform: the gshard router's U(0, 1) draw in training (None: keep both experts)."""
     cfg = moe.config
     E, K = cfg.num_experts, cfg.top_k
     W = moe.router.weight.to(x_D.dtype)  # (E, D)
@@ -175,6 +179,15 @@ def route_token(moe, x_D: Tensor, noise_E: Tensor | None, jitter_D: Tensor | Non
     p = softmax(scores)
     order = descending(p.tolist())
 
+    if cfg.router == "gshard":
+        # GShard Algorithm 1: top-2, g1 + g2 normalised to 1; in training the second expert
+        # is dispatched only when 2 * g2 > a U(0, 1) draw. No renormalisation after it.
+        first, second = order[:2]
+        g1, g2 = p[first] / (p[first] + p[second]), p[second] / (p[first] + p[second])
+        picks = [(first, g1)]
+        if uniform is None or 2 * g2.item() > uniform.item():
+            picks.append((second, g2))
+        return TokenRoute(picks, p, p.tolist(), p, logits)
     if cfg.router == "dense":
         chosen = list(range(E))
     elif cfg.router == "top_p":
@@ -345,6 +358,7 @@ def _token_choice(moe, x_TD: Tensor) -> ReferenceOutput:
     if moe.training and cfg.router == "switch" and cfg.jitter_eps > 0:
         eps = cfg.jitter_eps
         jitter_TD = torch.empty(T, cfg.d_model, dtype=torch.float32).uniform_(1 - eps, 1 + eps)
+    uniform_T = torch.rand(T) if moe.training and cfg.router == "gshard" else None
 
     routes = [
         route_token(
@@ -352,6 +366,7 @@ def _token_choice(moe, x_TD: Tensor) -> ReferenceOutput:
             x_TD[t],
             None if noise_TE is None else noise_TE[t],
             None if jitter_TD is None else jitter_TD[t],
+            None if uniform_T is None else uniform_T[t],
         )
         for t in range(T)
     ]

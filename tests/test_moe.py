@@ -117,3 +117,9 @@ def test_routed_output_is_the_weighted_sum_of_chosen_experts():
 
     expected = w0 * expert(0) + w2 * expert(2)
     torch.testing.assert_close(moe(x).hidden, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_token_ids_instead_of_hidden_states_is_one_clear_error():
+    moe = make_moe()
+    with pytest.raises(TypeError, match=r"floating point.*torch\.int64.*embed token ids first"):
+        moe(torch.ones(3, 8, dtype=torch.long))

@@ -104,3 +104,13 @@ def test_heterogeneous_experts_keep_the_general_path():
     with torch.no_grad():
         assert not layer.gathers_experts(1)
         assert layer(torch.randn(1, 32)).hidden.shape == (1, 32)
+
+
+def test_lora_experts_keep_the_general_path():
+    # A subclass computes its own way (adapters beside the 3-D weights).
+    from moekit.models.lora import LoRAConfig, LoRAGroupedExperts
+
+    layer = _layer(dict(router="softmax_topk"))
+    layer.experts = LoRAGroupedExperts(layer.experts, LoRAConfig(rank=2))
+    with torch.no_grad():
+        assert not layer.gathers_experts(1)

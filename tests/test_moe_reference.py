@@ -34,6 +34,7 @@ TOKEN_CHOICE = {
         router="sigmoid_topk", num_experts=8, num_groups=4, topk_groups=2, routed_scaling=2.5
     ),
     "top_p": dict(router="top_p", num_experts=6, top_k=3, top_p=0.6),
+    "gshard": dict(router="gshard", top_k=2),
 }
 CAPACITY = {
     "dropless": dict(capacity_factor=None),
@@ -171,7 +172,8 @@ def layer_configs(draw):
     router = draw(st.sampled_from(ROUTERS))
     # One expert-choice expert scores every token 1.0: which C tokens it takes is a tie.
     num_experts = draw(st.integers(2 if router == "expert_choice" else 1, 6))
-    top_k = 1 if router == "switch" else draw(st.integers(1, num_experts))
+    num_experts = max(num_experts, 2) if router == "gshard" else num_experts
+    top_k = {"switch": 1, "gshard": 2}.get(router) or draw(st.integers(1, num_experts))
     settings = dict(router=router, num_experts=num_experts, top_k=top_k)
     settings["capacity_factor"] = draw(st.sampled_from([None, 0.25, 0.5, 1.0, 1.5]))
     settings["overflow"] = draw(st.sampled_from(["drop", "reroute"]))

@@ -245,3 +245,29 @@ def test_compiled_training_follows_the_eager_run(tmp_path, text_file):
     assert comp_losses == pytest.approx(eager_losses, rel=1e-4)
     for key, value in eager_weights.items():
         torch.testing.assert_close(comp_weights[key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_tensorboard_events_mirror_the_metrics_and_routing_logs(tmp_path, text_file):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tmp_path, text_file, steps=4, eval_every=2, tensorboard=True)
+    trainer.routing.every = 2
+    trainer.train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    train = read_metrics(tmp_path, split="train")
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [e.value for e in logged] == pytest.approx([r["loss"] for r in train], rel=1e-6)
+    val = read_metrics(tmp_path, split="val")
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("val/loss")] == [
+        (r["step"], r["loss"]) for r in val
+    ]
+    for tag in ("train/lr", "train/tokens_per_s", "train/load_cv", "routing/layer0/load_cv"):
+        assert tag in events.Tags()["scalars"], tag
+    routing = [r for r in read_metrics(tmp_path / "routing.jsonl") if r["split"] == "train"]
+    histogram = events.Histograms("routing/layer1/expert_load")
+    assert [h.step for h in histogram] == [r["step"] for r in routing] == [2, 4]
+    counts = routing[-1]["layers"][1]["tokens_per_expert"]
+    assert list(histogram[-1].histogram_value.bucket) == counts

@@ -36,6 +36,10 @@ COMMANDS = {
         "moekit.interop.cli:convert_main",
         "convert between Hugging Face checkpoints and moekit runs",
     ),
+    "finetune": (
+        "moekit.finetune.cli:finetune_main",
+        "fine-tune a run or Hugging Face model on conversations (full or LoRA; --demo)",
+    ),
     "upcycle": (
         "moekit.surgery.cli:upcycle_main",
         "turn a trained dense run into an MoE whose experts copy its FFN",

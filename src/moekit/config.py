@@ -11,6 +11,7 @@ ROUTERS = (
     "softmax_topk",
     "noisy_topk",
     "switch",
+    "gshard",
     "sigmoid_topk",
     "top_p",
     "expert_choice",
@@ -94,6 +95,8 @@ class MoEConfig:
             self.top_k = self.num_experts
         if self.router == "switch" and self.top_k != 1:
             raise ValueError(f"the switch router is top-1; got top_k ({self.top_k})")
+        if self.router == "gshard" and self.top_k != 2:
+            raise ValueError(f"the gshard router is top-2; got top_k ({self.top_k})")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k ({self.top_k!r}) must be >= 1")
         if self.top_k > self.num_experts:

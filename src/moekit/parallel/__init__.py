@@ -9,7 +9,7 @@ as mesh:` and passes the mesh to the Trainer. See docs/scaling.md for what is gl
 checkpoints, and the communication planner (`moekit bench --comm`).
 """
 
-from .all_to_all import ExpertParallelExperts
+from .all_to_all import ExpertParallelExperts, exchange_seconds
 from .apply import (
     all_reduce_router_loads,
     clip_grad_norm,
@@ -42,6 +42,7 @@ __all__ = [
     "consolidated",
     "data_parallel",
     "default_device",
+    "exchange_seconds",
     "expert_parameters",
     "full_optimizer_tensors",
     "init_parallel",

@@ -14,6 +14,8 @@ takes part in both directions even with zero rows (no rank waits on a missing pe
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -21,7 +23,23 @@ from torch import Tensor
 from ..experts import GroupedExperts
 
 
-def _exchange(x_RD: Tensor, send_sizes: list[int], recv_sizes: list[int], group) -> Tensor:
+class ExchangeClock:
+    """Wall seconds this layer spent in all-to-all exchanges (forward and backward) since
+    the last read: the communication side of the run log's compute/communication split.
+    The exchanges are synchronous here (gloo), so their wall time is their cost."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def read_and_reset(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _exchange(
+    x_RD: Tensor, send_sizes: list[int], recv_sizes: list[int], group, clock: ExchangeClock
+) -> Tensor:
+    start = time.perf_counter()
     out = x_RD.new_empty(sum(recv_sizes), *x_RD.shape[1:])
     dist.all_to_all_single(
         out,
@@ -30,6 +48,7 @@ def _exchange(x_RD: Tensor, send_sizes: list[int], recv_sizes: list[int], group)
         input_split_sizes=send_sizes,
         group=group,
     )
+    clock.seconds += time.perf_counter() - start
     return out
 
 
@@ -37,14 +56,15 @@ class _AllToAll(torch.autograd.Function):
     """Rows to their ranks; backward sends the gradients the same way back."""
 
     @staticmethod
-    def forward(ctx, x_RD, send_sizes, recv_sizes, group):
-        ctx.sizes, ctx.group = (send_sizes, recv_sizes), group
-        return _exchange(x_RD, send_sizes, recv_sizes, group)
+    def forward(ctx, x_RD, send_sizes, recv_sizes, group, clock):
+        ctx.sizes, ctx.group, ctx.clock = (send_sizes, recv_sizes), group, clock
+        return _exchange(x_RD, send_sizes, recv_sizes, group, clock)
 
     @staticmethod
     def backward(ctx, grad_RD):
         send_sizes, recv_sizes = ctx.sizes
-        return _exchange(grad_RD, recv_sizes, send_sizes, ctx.group), None, None, None
+        grad = _exchange(grad_RD, recv_sizes, send_sizes, ctx.group, ctx.clock)
+        return grad, None, None, None, None
 
 
 class _Permute(torch.autograd.Function):
@@ -108,6 +128,7 @@ class ExpertParallelExperts(GroupedExperts):
         self.ep_group, self.ep = ep_group, ep
         self.num_global_experts = experts.num_experts
         self.first_expert = ep_rank * local
+        self.clock = ExchangeClock()
         with torch.no_grad():
             rows = slice(self.first_expert, self.first_expert + local)
             self.w_up.copy_(experts.w_up[rows])
@@ -126,14 +147,16 @@ class ExpertParallelExperts(GroupedExperts):
         dist.all_to_all_single(recv_SL, send_SL, group=self.ep_group)
         send_sizes, recv_sizes = send_SL.sum(1).tolist(), recv_SL.sum(1).tolist()
         # 2. rows out, 3. regroup by local expert and run the experts
-        x_in_RD = _AllToAll.apply(x_RD[: sum(send_sizes)], send_sizes, recv_sizes, self.ep_group)
+        x_in_RD = _AllToAll.apply(
+            x_RD[: sum(send_sizes)], send_sizes, recv_sizes, self.ep_group, self.clock
+        )
         order_R = expert_major_order(recv_SL)
         y_local_RD = super().forward(_Permute.apply(x_in_RD, order_R), recv_SL.sum(0))
         # 4. back to source-major order, then home
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         y_in_RD = _Permute.apply(y_local_RD, inverse_R)
-        y_RD = _AllToAll.apply(y_in_RD, recv_sizes, send_sizes, self.ep_group)
+        y_RD = _AllToAll.apply(y_in_RD, recv_sizes, send_sizes, self.ep_group, self.clock)
         # The plan's padding rows (dropped slots) stay home and are never read: zeros.
         padding = x_RD.shape[0] - y_RD.shape[0]
         return torch.cat([y_RD, y_RD.new_zeros(padding, y_RD.shape[-1])]) if padding else y_RD
@@ -144,3 +167,11 @@ class ExpertParallelExperts(GroupedExperts):
             f"{self.num_global_experts}, ep={self.ep}, d_model={self.d_model}, "
             f"d_hidden={self.d_hidden}, activation={self.activation}"
         )
+
+
+def exchange_seconds(model: torch.nn.Module) -> float:
+    """Seconds every expert-parallel layer of `model` spent in all-to-alls since the last
+    call (then reset): 0.0 without expert parallelism."""
+    return sum(
+        m.clock.read_and_reset() for m in model.modules() if isinstance(m, ExpertParallelExperts)
+    )

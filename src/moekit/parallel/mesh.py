@@ -37,6 +37,9 @@ class ParallelMesh:
     dp_group: dist.ProcessGroup
     world_group: dist.ProcessGroup
     device: torch.device
+    # Shard every weight, gradient and optimizer moment with FSDP2 on top of the EP x DP
+    # layout (parallel/fsdp.py), instead of replicating the non-expert ones.
+    fsdp: bool = False
 
     @property
     def world_size(self) -> int:
@@ -69,7 +72,11 @@ def default_device() -> torch.device:
 
 
 def init_parallel(
-    ep: int, *, timeout_s: float = DEFAULT_TIMEOUT_S, device: torch.device | None = None
+    ep: int,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    device: torch.device | None = None,
+    fsdp: bool = False,
 ) -> ParallelMesh:
     """Join the default process group (env:// as torchrun sets it) and build the mesh.
 
@@ -88,10 +95,12 @@ def init_parallel(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), timeout=timeout)
-    return build_mesh(ep, timeout=timeout, device=device)
+    return build_mesh(ep, timeout=timeout, device=device, fsdp=fsdp)
 
 
-def build_mesh(ep: int, *, timeout: timedelta, device: torch.device) -> ParallelMesh:
+def build_mesh(
+    ep: int, *, timeout: timedelta, device: torch.device, fsdp: bool = False
+) -> ParallelMesh:
     """The EP x DP groups of an initialised world (every rank must call this, in step)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if not isinstance(ep, int) or ep < 1 or world % ep:
@@ -116,6 +125,7 @@ def build_mesh(ep: int, *, timeout: timedelta, device: torch.device) -> Parallel
         dp_group=dp_group,
         world_group=world_group,
         device=device,
+        fsdp=fsdp,
     )
 
 
@@ -147,7 +157,9 @@ def mesh_from_device_mesh(device_mesh) -> ParallelMesh:
 
 
 @contextlib.contextmanager
-def training_mesh(ep: int | None, timeout_s: float) -> Iterator[ParallelMesh | None]:
+def training_mesh(
+    ep: int | None, timeout_s: float, fsdp: bool = False
+) -> Iterator[ParallelMesh | None]:
     """The mesh `moekit train` runs on: from torchrun's env vars, or None for one process.
 
     Inside the block, ranks other than 0 print nothing (rank 0 reports for all); on a
@@ -158,8 +170,14 @@ def training_mesh(ep: int | None, timeout_s: float) -> Iterator[ParallelMesh | N
     Args:
         ep: the expert-parallel size (None = 1); more than 1 needs torchrun.
         timeout_s: the collective timeout of every group, in seconds.
+        fsdp: shard the model with FSDP2 (needs torchrun too).
     """
     if not launched_by_torchrun():
+        if fsdp:
+            raise ValueError(
+                "--parallel.fsdp true needs one process per rank: "
+                "torchrun --nproc-per-node N -m moekit train --parallel.fsdp true ..."
+            )
         if ep not in (None, 1):
             raise ValueError(
                 f"--parallel.ep {ep} needs one process per rank: "
@@ -167,7 +185,7 @@ def training_mesh(ep: int | None, timeout_s: float) -> Iterator[ParallelMesh | N
             )
         yield None
         return
-    mesh = init_parallel(ep or 1, timeout_s=timeout_s, device=torch.device("cpu"))
+    mesh = init_parallel(ep or 1, timeout_s=timeout_s, device=torch.device("cpu"), fsdp=fsdp)
     with contextlib.ExitStack() as stack:
         if mesh.rank != 0:
             devnull = stack.enter_context(open(os.devnull, "w", encoding="utf-8"))

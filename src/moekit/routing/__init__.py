@@ -10,12 +10,13 @@ from .expert_choice import ExpertChoiceRouter
 from .noisy import NoisyTopK
 from .sigmoid import SigmoidTopK
 from .soft import SoftRouter
-from .softmax import Dense, SoftmaxTopK, Switch, TopP
+from .softmax import Dense, GShardTop2, SoftmaxTopK, Switch, TopP
 
 ROUTER_CLASSES: dict[str, type[nn.Module]] = {
     "softmax_topk": SoftmaxTopK,
     "noisy_topk": NoisyTopK,
     "switch": Switch,
+    "gshard": GShardTop2,
     "sigmoid_topk": SigmoidTopK,
     "top_p": TopP,
     "expert_choice": ExpertChoiceRouter,
@@ -41,6 +42,7 @@ __all__ = [
     "Dense",
     "ExpertChoice",
     "ExpertChoiceRouter",
+    "GShardTop2",
     "LossParts",
     "NoisyTopK",
     "Router",

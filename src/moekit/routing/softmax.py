@@ -64,6 +64,45 @@ class Switch(Router):
         )
 
 
+class GShardTop2(Router):
+    """GShard (Lepikhin et al. 2020, Algorithm 1): top-2 whose second expert is random.
+
+    The top-2 softmax weights are normalised to g1 + g2 = 1. In training the second
+    expert is then dispatched only with probability 2 * g2 (<= 1, since g2 <= g1): a token
+    whose second choice barely matters rarely spends an expert's capacity on it. The first
+    expert keeps its weight g1 either way (no renormalisation after the draw, as in the
+    paper), and a skipped second slot is an unused slot (valid_TK False, weight 0). In
+    evaluation both experts are used, deterministically. The draw uses torch's global
+    generator, so torch.manual_seed makes it reproducible.
+    """
+
+    splits_exactly: ClassVar[bool] = False
+
+    def forward(self, x_TD: Tensor) -> TokenChoice:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        top_TK, ids_TK = probs_TE.topk(2, dim=-1)
+        weights_TK = top_TK / top_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        valid_TK = None
+        if self.training:
+            keep_second_T = 2 * weights_TK[:, 1].detach() > torch.rand_like(weights_TK[:, 1])
+            valid_TK = torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=-1)
+            weights_TK = weights_TK * valid_TK
+        return TokenChoice(
+            weights_TK=weights_TK,
+            ids_TK=ids_TK,
+            valid_TK=valid_TK,
+            gate_TE=probs_TE,
+            rank_TE=probs_TE,
+            logits_TE=logits_TE,
+            probs_TE=probs_TE,
+        )
+
+    @classmethod
+    def weights_not_summing_to_one(cls, config) -> str | None:
+        return "the gshard router drops a token's second expert at random in training"
+
+
 class TopP(Router):
     """Dynamic routing (Huang et al. 2024): the fewest experts whose probabilities reach p.
 

@@ -79,6 +79,14 @@ def train_main(argv: list[str]) -> int:
         help="expert-parallel size under torchrun (the rest is data parallel; default 1)",
     )
     parser.add_argument(
+        "--parallel.fsdp",
+        dest="parallel_fsdp",
+        choices=["true", "false"],
+        default="false",
+        help="shard weights, gradients and optimizer state with FSDP2 under torchrun "
+        "(composes with --parallel.ep; default false)",
+    )
+    parser.add_argument(
         "--parallel.timeout",
         dest="parallel_timeout",
         type=float,
@@ -94,7 +102,8 @@ def train_main(argv: list[str]) -> int:
     keep_freed_memory()
     mesh = None
     try:
-        with training_mesh(args.parallel_ep, args.parallel_timeout) as mesh:
+        fsdp = args.parallel_fsdp == "true"
+        with training_mesh(args.parallel_ep, args.parallel_timeout, fsdp) as mesh:
             return _run_train(args, extra, mesh)
     except ValueError as error:
         return command_error("train", error)

@@ -46,6 +46,8 @@ class TrainConfig:
     # torch.compile the training forward and backward (one graph for the whole model; the
     # first step pays the compile, docs/benchmarks.md says when that pays off).
     compile: bool = False
+    # Also write TensorBoard event files (RUN/tensorboard/; needs moekit[tensorboard]).
+    tensorboard: bool = False
 
     # Validation loss on eval_batches batches of windows spread evenly over the validation
     # split (the same batches every time, so curves compare), every eval_every steps and at

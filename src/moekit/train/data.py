@@ -13,7 +13,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
 from ..data import (
+    BatchLoader,
     CorpusConfig,
     Document,
     Tokenizer,
@@ -22,11 +25,13 @@ from ..data import (
     load_documents,
     load_stream,
     prepare,
+    sequential_batches,
     split_documents,
     train_tokenizer,
 )
 from ..data.tokenizer import TOKENIZER_FILE
 from ..parallel import ParallelMesh
+from .config import TrainConfig
 from .run import run_on
 
 DATA_DIR = "data"
@@ -35,11 +40,44 @@ TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
 
 @dataclass
 class RunData:
-    """The tokenizer and the two token streams a run trains and evaluates on."""
+    """The tokenizer and the two token streams a run trains and evaluates on.
+
+    The Trainer asks its data for three things, which instruction data (finetune/) also
+    answers: `loader(config)` (next_batch, state_dict, load_state_dict), `eval_windows(config)`
+    ((inputs_BL, targets_BL, domains_BL) batches, the same every evaluation) and
+    `domain_names` (what the domain ids of those batches stand for).
+    """
 
     tokenizer: Tokenizer
     train: TokenStream
     validation: TokenStream
+
+    def loader(self, config: TrainConfig) -> BatchLoader:
+        """Shuffled, resumable windows of the training stream."""
+        return BatchLoader(
+            self.train, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed
+        )
+
+    def eval_windows(self, config: TrainConfig) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """eval_batches batches of evenly spaced validation windows, with their domains.
+
+        Spread over the whole split, not its head: the split is laid out document by
+        document and the built-in corpus groups its documents by domain, so the first
+        batches would hold only the first domains.
+        """
+        return list(
+            sequential_batches(
+                self.validation,
+                batch_size=config.batch_size,
+                seq_len=config.seq_len,
+                return_domains=True,
+                max_windows=config.eval_batches * config.batch_size,
+            )
+        )
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return self.validation.domains
 
 
 def prepare_run_data(

@@ -106,10 +106,11 @@ class RoutingLog(MetricsLog):
             self._sums[layer] = (counts_E, scalars)
         self._steps += 1
 
-    def flush(self, step: int) -> None:
-        """Write the accumulated training record for the steps up to `step` (if any)."""
+    def flush(self, step: int) -> dict | None:
+        """Write the accumulated training record for the steps up to `step` (if any) and
+        return it."""
         if not self._sums:
-            return
+            return None
         layers = []
         for layer, (counts_E, scalars) in sorted(self._sums.items()):
             means = (scalars / self._steps).tolist()
@@ -117,8 +118,10 @@ class RoutingLog(MetricsLog):
                 {"layer": layer, "tokens_per_expert": counts_E.tolist()}
                 | dict(zip(ROUTING_SCALARS, means, strict=True))
             )
-        self.append({"split": "train", "step": step, "steps": self._steps, "layers": layers})
+        record = {"split": "train", "step": step, "steps": self._steps, "layers": layers}
+        self.append(record)
         self._sums, self._steps = {}, 0
+        return record
 
     def eval_observer(self, domains_per_batch: list, num_domains: int, num_experts: int):
         """A callback for `evaluate(..., observe=)`: counts batch i's assignments by domain.

@@ -59,18 +59,37 @@ def build_configs(preset: str, overrides: dict[str, str]) -> tuple[ModelConfig, 
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    model = PRESETS[preset]()
-    model_changes, moe_changes, train_changes = {}, {}, {}
+    return apply_overrides(PRESETS[preset](), overrides, label=f"the preset {preset!r}")
+
+
+def apply_overrides(
+    model: ModelConfig,
+    overrides: dict[str, str],
+    *,
+    label: str = "the model",
+    train_defaults: dict | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """model with the model.* overrides, and a TrainConfig with the train.* ones.
+
+    Args:
+        model: the config to start from (a preset's, or a fine-tuning base's).
+        overrides: {dotted key: raw value} from parse_overrides.
+        label: what model is, for the error of an MoE setting on a dense model.
+        train_defaults: TrainConfig fields that replace its defaults (before the overrides).
+    Returns:
+        (model_config, train_config), validated by their __post_init__.
+    """
+    model_changes, moe_changes, train_changes = {}, {}, dict(train_defaults or {})
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
         if section == "train":
             train_changes[name] = parse_setting(TrainConfig, name, raw, key)
         elif section == "model" and name.startswith("moe."):
-            moe_changes[name[4:]] = parse_setting(MoEConfig, name[4:], raw, key, model.moe, preset)
+            moe_changes[name[4:]] = parse_setting(MoEConfig, name[4:], raw, key, model.moe, label)
         elif section == "model" and name in _fields(ModelConfig):
             model_changes[name] = parse_setting(ModelConfig, name, raw, key)
         elif section == "model" and name in _fields(MoEConfig):
-            moe_changes[name] = parse_setting(MoEConfig, name, raw, key, model.moe, preset)
+            moe_changes[name] = parse_setting(MoEConfig, name, raw, key, model.moe, label)
         else:
             raise ValueError(
                 f"unknown setting --{key}; keys are model.FIELD, model.moe.FIELD, train.FIELD"
@@ -87,7 +106,7 @@ def _fields(cls) -> set[str]:
 
 
 def parse_setting(
-    cls, name: str, raw: str, key: str, moe: MoEConfig | None = None, preset: str = ""
+    cls, name: str, raw: str, key: str, moe: MoEConfig | None = None, label: str = "the model"
 ):
     """Convert raw to the type of the dataclass field cls.name; errors name the key.
 
@@ -96,10 +115,11 @@ def parse_setting(
         name: the field.
         raw: the value as typed.
         key: the dotted key as typed (for the error messages).
-        moe, preset: for MoEConfig fields, the preset's MoE config (None: a dense preset).
+        moe, label: for MoEConfig fields, the model's MoE config (None: a dense model) and
+            what the model is ("the preset 'tiny'").
     """
     if cls is MoEConfig and moe is None:
-        raise ValueError(f"--{key}: the preset {preset!r} is dense (it has no MoE layers)")
+        raise ValueError(f"--{key}: {label} is dense (it has no MoE layers)")
     if name not in _fields(cls) or name == "moe":
         raise ValueError(f"unknown setting --{key}")
     hint = typing.get_type_hints(cls)[name]

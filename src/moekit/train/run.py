@@ -15,7 +15,8 @@ the two, as the MoE layer calls a dispatch plan:
     run.is_main, run.rank        rank 0 writes the run directory and reports
 
 LocalRun is the identity of all of these. DistributedRun (under torchrun, see
-docs/scaling.md) works on a ParallelMesh:
+docs/scaling.md) works on a ParallelMesh (FSDPRun, for `--parallel.fsdp true`, shards the
+model with FSDP2 on top of it):
 - batches: every rank draws the same global batch (same loader, same seed) and keeps its
   own contiguous rows, so the global batch, the data order and a resume are exactly those
   of the single-process run.
@@ -26,6 +27,7 @@ docs/scaling.md) works on a ParallelMesh:
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..models import Transformer
 from ..parallel import (
     ParallelMesh,
     all_reduce_router_loads,
@@ -42,6 +45,15 @@ from ..parallel import (
     parallelize,
     shard_optimizer_tensors,
     sync_gradients,
+)
+from ..parallel.fsdp import (
+    full_optimizer_state,
+    full_state,
+    fully_shard_model,
+    load_full_optimizer_state,
+    load_full_state,
+    reduce_and_clip_sharded,
+    sharded_bytes,
 )
 from .checkpoint import (
     OPTIMIZER_FILE,
@@ -80,6 +92,9 @@ class LocalRun:
 
     def any(self, flag: bool) -> bool:
         return flag
+
+    def report_memory(self, model: nn.Module, optimizer, run_dir: str | Path) -> None:
+        pass  # one process: nothing is split, nothing to report
 
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
         return clip_gradients(model, max_norm)
@@ -128,6 +143,23 @@ class DistributedRun:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
         return bool(t)
 
+    def report_memory(self, model: nn.Module, optimizer, run_dir: str | Path) -> None:
+        """The largest rank's parameter, gradient and optimizer-state MiB (collective):
+        printed by rank 0 and written to RUN/memory.json."""
+        held = sharded_bytes(model, optimizer)
+        held["gradients"] = held["parameters"]  # every trained weight gets a gradient
+        names = ("parameters", "gradients", "optimizer")
+        t = torch.tensor([held[k] for k in names], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
+        memory = {f"{k}_mib": round(v / 2**20, 3) for k, v in zip(names, t.tolist())}
+        if self.is_main:
+            (Path(run_dir) / MEMORY_FILE).write_text(json.dumps(memory, indent=1), encoding="utf-8")
+            print(
+                "bytes per rank (largest): "
+                + ", ".join(f"{k} {memory[k + '_mib']:.2f} MiB" for k in names),
+                flush=True,
+            )
+
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
         """Average the gradients over the mesh, clip to the global norm (returned), and sum
         the router loads so every rank's bias update sees the global load."""
@@ -169,12 +201,49 @@ class DistributedRun:
             dist.barrier(group=self.mesh.world_group)
 
 
-Run = LocalRun | DistributedRun
+class FSDPRun(DistributedRun):
+    """DistributedRun with every weight, gradient and AdamW moment sharded (FSDP2 on top of
+    the EP x DP layout, parallel/fsdp.py). Batches, means and flags are DistributedRun's;
+    gradients are reduce-scattered by FSDP during the backward; checkpoints keep the
+    consolidated format (gathered while saving), so they resume at any layout."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return fully_shard_model(parallelize(model, self.mesh), self.mesh)
+
+    def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
+        norm = reduce_and_clip_sharded(model, max_norm, self.mesh)
+        all_reduce_router_loads(model, self.mesh)
+        return norm
+
+    def save(self, run_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
+        weights, moments = full_state(model), full_optimizer_state(model, optimizer)
+        if self.is_main:
+            whole = Transformer(model.config)
+            whole.load_state_dict(weights)
+            save_checkpoint(run_dir, whole, moments, state)
+        dist.barrier(group=self.mesh.world_group)
+        return Path(run_dir) / "checkpoint"
+
+    def load(self, run_dir: str | Path, model: nn.Module, optimizer) -> dict:
+        whole = Transformer(model.config)
+        state = load_checkpoint(run_dir, whole)  # the file hashes checked
+        load_full_state(model, whole.state_dict())
+        saved = load_file(str(checkpoint_dir(run_dir) / OPTIMIZER_FILE))
+        load_full_optimizer_state(model, optimizer, saved)
+        restore_rng_state(state)
+        return state
+
+
+Run = LocalRun | DistributedRun | FSDPRun
+MEMORY_FILE = "memory.json"
 
 
 def run_on(mesh: ParallelMesh | None) -> Run:
-    """The Run for a mesh: LocalRun for None (one process), else DistributedRun."""
-    return LocalRun() if mesh is None else DistributedRun(mesh)
+    """The Run for a mesh: LocalRun for None (one process), FSDPRun for a mesh with fsdp
+    set, else DistributedRun."""
+    if mesh is None:
+        return LocalRun()
+    return FSDPRun(mesh) if mesh.fsdp else DistributedRun(mesh)
 
 
 LOCAL_RUN = LocalRun()

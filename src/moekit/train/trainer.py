@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..data import BatchLoader, sequential_batches
 from ..models import ModelConfig, Transformer
-from ..parallel import ParallelMesh
+from ..models.lora import LoRAConfig, add_lora, merge_lora
+from ..parallel import ParallelMesh, exchange_seconds
 from .checkpoint import checkpoint_dir, load_checkpoint
 from .config import (
     TrainConfig,
@@ -42,6 +42,7 @@ from .data import RunData
 from .metrics import MetricsLog, RoutingLog, read_metrics
 from .run import run_on
 from .step import optimizer_step, train_record
+from .tensorboard import TensorBoardLog
 
 CONFIG_FILE = "config.json"
 RUN_FORMAT = 1
@@ -71,7 +72,10 @@ class Trainer:
         model_config: the model to build.
         train_config: the training settings.
         run_dir: the run directory (created if needed).
-        data: the run's tokenizer and streams (prepare_run_data).
+        data: the run's tokenizer and streams (prepare_run_data), or other data with
+            RunData's loader, eval_windows and domain_names (finetune's instructions).
+        model: the model to train (a fine-tuning base, say); None builds a fresh one from
+            model_config.
         mesh: the ranks to train on (parallel.training_mesh under torchrun), or None for
             this process alone. Rank 0 writes the run directory, rank r > 0 logs its local
             metrics in RUN/rank{r}/ (docs/scaling.md).
@@ -88,10 +92,11 @@ class Trainer:
         run_dir: str | Path,
         *,
         data: RunData,
+        model: Transformer | None = None,
         mesh: ParallelMesh | None = None,
         resume: bool = False,
         show_progress: bool = True,
-        data_source: str | None = None,
+        data_source: str | dict | None = None,
         routing_stats_every: int = 10,
     ):
         self.model_config, self.config = model_config, train_config
@@ -103,27 +108,29 @@ class Trainer:
             )
         torch.manual_seed(train_config.seed)
         self.run = run_on(mesh)
-        self.model = self.run.prepare(Transformer(model_config))
+        if model is not None and model.config != model_config:
+            raise ValueError("the given model was not built from model_config")
+        self.model = self.run.prepare(model if model is not None else Transformer(model_config))
         # The training forward, compiled when asked; evaluation and saving use the model.
         self.forward = torch.compile(self.model) if train_config.compile else self.model
         self.is_main = self.run.is_main
         self.show_progress = show_progress and self.is_main
         self.optimizer = build_optimizer(self.model, train_config)
-        self.loader = BatchLoader(
-            data.train,
-            batch_size=train_config.batch_size,
-            seq_len=train_config.seq_len,
-            seed=train_config.seed,
-        )
-        self.eval_batches = fixed_eval_batches(data, train_config)
+        self.loader = data.loader(train_config)
+        windows = data.eval_windows(train_config)
+        self.eval_batches = [batch[:2] for batch in windows]
         log_dir = self.run_dir if self.is_main else self.run_dir / f"rank{self.run.rank}"
         self.metrics = MetricsLog(log_dir)
         self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
-        self.eval_domains = (data.validation.domains, fixed_eval_domains(data, train_config))
-        self.step, self.train_seconds = 0, 0.0
+        self.eval_domains = (data.domain_names, [domains_BL for *_, domains_BL in windows])
+        self.step, self.train_seconds, self.exchange_seconds = 0, 0.0, 0.0
         self._start(resume, data_source)
+        # After _start: a resumed run drops the events past its checkpoint's step.
+        self.tensorboard = None
+        if train_config.tensorboard:
+            self.tensorboard = TensorBoardLog(log_dir, purge_step=self.step + 1 if resume else None)
 
-    def _start(self, resume: bool, data_source: str | None) -> None:
+    def _start(self, resume: bool, data_source: str | dict | None) -> None:
         run_config = {
             "format": RUN_FORMAT,
             "moekit_version": __version__,
@@ -179,6 +186,8 @@ class Trainer:
         ):
             while self.step < last:
                 record = self.train_step()
+                if self.step == 1:  # under a mesh: the largest rank's bytes, once
+                    self.run.report_memory(self.model, self.optimizer, self.run_dir)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -189,6 +198,15 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 and self.step < last:
                     self.save()
         self.save()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.exchange_seconds and self.is_main:
+            share = self.exchange_seconds / max(self.train_seconds, 1e-9)
+            print(
+                f"all-to-all on rank 0: {self.exchange_seconds:.1f} s of "
+                f"{self.train_seconds:.1f} s of training steps ({share:.0%}); the rest is compute",
+                flush=True,
+            )
         return self.result()
 
     def train_step(self) -> dict:
@@ -204,7 +222,9 @@ class Trainer:
         self.step += 1
         self.routing.add(out.stats)
         if self.step % max(self.routing.every, 1) == 0 or self.step == self.config.steps:
-            self.routing.flush(self.step)
+            routing_record = self.routing.flush(self.step)
+            if self.tensorboard is not None:
+                self.tensorboard.routing(routing_record)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         record = train_record(
@@ -216,7 +236,11 @@ class Trainer:
             throughput=("tokens_per_s", num_tokens / seconds),
             stats=out.stats,
         )
-        self.metrics.append(record)
+        exchanged = exchange_seconds(self.model)
+        if exchanged:  # expert parallelism: this rank's all-to-all time within the step
+            record["all_to_all_s"] = exchanged
+            self.exchange_seconds += exchanged
+        self._log(record)
         return record
 
     def evaluate_and_log(self) -> float:
@@ -231,15 +255,16 @@ class Trainer:
         with self._autocast():
             loss = self.run.mean(evaluate(self.model, batches, observe=observe))
         self.routing.write_eval(self.step, names)
-        self.metrics.append(
-            {
-                "split": "val",
-                "step": self.step,
-                "loss": loss,
-                "perplexity": _perplexity(loss),
-            }
+        self._log(
+            {"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)}
         )
         return loss
+
+    def _log(self, record: dict) -> None:
+        """A metrics record into metrics.jsonl (and TensorBoard, when on)."""
+        self.metrics.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
     def save(self) -> Path:
         """Checkpoint the current step into run_dir/checkpoint/."""
@@ -289,8 +314,15 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # Sharded (DTensor) parameters take the plain per-parameter loop.
+    fused = not any(hasattr(p, "device_mesh") for p in params)
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=fused or None,
+        foreach=None if fused else False,
     )
 
 
@@ -311,30 +343,13 @@ def _trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.P
 
 
 def fixed_eval_batches(data: RunData, config: TrainConfig) -> list[tuple[Tensor, Tensor]]:
-    """eval_batches batches of evenly spaced validation windows (the same every eval).
-
-    Spread over the whole split, not its head: the split is laid out document by document
-    and the built-in corpus groups its documents by domain, so the first batches would hold
-    only the first domains.
-    """
-    return [batch[:2] for batch in _eval_windows(data, config)]
+    """The (inputs_BL, targets_BL) batches every evaluation uses (RunData.eval_windows)."""
+    return [batch[:2] for batch in data.eval_windows(config)]
 
 
 def fixed_eval_domains(data: RunData, config: TrainConfig) -> list[Tensor]:
     """The (B, L) domain ids of the target tokens of fixed_eval_batches."""
-    return [domains_BL for *_, domains_BL in _eval_windows(data, config)]
-
-
-def _eval_windows(data: RunData, config: TrainConfig) -> list[tuple[Tensor, ...]]:
-    return list(
-        sequential_batches(
-            data.validation,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-            return_domains=True,
-            max_windows=config.eval_batches * config.batch_size,
-        )
-    )
+    return [domains_BL for *_, domains_BL in data.eval_windows(config)]
 
 
 @torch.no_grad()
@@ -356,8 +371,11 @@ def evaluate(model: Transformer, batches, observe=None) -> float:
         out = model(inputs_BL, targets_BL, return_expert_ids=observe is not None)
         if observe is not None:
             observe(i, out)
-        total += out.loss.item() * targets_BL.numel()
-        count += targets_BL.numel()
+        # Weighted by the tokens the loss counts (fine-tuning ignores prompts and padding).
+        num_targets = int((targets_BL != -100).sum())
+        if num_targets:
+            total += out.loss.item() * num_targets
+            count += num_targets
     model.train(was_training)
     if count == 0:
         raise ValueError("no validation batches: the validation split is shorter than one sequence")
@@ -392,11 +410,18 @@ def run_configs(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, str | No
 
 
 def load_trained_model(run_dir: str | Path) -> Transformer:
-    """The run's model with its checkpoint's weights, in eval mode."""
-    model_config, _, _ = run_configs(run_dir)
+    """The run's model with its checkpoint's weights, in eval mode.
+
+    A LoRA fine-tuning run (its config.json's data names a "lora" rank) comes back with
+    the adapters merged into the weights.
+    """
+    model_config, _, source = run_configs(run_dir)
     model = Transformer(model_config)
+    lora = source.get("lora") if isinstance(source, dict) else None
+    if lora and lora.get("rank"):
+        add_lora(model, LoRAConfig(**lora))
     load_checkpoint(run_dir, model)
-    return model.eval()
+    return (merge_lora(model) if lora and lora.get("rank") else model).eval()
 
 
 def _perplexity(loss: float) -> float:

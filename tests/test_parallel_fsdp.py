@@ -1,0 +1,230 @@
+"""FSDP2 composed with expert parallelism equals one process: 10 training steps of losses
+and the final weights, on 2 and 4 gloo processes, for a token-choice and a sigmoid router.
+
+# W world size, ep expert-parallel size, dp = W / ep
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moekit import MoEConfig
+from moekit.models import ModelConfig, Transformer
+from moekit.moe import update_router_biases
+from moekit.parallel import all_reduce_router_loads, build_mesh, parallelize
+from moekit.parallel.all_to_all import ExpertParallelExperts
+from moekit.parallel.fsdp import fully_shard_model, reduce_and_clip_sharded, sharded_bytes
+from moekit.parallel.launch import spawn_local
+
+pytestmark = pytest.mark.distributed
+STEPS, BATCH, SEQ = 10, 4, 16
+
+
+def _config(router: str) -> ModelConfig:
+    # No balance loss: each rank's f_i * P_i over its own tokens is not the global one (a
+    # known property of data parallelism, not of the sharding); z-loss is a plain mean.
+    moe = MoEConfig(
+        d_model=16, d_hidden=16, num_experts=4, top_k=2, router=router,
+        balance_loss_coef=0.0, z_loss_coef=1e-3, bias_update_rate=0.01,
+    )  # fmt: skip
+    return ModelConfig(
+        vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ, moe=moe
+    )
+
+
+def _step(model, optimizer, tokens, clip):
+    out = model(tokens, tokens)
+    (out.loss + out.aux_loss).backward()
+    clip()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_router_biases(model)
+    return out.loss.detach()
+
+
+def _single_process(router: str, batches):
+    torch.manual_seed(0)
+    model = Transformer(_config(router))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # noqa: E731
+    losses = [_step(model, optimizer, b, clip).item() for b in batches]
+    return losses, model.state_dict(), sum(p.numel() * 4 for p in model.parameters())
+
+
+def _worker(router: str, ep: int) -> None:
+    mesh = build_mesh(ep, timeout=timedelta(seconds=60), device=torch.device("cpu"))
+    W, rank = mesh.world_size, mesh.rank
+    torch.manual_seed(1)
+    batches = torch.randint(0, 64, (STEPS, BATCH, SEQ))
+    ref_losses, ref_state, full_param_bytes = _single_process(router, batches)
+
+    torch.manual_seed(0)
+    model = fully_shard_model(parallelize(Transformer(_config(router)), mesh), mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+
+    def clip():
+        norm = reduce_and_clip_sharded(model, 0.5, mesh)
+        all_reduce_router_loads(model, mesh)
+        return norm
+
+    rows = slice(rank * BATCH // W, (rank + 1) * BATCH // W)
+    for step, batch in enumerate(batches):
+        loss = _step(model, optimizer, batch[rows], clip).double()
+        dist.all_reduce(loss, group=mesh.world_group)
+        got = loss.item() / W
+        assert abs(got - ref_losses[step]) <= 1e-5 * abs(ref_losses[step]), (
+            step,
+            got,
+            ref_losses[step],
+        )
+
+    # Weights: every shard gathered back equals the single-process weights (this rank's
+    # experts: its EP slice of them).
+    for name, param in model.named_parameters():
+        full = param.full_tensor()
+        expected = ref_state[name]
+        owner = _owner(model, name)
+        if owner is not None:
+            expected = expected[owner.first_expert : owner.first_expert + owner.num_experts]
+        torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-5, msg=name)
+
+    # Memory: this rank holds 1/W of every parameter (and of its AdamW moments), up to the
+    # rounding of dim 0 into W shards.
+    held = sharded_bytes(model, optimizer)
+    assert held["parameters"] <= full_param_bytes / W * 1.25 + 1024, (held, full_param_bytes)
+    assert held["optimizer"] <= 2 * held["parameters"] + 64
+
+
+def _owner(model, name: str) -> ExpertParallelExperts | None:
+    module_name = name.rpartition(".")[0]
+    module = model.get_submodule(module_name)
+    return module if isinstance(module, ExpertParallelExperts) else None
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk"])
+@pytest.mark.parametrize(
+    ("world", "ep"), [(2, 1), (2, 2), (4, 2)], ids=["fsdp2", "fsdp2xep2", "fsdp4xep2"]
+)
+def test_fsdp_and_expert_parallel_equal_one_process(router, world, ep):
+    spawn_local(_worker, (router, ep), world_size=world, timeout_s=240)
+
+
+# ---------------------------------------------------------------- through the Trainer
+
+TRAIN_MICRO = {
+    "model.vocab_size": "384", "model.d_model": "32", "model.num_layers": "2",
+    "model.num_heads": "2", "model.num_kv_heads": "1", "model.max_seq_len": "32",
+    "model.moe.d_hidden": "32", "model.num_experts": "4", "model.moe.balance_loss_coef": "0",
+    "train.steps": "4", "train.batch_size": "4", "train.seq_len": "32", "train.eval_every": "2",
+    "train.eval_batches": "2", "train.checkpoint_every": "2",
+}  # fmt: skip
+
+
+def _trainer(
+    folder: str, text: str, run: str, mesh, resume: bool = False, router: str = "softmax_topk"
+):
+    from moekit.train import Trainer
+    from moekit.train.data import prepare_run_data
+    from moekit.train.overrides import build_configs
+
+    model_config, train_config = build_configs("tiny", TRAIN_MICRO | {"model.moe.router": router})
+    data = prepare_run_data(f"{folder}/{run}", data=text, vocab_size=384, mesh=mesh)
+    return Trainer(
+        model_config, train_config, f"{folder}/{run}", data=data, mesh=mesh, resume=resume,
+        show_progress=False,
+    )  # fmt: skip
+
+
+def _train_losses(run_dir: str) -> list[float]:
+    from moekit.train import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir, split="train")]
+
+
+def trainer_worker(folder: str, text: str, ep: int, router: str) -> None:
+    """FSDP (x EP) through the Trainer: the single-process losses and weights, a stopped and
+    resumed run bit-identical to an uninterrupted one, and the checkpoint resumed in one
+    process (another layout) ending at the same weights."""
+    from safetensors.torch import load_file
+
+    from moekit.parallel import init_parallel
+
+    mesh = init_parallel(ep, timeout_s=120, device=torch.device("cpu"), fsdp=True)
+    _trainer(folder, text, "whole", mesh, router=router).train()
+    _trainer(folder, text, "half", mesh, router=router).train(stop_at=2)
+    _trainer(folder, text, "stopped", mesh, router=router).train(stop_at=2)
+    resumed = _trainer(folder, text, "stopped", mesh, resume=True, router=router)
+    assert resumed.step == 2
+    resumed.train()
+    if mesh.rank == 0:
+        whole = load_file(f"{folder}/whole/checkpoint/model.safetensors")
+        again = load_file(f"{folder}/stopped/checkpoint/model.safetensors")
+        for name, tensor in whole.items():
+            assert torch.equal(tensor, again[name]), name
+        # One process, same data and seed: the same losses and weights (to rounding).
+        _trainer(folder, text, "single", None, router=router).train()
+        for got, want in zip(_train_losses(f"{folder}/whole"), _train_losses(f"{folder}/single")):
+            assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+        single = load_file(f"{folder}/single/checkpoint/model.safetensors")
+        for name, tensor in single.items():
+            torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+        # The FSDP checkpoint of step 2 resumes in one process (another layout): the same
+        # end weights as the uninterrupted FSDP run.
+        relayout = _trainer(folder, text, "half", None, resume=True, router=router)
+        assert relayout.step == 2
+        relayout.train()
+        ended = load_file(f"{folder}/half/checkpoint/model.safetensors")
+        for name, tensor in whole.items():
+            torch.testing.assert_close(ended[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp", "fsdp_x_ep2"])
+def test_trainer_under_fsdp_equals_one_process_and_resumes(tmp_path, ep):
+    import inspect
+    import json
+    import textwrap
+
+    text = tmp_path / "source.txt"
+    text.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    spawn_local(
+        trainer_worker, (str(tmp_path), str(text), ep, "sigmoid_topk"), world_size=2, timeout_s=300
+    )
+
+
+def test_torchrun_fsdp_x_ep_trains_the_comparison_end_to_end(tmp_path):
+    """The literal command: `torchrun ... -m moekit train --parallel.fsdp true --parallel.ep 2`."""
+    import inspect
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import load_file
+
+    text = tmp_path / "source.txt"
+    text.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    micro = [f"--{key}={value}" for key, value in TRAIN_MICRO.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "moekit", "train", "--parallel.fsdp", "true", "--parallel.ep", "2",
+               "--data", str(text), "--out", str(tmp_path / "job"), "--no-progress", "--threads", "1",
+               *micro]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "speed-up" in done.stdout
+    weights = load_file(str(tmp_path / "job/moe/checkpoint/model.safetensors"))
+    assert weights["layers.0.ffn.experts.w_up"].shape[0] == 4  # consolidated: every expert
+    memory = json.loads((tmp_path / "job/moe/memory.json").read_text())
+    assert memory["parameters_mib"] > 0
+    assert memory["optimizer_mib"] == pytest.approx(2 * memory["parameters_mib"], abs=0.002)
+    assert "bytes per rank" in done.stdout
+    assert "all-to-all on rank 0:" in done.stdout  # communication against compute
+    records = [
+        json.loads(line) for line in (tmp_path / "job/moe/metrics.jsonl").read_text().splitlines()
+    ]
+    exchanged = [r["all_to_all_s"] for r in records if r["split"] == "train"]
+    assert len(exchanged) == 4 and all(s > 0 for s in exchanged)
