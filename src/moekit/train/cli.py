@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -117,7 +118,12 @@ def train_main(argv: list[str]) -> int:
             f"--parallel.timeout {args.parallel_timeout:g} s)",
             file=sys.stderr,
         )
-        return 1
+        # Leave at once: the broken process group's teardown at interpreter exit can
+        # abort the process (gloo's background threads), turning exit status 1 into a
+        # SIGABRT after the message was printed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except KeyboardInterrupt:
         print(
             "\ninterrupted; continue from the last checkpoint with "
