@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.config import ACTIVATIONS
-from moekit.experts import BACKENDS, MLP, GroupedExperts, choose_backend, grouped_mm_supported
+from moekit.config import ACTIVATIONS, EXPERT_BACKENDS
+from moekit.experts import MLP, GroupedExperts, choose_backend, grouped_mm_supported
 
 # Experts 1 and 4 get no rows: their weight gradients must be exact zeros, not garbage.
 COUNTS_E = torch.tensor([3, 0, 7, 1, 0, 5])
@@ -27,7 +27,7 @@ def _experts(
 
 def test_grouped_mm_backend_is_chosen_where_supported_and_falls_back_cleanly():
     x32, x16 = torch.empty(0, D), torch.empty(0, D, dtype=torch.float16)
-    assert grouped_mm_supported(x32, D, 2 * F_)
+    assert grouped_mm_supported(torch.float32, torch.device("cpu"), D, 2 * F_)
     assert choose_backend("auto", x32, D, 2 * F_) == "grouped_mm"
     assert choose_backend("loop", x32, D, 2 * F_) == "loop"
     # fp16 on the CPU, or a row width that breaks the 16-byte rule: the loop, no error.
@@ -35,7 +35,7 @@ def test_grouped_mm_backend_is_chosen_where_supported_and_falls_back_cleanly():
     assert choose_backend("grouped_mm", x32, D, 6) == "loop"
     with pytest.raises(ValueError, match="unknown expert backend 'fast'"):
         GroupedExperts(2, D, F_, backend="fast")
-    assert set(BACKENDS) == {"auto", "grouped_mm", "loop"}
+    assert set(EXPERT_BACKENDS) == {"auto", "grouped_mm", "loop"}
 
 
 def test_odd_widths_run_through_the_fallback():

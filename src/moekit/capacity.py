@@ -128,6 +128,8 @@ def _reroute(
     tokens_T = torch.arange(T, device=device)
     k_range_K = torch.arange(K, device=device)
     stop_early = device.type == "cpu" and not torch.compiler.is_compiling()
+    # A winner's new weight is the new gate times (original weight / original gate).
+    scale_TK = weights_TK / gate_TE.gather(1, ids_TK).clamp_min(1e-20)
 
     for _ in range(E + K):
         if stop_early and not bool(pending_TK.any()):
@@ -148,10 +150,8 @@ def _reroute(
             0, by_claim_T, positions_in_expert(expert_in_order_T, E + 1)
         )
         wins_T = tries_T & (position_T < room_E[candidate_T.clamp(max=E - 1)])
-        # Winners move (weight: new gate * original weight / original gate).
+        # Winners move.
         win_TK = wins_T.unsqueeze(1) & (k_range_K == k_T.unsqueeze(1))
-        old_expert_TK = ids_TK
-        scale_TK = weights_TK / gate_TE.gather(1, old_expert_TK).clamp_min(1e-20)
         new_gate_T1 = gate_TE.gather(1, candidate_T.unsqueeze(1))
         new_weights_TK = torch.where(win_TK, new_gate_T1 * scale_TK, new_weights_TK)
         new_ids_TK = torch.where(win_TK, candidate_T.unsqueeze(1), new_ids_TK)

@@ -1,6 +1,7 @@
 """Local dispatch: move tokens into expert-grouped rows and back.
 
-# T tokens, D model, E experts, K top_k, A assignments (T*K), R routed rows (kept ones)
+# T tokens, D model, E experts, K top_k, A assignments (T*K), R rows (token choice: A,
+# the kept ones first, grouped by expert)
 
 Every plan has the same contract: `dispatch(x_TD) -> x_RD` with rows grouped by expert
 (counts_E rows for expert 0, then expert 1, ...; rows past sum(counts_E) are padding), and

@@ -89,8 +89,6 @@ def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str) -> Te
 # (R x K, far smaller than the E x K x N weights a transposed weight copy would move).
 _SLOW_ROW_MAJOR_GEMM = (torch.bfloat16, torch.float16)
 
-BACKENDS = EXPERT_BACKENDS
-
 
 # grouped_mm as opaque ops for torch.compile: torch's own fake (meta) kernel accepts bf16
 # only, as CUDA's kernels do, while the CPU kernel also runs fp32. Eager calls go straight
@@ -210,34 +208,36 @@ class _GroupedMLP(torch.autograd.Function):
         return grad_x_RD, grad_w_up.to(up_dtype), grad_w_down.to(down_dtype), None, None, None
 
 
-def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
-    """Whether torch's grouped_mm runs this dtype and these row widths on x's device.
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
+    """Whether torch's grouped_mm runs this compute dtype and these row widths on device.
 
     CPU: fp32 and bf16. CUDA: bf16 on compute capability >= 8.0. Every row must start on
     a 16-byte boundary (the kernels' layout rule), so width * itemsize % 16 == 0.
     """
     if not hasattr(F, "grouped_mm"):
         return False
-    dtype = x.dtype
-    if x.device.type == "cpu":
+    if device.type == "cpu":
         ok_dtype = dtype in (torch.float32, torch.bfloat16)
-    elif x.device.type == "cuda":
-        ok_dtype = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
+    elif device.type == "cuda":
+        ok_dtype = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
     else:
         ok_dtype = False
-    return ok_dtype and all(width * x.element_size() % 16 == 0 for width in widths)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return ok_dtype and all(width * itemsize % 16 == 0 for width in widths)
 
 
 def choose_backend(requested: str, x: Tensor, *widths: int) -> str:
-    """The expert backend for this call: `requested`, with "auto" resolved and a clean
-    fallback to the loop where grouped_mm does not support the dtype, device or widths.
+    """The expert backend for a call on rows x: `requested`, with "auto" resolved and a
+    clean fallback to the loop where grouped_mm does not support the compute dtype (x's,
+    or autocast's), the device or the widths. Reads only x's dtype and device.
 
     Rule for "auto" (measured, docs/benchmarks.md): grouped_mm wherever it is supported.
-    It needs no host synchronisation and compiles into one graph; on the CPU it matched or
-    beat the per-expert loop at every standard shape in fp32 and bf16.
+    On the CPU it runs as fast as the per-expert loop (within the run-to-run noise at every
+    standard shape, fp32 and bf16), and it needs no host synchronisation and compiles into
+    one graph.
     """
-    supported = grouped_mm_supported(x, *widths)
-    if requested == "loop" or not supported:
+    dtype = _compute_dtype(x) if x.is_floating_point() else x.dtype
+    if requested == "loop" or not grouped_mm_supported(dtype, x.device, *widths):
         return "loop"
     return "grouped_mm"
 
@@ -262,9 +262,9 @@ class GroupedExperts(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if backend not in BACKENDS:
+        if backend not in EXPERT_BACKENDS:
             raise ValueError(
-                f"unknown expert backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+                f"unknown expert backend {backend!r}; choose one of {', '.join(EXPERT_BACKENDS)}"
             )
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.activation, self.backend = activation, backend
@@ -289,9 +289,8 @@ class GroupedExperts(nn.Module):
             y_RD: (R, D); padding rows are zero for the loop, unspecified for grouped_mm
             (the plans never read them).
         """
-        probe = x_RD.to(_compute_dtype(x_RD)) if x_RD.is_floating_point() else x_RD
         backend = choose_backend(
-            self.backend, probe[:0], self.d_model, self.w_up.shape[-1], self.d_hidden
+            self.backend, x_RD, self.d_model, self.w_up.shape[-1], self.d_hidden
         )
         ranges = _Groups.host_ranges(counts_E) if backend == "loop" else None
         offsets_E = counts_E.cumsum(0).to(torch.int32)

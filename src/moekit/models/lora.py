@@ -144,7 +144,7 @@ class LoRAGroupedExperts(GroupedExperts):
         """Each expert's adapted MLP on its rows (GroupedExperts.forward's contract)."""
         dtype = _compute_dtype(x_RD)
         widths = (self.d_model, self.w_up.shape[-1], self.d_hidden, self.rank)
-        backend = choose_backend(self.backend, x_RD.to(dtype)[:0], *widths)
+        backend = choose_backend(self.backend, x_RD, *widths)
         ranges = _Groups.host_ranges(counts_E) if backend == "loop" else None
         groups = _Groups(counts_E.cumsum(0).to(torch.int32), ranges)
 
