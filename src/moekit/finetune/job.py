@@ -292,7 +292,7 @@ def run_finetune(
     )
     tokenizer.save(out)
     (out / TOKENIZER_CONFIG).write_text(
-        json.dumps(tokenizer_config(template_text), indent=2), encoding="utf-8"
+        json.dumps(tokenizer_config(template_text, tokenizer), indent=2), encoding="utf-8"
     )
     train_result = trainer.train(stop_at=stop_at)
     result = FinetuneResult(train_result, len(train_examples), len(val_examples), truncated)
