@@ -270,3 +270,109 @@ def test_back_to_hugging_face_keeps_the_special_tokens(converted, tmp_path):
     want = json.loads((hf / "generation_config.json").read_text())["eos_token_id"]
     assert generation.eos_token_id == want and config.eos_token_id == want[0]
     assert Tokenizer.load(tmp_path / "hf") == Tokenizer.load(run)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_finetune_a_converted_run_ends_turns_and_pads_with_its_tokens(converted, arch, tmp_path):
+    from moekit.finetune.chat import DEFAULT_TEMPLATE, ChatTemplate, parse_line
+    from moekit.finetune.data import pad_batch
+
+    _, run, _ = converted[arch]
+    want = CONVENTIONS[arch]["want"]
+    tokenizer = Tokenizer.load(run)
+    eos = tokenizer.backend.token_to_id(want["eos"][0])
+    pad = tokenizer.backend.token_to_id(want["pad"] or want["eos"][0])  # no pad: eos
+    template = ChatTemplate(DEFAULT_TEMPLATE, tokenizer)
+    lines = [{"prompt": "Hi", "response": "four"}, {"prompt": "a fox?", "response": "a lazy dog."}]
+    short, long = (template.encode(parse_line(json.dumps(line), "x"), 100) for line in lines)
+    assert short.ids.count(eos) == 2 and short.ids[-2] == eos  # "...four</s>\n"
+    inputs_BL, _ = pad_batch([short, long], tokenizer.pad_id)
+    assert (inputs_BL[0, len(short.ids) - 1 :] == pad).all()
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines * 6))
+    out = tmp_path / "sft"
+    args = ["finetune", str(run), "--data", str(data), "--out", str(out), "--steps", "2"]
+    assert main(args + ["--train.batch_size", "4", "--no-progress"]) == 0
+    assert Tokenizer.load(out) == tokenizer
+    exported = transformers.AutoTokenizer.from_pretrained(out / "hf")
+    assert (exported.eos_token_id, exported.pad_token) == (eos, want["pad"])
+
+
+def _no_end_token_run(root) -> None:
+    """A converted run whose tokenizer and files name no end-of-sequence token."""
+    from test_interop_hf import _build
+
+    backend = _backend({"trained": ["<unk>"]})
+    (root / "hf").mkdir(parents=True)
+    _build("mixtral", vocab_size=backend.get_vocab_size()).save_pretrained(root / "hf")
+    backend.save(str(root / "hf" / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["convert", str(root / "hf"), str(root / "run")]) == 0
+
+
+def test_a_missing_end_token_is_one_error_where_a_command_needs_it(tmp_path, text_file, capsys):
+    _no_end_token_run(tmp_path)
+    run = tmp_path / "run"
+    # routing and generation do not need one (generation then runs to max-new-tokens)
+    assert main(["route", str(run), "--text", PROMPT, "--color", "never"]) == 0
+    assert len(list(generate_text(run, PROMPT, max_new_tokens=3, temperature=0))) == 3
+    capsys.readouterr()
+    # token streams do: one line naming the token and the files it was looked for in
+    args = ["train", "--init-from", str(run), "--out", str(tmp_path / "more")]
+    assert main(args + ["--data", str(text_file), "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moekit train: error: the tokenizer has no end-of-document token")
+    assert err.count("\n") == 1 and "<|endoftext|>" in err
+    # the new run's copy of the record, and the checkpoint's files it was recorded from
+    assert f"{tmp_path / 'more' / SPECIAL_TOKENS_FILE}" in err
+    assert (
+        f"tokenizer_config.json, config.json, generation_config.json in '{tmp_path / 'hf'}'" in err
+    )
+    assert main(["generate", str(run), "--prompt", ""]) == 2
+    assert "no end-of-document token" in capsys.readouterr().err
+
+
+def test_a_run_converted_before_special_tokens_were_recorded(
+    converted, tmp_path, text_file, capsys
+):
+    import shutil
+
+    _, run, _ = converted["qwen2_moe"]
+    old = tmp_path / "old"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("data", "report.html"))
+    (old / SPECIAL_TOKENS_FILE).unlink()
+    # it loads, with moekit's own tokens as far as the tokenizer holds them
+    tokenizer = Tokenizer.load(old)
+    assert tokenizer.eos_ids == (tokenizer.backend.token_to_id("<|endoftext|>"),)
+    assert main(["eval", str(old), "--data", str(text_file), "--max-batches", "1"]) == 0
+    _no_end_token_run(tmp_path / "x")
+    (tmp_path / "x" / "run" / SPECIAL_TOKENS_FILE).unlink()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "x" / "run"), "--data", str(text_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"no {SPECIAL_TOKENS_FILE} beside it" in err and "convert it again" in err
+
+
+def test_files_that_name_a_token_the_tokenizer_lacks_stop_the_conversion(
+    converted, tmp_path, capsys
+):
+    import shutil
+
+    hf, _, _ = converted["qwen3_moe"]
+    shutil.copytree(hf, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        json.dumps(config | {"pad_token": "<pad>"})
+    )
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "tokenizer_config.json' names pad_token '<pad>'" in err and not (tmp_path / "run").exists()
+    )
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
+    generation = {"eos_token_id": [0, 10_000]}
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(generation))
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2
+    assert "eos_token_id [0, 10000] is not an id of the tokenizer" in capsys.readouterr().err

@@ -63,6 +63,7 @@ class SpecialTokens:
     bos_id, pad_id: None when the tokenizer has none.
     add_bos: encoded text (a prompt, a document) starts with bos_id.
     source: the file(s) they were read from, for error messages.
+    origin: the files they were first read from (what a copy's special_tokens.json keeps).
     """
 
     eos_ids: tuple[int, ...] = ()
@@ -70,6 +71,7 @@ class SpecialTokens:
     pad_id: int | None = None
     add_bos: bool = False
     source: str = field(default="moekit's own special tokens", compare=False)
+    origin: str = field(default="", compare=False)
 
 
 def moekit_special_tokens(backend: HFTokenizer, source: str) -> SpecialTokens:
@@ -208,7 +210,7 @@ def save_special_tokens(
         "pad_token_id": special.pad_id,
         "pad_token": token(special.pad_id),
         "add_bos_token": special.add_bos,
-        "read_from": special.source,
+        "read_from": special.origin or special.source,
     }
     path = Path(directory) / SPECIAL_TOKENS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,5 +239,6 @@ def load_special_tokens(path: str | Path, backend: HFTokenizer) -> SpecialTokens
         bos_id=(bos + [None])[0],
         pad_id=(pad + [None])[0],
         add_bos=add_bos,
-        source=str(path),
+        source=f"{str(path)!r} (recorded from {data.get('read_from', 'unknown files')})",
+        origin=str(data.get("read_from", "")),
     )

@@ -169,7 +169,10 @@ class Tokenizer:
         elif has_hf_files(folder):
             special = read_hf_special_tokens(folder, backend)
         else:
-            where = f"{str(path)!r} (no {SPECIAL_TOKENS_FILE} beside it)"
+            where = (
+                f"{str(path)!r} (no {SPECIAL_TOKENS_FILE} beside it: a checkpoint converted "
+                "before moekit recorded its special tokens? convert it again)"
+            )
             special = moekit_special_tokens(backend, where)
         return cls(backend, special)
 
@@ -186,8 +189,9 @@ class Tokenizer:
 
 def copy_tokenizer(source: str | Path, directory: str | Path) -> Tokenizer:
     """Copy source's tokenizer.json (source: a folder) into directory byte for byte, with
-    its special ids recorded beside it as special_tokens.json when they are not moekit's
-    own (so that Tokenizer.load(directory) finds what Tokenizer.load(source) found).
+    its special ids recorded beside it as special_tokens.json when source names them (in
+    its own special_tokens.json or Hugging Face files), so that Tokenizer.load(directory)
+    finds what Tokenizer.load(source) found.
 
     Returns:
         The tokenizer, as loaded from source.
@@ -198,7 +202,7 @@ def copy_tokenizer(source: str | Path, directory: str | Path) -> Tokenizer:
     source_file = Path(source) / TOKENIZER_FILE
     if source_file.resolve() != (directory / TOKENIZER_FILE).resolve():
         shutil.copy2(source_file, directory / TOKENIZER_FILE)
-    if tokenizer.special != moekit_special_tokens(tokenizer.backend, ""):
+    if (Path(source) / SPECIAL_TOKENS_FILE).is_file() or has_hf_files(source):
         save_special_tokens(tokenizer.special, tokenizer.backend, directory)
     else:
         (directory / SPECIAL_TOKENS_FILE).unlink(missing_ok=True)

@@ -69,11 +69,11 @@ def hf_to_run(src: str | Path, dst: str | Path) -> Path:
     """Write the Hugging Face model in src as a moekit run directory dst."""
     _check_empty(dst)
     model = load_hf(src)
+    if (Path(src) / TOKENIZER_FILE).is_file():
+        # Read before anything is written: files naming tokens the tokenizer lacks stop here.
+        Tokenizer.load(src)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    if (Path(src) / TOKENIZER_FILE).is_file():
-        # Read before anything is written: a tokenizer file naming tokens it lacks stops here.
-        Tokenizer.load(src)
     write_run(model, dst, source=str(src))
     if (Path(src) / TOKENIZER_FILE).is_file():
         copy_tokenizer(src, dst)
