@@ -286,6 +286,10 @@ def test_finetune_a_converted_run_ends_turns_and_pads_with_its_tokens(converted,
     lines = [{"prompt": "Hi", "response": "four"}, {"prompt": "a fox?", "response": "a lazy dog."}]
     short, long = (template.encode(parse_line(json.dumps(line), "x"), 100) for line in lines)
     assert short.ids.count(eos) == 2 and short.ids[-2] == eos  # "...four</s>\n"
+    # bos first when the tokenizer starts text with it (mixtral), as for a prompt
+    start = int(want.get("add_bos", False))
+    assert (short.ids[0] == tokenizer.bos_id) is bool(start)
+    assert short.ids[start : start + 3] == tokenizer.encode("<|user|>\nHi")[:3]
     inputs_BL, _ = pad_batch([short, long], tokenizer.pad_id)
     assert (inputs_BL[0, len(short.ids) - 1 :] == pad).all()
     data = tmp_path / "chats.jsonl"

@@ -125,6 +125,10 @@ class ChatTemplate:
             eos_token otherwise).
     Raises:
         ValueError: a template that does not parse.
+
+    The template renders with bos_token "" and, when the tokenizer starts text with a bos
+    token (Tokenizer.add_bos, a Llama-style checkpoint), encode puts it first, as the
+    tokenizer does with any text: one bos, whether or not a template writes bos_token.
     """
 
     def __init__(self, source: str, tokenizer: Tokenizer):
@@ -187,6 +191,8 @@ class ChatTemplate:
         spans = self.assistant_spans(conversation.messages, conversation.source)
         ids, starts = encode_with_offsets(self.tokenizer, text, self.eos_token)
         trained = [any(a <= s < b for a, b in spans) for s in starts]
+        if self.tokenizer.add_bos:
+            ids, trained = [self.tokenizer.bos_id, *ids], [False, *trained]
         truncated = len(ids) > max_tokens
         return Encoded(
             ids=ids[:max_tokens],
