@@ -300,6 +300,8 @@ def test_finetune_a_converted_run_ends_turns_and_pads_with_its_tokens(converted,
     assert Tokenizer.load(out) == tokenizer
     exported = transformers.AutoTokenizer.from_pretrained(out / "hf")
     assert (exported.eos_token_id, exported.pad_token) == (eos, want["pad"])
+    generation = transformers.GenerationConfig.from_pretrained(out / "hf")
+    assert generation.eos_token_id == eos
 
 
 def _no_end_token_run(root) -> None:
