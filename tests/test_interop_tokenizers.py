@@ -244,6 +244,10 @@ def test_route_eval_and_train_from_a_converted_run(converted, arch, text_file, t
         json.loads((new / "config.json").read_text())["model"]
         == json.loads((run / "config.json").read_text())["model"]
     )
+    # it resumes like any run (here: already at its last step, so it only reloads)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(new), "--no-progress"]) == 0
+    assert "2 steps, final validation loss" in capsys.readouterr().out
     assert main(["report", str(new), "--tokens-per-domain", "64", "--sample-tokens", "16"]) == 0
     assert (new / "report.html").is_file()
 
