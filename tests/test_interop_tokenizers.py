@@ -386,3 +386,21 @@ def test_files_that_name_a_token_the_tokenizer_lacks_stop_the_conversion(
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(generation))
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 2
     assert "eos_token_id [0, 10000] is not an id of the tokenizer" in capsys.readouterr().err
+
+
+def test_init_from_refuses_what_the_weights_fix(converted, tmp_path, capsys):
+    _, run, _ = converted["olmoe"]
+    base = ["train", "--init-from", str(run), "--out", str(tmp_path / "x"), "--no-progress"]
+    cases = [
+        (["--preset", "tiny"], "--init-from trains the model of that run; drop --preset"),
+        (["--model.top_k", "1"], f"--init-from keeps {str(run)!r}'s model; drop --model.top_k"),
+        (["--resume"], "--resume continues --out; drop --init-from"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(tmp_path / "none"), "--out", str(tmp_path / "y")]) == 2
+    assert "no checkpoint to start from" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
