@@ -33,7 +33,7 @@ from torch import Tensor
 from ..config import MoEConfig
 from ..models import ModelConfig
 from ..routing import SigmoidTopK, SoftmaxTopK, router_class
-from .keys import COPY, FUSE_GLU, Rule, TensorOp, _FUSED, _per_expert
+from .keys import _FUSED, COPY, FUSE_GLU, Rule, TensorOp, _per_expert
 
 DEEPSEEK_ARCHITECTURES = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
