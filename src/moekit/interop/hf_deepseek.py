@@ -208,8 +208,9 @@ def _rope(hf: dict, get, problems: list[str]) -> tuple[float, dict | None]:
 
 
 def deepseek_architecture(config: ModelConfig) -> str:
-    """deepseek_v3 for sigmoid routing, else deepseek_v2."""
-    return "deepseek_v3" if config.moe and config.moe.router == "sigmoid_topk" else "deepseek_v2"
+    """deepseek_v3 for sigmoid routing (its selection bias), else deepseek_v2."""
+    sigmoid = config.moe is not None and router_class(config.moe.router) is SigmoidTopK
+    return "deepseek_v3" if sigmoid else "deepseek_v2"
 
 
 def deepseek_hf_config(config: ModelConfig, arch: str, *, dtype: str = "float32") -> dict:
