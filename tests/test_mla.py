@@ -124,6 +124,13 @@ def test_bad_mla_settings_are_named(overrides, message):
         ModelConfig(**fields)
 
 
+def test_lora_on_latent_attention_is_refused():
+    from moekit.models.lora import LoRAConfig, add_lora
+
+    with pytest.raises(ValueError, match=r"grouped-query attention only, the model's is 'mla'"):
+        add_lora(make_model(), LoRAConfig(rank=2, targets="attention,experts"))
+
+
 def test_mla_widths_without_mla_warn():
     with pytest.warns(UserWarning, match='have no effect without attention "mla"'):
         ModelConfig(vocab_size=8, d_model=16, num_layers=1, num_heads=2, kv_lora_rank=4)
