@@ -186,6 +186,36 @@ def test_fused_expert_layout_is_read_too(hf_folders, tmp_path):
     torch.testing.assert_close(_logits(load_hf(tmp_path)), _logits(hf_model), atol=1e-4, rtol=0)
 
 
+def test_bf16_checkpoint_with_an_fp32_router_round_trips(tmp_path):
+    """transformers keeps DeepSeek-V3's gate and score-correction bias in fp32 in a bf16
+    model; they load and save in fp32, the rest in bf16."""
+    build("v3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    for name in tensors:
+        if ".mlp.gate." in name:
+            tensors[name] = tensors[name].float() * 1.001  # not representable in bf16
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    ours = load_hf(tmp_path / "hf")
+    router = ours.layers[1].ffn.router
+    assert router.weight.dtype == router.bias.dtype == torch.float32
+    assert ours.tok_embed.weight.dtype == torch.bfloat16
+    assert ours(TOKENS_BT).logits.isfinite().all()
+    save_hf(ours, tmp_path / "out")
+    again = _all_tensors(tmp_path / "out")
+    for name, tensor in tensors.items():
+        assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_inspect_counts_equal_transformers_model(hf_folders, case):
+    from moekit.interop.inspect import inspect_target
+
+    hf_model, folder = hf_folders[case]
+    report = inspect_target(str(folder / "config.json"))
+    assert report["kind"] == f"Hugging Face {CASES[case][0]}"
+    assert report["total"] == sum(p.numel() for p in hf_model.parameters())
+
+
 def test_config_semantics_are_mapped(hf_folders):
     def read(case):
         return model_config_from_hf(json.loads((hf_folders[case][1] / "config.json").read_text()))

@@ -116,7 +116,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
         state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    state = {name: t.to(dtype).contiguous() for name, t in state.items()}
+    state = {name: _cast(name, t, dtype) for name, t in state.items()}
     if config.tied_embeddings:
         state["lm_head.weight"] = state["tok_embed.weight"]
     _check_shapes(model, state, path)
@@ -125,6 +125,14 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
         model.lm_head.weight = model.tok_embed.weight
     model.init_rope()
     return model.eval()
+
+
+def _cast(name: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    # A router's weight and selection bias stay fp32 where the checkpoint keeps them so
+    # (DeepSeek-V3's gate in a bf16 checkpoint): their rounding decides which experts run.
+    if ".ffn.router." in name and tensor.dtype == torch.float32:
+        return tensor.contiguous()
+    return tensor.to(dtype).contiguous()
 
 
 def _check_names(mappings: list[Mapping], files: dict, read, tied: bool) -> None:
