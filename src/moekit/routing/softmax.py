@@ -15,8 +15,9 @@ from .groups import group_limited, group_max
 
 
 class SoftmaxTopK(Router):
-    """GShard / Mixtral: softmax over experts, keep the top-k, optionally renormalise.
+    """GShard / Mixtral / DeepSeek-V2: softmax over experts, top-k (optionally group-limited).
 
+    The top-k probabilities are the weights, renormalised to sum to 1 when renormalize.
     DeepSeek-V2's options (arXiv:2405.04434 section 2.2.2, transformers' topk_method
     "group_limited_greedy"): with num_groups > 1 a token picks its top_k experts inside
     the topk_groups groups holding its best probabilities (group score = the group's
