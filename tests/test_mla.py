@@ -115,7 +115,6 @@ def test_softmax_scale_takes_yarn_mscale_all_dim_squared():
         (dict(q_lora_rank=0), r"q_lora_rank \(0\) must be a positive integer"),
         (dict(qk_rope_head_dim=3), r"qk_rope_head_dim \(3\) must be even"),
         (dict(qk_norm="head"), r'attention "mla" has no qk_norm'),
-        (dict(head_dim=8), r"head_dim \(8\) must be None"),
     ],
 )
 def test_bad_mla_settings_are_named(overrides, message):
@@ -129,6 +128,19 @@ def test_lora_on_latent_attention_is_refused():
 
     with pytest.raises(ValueError, match=r"grouped-query attention only, the model's is 'mla'"):
         add_lora(make_model(), LoRAConfig(rank=2, targets="attention,experts"))
+
+
+def test_overrides_switch_a_preset_to_mla_and_change_its_widths():
+    from moekit.train.overrides import build_configs, parse_overrides
+
+    widths = ["--model.kv_lora_rank", "16", "--model.qk_rope_head_dim", "8"]
+    widths += ["--model.qk_nope_head_dim", "16", "--model.v_head_dim", "16"]
+    model, _ = build_configs("tiny", parse_overrides(["--model.attention", "mla", *widths]))
+    assert model.attention == "mla" and model.head_dim == 24  # derived: nope + rope
+    model, _ = build_configs(
+        "deepseek_v3_tiny", parse_overrides(["--model.q_lora_rank", "none", *widths])
+    )
+    assert model.q_lora_rank is None and model.head_dim == 24
 
 
 def test_mla_widths_without_mla_warn():

@@ -53,11 +53,6 @@ def check_mla_fields(config) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f'{name} ({value!r}) must be a positive integer with attention "mla"')
-    if config.head_dim not in (None, config.qk_nope_head_dim + config.qk_rope_head_dim):
-        raise ValueError(
-            f'head_dim ({config.head_dim}) must be None with attention "mla" (its query/key '
-            "heads are qk_nope_head_dim + qk_rope_head_dim wide)"
-        )
     unsupported = {"qk_norm": config.qk_norm, "qkv_bias": config.qkv_bias}
     unsupported["attn_out_bias"] = config.attn_out_bias
     set_ = [f"{name} {value!r}" for name, value in unsupported.items() if value]

@@ -61,8 +61,8 @@ class ModelConfig:
 
     attention "mla" is DeepSeek-V2/V3's multi-head latent attention (models/mla.py), sized
     by q_lora_rank (None = a full query projection), kv_lora_rank, qk_rope_head_dim,
-    qk_nope_head_dim and v_head_dim; those are used only by it, and with it head_dim
-    defaults to the query/key head width qk_nope_head_dim + qk_rope_head_dim.
+    qk_nope_head_dim and v_head_dim; those are used only by it, and with it head_dim is
+    the query/key head width qk_nope_head_dim + qk_rope_head_dim.
     """
 
     vocab_size: int
@@ -137,6 +137,7 @@ class ModelConfig:
         check_rope_scaling(self.rope_scaling)
         if self.attention == "mla":
             check_mla_fields(self)
+            # derived, not a setting: a config changed to MLA (or its widths) recomputes it
             self.head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         elif any(getattr(self, name) is not None for name in MLA_FIELDS):
             warn_once(f'{", ".join(MLA_FIELDS)} have no effect without attention "mla"')
