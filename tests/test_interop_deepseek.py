@@ -216,6 +216,23 @@ def test_inspect_counts_equal_transformers_model(hf_folders, case):
     assert report["total"] == sum(p.numel() for p in hf_model.parameters())
 
 
+def test_multi_token_prediction_layers_are_skipped(hf_folders, tmp_path):
+    """A DeepSeek-V3 checkpoint stores its MTP module as the layer after the last one;
+    transformers does not load it, nor does moekit (and it is never written)."""
+    hf_model, folder = hf_folders["v3"]
+    config = json.loads((folder / "config.json").read_text()) | {"num_nextn_predict_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
+    tensors["model.layers.3.self_attn.kv_b_proj.weight"] = torch.zeros(56, 12)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(_logits(load_hf(tmp_path)), _logits(hf_model), atol=1e-4, rtol=0)
+    tensors["model.layers.4.eh_proj.weight"] = torch.zeros(32, 64)  # not an MTP layer
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected tensors \[model.layers.4.eh_proj.weight\]"):
+        load_hf(tmp_path)
+
+
 def test_config_semantics_are_mapped(hf_folders):
     def read(case):
         return model_config_from_hf(json.loads((hf_folders[case][1] / "config.json").read_text()))

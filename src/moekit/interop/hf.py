@@ -27,7 +27,12 @@ from .hf_config import (
     model_config_from_hf,
     model_type_of,
 )
-from .hf_deepseek import DEEPSEEK_ARCHITECTURES, deepseek_tables, rope_interleaved
+from .hf_deepseek import (
+    DEEPSEEK_ARCHITECTURES,
+    deepseek_tables,
+    rope_interleaved,
+    unloaded_prefixes,
+)
 from .keys import FUSED_MARKER, TABLES, Mapping, expand
 
 CONFIG_FILE = "config.json"
@@ -112,7 +117,8 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
         def read(name: str) -> Tensor:
             return handles[files[name]].get_tensor(name)
 
-        _check_names(mappings, files, read, config.tied_embeddings)
+        skipped = unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP layers
+        _check_names(mappings, files, read, config.tied_embeddings, skipped)
         state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
     if dtype is None:
         dtype = next(iter(state.values())).dtype
@@ -135,9 +141,15 @@ def _cast(name: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor.to(dtype).contiguous()
 
 
-def _check_names(mappings: list[Mapping], files: dict, read, tied: bool) -> None:
+def _check_names(
+    mappings: list[Mapping], files: dict, read, tied: bool, skipped: tuple[str, ...] = ()
+) -> None:
     expected = {name for m in mappings for name in m.hf}
-    present = {name for name in files if not name.endswith(_IGNORED_SUFFIXES)}
+    present = {
+        name
+        for name in files
+        if not name.endswith(_IGNORED_SUFFIXES) and not (skipped and name.startswith(skipped))
+    }
     unexpected = present - expected
     embed = "model.embed_tokens.weight"
     if (

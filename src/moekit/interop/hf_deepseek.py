@@ -21,8 +21,9 @@ then odd) gives moekit's layout exactly; the inverse order is written back on sa
 HF -> moekit -> HF is bit-exact. DeepSeek-V3 with rope_interleave false is read and
 written as it is.
 
-Not read: the multi-token-prediction layers (num_nextn_predict_layers; transformers does
-not load them either), FP8 block-quantised weights (dequantise first).
+Not read: the multi-token-prediction layers (num_nextn_predict_layers; skipped on load, as
+transformers does; moekit has no MTP module), FP8 block-quantised weights (dequantise
+first).
 """
 
 from __future__ import annotations
@@ -383,6 +384,16 @@ def deepseek_tables(config: ModelConfig, interleaved: bool) -> dict[str, tuple[R
     return {"per_expert": common + per_expert, "fused": common + _FUSED}
 
 
+def unloaded_prefixes(arch: str, hf: dict) -> tuple[str, ...]:
+    """Tensor name prefixes a checkpoint may hold that are not loaded: DeepSeek-V3's
+    multi-token-prediction layers, stored after the last decoder layer (as transformers,
+    which does not load them either)."""
+    if arch != "deepseek_v3":
+        return ()
+    first = hf.get("num_hidden_layers", 0)
+    return tuple(f"model.layers.{first + i}." for i in range(hf.get("num_nextn_predict_layers", 0)))
+
+
 def rope_interleaved(arch: str, hf: dict) -> bool:
     """Whether a DeepSeek config.json's checkpoint has its rotary dims in interleaved pairs."""
     return arch == "deepseek_v2" or bool(hf.get("rope_interleave", True))
@@ -395,4 +406,5 @@ __all__ = [
     "deepseek_hf_config",
     "deepseek_tables",
     "rope_interleaved",
+    "unloaded_prefixes",
 ]
