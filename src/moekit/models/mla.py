@@ -89,7 +89,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_rank, self.v_dim = config.kv_lora_rank, config.v_head_dim
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         D, qk_width = config.d_model, H * (self.nope_dim + self.rope_dim)
-        if config.q_lora_rank is None:
+        self.compressed_q = config.q_lora_rank is not None
+        if not self.compressed_q:
             self.wq = nn.Linear(D, qk_width, bias=False)
         else:
             self.wq_down = nn.Linear(D, config.q_lora_rank, bias=False)  # W_DQ
@@ -117,10 +118,10 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x_BTD.shape
         H, N, R = self.num_heads, self.nope_dim, self.rope_dim
         # 1. queries (eqs. 12-13, 16): per head a non-rotary and a rotated part
-        if hasattr(self, "wq"):
-            q = self.wq(x_BTD)
-        else:
+        if self.compressed_q:
             q = self.wq_up(self.q_norm(self.wq_down(x_BTD)))
+        else:
+            q = self.wq(x_BTD)
         q_BHTN, q_rot_BHTR = q.view(B, T, H, N + R).transpose(1, 2).split((N, R), dim=-1)
         q_rot_BHTR = apply_rope(q_rot_BHTR, where.cos, where.sin)
 
