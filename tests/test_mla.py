@@ -14,6 +14,7 @@ from moekit.generate import KVCache, generate
 from moekit.models import ModelConfig, Transformer
 from moekit.models.accounting import kv_cache_bytes_per_token
 from moekit.models.mla import softmax_scale
+from moekit.models.rope import apply_rope
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MLA = dict(attention="mla", kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=5)
@@ -61,6 +62,28 @@ def test_cached_decoding_equals_the_full_forward(q_lora_rank):
     chunks = [model(x_BT[:, :3], kv_cache=cache).logits]
     chunks += [model(x_BT[:, t : t + 1], kv_cache=cache).logits for t in range(3, 7)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_absorbed_decode_step_equals_the_decompressed_attention():
+    """One decode step in the latent space (W_UK folded into the query, W_UV after the
+    softmax) equals decompressing every cached latent into keys and values."""
+    model = make_model()
+    cache = KVCache.for_model(model, batch_size=2, max_len=8)
+    model(prompt(), kv_cache=cache)
+    attn = model.layers[1].attn
+    captured = {}
+    attn.register_forward_pre_hook(lambda m, args: captured.update(args=args))
+    model(prompt(T=1, seed=1), kv_cache=cache)
+    x_BTD, where, _ = captured["args"]
+    B, T, H = 2, 1, attn.num_heads
+    q = attn.wq_up(attn.q_norm(attn.wq_down(x_BTD))).view(B, T, H, -1).transpose(1, 2)
+    q_BHTN, q_rot_BHTR = q.split((attn.nope_dim, attn.rope_dim), dim=-1)
+    q_rot_BHTR = apply_rope(q_rot_BHTR, where.cos, where.sin)
+    latent_B1SC, k_rot_B1SR = cache.k_BGSDh[1], cache.v_BGSDh[1]
+    args = (q_BHTN, q_rot_BHTR, latent_B1SC, k_rot_B1SR, where)
+    torch.testing.assert_close(
+        attn._attend_absorbed(*args), attn._attend(*args), atol=1e-5, rtol=1e-5
+    )
 
 
 LENGTHS = [5, 1, 8, 3]

@@ -18,9 +18,12 @@ Softmax scale: 1 / sqrt(N + R), times mscale(factor, mscale_all_dim)^2 under YaR
 (models/rope.py; the tables carry the rotary part's own mscale ratio).
 
 The cache holds what MLA is for: per token and layer, the latent c_KV (C values) and the
-rotated shared key k_R (R values), not H * (N + R + V) keys and values. Each step
-decompresses the cached latents with W_UK and W_UV (the simple form; folding W_UK into
-the query, the paper's "absorbed" inference form, is not done here).
+rotated shared key k_R (R values), not H * (N + R + V) keys and values. A one-token
+decode step attends in the latent space: W_UK is folded into the query and W_UV applied
+after the softmax (section 2.1.2's inference form, `_attend_absorbed`), so it reads S
+latents rather than S * H keys and values. Training and prompts decompress the latents
+into per-head keys and values (`_attend`), cheaper when T is large. Both give the same
+attention (tests/test_mla.py).
 
 Layout: W_DKV and W_KR are one projection `wkv_down` (C + R outputs, latent first) and
 W_UK, W_UV one `wkv_up` (per head N key then V value rows), as in DeepSeek's checkpoints.
@@ -135,17 +138,27 @@ class MultiHeadLatentAttention(nn.Module):
             latent_B1TC, k_rot_B1TR = kv_cache.update(
                 self.layer, where.slots_T, latent_B1TC, k_rot_B1TR
             )
-        S = latent_B1TC.shape[2]
+        # 4. attention: a decode step in the latent space (absorbed), otherwise decompressed
+        if kv_cache is not None and T == 1:
+            y_BHTV = self._attend_absorbed(q_BHTN, q_rot_BHTR, latent_B1TC, k_rot_B1TR, where)
+        else:
+            y_BHTV = self._attend(q_BHTN, q_rot_BHTR, latent_B1TC, k_rot_B1TR, where)
+        return self.wo(y_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-        # 4. decompress keys and values per head (eqs. 10-11) and join the rotary key
-        kv_BHSX = self.wkv_up(latent_B1TC.squeeze(1)).view(B, S, H, N + self.v_dim).transpose(1, 2)
-        k_BHSN, v_BHSV = kv_BHSX.split((N, self.v_dim), dim=-1)
-        k_BHSK = torch.cat((k_BHSN, k_rot_B1TR.expand(B, H, S, R)), dim=-1)
+    def _attend(
+        self, q_BHTN: Tensor, q_rot_BHTR: Tensor, latent_B1SC: Tensor, k_rot_B1SR: Tensor, where
+    ) -> Tensor:
+        """Attention with keys and values decompressed per head (eqs. 10-11, 18-19)."""
+        B, H, T, N = q_BHTN.shape
+        S, R, V = latent_B1SC.shape[2], self.rope_dim, self.v_dim
+        # decompress keys and values per head and join the shared rotary key
+        kv_BHSX = self.wkv_up(latent_B1SC.squeeze(1)).view(B, S, H, N + V).transpose(1, 2)
+        k_BHSN, v_BHSV = kv_BHSX.split((N, V), dim=-1)
+        k_BHSK = torch.cat((k_BHSN, k_rot_B1SR.expand(B, H, S, R)), dim=-1)
         q_BHTK = torch.cat((q_BHTN, q_rot_BHTR), dim=-1)
-
-        # 5. attention (eqs. 18-19); causal over the T tokens when there is no mask
+        # causal over the T tokens when there is no mask
         mask = where.mask_B1TS
-        y_BHTV = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q_BHTK,
             k_BHSK,
             v_BHSV,
@@ -153,4 +166,30 @@ class MultiHeadLatentAttention(nn.Module):
             is_causal=mask is None and T > 1,
             scale=self.scale,
         )
-        return self.wo(y_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def _attend_absorbed(
+        self, q_BHTN: Tensor, q_rot_BHTR: Tensor, latent_B1SC: Tensor, k_rot_B1SR: Tensor, where
+    ) -> Tensor:
+        """The same attention without decompressing the cache (DeepSeek-V2 section 2.1.2):
+        W_UK is folded into the query and W_UV applied after the softmax, so one decode step
+        reads S latents instead of S * H keys and values.
+
+        q_C . k_C = q_C . (W_UK c) = (W_UK^T q_C) . c, so each head scores
+        [W_UK^T q_C; q_R] against [c; k_R] (C + R wide) and mixes the latents c, which
+        W_UV then maps to the head's value: the softmax weights are those of _attend.
+        """
+        B, H, T, N = q_BHTN.shape
+        S, C, R, V = latent_B1SC.shape[2], self.kv_rank, self.rope_dim, self.v_dim
+        w_up_HXC = self.wkv_up.weight.view(H, N + V, C)
+        w_uk_HNC, w_uv_HVC = w_up_HXC.split((N, V), dim=1)
+        q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_BHTN, w_uk_HNC)
+        q_BHTK = torch.cat((q_latent_BHTC, q_rot_BHTR), dim=-1)
+        k_B1SK = torch.cat((latent_B1SC, k_rot_B1SR), dim=-1)
+        mixed_BHTC = F.scaled_dot_product_attention(
+            q_BHTK,
+            k_B1SK.expand(B, H, S, C + R),
+            latent_B1SC.expand(B, H, S, C),
+            attn_mask=where.mask_B1TS,
+            scale=self.scale,
+        )
+        return torch.einsum("bhtc,hvc->bhtv", mixed_BHTC, w_uv_HVC)
