@@ -95,7 +95,8 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
 
     Args:
         path: folder with config.json and model.safetensors (or shards and their index).
-        dtype: the weights' dtype; None keeps the checkpoint's.
+        dtype: the weights' dtype; None keeps the checkpoint's (that of its embedding, and
+            fp32 for a router stored in fp32).
     Returns:
         The model, in eval mode, on the CPU.
     Raises:
@@ -120,9 +121,10 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
         skipped = unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP layers
         _check_names(mappings, files, read, config.tied_embeddings, skipped)
         state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
+    as_stored = dtype is None
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    state = {name: _cast(name, t, dtype) for name, t in state.items()}
+    state = {name: _cast(name, t, dtype, as_stored) for name, t in state.items()}
     if config.tied_embeddings:
         state["lm_head.weight"] = state["tok_embed.weight"]
     _check_shapes(model, state, path)
@@ -133,10 +135,11 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     return model.eval()
 
 
-def _cast(name: str, tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    # A router's weight and selection bias stay fp32 where the checkpoint keeps them so
-    # (DeepSeek-V3's gate in a bf16 checkpoint): their rounding decides which experts run.
-    if ".ffn.router." in name and tensor.dtype == torch.float32:
+def _cast(name: str, tensor: Tensor, dtype: torch.dtype, as_stored: bool) -> Tensor:
+    # Unless a dtype is asked for, a router's weight and selection bias stay fp32 where the
+    # checkpoint keeps them so (DeepSeek-V3's gate in a bf16 checkpoint): their rounding
+    # decides which experts run.
+    if as_stored and ".ffn.router." in name and tensor.dtype == torch.float32:
         return tensor.contiguous()
     return tensor.to(dtype).contiguous()
 

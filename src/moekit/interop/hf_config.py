@@ -1,4 +1,7 @@
-"""Hugging Face config.json <-> moekit ModelConfig for the four supported architectures.
+"""Hugging Face config.json <-> moekit ModelConfig for the supported architectures.
+
+DeepSeek-V2 and DeepSeek-V3 (multi-head latent attention) are mapped in hf_deepseek.py;
+this module dispatches to it and maps the other four.
 
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE are all pre-norm decoders with RMSNorm, rotary
 positions in the rotate-half layout, grouped-query attention, SwiGLU experts and a softmax
