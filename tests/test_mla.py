@@ -120,6 +120,28 @@ def test_compiled_generation_equals_eager():
     torch.testing.assert_close(compiled.logits_BNV, eager.logits_BNV, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # about a minute of inductor compilation on two cores
+def test_compiled_training_step_is_one_graph_and_equals_eager():
+    torch._dynamo.reset()
+    moe = MoEConfig(
+        d_model=16, d_hidden=8, num_experts=4, top_k=2, router="sigmoid_topk", num_groups=2
+    )
+    model = make_model(moe=moe, first_dense_layers=1).train()
+    tokens_BT, targets_BT = prompt(seed=1), prompt(seed=2)
+
+    def loss(tokens_BT, targets_BT):
+        out = model(tokens_BT, targets=targets_BT)
+        return out.loss + out.aux_loss
+
+    grads = []
+    for step in (loss, torch.compile(loss, fullgraph=True)):
+        step(tokens_BT, targets_BT).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_softmax_scale_takes_yarn_mscale_all_dim_squared():
     plain = ModelConfig(vocab_size=8, d_model=16, num_layers=1, num_heads=2, **MLA)
     assert softmax_scale(plain) == pytest.approx(1 / math.sqrt(10))
