@@ -56,11 +56,13 @@ def check_mla_fields(config) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f'{name} ({value!r}) must be a positive integer with attention "mla"')
-    unsupported = {"qk_norm": config.qk_norm, "qkv_bias": config.qkv_bias}
-    unsupported["attn_out_bias"] = config.attn_out_bias
-    set_ = [f"{name} {value!r}" for name, value in unsupported.items() if value]
-    if set_:
-        raise ValueError(f'attention "mla" has no {", ".join(set_)}')
+    gqa_only = [
+        f"{name} {getattr(config, name)!r}"
+        for name in ("qk_norm", "qkv_bias", "attn_out_bias")
+        if getattr(config, name)
+    ]
+    if gqa_only:
+        raise ValueError(f'attention "mla" has no {", ".join(gqa_only)}')
     if config.qk_rope_head_dim % 2:
         raise ValueError(
             f"qk_rope_head_dim ({config.qk_rope_head_dim}) must be even for rotary embeddings"
