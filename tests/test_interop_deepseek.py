@@ -159,7 +159,7 @@ def test_round_trip_is_bit_exact(hf_folders, tmp_path, case):
         assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
 
 
-@pytest.mark.parametrize("case", ["v3", "v2_group_limited"])
+@pytest.mark.parametrize("case", CASES)
 def test_greedy_generation_picks_transformers_tokens(hf_folders, case):
     hf_model, folder = hf_folders[case]
     ours = load_hf(folder)
