@@ -198,6 +198,8 @@ def route_token(
                 break
             chosen.append(e)
             mass += p[e].item()
+    elif cfg.router == "softmax_topk":
+        return _route_softmax_groups(cfg, p, logits)
     else:
         chosen = order[:K]
 
@@ -206,6 +208,25 @@ def route_token(
         total = sum(weights)
         weights = [w / total for w in weights]
     return TokenRoute(list(zip(chosen, weights)), p, p.tolist(), p, logits, smooth_load)
+
+
+def _route_softmax_groups(cfg, p: Tensor, logits: Tensor) -> TokenRoute:
+    """Softmax top-k; with groups, DeepSeek-V2 section 2.2.2: a group's score is its best
+    probability and a token picks inside its topk_groups best groups; weights times
+    routed_scaling (after any renormalisation)."""
+    E, K = cfg.num_experts, cfg.top_k
+    probs = p.tolist()
+    size = E // cfg.num_groups
+    group_scores = [max(probs[g * size : (g + 1) * size]) for g in range(cfg.num_groups)]
+    kept_groups = set(descending(group_scores)[: cfg.topk_groups])
+    rank = [probs[e] if e // size in kept_groups else -math.inf for e in range(E)]
+    chosen = descending(rank)[:K]
+    weights = [p[e] for e in chosen]
+    if cfg.renormalize:
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    weights = [w * cfg.routed_scaling for w in weights]
+    return TokenRoute(list(zip(chosen, weights)), p * cfg.routed_scaling, rank, p, logits)
 
 
 def _noisy_load(noisy: Tensor, clean: Tensor, noise_std: Tensor, k: int) -> Tensor:

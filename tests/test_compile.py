@@ -23,6 +23,7 @@ CASES = [dict(router=r) for r in ROUTERS] + [
         router="sigmoid_topk", num_groups=2, topk_groups=1, capacity_factor=1.0, overflow="reroute"
     ),
     dict(router="softmax_topk", capacity_factor=1.0, batch_priority=True, num_shared_experts=1),
+    dict(router="softmax_topk", num_groups=2, topk_groups=1, routed_scaling=1.5, renormalize=False),
 ]
 
 

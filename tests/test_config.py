@@ -76,11 +76,13 @@ def test_zero_tokens_backward_gives_an_empty_input_gradient():
 
 
 def test_groups_of_a_router_without_groups_warn_instead_of_raising():
-    # Groups only limit sigmoid_topk; for softmax_topk they have no effect, so a top_k
-    # larger than one group is fine there.
-    with pytest.warns(UserWarning, match="only apply to the sigmoid_topk router"):
-        cfg = config(router="softmax_topk", top_k=3, num_groups=2, topk_groups=1)
+    # Groups only limit sigmoid_topk and softmax_topk; for top_p they have no effect, so a
+    # top_k larger than one group is fine there.
+    with pytest.warns(UserWarning, match="only apply to the sigmoid_topk and softmax_topk"):
+        cfg = config(router="top_p", top_k=3, num_groups=2, topk_groups=1)
     assert cfg.top_k == 3
+    with pytest.raises(ValueError, match=r"top_k \(3\) exceeds"):
+        config(router="softmax_topk", top_k=3, num_groups=2, topk_groups=1)
 
 
 def test_dense_router_uses_every_expert():
@@ -95,9 +97,9 @@ def test_dense_router_uses_every_expert():
         (dict(overflow="reroute"), "no effect when capacity_factor is None"),
         (dict(batch_priority=True), "no effect when capacity_factor is None"),
         (dict(router="expert_choice", capacity_factor=1.0, overflow="reroute"), "expert_choice"),
-        (dict(num_groups=2), "only apply to the sigmoid_topk router"),
+        (dict(router="top_p", num_groups=2), "only apply to the sigmoid_topk and softmax_topk"),
         (dict(load_loss_coef=0.1), "load_loss_coef"),
-        (dict(routed_scaling=2.5), "routed_scaling only applies"),
+        (dict(router="top_p", routed_scaling=2.5), "routed_scaling only applies"),
         (dict(shared_expert_gate=True), "without shared experts"),
     ],
 )

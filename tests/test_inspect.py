@@ -1,5 +1,6 @@
 """Parameter accounting: the parts sum to count_parameters, the formula parts match
-transformers' own models, and the published MoEs land on their published figures."""
+transformers' own models, the published MoEs land on their published figures, and the KV
+cache's bytes per token show what MLA saves."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from moekit.models import PRESETS, count_parameters
 
 
 @pytest.mark.parametrize(
-    "name", [*PRESETS, "mixtral_8x7b", "qwen1_5_moe_a2_7b", "olmoe_1b_7b", "grok_1"]
+    "name", [*PRESETS, "mixtral_8x7b", "qwen1_5_moe_a2_7b", "olmoe_1b_7b", "grok_1", "deepseek_v2"]
 )
 def test_parts_sum_to_count_parameters(name):
     config = PRESETS[name]() if name in PRESETS else getattr(famous, name)()
@@ -43,6 +44,7 @@ def test_parts_of_a_small_config_by_hand():
 #   Mixtral 8x22B 141B / 39B     Mistral AI, "Cheaper, Better, Faster, Stronger" (Apr 2024)
 #   Qwen1.5-MoE-A2.7B 14.3B / 2.7B  Qwen team blog (Mar 2024)
 #   DeepSeek-V3 671B             DeepSeek-V3 Technical Report, arXiv:2412.19437
+#   DeepSeek-V2 236B / 21B       DeepSeek-V2, arXiv:2405.04434 (abstract)
 #   OLMoE-1B-7B 6.9B             Muennighoff et al., arXiv:2409.02060
 #   Grok-1 314B                  xAI, "Open Release of Grok-1" (Mar 2024)
 #   Switch-Base-128 7.4B, T5-Base 223M   Fedus et al. 2022 (JMLR), distillation tables
@@ -55,6 +57,8 @@ WITHIN_1_PERCENT = [
     ("qwen1_5_moe_a2_7b", "total"),
     ("qwen1_5_moe_a2_7b", "active"),
     ("deepseek_v3", "total"),
+    ("deepseek_v2", "total"),
+    ("deepseek_v2", "active"),
     ("olmoe_1b_7b", "total"),
     ("grok_1", "total"),
     ("switch_base_8", "active"),
@@ -106,21 +110,30 @@ def test_deepseek_v3_counts_the_moe_after_three_dense_layers_and_excludes_mtp():
     assert stored / 685e9 == pytest.approx(1, abs=0.01)
 
 
-def test_mla_formula_matches_transformers_deepseek_v3_attention():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.DeepseekV3Config(
-        hidden_size=64,
-        num_attention_heads=4,
-        q_lora_rank=24,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=6,
-        num_hidden_layers=1,
+def test_deepseek_counts_come_from_the_runnable_mla_model():
+    """No formula: the attention part is our MLA module's parameters, which equal
+    transformers' DeepseekV3Attention's (tests/test_mla.py), 61 layers of them."""
+    from moekit.models import meta_model
+    from moekit.models.published import deepseek_v3
+
+    a = famous.deepseek_v3()
+    layer = meta_model(deepseek_v3()).layers[0].attn
+    assert type(layer).__name__ == "MultiHeadLatentAttention"
+    projections = sum(p.numel() for n, p in layer.named_parameters() if "norm" not in n)
+    assert a.total["attention"] == 61 * projections
+    # q: 7168 x 1536, 1536 x 128 * 192; kv: 7168 x (512 + 64), 512 x 128 * 256; out: 128 * 128 x 7168
+    per_layer = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168
+    assert projections == per_layer
+
+
+def test_kv_cache_bytes_per_token_show_what_mla_saves():
+    """bf16: DeepSeek-V3 caches 512 + 64 values per layer; Mixtral 8x7B 8 heads x 128 x 2."""
+    v3, mixtral = _report("deepseek_v3"), _report("mixtral_8x7b")
+    assert v3["kv_cache_bytes_per_token"] == dict(
+        per_layer=(512 + 64) * 2, layers=61, total=61 * 576 * 2, dtype="bfloat16"
     )
-    attention = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention(config, 0)
-    projections, norms = famous.mla_params(64, 4, 24, 16, 8, 4, 6)
-    assert sum(p.numel() for p in attention.parameters()) == projections + norms
+    assert mixtral["kv_cache_bytes_per_token"]["total"] == 32 * 8 * 128 * 2 * 2
+    assert _report("deepseek_v2")["kv_cache_bytes_per_token"]["total"] == 60 * 576 * 2
 
 
 def test_switch_formula_matches_transformers_switch_transformers():
@@ -186,6 +199,8 @@ def test_inspect_prints_a_table_and_reads_run_configs(tmp_path, capsys):
     assert inspect_main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "(moekit run)" in out and "4,269,184" in out and "routed_experts" in out
+    # tiny: 2 key/value heads of 32, keys and values, 2 bytes each
+    assert "KV cache per token (bf16): 256 bytes per layer, 1,024 bytes in all 4 layers" in out
 
 
 def test_inspect_unknown_target_is_an_error(capsys):
@@ -241,6 +256,54 @@ HUB_CONFIGS = {
         "hidden_act": "silu",
         "torch_dtype": "bfloat16",
     },
+    # deepseek-ai/DeepSeek-V3's config.json for the original code (its FP8 quantization
+    # config left out: it does not change the count).
+    "deepseek_v3": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_nextn_predict_layers": 1,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_shared_experts": 1,
+        "n_routed_experts": 256,
+        "ep_size": 1,
+        "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc",
+        "n_group": 8,
+        "topk_group": 4,
+        "num_experts_per_tok": 8,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 3,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "hidden_act": "silu",
+        "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
     "olmoe_1b_7b": {
         "architectures": ["OlmoeForCausalLM"],
         "model_type": "olmoe",
@@ -272,3 +335,15 @@ def test_hub_config_json_counts_as_the_preset(name, tmp_path):
     from_hub = inspect_target(str(tmp_path / "config.json"))
     preset = inspect_target(name)
     assert (from_hub["total"], from_hub["active"]) == (preset["total"], preset["active"])
+    assert from_hub["kv_cache_bytes_per_token"] == preset["kv_cache_bytes_per_token"]
+
+
+def test_deepseek_v3_hub_config_maps_to_the_published_config():
+    from moekit.interop import model_config_from_hf
+    from moekit.models.published import deepseek_v3
+
+    hub, ours = model_config_from_hf(HUB_CONFIGS["deepseek_v3"]), deepseek_v3()
+    for name in ("rope_scaling", "max_seq_len", "norm_eps", "first_dense_layers", "q_lora_rank"):
+        assert getattr(hub, name) == getattr(ours, name), name
+    for name in ("router", "num_groups", "topk_groups", "routed_scaling", "renormalize"):
+        assert getattr(hub.moe, name) == getattr(ours.moe, name), name

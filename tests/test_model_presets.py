@@ -38,9 +38,16 @@ def test_documented_parameter_counts():
     assert count_parameters(presets.tiny_dense()) == (1_508_480, 1_508_480)
     assert count_parameters(presets.small()) == (119_079_424, 42_009_088)
     assert count_parameters(presets.small_dense()) == (41_951_744, 41_951_744)
+    assert count_parameters(presets.deepseek_v3_tiny()) == (3_440_128, 1_523_200)
 
 
-@pytest.mark.parametrize("make", [presets.tiny, presets.small])
+def test_dense_twin_of_deepseek_v3_tiny_keeps_the_latent_attention():
+    twin = dense_twin(presets.deepseek_v3_tiny())
+    assert twin.attention == "mla" and twin.kv_lora_rank == 32 and twin.q_lora_rank == 64
+    assert twin.d_hidden == 3 * 128 + 128 and twin.first_dense_layers == 0
+
+
+@pytest.mark.parametrize("make", [presets.tiny, presets.small, presets.deepseek_v3_tiny])
 def test_dense_twin_has_the_active_parameters_of_the_moe(make):
     config = make()
     twin = dense_twin(config)

@@ -16,6 +16,7 @@ TOKEN_CHOICE = [
     dict(router="switch", top_k=1),
     dict(router="gshard"),
     dict(router="sigmoid_topk", num_groups=4, topk_groups=2, routed_scaling=2.5),
+    dict(router="softmax_topk", num_groups=4, topk_groups=2, routed_scaling=1.5, renormalize=False),
     dict(router="top_p", top_p=0.6, top_k=3),
     dict(router="dense"),
     dict(router="softmax_topk", activation="gelu", renormalize=False),

@@ -28,6 +28,16 @@ LOSS_COEFS = dict(
 TOKEN_CHOICE = {
     "softmax_topk": dict(router="softmax_topk"),
     "softmax_topk_raw": dict(router="softmax_topk", renormalize=False),
+    # DeepSeek-V2: group-limited (group score = its best probability), scaled, raw weights
+    "softmax_topk_groups": dict(
+        router="softmax_topk",
+        num_experts=8,
+        top_k=3,
+        num_groups=4,
+        topk_groups=2,
+        routed_scaling=1.5,
+        renormalize=False,
+    ),
     "noisy_topk": dict(router="noisy_topk"),
     "switch": dict(router="switch", top_k=1, jitter_eps=0.2),
     "sigmoid_topk": dict(
@@ -182,7 +192,7 @@ def layer_configs(draw):
     settings["activation"] = draw(st.sampled_from(["swiglu", "geglu", "gelu", "relu", "silu"]))
     settings["num_shared_experts"] = draw(st.integers(0, 1))
     settings["shared_expert_gate"] = draw(st.booleans())
-    if router == "sigmoid_topk":
+    if router in ("sigmoid_topk", "softmax_topk"):
         divisors = [g for g in range(1, num_experts + 1) if num_experts % g == 0]
         settings["num_groups"] = draw(st.sampled_from(divisors))
         settings["topk_groups"] = draw(st.integers(1, settings["num_groups"]))

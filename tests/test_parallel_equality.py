@@ -76,6 +76,11 @@ def cases() -> list[Case]:
             sizes=(0, 9),
         ),
         Case("empty rank, sigmoid groups", router_settings("sigmoid_topk"), sizes=(7, 0)),
+        Case(
+            "softmax_topk groups (DeepSeek-V2)",
+            router_settings("softmax_topk")
+            | {"num_groups": 2, "topk_groups": 1, "routed_scaling": 1.5, "renormalize": False},
+        ),
         Case("empty rank, expert choice", router_settings("expert_choice"), sizes=(0, 6)),
         Case("empty rank, soft", router_settings("soft"), sizes=(0, 3)),
         Case("expert without tokens", router_settings("softmax_topk"), starve_expert=True),

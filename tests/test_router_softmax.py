@@ -1,4 +1,5 @@
-"""softmax_topk (GShard / Mixtral): softmax over experts, top-k, optional renormalisation.
+"""softmax_topk (GShard / Mixtral / DeepSeek-V2): softmax over experts, top-k, optional
+renormalisation; DeepSeek-V2's group-limited selection and routed scaling.
 
 The router weight is set to the identity so the logits are the input itself.
 """
@@ -60,3 +61,35 @@ def test_router_math_is_fp32_for_low_precision_input():
     r = router()
     routing = r(LOGITS.to(torch.bfloat16))
     assert routing.logits_TE.dtype == torch.float32 and routing.weights_TK.dtype == torch.float32
+
+
+def test_group_limited_worked_example():
+    # DeepSeek-V2's device-limited routing. Logits of 8 experts in groups of two:
+    # g0 = (e0, e1), g1 = (e2, e3), g2 = (e4, e5), g3 = (e6, e7). A group scores its best
+    # probability, in logit order g0 2.0, g1 1.9, g2 1.8, g3 -4.0. With topk_groups = 2
+    # only g0 and g1 remain, so the top-3 is e0 (2.0), e2 (1.9) and e1 (-2.0), although
+    # e4 (1.8) and e5 (1.75) of g2 score higher than e1.
+    logits = torch.tensor([[2.0, -2.0, 1.9, -3.0, 1.8, 1.75, -4.0, -5.0]])
+    moe = make_moe(
+        d_model=8,
+        num_experts=8,
+        top_k=3,
+        num_groups=4,
+        topk_groups=2,
+        routed_scaling=16.0,
+        renormalize=False,
+    )
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(8))
+    routing = moe.router(logits)
+    assert routing.ids_TK.tolist() == [[0, 2, 1]]
+    allowed = torch.isfinite(routing.rank_TE[0]).tolist()
+    assert allowed == [True, True, True, True, False, False, False, False]
+    # weights: the raw probabilities (no renormalisation) times routed_scaling
+    probs = logits.softmax(dim=-1)[0]
+    torch.testing.assert_close(routing.weights_TK[0], probs[[0, 2, 1]] * 16.0)
+    # without groups e4 takes the third slot
+    plain = make_moe(d_model=8, num_experts=8, top_k=3)
+    with torch.no_grad():
+        plain.router.weight.copy_(torch.eye(8))
+    assert plain.router(logits).ids_TK.tolist() == [[0, 2, 4]]

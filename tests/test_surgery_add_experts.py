@@ -153,6 +153,7 @@ UNSUPPORTED = [
     ("split", dict(router="expert_choice"), "cannot split"),
     ("split", dict(router="soft"), "cannot split"),
     ("offset", dict(router="sigmoid_topk", num_groups=2), "group-limited"),
+    ("split", dict(router="softmax_topk", num_groups=2, top_k=1), "group-limited"),
     ("split", dict(capacity_factor=1.0), "capacity_factor"),
 ]
 

@@ -25,6 +25,8 @@ OVERFLOW_POLICIES = ("drop", "reroute")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 # Routers where every token goes to a fixed set of slots and capacity does not apply.
 _NO_CAPACITY_ROUTERS = ("soft", "dense")
+# Routers with DeepSeek's group-limited selection and routed_scaling.
+_GROUP_ROUTERS = ("sigmoid_topk", "softmax_topk")
 
 _warned: set[str] = set()
 
@@ -61,9 +63,9 @@ class MoEConfig:
     renormalize: bool = True  # softmax_topk, noisy_topk, sigmoid_topk, top_p: weights sum to 1
     jitter_eps: float = 0.01  # switch: input *= U(1 - eps, 1 + eps) in training
     top_p: float = 0.5  # top_p: smallest expert set whose probabilities reach p (max top_k)
-    num_groups: int = 1  # sigmoid_topk: experts split into groups (DeepSeek-V3 n_group)
-    topk_groups: int = 1  # sigmoid_topk: groups each token may use (topk_group)
-    routed_scaling: float = 1.0  # sigmoid_topk: routed output scale (DeepSeek-V3: 2.5)
+    num_groups: int = 1  # sigmoid_topk, softmax_topk: experts split into groups (n_group)
+    topk_groups: int = 1  # sigmoid_topk, softmax_topk: groups each token may use (topk_group)
+    routed_scaling: float = 1.0  # sigmoid_topk, softmax_topk: routed output scale (V3: 2.5)
     bias_update_rate: float = 1e-3  # sigmoid_topk: aux-loss-free balancing step size
     slots_per_expert: int = 1  # soft: slots each expert processes per sequence
 
@@ -138,9 +140,9 @@ class MoEConfig:
             raise ValueError(
                 f"topk_groups ({self.topk_groups}) must be in [1, num_groups ({self.num_groups})]"
             )
-        # Only sigmoid_topk limits a token to its groups; other routers just warn (below).
+        # Only these limit a token to its groups; other routers just warn (below).
         experts_reachable = self.topk_groups * (self.num_experts // self.num_groups)
-        if self.router == "sigmoid_topk" and self.top_k > experts_reachable:
+        if self.router in _GROUP_ROUTERS and self.top_k > experts_reachable:
             raise ValueError(
                 f"top_k ({self.top_k}) exceeds the experts in topk_groups ({self.topk_groups}) "
                 f"groups of {self.num_experts // self.num_groups}"
@@ -153,10 +155,12 @@ class MoEConfig:
             warn_once("overflow and batch_priority have no effect when capacity_factor is None")
         if self.router == "expert_choice" and (self.overflow != "drop" or self.batch_priority):
             warn_once("overflow and batch_priority have no effect with expert_choice routing")
-        if self.num_groups > 1 and self.router != "sigmoid_topk":
-            warn_once("num_groups/topk_groups only apply to the sigmoid_topk router")
-        if self.routed_scaling != 1.0 and self.router != "sigmoid_topk":
-            warn_once("routed_scaling only applies to the sigmoid_topk router")
+        if self.num_groups > 1 and self.router not in _GROUP_ROUTERS:
+            warn_once(
+                "num_groups/topk_groups only apply to the sigmoid_topk and softmax_topk routers"
+            )
+        if self.routed_scaling != 1.0 and self.router not in _GROUP_ROUTERS:
+            warn_once("routed_scaling only applies to the sigmoid_topk and softmax_topk routers")
         if self.num_shared_experts == 0 and (
             self.shared_expert_gate or self.d_shared_hidden is not None
         ):

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import ModelConfig, active_expert_fraction, meta_model
+from ..models import ModelConfig, active_expert_fraction, kv_cache_bytes_per_token, meta_model
 from ..moe import MoE
 
 PARTS = (
@@ -38,6 +38,8 @@ class Accounting:
     the table is also the head, so every token multiplies by it); some sources leave it
     out of the active count, since a token only looks up one row. excluded: modules deliberately left out of the totals, with their sizes (e.g.
     DeepSeek-V3's multi-token-prediction module); notes: what was counted, in words.
+    kv_bytes_per_layer: bytes the KV cache holds per token and layer in bf16 (None where
+    not known), over kv_layers layers.
     """
 
     name: str
@@ -46,6 +48,8 @@ class Accounting:
     input_embedding: int = 0
     excluded: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    kv_bytes_per_layer: int | None = None
+    kv_layers: int = 0
 
     @property
     def total_params(self) -> int:
@@ -75,6 +79,14 @@ class Accounting:
             "parts": {p: {"total": self.total[p], "active": self.active[p]} for p in PARTS},
             "excluded": self.excluded,
             "notes": self.notes,
+            "kv_cache_bytes_per_token": None
+            if self.kv_bytes_per_layer is None
+            else {
+                "per_layer": self.kv_bytes_per_layer,
+                "layers": self.kv_layers,
+                "total": self.kv_bytes_per_layer * self.kv_layers,
+                "dtype": "bfloat16",
+            },
         }
 
 
@@ -131,7 +143,13 @@ def count_by_part(config: ModelConfig, name: str = "model") -> Accounting:
     ]
     input_embedding = 0 if config.tied_embeddings else config.vocab_size * config.d_model
     return Accounting(
-        name=name, total=total, active=active, input_embedding=input_embedding, notes=notes
+        name=name,
+        total=total,
+        active=active,
+        input_embedding=input_embedding,
+        notes=notes,
+        kv_bytes_per_layer=kv_cache_bytes_per_token(config) // config.num_layers,
+        kv_layers=config.num_layers,
     )
 
 

@@ -11,11 +11,11 @@ from ..errors import command_error
 INSPECT_DESCRIPTION = """\
 Total and active-per-token parameters by part (embeddings, attention, router, routed
 experts, shared experts, dense FFN layers, norms, other), counted from the config on the
-meta device (nothing is allocated). TARGET is one of
+meta device (nothing is allocated), and the KV cache's bytes per token (bf16). TARGET is
   a published MoE: {famous}
   a moekit preset: {presets}
   a moekit run directory or its config.json, or a Hugging Face config.json
-  (mixtral, qwen2_moe, qwen3_moe, olmoe).
+  (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3).
 """
 
 
@@ -63,6 +63,12 @@ def format_report(report: dict) -> str:
     if report["input_embedding"]:
         without = report["active_without_input_embedding"]
         lines.append(f"active without the input-embedding lookup: {without:,} ({_human(without)})")
+    kv = report.get("kv_cache_bytes_per_token")
+    if kv:
+        lines.append(
+            f"KV cache per token (bf16): {kv['per_layer']:,} bytes per layer, "
+            f"{kv['total']:,} bytes in all {kv['layers']} layers"
+        )
     published = report.get("published")
     if published:
         shown = [

@@ -2,10 +2,11 @@
 
 Each entry gives the hyperparameters with their source (the ModelConfigs themselves are in
 models/published.py) and the published total and active figures the accounting is checked against (tests/test_inspect.py, within 1%). Where
-moekit's Transformer can express the model, the entry is a ModelConfig counted on the meta
-device; where it cannot (DeepSeek-V3's multi-head latent attention, the encoder-decoder
-Switch Transformers, the rumoured GPT-4), those parts are counted from their ranks and
-widths by formula, and the notes say so.
+moekit's Transformer can express the model (DeepSeek-V2 and V3 with their multi-head latent
+attention included), the entry is a ModelConfig counted on the meta device; where it
+cannot (the encoder-decoder Switch Transformers, the rumoured GPT-4, DeepSeek-V3's
+multi-token-prediction module), those parts are counted from their widths by formula,
+and the notes say so.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..models import published
 from ..models.published import (
-    deepseek_v3_skeleton,
+    deepseek_v2,
     grok_1,
     mixtral_8x7b,
     mixtral_8x22b,
@@ -27,13 +29,12 @@ __all__ = [
     "FAMOUS",
     "PUBLISHED",
     "Published",
+    "deepseek_v2",
     "deepseek_v3",
-    "deepseek_v3_skeleton",
     "gpt4_rumoured",
     "grok_1",
     "mixtral_8x7b",
     "mixtral_8x22b",
-    "mla_params",
     "olmoe_1b_7b",
     "qwen1_5_moe_a2_7b",
     "switch_transformer",
@@ -52,57 +53,29 @@ class Published:
     active_without_input_embedding: bool = False
 
 
-def mla_params(
-    d_model: int,
-    num_heads: int,
-    q_rank: int,
-    kv_rank: int,
-    nope_dim: int,
-    rope_dim: int,
-    v_dim: int,
-) -> tuple[int, int]:
-    """(projection, norm) parameters of one multi-head latent attention layer (DeepSeek-V2/V3).
-
-    q: d -> q_rank (W_DQ), RMSNorm(q_rank), q_rank -> H * (nope + rope) (W_UQ and W_QR);
-    kv: d -> kv_rank + rope (W_DKV and the shared rotary key W_KR), RMSNorm(kv_rank),
-    kv_rank -> H * (nope + v) (W_UK, W_UV); out: H * v -> d (W_O). No biases.
-    """
-    projections = (
-        d_model * q_rank
-        + q_rank * num_heads * (nope_dim + rope_dim)
-        + d_model * (kv_rank + rope_dim)
-        + kv_rank * num_heads * (nope_dim + v_dim)
-        + num_heads * v_dim * d_model
-    )
-    return projections, q_rank + kv_rank
-
-
 def deepseek_v3() -> Accounting:
-    """DeepSeek-V3 (671B / 37B): the skeleton's counts with MLA counted from its ranks.
+    """DeepSeek-V3 (671B / 37B): the runnable model (models/published.py) counted on the
+    meta device, multi-head latent attention included.
 
-    MLA: 128 heads, q rank 1536, kv rank 512, per-head no-rope dim 128, rope dim 64, value
-    dim 128 (the paper, section 4.2). The multi-token-prediction module is not in the
-    total (the paper's 671B excludes it); its size is listed under `excluded`.
+    The multi-token-prediction module is not in the total (the paper's 671B excludes it);
+    its size is listed under `excluded`.
     """
-    config = deepseek_v3_skeleton()
+    config = published.deepseek_v3()
     accounting = count_by_part(config, "deepseek_v3")
-    attn, attn_norms = mla_params(7168, 128, 1536, 512, 128, 64, 128)
-    accounting.replace("attention", attn * config.num_layers)
-    accounting.add("norms", attn_norms * config.num_layers)
     # One MTP module (paper section 2.2): an MLA + MoE block, the projection M (d x 2d), the
     # RMSNorms on its two inputs and its own final norm; embedding and head are shared.
-    layers = config.num_layers
+    d, layers = config.d_model, config.num_layers
+    attn = accounting.total["attention"] // layers
+    block_norms = (accounting.total["norms"] - d) // layers  # the final norm is not a block's
     moe_layer = sum(
         accounting.total[p] for p in ("router", "routed_experts", "shared_experts")
-    ) // (layers - 3)
-    block_norms = 2 * config.d_model + attn_norms
-    mtp = attn + moe_layer + block_norms + 2 * config.d_model * config.d_model + 3 * config.d_model
+    ) // len(config.moe_layers)
+    mtp = attn + moe_layer + block_norms + 2 * d * d + 3 * d
     accounting.excluded["mtp_module"] = mtp
     accounting.excluded["mtp_module_with_stored_embedding_and_head"] = (
         mtp + accounting.total["embeddings"]
     )
     accounting.notes += [
-        "attention: multi-head latent attention counted from its ranks (moekit cannot run MLA)",
         "router: the 256 x 7168 gate per MoE layer; its 256 balancing biases are buffers, not counted",
         "not included: the multi-token-prediction module (see excluded)",
     ]
@@ -143,8 +116,17 @@ def switch_transformer(
     notes = [
         "encoder and decoder both counted (the published figures count the whole model)",
         "attention includes the decoder's cross-attention and the relative position buckets",
+        "KV cache: the decoder's self-attention per generated token (cross-attention keys "
+        "and values are cached once per source token on top)",
     ]
-    return Accounting(f"switch_base_{num_experts}", total, active, notes=notes)
+    return Accounting(
+        f"switch_base_{num_experts}",
+        total,
+        active,
+        notes=notes,
+        kv_bytes_per_layer=2 * heads * head_dim * 2,
+        kv_layers=layers,
+    )
 
 
 def gpt4_rumoured() -> Accounting:
@@ -170,7 +152,15 @@ def gpt4_rumoured() -> Accounting:
         "hyperparameters assumed from a rumour, not published by OpenAI (see the docstring)",
         "published: the source's parts, 16 x ~111B + ~55B = ~1.83T (its headline rounds to ~1.8T)",
     ]
-    return Accounting("gpt4_rumoured", total, active, input_embedding=vocab * d, notes=notes)
+    return Accounting(
+        "gpt4_rumoured",
+        total,
+        active,
+        input_embedding=vocab * d,
+        notes=notes,
+        kv_bytes_per_layer=2 * d * 2,  # keys and values of the assumed multi-head attention
+        kv_layers=layers,
+    )
 
 
 def _with_grok_norms(accounting: Accounting) -> Accounting:
@@ -183,6 +173,7 @@ FAMOUS: dict[str, Callable[[], Accounting]] = {
     "mixtral_8x7b": lambda: count_by_part(mixtral_8x7b(), "mixtral_8x7b"),
     "mixtral_8x22b": lambda: count_by_part(mixtral_8x22b(), "mixtral_8x22b"),
     "deepseek_v3": deepseek_v3,
+    "deepseek_v2": lambda: count_by_part(deepseek_v2(), "deepseek_v2"),
     "qwen1_5_moe_a2_7b": lambda: count_by_part(qwen1_5_moe_a2_7b(), "qwen1_5_moe_a2_7b"),
     "olmoe_1b_7b": lambda: count_by_part(olmoe_1b_7b(), "olmoe_1b_7b"),
     "grok_1": lambda: _with_grok_norms(count_by_part(grok_1(), "grok_1")),
@@ -203,6 +194,12 @@ PUBLISHED: dict[str, Published] = {
         671e9,
         37e9,
         "DeepSeek-AI, DeepSeek-V3 Technical Report (arXiv:2412.19437), abstract",
+        active_without_input_embedding=True,
+    ),
+    "deepseek_v2": Published(
+        236e9,
+        21e9,
+        "DeepSeek-AI, DeepSeek-V2 (arXiv:2405.04434), abstract",
         active_without_input_embedding=True,
     ),
     "qwen1_5_moe_a2_7b": Published(

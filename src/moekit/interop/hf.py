@@ -27,6 +27,12 @@ from .hf_config import (
     model_config_from_hf,
     model_type_of,
 )
+from .hf_deepseek import (
+    DEEPSEEK_ARCHITECTURES,
+    deepseek_tables,
+    rope_interleaved,
+    unloaded_prefixes,
+)
 from .keys import FUSED_MARKER, TABLES, Mapping, expand
 
 CONFIG_FILE = "config.json"
@@ -60,13 +66,22 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(path)!r}")
 
 
-def mappings_for(model: Transformer, architecture: str, layout: str) -> list[Mapping]:
-    """The key table made concrete for model; ValueError naming the tensors it cannot place."""
+def mappings_for(
+    model: Transformer, architecture: str, layout: str, hf: dict | None = None
+) -> list[Mapping]:
+    """The key table made concrete for model; ValueError naming the tensors it cannot place.
+
+    hf: the checkpoint's config.json (DeepSeek's tables depend on its rotary layout)."""
     names = set(model.state_dict())
     if model.config.tied_embeddings:
         names.discard("lm_head.weight")  # one tensor, stored as the embedding
     num_experts = model.config.moe.num_experts if model.config.moe else 0
-    mappings = expand(TABLES[architecture][layout], names, model.config.num_layers, num_experts)
+    if architecture in DEEPSEEK_ARCHITECTURES:
+        interleaved = rope_interleaved(architecture, hf or {})
+        rules = deepseek_tables(model.config, interleaved)[layout]
+    else:
+        rules = TABLES[architecture][layout]
+    mappings = expand(rules, names, model.config.num_layers, num_experts)
     unmapped = sorted(names - {m.moekit for m in mappings})
     if unmapped:
         raise ValueError(
@@ -80,7 +95,8 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
 
     Args:
         path: folder with config.json and model.safetensors (or shards and their index).
-        dtype: the weights' dtype; None keeps the checkpoint's.
+        dtype: the weights' dtype; None keeps the checkpoint's (that of its embedding, and
+            fp32 for a router stored in fp32).
     Returns:
         The model, in eval mode, on the CPU.
     Raises:
@@ -93,7 +109,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     files = weight_files(path)
     layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
     model = meta_model(config)
-    mappings = mappings_for(model, architecture, layout)
+    mappings = mappings_for(model, architecture, layout, hf)
     with ExitStack() as stack:
         handles = {
             f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())
@@ -102,11 +118,13 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
         def read(name: str) -> Tensor:
             return handles[files[name]].get_tensor(name)
 
-        _check_names(mappings, files, read, config.tied_embeddings)
+        skipped = unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP layers
+        _check_names(mappings, files, read, config.tied_embeddings, skipped)
         state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
+    as_stored = dtype is None
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    state = {name: t.to(dtype).contiguous() for name, t in state.items()}
+    state = {name: _cast(name, t, dtype, as_stored) for name, t in state.items()}
     if config.tied_embeddings:
         state["lm_head.weight"] = state["tok_embed.weight"]
     _check_shapes(model, state, path)
@@ -117,9 +135,24 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     return model.eval()
 
 
-def _check_names(mappings: list[Mapping], files: dict, read, tied: bool) -> None:
+def _cast(name: str, tensor: Tensor, dtype: torch.dtype, as_stored: bool) -> Tensor:
+    # Unless a dtype is asked for, a router's weight and selection bias stay fp32 where the
+    # checkpoint keeps them so (DeepSeek-V3's gate in a bf16 checkpoint): their rounding
+    # decides which experts run.
+    if as_stored and ".ffn.router." in name and tensor.dtype == torch.float32:
+        return tensor.contiguous()
+    return tensor.to(dtype).contiguous()
+
+
+def _check_names(
+    mappings: list[Mapping], files: dict, read, tied: bool, skipped: tuple[str, ...] = ()
+) -> None:
     expected = {name for m in mappings for name in m.hf}
-    present = {name for name in files if not name.endswith(_IGNORED_SUFFIXES)}
+    present = {
+        name
+        for name in files
+        if not name.endswith(_IGNORED_SUFFIXES) and not (skipped and name.startswith(skipped))
+    }
     unexpected = present - expected
     embed = "model.embed_tokens.weight"
     if (
@@ -164,9 +197,10 @@ def save_hf(
     Args:
         model: the moekit Transformer.
         path: the folder to create (it must not exist, or be empty).
-        architecture: mixtral, qwen2_moe, qwen3_moe or olmoe; None chooses from the config
-            (q/k norm per head: qwen3_moe, over the projection: olmoe, a shared expert:
-            qwen2_moe, else mixtral).
+        architecture: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 or deepseek_v3;
+            None chooses from the config (MLA: deepseek_v3 with sigmoid routing, else
+            deepseek_v2; q/k norm per head: qwen3_moe, over the projection: olmoe, a
+            shared expert: qwen2_moe, else mixtral).
         max_shard_bytes: above this, tensors go into several shards plus an index.
         config_extra: keys merged into config.json (token ids, say).
         extra_files: {file name: text} written beside the weights (a tokenizer, say).
@@ -185,7 +219,7 @@ def save_hf(
         config_extra or {}
     )
     tensors: dict[str, Tensor] = {}
-    for m in mappings_for(model, architecture, "per_expert"):
+    for m in mappings_for(model, architecture, "per_expert", config):
         for name, tensor in zip(m.hf, m.op.to_hf(state[m.moekit].detach().cpu())):
             # an owned, contiguous copy: safetensors refuses views that share storage
             tensors[name] = tensor.clone(memory_format=torch.contiguous_format)

@@ -1,4 +1,7 @@
-"""Hugging Face config.json <-> moekit ModelConfig for the four supported architectures.
+"""Hugging Face config.json <-> moekit ModelConfig for the supported architectures.
+
+DeepSeek-V2 and DeepSeek-V3 (multi-head latent attention) are mapped in hf_deepseek.py;
+this module dispatches to it and maps the other four.
 
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE are all pre-norm decoders with RMSNorm, rotary
 positions in the rotate-half layout, grouped-query attention, SwiGLU experts and a softmax
@@ -23,12 +26,19 @@ from __future__ import annotations
 from ..config import MoEConfig
 from ..models import ModelConfig
 from ..routing import SoftmaxTopK, router_class
+from .hf_deepseek import (
+    DEEPSEEK_ARCHITECTURES,
+    deepseek_architecture,
+    deepseek_config_from_hf,
+    deepseek_hf_config,
+)
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    **DEEPSEEK_ARCHITECTURES,  # deepseek_v2, deepseek_v3: interop/hf_deepseek.py
 }
 # transformers' defaults for keys a config.json may leave out.
 _DEFAULTS = {
@@ -80,6 +90,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             every option moekit cannot reproduce.
     """
     arch = model_type_of(hf)
+    if arch in DEEPSEEK_ARCHITECTURES:
+        return deepseek_config_from_hf(arch, hf)
     hf = dict(hf)
     for name, alias in _ALIASES.items():
         if name not in hf and alias in hf:
@@ -182,6 +194,8 @@ def _rope_theta(hf: dict, get, problems: list[str]) -> float:
 def choose_architecture(config: ModelConfig) -> str:
     """The Hugging Face architecture that fits a moekit config best (checked by hf_config)."""
     moe = config.moe
+    if config.attention == "mla":
+        return deepseek_architecture(config)
     if config.qk_norm == "full":
         return "olmoe"
     if config.qk_norm == "head":
@@ -211,7 +225,11 @@ def hf_config(
         raise ValueError(
             "a dense model (moe None) has no Hugging Face MoE architecture; moekit writes MoE models only"
         )
+    if arch in DEEPSEEK_ARCHITECTURES:
+        return deepseek_hf_config(config, arch, dtype=dtype)
     problems = _inexpressible(config, arch)
+    if config.attention != "gqa":
+        problems.append(f"attention {config.attention!r} (only grouped-query attention)")
     if problems:
         raise ValueError(f"the {arch} architecture cannot express: {'; '.join(problems)}")
     out = {

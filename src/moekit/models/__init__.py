@@ -2,7 +2,13 @@
 classic, hierarchical and multi-gate mixtures; the vision MoE."""
 
 from . import presets
-from .accounting import ParamCount, active_expert_fraction, count_parameters, meta_model
+from .accounting import (
+    ParamCount,
+    active_expert_fraction,
+    count_parameters,
+    kv_cache_bytes_per_token,
+    meta_model,
+)
 from .classic import (
     DenseClassifier,
     HierarchicalClassifier,
@@ -37,6 +43,7 @@ __all__ = [
     "active_expert_fraction",
     "count_parameters",
     "dense_twin",
+    "kv_cache_bytes_per_token",
     "meta_model",
     "presets",
 ]

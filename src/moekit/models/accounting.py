@@ -12,7 +12,7 @@ from torch import nn
 from ..config import MoEConfig
 from ..moe import MoE
 from ..routing import router_class
-from .transformer import ModelConfig, Transformer
+from .transformer import ATTENTION_KINDS, ModelConfig, Transformer
 
 
 class ParamCount(NamedTuple):
@@ -64,3 +64,13 @@ def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
             routed = sum(p.numel() for p in module.experts.parameters())
             inactive += routed * (1.0 - active_expert_fraction(module.config))
     return ParamCount(total=total, active=total - round(inactive))
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_value: int = 2) -> int:
+    """Bytes the KV cache holds per token, all layers together (default: bf16 values).
+
+    The attention kind says what it caches (`cache_widths`): G * 2 * Dh values per layer
+    for grouped-query attention; kv_lora_rank + qk_rope_head_dim for MLA (models/mla.py).
+    """
+    heads, key_dim, value_dim = ATTENTION_KINDS[config.attention].cache_widths(config)
+    return config.num_layers * heads * (key_dim + value_dim) * bytes_per_value

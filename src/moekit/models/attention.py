@@ -70,6 +70,11 @@ class Attention(nn.Module):
         """The width the rotary tables cover: the whole head."""
         return config.head_dim
 
+    @staticmethod
+    def cache_widths(config) -> tuple[int, int, int]:
+        """(heads, key width, value width) of a layer's KV cache: G heads of Dh each."""
+        return config.num_kv_heads, config.head_dim, config.head_dim
+
     def forward(self, x_BTD: Tensor, where: Placement, kv_cache: KVCache | None) -> Tensor:
         """Args: x_BTD; where the T new tokens are (Placement); kv_cache or None. Returns y_BTD."""
         B, T, _ = x_BTD.shape

@@ -25,6 +25,10 @@ class KVCache:
         num_layers, batch_size, num_kv_heads, head_dim: the cache's shape.
         max_len: the most slots it holds (prompt, its padding, and generated tokens).
         device, dtype: those of the model's activations.
+        value_dim: the width of the second tensor per layer (None = head_dim). The attention
+            kind says what the two hold (`cache_widths(config)`): keys and values for
+            grouped-query attention; for MLA (models/mla.py) the compressed latent
+            (B, 1, S, kv_lora_rank) and the shared rotary key (B, 1, S, qk_rope_head_dim).
 
     State (all tensors, updated in place): `filled_BS` marks the slots that hold a real
     token, `seen_B` counts each sequence's real tokens (the next token's position),
@@ -32,13 +36,25 @@ class KVCache:
     """
 
     def __init__(
-        self, num_layers, batch_size, num_kv_heads, head_dim, max_len, *, device=None, dtype=None
+        self,
+        num_layers,
+        batch_size,
+        num_kv_heads,
+        head_dim,
+        max_len,
+        *,
+        device=None,
+        dtype=None,
+        value_dim=None,
     ):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
+        value_shape = shape[:-1] + (head_dim if value_dim is None else value_dim,)
         # One tensor per layer (not a view of an (L, ...) block): a compiled step writes
         # each with index_put_ in place, which inductor keeps in place for graph inputs.
         self.k_BGSDh = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v_BGSDh = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v_BGSDh = [
+            torch.zeros(value_shape, device=device, dtype=dtype) for _ in range(num_layers)
+        ]
         self.filled_BS = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.end_1 = torch.zeros(1, dtype=torch.long, device=device)
@@ -47,17 +63,19 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache shaped for `model` with room for max_len slots."""
+        """An empty cache shaped for `model` (as its attention kind says) with max_len slots."""
         cfg = model.config
         weight = model.tok_embed.weight
+        heads, key_dim, value_dim = type(model.layers[0].attn).cache_widths(cfg)
         return cls(
             cfg.num_layers,
             batch_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
+            heads,
+            key_dim,
             max_len,
             device=weight.device,
             dtype=weight.dtype,
+            value_dim=value_dim,
         )
 
     @property

@@ -209,6 +209,11 @@ def add_lora(model: Transformer, config: LoRAConfig) -> Transformer:
         raise ValueError(f"lora.targets ({config.targets!r}) name MoE parts; the model is dense")
     if "shared" in targets and not any(m.shared is not None for m in moe_layers):
         raise ValueError("lora.targets names shared experts; the model has none")
+    if "attention" in targets and model.config.attention != "gqa":
+        raise ValueError(
+            f"lora.targets names attention; adapters exist for grouped-query attention only, "
+            f"the model's is {model.config.attention!r} (leave attention out of lora.targets)"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for module in list(model.modules()):

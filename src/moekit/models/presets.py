@@ -5,6 +5,7 @@ Parameter counts (from `count_parameters`, tied embeddings counted once):
     tiny_dense  total   1.51 M, active  1.51 M
     small       total 119.08 M, active 42.01 M per token
     small_dense total  41.95 M, active 41.95 M
+    deepseek_v3_tiny total 3.44 M, active 1.52 M per token (MLA, sigmoid groups)
 A twin's active count is the MoE's minus its routers (E * D per MoE layer).
 """
 
@@ -84,6 +85,50 @@ def small() -> ModelConfig:
     )
 
 
+def deepseek_v3_tiny() -> ModelConfig:
+    """DeepSeek-V3's recipe at tiny()'s size: trains in about the time tiny() does.
+
+    Multi-head latent attention with small ranks (4 heads; q rank 64, kv rank 32, per-head
+    no-rope 32, rope 16, value 32): the cache holds 32 + 16 = 48 values per token and layer
+    against tiny()'s 2 x 2 x 32 = 128. Sigmoid routing over 16 experts of width 128, top 3
+    inside the best 2 of 4 groups, balanced by the aux-loss-free bias updates (rate 1e-3,
+    as DeepSeek-V3) with no balance loss; one shared expert of the experts' width, as in
+    DeepSeek-V3, so a token uses 3 x 128 + 128 = 512 hidden units, as in tiny(); the first
+    layer dense, of that width (so `dense_twin` applies). The top-3 weights are
+    renormalised and not scaled (DeepSeek-V3's routed_scaling 2.5 goes with its top 8).
+    Every setting has a deepseek_v3 config.json equivalent, so it converts to transformers.
+    """
+    d_model = 128
+    return ModelConfig(
+        vocab_size=4096,
+        d_model=d_model,
+        num_layers=4,
+        num_heads=4,
+        attention="mla",
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_seq_len=256,
+        d_hidden=512,
+        first_dense_layers=1,
+        moe=MoEConfig(
+            d_model=d_model,
+            d_hidden=128,
+            num_experts=16,
+            top_k=3,
+            router="sigmoid_topk",
+            num_groups=4,
+            topk_groups=2,
+            bias_update_rate=1e-3,
+            num_shared_experts=1,
+            balance_loss_coef=0.0,
+            z_loss_coef=1e-3,
+        ),
+    )
+
+
 def dense_twin(config: ModelConfig) -> ModelConfig:
     """A dense model with the same active FFN parameters (and FLOPs) per token as `config`.
 
@@ -134,4 +179,5 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny_dense": tiny_dense,
     "small": small,
     "small_dense": small_dense,
+    "deepseek_v3_tiny": deepseek_v3_tiny,
 }

@@ -1,7 +1,8 @@
 """Published MoE language models as moekit ModelConfigs, from their papers and config.json.
 
 The configs alone (interop/famous.py adds the published parameter counts and the parts
-moekit's Transformer cannot express); `moekit inspect` and `moekit bench --comm` use them.
+moekit's Transformer cannot express, such as DeepSeek-V3's multi-token-prediction
+module); `moekit inspect` and `moekit bench --comm` use them.
 """
 
 from __future__ import annotations
@@ -116,13 +117,15 @@ def grok_1() -> ModelConfig:
     )
 
 
-def deepseek_v3_skeleton() -> ModelConfig:
-    """DeepSeek-V3 without its attention: DeepSeek-AI 2024 (arXiv:2412.19437), section 4.2.
+def deepseek_v3() -> ModelConfig:
+    """DeepSeek-V3: DeepSeek-AI 2024 (arXiv:2412.19437), section 4.2, and its config.json.
 
     61 layers, d_model 7168, the first 3 dense (FFN width 18432), the other 58 with 256
     routed experts of width 2048 (top 8, sigmoid scores, 8 groups of which 4 are used,
     routed scaling 2.5) plus one shared expert of width 2048; vocabulary 129280, untied.
-    The attention here is a placeholder that `deepseek_v3` replaces by the MLA count.
+    Multi-head latent attention: 128 heads, q rank 1536, kv rank 512, per-head no-rope
+    dim 128, rope dim 64, value dim 128; YaRN to 160K positions (factor 40 over 4096,
+    mscale = mscale_all_dim = 1). The multi-token-prediction module is not part of it.
     """
     d_model = 7168
     return ModelConfig(
@@ -130,8 +133,15 @@ def deepseek_v3_skeleton() -> ModelConfig:
         d_model=d_model,
         num_layers=61,
         num_heads=128,
-        num_kv_heads=128,
-        max_seq_len=4096,
+        attention="mla",
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_seq_len=163840,
+        rope_scaling=_deepseek_yarn(mscale=1.0),
+        norm_eps=1e-6,
         tied_embeddings=False,
         d_hidden=18432,
         first_dense_layers=3,
@@ -149,11 +159,67 @@ def deepseek_v3_skeleton() -> ModelConfig:
     )
 
 
+def deepseek_v2() -> ModelConfig:
+    """DeepSeek-V2: DeepSeek-AI 2024 (arXiv:2405.04434), section 3.1.2, and its config.json.
+
+    60 layers, d_model 5120, the first dense (FFN width 12288), the other 59 with 160
+    routed experts of width 1536 (top 6 of softmax scores, device-limited to 3 of 8
+    groups, weights times 16 and not renormalised) plus two shared experts of width
+    1536; vocabulary 102400, untied. Multi-head latent attention: 128 heads, q rank 1536,
+    kv rank 512, per-head no-rope dim 128, rope dim 64, value dim 128; YaRN to 160K
+    positions (factor 40 over 4096, mscale = mscale_all_dim = 0.707).
+    """
+    d_model = 5120
+    return ModelConfig(
+        vocab_size=102400,
+        d_model=d_model,
+        num_layers=60,
+        num_heads=128,
+        attention="mla",
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_seq_len=163840,
+        rope_scaling=_deepseek_yarn(mscale=0.707),
+        norm_eps=1e-6,
+        tied_embeddings=False,
+        d_hidden=12288,
+        first_dense_layers=1,
+        moe=MoEConfig(
+            d_model=d_model,
+            d_hidden=1536,
+            num_experts=160,
+            top_k=6,
+            router="softmax_topk",
+            renormalize=False,
+            num_groups=8,
+            topk_groups=3,
+            routed_scaling=16.0,
+            num_shared_experts=2,
+        ),
+    )
+
+
+def _deepseek_yarn(mscale: float) -> dict:
+    return {
+        "type": "yarn",
+        "factor": 40.0,
+        "original_max_seq_len": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": mscale,
+        "mscale_all_dim": mscale,
+    }
+
+
 PUBLISHED_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "mixtral_8x7b": mixtral_8x7b,
     "mixtral_8x22b": mixtral_8x22b,
     "qwen1_5_moe_a2_7b": qwen1_5_moe_a2_7b,
     "olmoe_1b_7b": olmoe_1b_7b,
     "grok_1": grok_1,
-    "deepseek_v3_skeleton": deepseek_v3_skeleton,
+    "deepseek_v3": deepseek_v3,
+    "deepseek_v2": deepseek_v2,
 }

@@ -19,18 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ACTIVATIONS, MoEConfig
+from ..config import ACTIVATIONS, MoEConfig, warn_once
 from ..experts import MLP, GroupedExperts
 from ..moe import MoE, MoEOutput, MoEStats
 from .attention import Attention, Placement
 from .expert_ids import tap_routers
 from .kv_cache import KVCache, padded_positions
+from .mla import MLA_FIELDS, MultiHeadLatentAttention, check_mla_fields
 from .norm import RMSNorm
 from .rope import check_rope_scaling, rope_tables
 
 QK_NORMS = (None, "head", "full")
 # ModelConfig.attention -> the attention module of every block.
-ATTENTION_KINDS: dict[str, type[nn.Module]] = {"gqa": Attention}
+ATTENTION_KINDS: dict[str, type[nn.Module]] = {
+    "gqa": Attention,
+    "mla": MultiHeadLatentAttention,
+}
 
 
 def _round_up(value: float, multiple: int) -> int:
@@ -54,6 +58,11 @@ class ModelConfig:
     the q/k/v projections (Qwen2-MoE), attn_out_bias to the output projection; qk_norm
     "head" is an RMSNorm over each head's head_dim for q and k before the rotation
     (Qwen3-MoE), "full" one over the whole q and k projections (OLMoE).
+
+    attention "mla" is DeepSeek-V2/V3's multi-head latent attention (models/mla.py), sized
+    by q_lora_rank (None = a full query projection), kv_lora_rank, qk_rope_head_dim,
+    qk_nope_head_dim and v_head_dim; those are used only by it, and with it head_dim is
+    the query/key head width qk_nope_head_dim + qk_rope_head_dim.
     """
 
     vocab_size: int
@@ -69,6 +78,11 @@ class ModelConfig:
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
     norm_eps: float = 1e-5
     tied_embeddings: bool = True
     init_std: float = 0.02
@@ -121,13 +135,22 @@ class ModelConfig:
                 f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}"
             )
         check_rope_scaling(self.rope_scaling)
+        if self.attention == "mla":
+            check_mla_fields(self)
+            # derived, not a setting: a config changed to MLA (or its widths) recomputes it
+            self.head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        elif any(getattr(self, name) is not None for name in MLA_FIELDS):
+            warn_once(f'{", ".join(MLA_FIELDS)} have no effect without attention "mla"')
         if self.head_dim is None:
             if self.d_model % self.num_heads:
                 raise ValueError(
                     f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})"
                 )
             self.head_dim = self.d_model // self.num_heads
-        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+        head_dim = self.head_dim
+        if self.attention == "gqa" and (
+            not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2
+        ):
             raise ValueError(
                 f"head dim of the attention heads ({self.head_dim!r}) must be even for rotary "
                 "embeddings"

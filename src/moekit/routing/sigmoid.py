@@ -13,6 +13,7 @@ from torch import Tensor
 from ..config import MoEConfig
 from ..losses import expert_counts
 from .base import Router, TokenChoice
+from .groups import group_limited, group_top2_sum
 
 
 class SigmoidTopK(Router):
@@ -45,7 +46,12 @@ class SigmoidTopK(Router):
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        rank_TE = self._group_limited(scores_TE.detach() + self.bias)
+        rank_TE = group_limited(
+            scores_TE.detach() + self.bias,
+            self.config.num_groups,
+            self.config.topk_groups,
+            group_top2_sum,
+        )
         ids_TK = rank_TE.topk(self.top_k, dim=-1).indices
         weights_TK = self.renormalize(scores_TE.gather(1, ids_TK)) * self.config.routed_scaling
         if self.training:
@@ -63,20 +69,6 @@ class SigmoidTopK(Router):
             # Balancing losses use the normalised affinities (DeepSeek-V3 eq. 19).
             probs_TE=scores_TE / scores_TE.sum(dim=-1, keepdim=True),
         )
-
-    def _group_limited(self, biased_TE: Tensor) -> Tensor:
-        """Keep the topk_groups best groups per token; other experts get -inf."""
-        num_groups, keep = self.config.num_groups, self.config.topk_groups
-        if num_groups == 1:
-            return biased_TE
-        T = biased_TE.shape[0]
-        grouped_TGX = biased_TE.view(T, num_groups, self.num_experts // num_groups)
-        per_group = min(2, grouped_TGX.shape[-1])
-        group_score_TG = grouped_TGX.topk(per_group, dim=-1).values.sum(dim=-1)
-        best_TG = group_score_TG.topk(keep, dim=-1).indices
-        allowed_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
-        allowed_TE = allowed_TG.unsqueeze(-1).expand_as(grouped_TGX).reshape_as(biased_TE)
-        return biased_TE.masked_fill(~allowed_TE, float("-inf"))
 
     @torch.no_grad()
     def update_bias(self, load_E: Tensor | None = None) -> None:

@@ -11,21 +11,46 @@ import torch
 from torch import Tensor
 
 from .base import Router, TokenChoice
+from .groups import group_limited, group_max
 
 
 class SoftmaxTopK(Router):
-    """GShard / Mixtral: softmax over experts, keep the top-k, optionally renormalise."""
+    """GShard / Mixtral / DeepSeek-V2: softmax over experts, top-k (optionally group-limited).
+
+    The top-k probabilities are the weights, renormalised to sum to 1 when renormalize.
+    DeepSeek-V2's options (arXiv:2405.04434 section 2.2.2, transformers' topk_method
+    "group_limited_greedy"): with num_groups > 1 a token picks its top_k experts inside
+    the topk_groups groups holding its best probabilities (group score = the group's
+    best probability; routing/groups.py); the weights are then times routed_scaling.
+    """
+
+    @classmethod
+    def weights_not_summing_to_one(cls, config) -> str | None:
+        reason = super().weights_not_summing_to_one(config)
+        if reason is None and config.routed_scaling != 1.0:
+            reason = f"routed_scaling ({config.routed_scaling}) scales every token's output"
+        return reason
 
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        cfg = self.config
+        rank_TE = group_limited(probs_TE, cfg.num_groups, cfg.topk_groups, group_max)
+        if cfg.num_groups == 1:
+            weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        else:
+            ids_TK = rank_TE.detach().topk(self.top_k, dim=-1).indices
+            weights_TK = probs_TE.gather(1, ids_TK)
+        weights_TK = self.renormalize(weights_TK)
+        gate_TE = probs_TE
+        if cfg.routed_scaling != 1.0:
+            weights_TK, gate_TE = weights_TK * cfg.routed_scaling, probs_TE * cfg.routed_scaling
         return TokenChoice(
-            weights_TK=self.renormalize(weights_TK),
+            weights_TK=weights_TK,
             ids_TK=ids_TK,
             valid_TK=None,
-            gate_TE=probs_TE,
-            rank_TE=probs_TE,
+            gate_TE=gate_TE,
+            rank_TE=rank_TE,
             logits_TE=logits_TE,
             probs_TE=probs_TE,
         )

@@ -75,7 +75,7 @@ def add_experts_unsupported(config: ModelConfig, method: str) -> str | None:
         return (
             f"the {moe.router} router cannot split experts exactly (see moekit.surgery.add_experts)"
         )
-    if router.has_selection_bias and moe.num_groups > 1:
+    if moe.num_groups > 1:
         return "group-limited routing (num_groups > 1): new experts change the group scores"
     return None
 
