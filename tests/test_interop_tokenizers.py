@@ -9,6 +9,8 @@ of another special-token convention (built here with `tokenizers`, nothing downl
     qwen3_moe  GPT-2's: <|endoftext|> only (bos = eos), no pad token
     olmoe      OLMoE's: <|endoftext|> ends, <|padding|> pads, both added after training
                (ids at the end of the vocabulary), named as {"content": ...} dicts
+    deepseek_v3  DeepSeek's: <｜begin▁of▁sentence｜> first (by the post-processor; its
+               add_bos_token says so too), <｜end▁of▁sentence｜> ends and pads
 
 The oracles are transformers' own tokenizer (prompt ids) and generate() (greedy ids and
 where they stop), and the ids the checkpoint's files name.
@@ -83,6 +85,27 @@ CONVENTIONS = {
         want=dict(eos=["<|endoftext|>"], bos=None, pad="<|padding|>"),
         stop="<|endoftext|>",
     ),
+    "deepseek_v3": dict(
+        trained=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
+        post_bos="<｜begin▁of▁sentence｜>",
+        tokenizer_config={
+            "bos_token": "<｜begin▁of▁sentence｜>",
+            "eos_token": "<｜end▁of▁sentence｜>",
+            "pad_token": "<｜end▁of▁sentence｜>",
+            "add_bos_token": True,
+        },
+        config={
+            "bos_token_id": "<｜begin▁of▁sentence｜>",
+            "eos_token_id": "<｜end▁of▁sentence｜>",
+        },
+        want=dict(
+            eos=["<｜end▁of▁sentence｜>"],
+            bos="<｜begin▁of▁sentence｜>",
+            pad="<｜end▁of▁sentence｜>",
+            add_bos=True,
+        ),
+        stop="<｜end▁of▁sentence｜>",
+    ),
 }
 ARCHS = tuple(CONVENTIONS)
 
@@ -121,16 +144,28 @@ def _greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+def _tiny_model(arch: str, **overrides):
+    """A tiny random transformers model of arch (the interop tests' shapes)."""
+    if arch == "deepseek_v3":
+        import test_interop_deepseek as ds
+
+        config = transformers.DeepseekV3Config(
+            **(ds.COMMON | dict(q_lora_rank=16, n_group=4, topk_group=2) | overrides)
+        )
+        return transformers.DeepseekV3ForCausalLM(config).eval()
+    from test_interop_hf import _build
+
+    return _build(arch, **overrides)
+
+
 def make_checkpoint(arch: str, folder) -> dict:
     """A Hugging Face folder for arch with its convention's tokenizer, whose greedy
     continuation of PROMPT ends with the convention's stop token after a few tokens.
     Returns {"prompt_ids", "continuation" (before the stop), "stop"}."""
-    from test_interop_hf import _build
-
     convention = CONVENTIONS[arch]
     backend = _backend(convention)
     ids = {key: _ids(backend, value) for key, value in convention["config"].items()}
-    model = _build(arch, vocab_size=backend.get_vocab_size(), **ids)
+    model = _tiny_model(arch, vocab_size=backend.get_vocab_size(), **ids)
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     folder.mkdir(parents=True)
     backend.save(str(folder / "tokenizer.json"))

@@ -30,8 +30,10 @@ How the ids are chosen:
   <|pad|>) when the tokenizer holds it: a model folder written by moekit before it
   recorded them.
 - add_bos: whether encoded text starts with bos_id, as transformers' tokenizer does:
-  add_bos_token of tokenizer_config.json when it says, else what tokenizer.json's own
-  post-processor adds (no post-processor adds nothing).
+  what tokenizer.json's own post-processor adds (no post-processor adds nothing).
+  transformers 5 follows the post-processor and not add_bos_token of
+  tokenizer_config.json when they disagree (tests/test_interop_tokenizers.py checks
+  both ways), so add_bos_token is not read.
 """
 
 from __future__ import annotations
@@ -136,14 +138,7 @@ def read_hf_special_tokens(folder: str | Path, backend: HFTokenizer) -> SpecialT
     eos_ids = tuple(dict.fromkeys(named("eos_token") + ids("eos_token_id"))) or ours.eos_ids
     bos = (named("bos_token") + ids("bos_token_id") + [None])[0]
     pad = (named("pad_token") + ids("pad_token_id") + [ours.pad_id])[0]
-    add_bos = tokenizer_config.get("add_bos_token")
-    if add_bos is not None and not isinstance(add_bos, bool):
-        raise ValueError(
-            f"{str(folder / HF_TOKENIZER_CONFIG)!r}: add_bos_token must be true or false, "
-            f"not {add_bos!r}"
-        )
-    if add_bos is None:
-        add_bos = bos is not None and _post_processor_adds(backend, bos)
+    add_bos = bos is not None and _post_processor_adds(backend, bos)
     present = [name for name in HF_FILES if (folder / name).is_file()]
     return SpecialTokens(
         eos_ids=eos_ids,
