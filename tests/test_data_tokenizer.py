@@ -132,6 +132,7 @@ def test_special_ids_come_from_the_hugging_face_files(tmp_path, tokenizer):
     backend.post_processor = processors.TemplateProcessing(
         single="[BOS] $A", special_tokens=[("[BOS]", 5)]
     )
+    files["tokenizer_config.json"]["add_bos_token"] = False  # not followed either
     _hf_folder(tmp_path, Tokenizer(backend), files)
     loaded = Tokenizer.load(tmp_path)
     assert loaded.encode_prompt("x") == [5, *tokenizer.encode("x")]
