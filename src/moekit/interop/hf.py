@@ -27,7 +27,8 @@ from .hf_config import (
     model_config_from_hf,
     model_type_of,
 )
-from .keys import FUSED_MARKER, TABLES, Mapping, expand
+from .hf_gpt_oss import checkpoint_layout
+from .keys import FUSED_MARKER, TABLES, WRITTEN_LAYOUT, Mapping, expand
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -92,6 +93,13 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     config = model_config_from_hf(hf)
     files = weight_files(path)
     layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
+    if architecture == "gpt_oss":
+        layout = checkpoint_layout(hf)  # MXFP4 experts or not, by its quantization_config
+    elif hf.get("quantization_config") is not None:
+        raise ValueError(
+            f"{architecture} checkpoints with a quantization_config "
+            f"({hf['quantization_config'].get('quant_method')!r}) are not supported"
+        )
     model = meta_model(config)
     mappings = mappings_for(model, architecture, layout)
     with ExitStack() as stack:
@@ -103,13 +111,13 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
             return handles[files[name]].get_tensor(name)
 
         _check_names(mappings, files, read, config.tied_embeddings)
-        state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
+        state = {m.moekit: _convert(m, read) for m in mappings}
     if dtype is None:
         dtype = next(iter(state.values())).dtype
     state = {name: t.to(dtype).contiguous() for name, t in state.items()}
     if config.tied_embeddings:
         state["lm_head.weight"] = state["tok_embed.weight"]
-    _check_shapes(model, state, path)
+    _check_shapes(model, state, path, {m.moekit: m.hf for m in mappings})
     model.load_state_dict(state, strict=True, assign=True)
     if config.tied_embeddings:
         model.lm_head.weight = model.tok_embed.weight
@@ -139,10 +147,21 @@ def _check_names(mappings: list[Mapping], files: dict, read, tied: bool) -> None
         raise ValueError("the checkpoint does not match its config.json: " + "; ".join(problems))
 
 
-def _check_shapes(model: Transformer, state: dict[str, Tensor], path) -> None:
+def _convert(mapping: Mapping, read) -> Tensor:
+    """The moekit tensor of one mapping; a tensor the op refuses is named in the error."""
+    try:
+        return mapping.op.to_moekit([read(name) for name in mapping.hf])
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot read {', '.join(mapping.hf)}: {error}") from None
+
+
+def _check_shapes(
+    model: Transformer, state: dict[str, Tensor], path, sources: dict[str, tuple[str, ...]]
+) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     wrong = [
-        f"{name} {tuple(t.shape)} (config says {expected[name]})"
+        f"{name} {tuple(t.shape)} from {', '.join(sources.get(name, ()))} "
+        f"(config says {expected[name]})"
         for name, t in state.items()
         if tuple(t.shape) != expected[name]
     ]
@@ -164,9 +183,10 @@ def save_hf(
     Args:
         model: the moekit Transformer.
         path: the folder to create (it must not exist, or be empty).
-        architecture: mixtral, qwen2_moe, qwen3_moe or olmoe; None chooses from the config
-            (q/k norm per head: qwen3_moe, over the projection: olmoe, a shared expert:
-            qwen2_moe, else mixtral).
+        architecture: mixtral, qwen2_moe, qwen3_moe, olmoe or gpt_oss; None chooses from
+            the config (attention sinks: gpt_oss, q/k norm per head: qwen3_moe, over the
+            projection: olmoe, a shared expert: qwen2_moe, else mixtral). gpt_oss is
+            written unquantized, in the weights' dtype, without a quantization_config.
         max_shard_bytes: above this, tensors go into several shards plus an index.
         config_extra: keys merged into config.json (token ids, say).
         extra_files: {file name: text} written beside the weights (a tokenizer, say).
@@ -185,7 +205,8 @@ def save_hf(
         config_extra or {}
     )
     tensors: dict[str, Tensor] = {}
-    for m in mappings_for(model, architecture, "per_expert"):
+    written = WRITTEN_LAYOUT.get(architecture, "per_expert")
+    for m in mappings_for(model, architecture, written):
         for name, tensor in zip(m.hf, m.op.to_hf(state[m.moekit].detach().cpu())):
             # an owned, contiguous copy: safetensors refuses views that share storage
             tensors[name] = tensor.clone(memory_format=torch.contiguous_format)

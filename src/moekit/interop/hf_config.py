@@ -13,6 +13,9 @@ Options that change the function and have no moekit equivalent (sliding windows,
 scaling, clip_qkv, activations other than silu, dropout, router jitter) are refused, all
 of them in one error.
 
+gpt-oss (attention sinks, sliding windows, YaRN, biased router and clamped SwiGLU experts)
+maps in hf_gpt_oss.py.
+
 Router loss: transformers' load-balancing loss sums f_i over the top_k choices of each
 token, so it is top_k times Switch's N * sum_i f_i P_i that moekit computes;
 balance_loss_coef = router_aux_loss_coef * top_k keeps the training objective.
@@ -23,12 +26,14 @@ from __future__ import annotations
 from ..config import MoEConfig
 from ..models import ModelConfig
 from ..routing import SoftmaxTopK, router_class
+from .hf_gpt_oss import gpt_oss_config, gpt_oss_inexpressible, model_config_from_gpt_oss
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 # transformers' defaults for keys a config.json may leave out.
 _DEFAULTS = {
@@ -80,6 +85,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             every option moekit cannot reproduce.
     """
     arch = model_type_of(hf)
+    if arch == "gpt_oss":
+        return model_config_from_gpt_oss(hf)
     hf = dict(hf)
     for name, alias in _ALIASES.items():
         if name not in hf and alias in hf:
@@ -182,6 +189,8 @@ def _rope_theta(hf: dict, get, problems: list[str]) -> float:
 def choose_architecture(config: ModelConfig) -> str:
     """The Hugging Face architecture that fits a moekit config best (checked by hf_config)."""
     moe = config.moe
+    if config.attention == "sinks":
+        return "gpt_oss"
     if config.qk_norm == "full":
         return "olmoe"
     if config.qk_norm == "head":
@@ -211,7 +220,7 @@ def hf_config(
         raise ValueError(
             "a dense model (moe None) has no Hugging Face MoE architecture; moekit writes MoE models only"
         )
-    problems = _inexpressible(config, arch)
+    problems = gpt_oss_inexpressible(config) if arch == "gpt_oss" else _inexpressible(config, arch)
     if problems:
         raise ValueError(f"the {arch} architecture cannot express: {'; '.join(problems)}")
     out = {
@@ -239,7 +248,7 @@ def hf_config(
         "pad_token_id": None,
         "dtype": dtype,
     }
-    out |= _architecture_keys(config, arch)
+    out |= gpt_oss_config(config) if arch == "gpt_oss" else _architecture_keys(config, arch)
     return out
 
 
@@ -289,6 +298,12 @@ def _architecture_keys(config: ModelConfig, arch: str) -> dict:
 def _inexpressible(config: ModelConfig, arch: str) -> list[str]:
     """The settings of config that the architecture has no way to write, by name."""
     moe, problems = config.moe, []
+    if config.attention != "gqa":
+        problems.append(f"attention {config.attention!r} (only gqa; gpt_oss has 'sinks')")
+    if moe.router_bias or moe.expert_bias:
+        problems.append(f"router_bias {moe.router_bias}, expert_bias {moe.expert_bias}")
+    if config.rope_scaling is not None:
+        problems.append(f"rope_scaling {config.rope_scaling}")
     if router_class(moe.router) is not SoftmaxTopK:  # what every Hugging Face MoE format stores
         problems.append(f"router {moe.router!r} (only softmax_topk)")
     if moe.capacity_factor is not None:
