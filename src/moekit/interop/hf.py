@@ -98,7 +98,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     elif hf.get("quantization_config") is not None:
         raise ValueError(
             f"{architecture} checkpoints with a quantization_config "
-            f"({hf['quantization_config'].get('quant_method')!r}) are not supported"
+            f"({hf['quantization_config']!r}) are not supported"
         )
     model = meta_model(config)
     mappings = mappings_for(model, architecture, layout)
@@ -160,8 +160,8 @@ def _check_shapes(
 ) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     wrong = [
-        f"{name} {tuple(t.shape)} from {', '.join(sources.get(name, ()))} "
-        f"(config says {expected[name]})"
+        f"{name} {tuple(t.shape)} (config says {expected[name]}) "
+        f"read from {', '.join(sources.get(name, ()))}"
         for name, t in state.items()
         if tuple(t.shape) != expected[name]
     ]
