@@ -133,10 +133,10 @@ def test_one_expert_equals_dense_mlp():
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "swiglu_clamped"])
 def test_autocast_bf16_matches_reference(activation, backend):
     """Under autocast both paths compute in bf16 and keep fp32 parameter gradients."""
-    experts = _experts(activation, backend=backend)
+    experts = _experts(activation, backend=backend, bias=activation == "swiglu_clamped")
     R = int(COUNTS_E.sum())
     x_RD = torch.randn(R, D, requires_grad=True)
     grad_RD = torch.randn(R, D)

@@ -380,11 +380,11 @@ class GroupedExperts(nn.Module):
             x_A1D = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
             h_A1H = torch.bmm(x_A1D, self.w_up.index_select(0, ids_A))
             if self.b_up is not None:
-                h_A1H = h_A1H + self.b_up.index_select(0, ids_A).unsqueeze(1)
+                h_A1H = h_A1H + self.b_up.index_select(0, ids_A).unsqueeze(1).to(h_A1H.dtype)
             a_A1F = activate(h_A1H, self.activation)
             y_AD = torch.bmm(a_A1F, self.w_down.index_select(0, ids_A)).squeeze(1)
             if self.b_down is not None:
-                y_AD = y_AD + self.b_down.index_select(0, ids_A)
+                y_AD = y_AD + self.b_down.index_select(0, ids_A).to(y_AD.dtype)
         else:
             slots_of_expert: dict[int, list[int]] = {}
             for slot, expert in enumerate(ids_TK.flatten().tolist()):
@@ -408,11 +408,12 @@ class GroupedExperts(nn.Module):
 
     def _up(self, x_RD: Tensor, expert: int) -> Tensor:
         h_RH = x_RD @ self.w_up[expert]
-        return h_RH if self.b_up is None else h_RH + self.b_up[expert]
+        # the bias in the product's dtype, as nn.Linear under autocast
+        return h_RH if self.b_up is None else h_RH + self.b_up[expert].to(h_RH.dtype)
 
     def _down(self, a_RF: Tensor, expert: int) -> Tensor:
         y_RD = a_RF @ self.w_down[expert]
-        return y_RD if self.b_down is None else y_RD + self.b_down[expert]
+        return y_RD if self.b_down is None else y_RD + self.b_down[expert].to(y_RD.dtype)
 
     def extra_repr(self) -> str:
         return (

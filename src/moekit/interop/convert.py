@@ -43,7 +43,7 @@ def convert(src: str | Path, dst: str | Path, *, architecture: str | None = None
     Args:
         src: a Hugging Face folder (config.json with model_type) or a trained run directory.
         dst: the folder to create (must not exist, or be empty).
-        architecture: for run -> Hugging Face only: mixtral, qwen2_moe, qwen3_moe or olmoe
+        architecture: for run -> Hugging Face only: mixtral, qwen2_moe, qwen3_moe, olmoe or gpt_oss
             (None chooses from the config).
     Returns:
         "hf-to-run" or "run-to-hf".

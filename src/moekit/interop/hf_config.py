@@ -1,4 +1,4 @@
-"""Hugging Face config.json <-> moekit ModelConfig for the four supported architectures.
+"""Hugging Face config.json <-> moekit ModelConfig for the supported architectures.
 
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE are all pre-norm decoders with RMSNorm, rotary
 positions in the rotate-half layout, grouped-query attention, SwiGLU experts and a softmax
