@@ -15,10 +15,10 @@ sink is one more key column whose key and value are zero (its dot product is 0) 
 logit s_h is given through a float attn_mask; the mask's other columns hold 0 where a
 query may attend and -inf where it may not.
 
-Sliding windows (Child et al. 2019; Beltagy et al. 2020): in the layers listed in
-ModelConfig.sliding_layers (all layers when None), query slot q sees key slots k with
-q - window < k <= q, that is itself and the window - 1 slots before it (transformers'
-`sliding_window` convention). Windows are over slots, as transformers' masks are: with
+Sliding windows (Beltagy et al. 2020, "Longformer"; Jiang et al. 2023, "Mistral 7B"):
+in the layers listed in ModelConfig.sliding_layers (all layers when None), query slot q
+sees key slots k with q - window < k <= q, that is itself and the window - 1 slots before
+it (transformers' `sliding_window` convention). Windows are over slots, as transformers' masks are: with
 left padding, the distance between two real tokens' slots is the distance between their
 positions. The static KV cache keeps every slot; the window is part of the mask over them.
 """
@@ -66,12 +66,13 @@ class SinkAttention(Attention):
             allowed_B1TS = allowed_B1TS & (queries_T1 - keys_1S < self.window)
         # 2. the float mask, with the query heads of one key/value head folded into its
         # rows as in grouped_query_attention (row j * T + t is query head g * groups + j)
-        dtype = q_BHTDh.dtype
+        # (its batch dim stays 1 without padding or a cache: SDPA broadcasts it)
+        dtype, Bm = q_BHTDh.dtype, allowed_B1TS.shape[0]
         bias_B1TS = torch.zeros(allowed_B1TS.shape, dtype=dtype, device=q_BHTDh.device)
         bias_B1TS = bias_B1TS.masked_fill(~allowed_B1TS, float("-inf"))
-        bias_BGMS = bias_B1TS.repeat(1, 1, groups, 1).expand(B, G, groups * T, S)
+        bias_BGMS = bias_B1TS.repeat(1, 1, groups, 1).expand(Bm, G, groups * T, S)
         sink_GM = self.sinks.to(dtype).view(G, groups).repeat_interleave(T, dim=1)
-        sink_BGM1 = sink_GM.view(1, G, groups * T, 1).expand(B, G, groups * T, 1)
+        sink_BGM1 = sink_GM.view(1, G, groups * T, 1).expand(Bm, G, groups * T, 1)
         mask_BGMS1 = torch.cat([bias_BGMS, sink_BGM1], dim=-1)
         # 3. the sink's key and value: zeros
         zero_BG1Dh = k_BGSDh.new_zeros(B, G, 1, Dh)
