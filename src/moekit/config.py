@@ -53,7 +53,7 @@ class MoEConfig:
     router: str = "softmax_topk"
     activation: str = "swiglu"
     # swiglu_clamped (gpt-oss): gate clamped to <= limit, up to [-limit, limit], then
-    # (up + 1) * gate * sigmoid(alpha * gate); see moekit/clamped_swiglu.py.
+    # (up + 1) * gate * sigmoid(alpha * gate); see activations.ClampedSwiGLU.
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     expert_bias: bool = False  # biases on both expert projections (gpt-oss)
