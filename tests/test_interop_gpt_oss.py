@@ -335,3 +335,21 @@ def test_published_config_json_counts_as_the_preset(tmp_path):
     assert (report["total"], report["active"]) == tuple(
         inspect_target("gpt_oss_20b")[k] for k in ("total", "active")
     )
+
+
+def test_gpt_oss_refuses_what_it_cannot_hold():
+    from moekit.interop import hf_config
+    from moekit.models import presets
+
+    config = presets.gpt_oss_tiny()
+    plain = dataclasses.replace(
+        config,
+        moe=dataclasses.replace(config.moe, router_bias=False, activation="swiglu"),
+        attn_out_bias=False,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"gpt_oss architecture cannot express: qkv_bias True with attn_out_bias False.*"
+        r"router_bias False.*expert activation 'swiglu'",
+    ):
+        hf_config(plain, "gpt_oss")

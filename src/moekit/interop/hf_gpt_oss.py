@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from ..config import MoEConfig
 from ..models import ModelConfig
+from ..routing import SoftmaxTopK, router_class
 
 # transformers' defaults (GptOssConfig) for keys a config.json may leave out.
 _DEFAULTS = dict(
@@ -227,7 +228,8 @@ def gpt_oss_inexpressible(config: ModelConfig) -> list[str]:
         problems.append(f"qk_norm {config.qk_norm!r}")
     if config.moe_layers != list(range(config.num_layers)):
         problems.append("dense layers (every gpt_oss layer is MoE)")
-    if moe.router != "softmax_topk" or not moe.renormalize or not moe.router_bias:
+    softmax_topk = router_class(moe.router) is SoftmaxTopK  # what gpt_oss's router computes
+    if not softmax_topk or not moe.renormalize or not moe.router_bias:
         problems.append(
             f"router {moe.router!r} with renormalize {moe.renormalize} and router_bias "
             f"{moe.router_bias} (gpt_oss: softmax_topk, renormalised, with a bias)"
