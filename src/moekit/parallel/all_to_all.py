@@ -147,6 +147,11 @@ class ExpertParallelExperts(GroupedExperts):
         # The slice is copied from the full module in __init__; a fresh init would be lost.
         pass
 
+    @property
+    def sharded_names(self) -> tuple[str, ...]:
+        """The parameters this rank holds a slice (L, ...) of: the weights, and biases."""
+        return ("w_up", "w_down") + (("b_up", "b_down") if self.b_up is not None else ())
+
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Args: x_RD rows grouped by global expert, counts_E (E,). Returns y_RD alike."""
         # 1. counts: rank dst receives send_SL[dst] (its L local experts' rows from us)

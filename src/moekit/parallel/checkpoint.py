@@ -53,7 +53,7 @@ def consolidated(model: nn.Module):
             shard.activation,
             bias=shard.b_up is not None,
         ).to(shard.w_up.device)
-        for param in _params(shard):
+        for param in shard.sharded_names:
             getattr(full, param).copy_(_gather_experts(getattr(shard, param), shard.ep_group))
         shards[layer], layer.experts = shard, full
     try:
@@ -62,7 +62,7 @@ def consolidated(model: nn.Module):
         for layer, shard in shards.items():
             full = layer.experts
             rows = slice(shard.first_expert, shard.first_expert + shard.num_experts)
-            for param in _params(shard):
+            for param in shard.sharded_names:
                 getattr(shard, param).copy_(getattr(full, param)[rows])
             layer.experts = shard
 
@@ -71,13 +71,8 @@ def _expert_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
     return {
         f"{name}.experts.{param}": layer.experts
         for name, layer in _sharded_layers(model)
-        for param in _params(layer.experts)
+        for param in layer.experts.sharded_names
     }
-
-
-def _params(experts: GroupedExperts) -> tuple[str, ...]:
-    """The names of the experts' (E, ...) parameters."""
-    return ("w_up", "w_down") + (("b_up", "b_down") if experts.b_up is not None else ())
 
 
 def full_optimizer_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
