@@ -189,7 +189,9 @@ def test_worked_mxfp4_block():
 
 def _mxfp4_folder(hf_model, folder, *, drop=None, edit=None, quant_method="mxfp4"):
     """hf_model's experts quantized as the published checkpoints store them; the model's
-    own expert weights are replaced by their dequantized values (the reference)."""
+    own expert weights are replaced by transformers' dequantization of them (the reference)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
     state = {k: v.clone() for k, v in hf_model.state_dict().items()}
     with torch.no_grad():
         for i, layer in enumerate(hf_model.model.layers):
@@ -197,7 +199,7 @@ def _mxfp4_folder(hf_model, folder, *, drop=None, edit=None, quant_method="mxfp4
             for name in ("gate_up_proj", "down_proj"):
                 weight = getattr(layer.mlp.experts, name)  # (E, K, N): stored as (E, N, K)
                 blocks, scales = quantize_mxfp4(weight.transpose(1, 2))
-                weight.copy_(dequantize_mxfp4(blocks, scales).transpose(1, 2))
+                weight.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
                 del state[prefix + name]
                 state[prefix + name + "_blocks"], state[prefix + name + "_scales"] = blocks, scales
     if drop:
@@ -226,6 +228,9 @@ def test_mxfp4_checkpoint_loads_with_transformers_logits(tmp_path):
     ours = load_hf(folder)
     assert ours.layers[0].ffn.experts.w_up.dtype == torch.float32
     torch.testing.assert_close(_logits(ours), _logits(hf_model), atol=1e-4, rtol=0)
+    # transformers reads the folder itself too (without its kernels it dequantizes)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.testing.assert_close(_logits(ours), _logits(theirs.eval()), atol=1e-4, rtol=0)
     # saved dequantized, without the quantization_config
     save_hf(ours, tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
