@@ -86,8 +86,14 @@ def gelu_tanh(v: Tensor) -> Tensor:
     return 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
 
 
-def activation(h: Tensor, name: str) -> Tensor:
+def activation(h: Tensor, name: str, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
     """The expert nonlinearity; GLU variants: first half is the gate, second half up."""
+    if name == "swiglu_clamped":
+        # gpt-oss: gate clamped from above, up to [-limit, limit]; (up + 1) * gate * s(a gate)
+        half = h.shape[-1] // 2
+        gate = torch.clamp(h[:half], max=limit)
+        up = torch.clamp(h[half:], min=-limit, max=limit)
+        return (up + 1) * gate * sigmoid(alpha * gate)
     if name in ("swiglu", "geglu"):
         half = h.shape[-1] // 2
         gate, up = h[:half], h[half:]
@@ -117,10 +123,26 @@ def descending(values: list[float]) -> list[int]:
 # ---------------------------------------------------------------- experts
 
 
+def expert_activation(moe, h: Tensor) -> Tensor:
+    cfg = moe.config
+    return activation(h, cfg.activation, cfg.swiglu_alpha, cfg.swiglu_limit)
+
+
 def routed_expert(moe, e: int, x_D: Tensor) -> Tensor:
     w_up = moe.experts.w_up[e].to(x_D.dtype)  # (D, H)
     w_down = moe.experts.w_down[e].to(x_D.dtype)  # (F, D)
-    return activation(x_D @ w_up, moe.config.activation) @ w_down
+    if not moe.config.expert_bias:
+        return expert_activation(moe, x_D @ w_up) @ w_down
+    b_up, b_down = moe.experts.b_up[e].to(x_D.dtype), moe.experts.b_down[e].to(x_D.dtype)
+    return expert_activation(moe, x_D @ w_up + b_up) @ w_down + b_down
+
+
+def router_logits(moe, x_D: Tensor) -> Tensor:
+    """W x (+ b with router_bias): the router's (E,) logits for one token."""
+    logits = moe.router.weight.to(x_D.dtype) @ x_D
+    if moe.config.router_bias:
+        logits = logits + moe.router.logit_bias.to(x_D.dtype)
+    return logits
 
 
 def mix_experts(moe, x_TD, kept):
@@ -137,7 +159,7 @@ def mix_experts(moe, x_TD, kept):
 def shared_experts(moe, x_D: Tensor) -> Tensor:
     up = moe.shared.up.weight.to(x_D.dtype)  # (H, D), nn.Linear layout
     down = moe.shared.down.weight.to(x_D.dtype)  # (D, F)
-    y = down @ activation(up @ x_D, moe.config.activation)
+    y = down @ expert_activation(moe, up @ x_D)
     if moe.shared_gate is not None:
         y = sigmoid(moe.shared_gate.weight.to(x_D.dtype)[0] @ x_D) * y
     return y
@@ -154,18 +176,17 @@ def route_token(
     uniform: the gshard router's U(0, 1) draw in training (None: keep both experts)."""
     cfg = moe.config
     E, K = cfg.num_experts, cfg.top_k
-    W = moe.router.weight.to(x_D.dtype)  # (E, D)
 
     if cfg.router == "switch":
         # Switch Transformer: router input *= U(1 - eps, 1 + eps) in training; top-1 of the
         # softmax, weighted by its raw probability.
         x_router = x_D * jitter_D.to(x_D.dtype) if jitter_D is not None else x_D
-        logits = W @ x_router
+        logits = router_logits(moe, x_router)
         p = softmax(logits)
         best = descending(p.tolist())[0]
         return TokenRoute([(best, p[best])], p, p.tolist(), p, logits)
 
-    logits = W @ x_D
+    logits = router_logits(moe, x_D)
     if cfg.router == "sigmoid_topk":
         return _route_sigmoid(moe, logits)
 
@@ -429,8 +450,7 @@ def _expert_choice(moe, x_TD: Tensor) -> ReferenceOutput:
     T, E = x_TD.shape[0], cfg.num_experts
     factor = 1.0 if cfg.capacity_factor is None else cfg.capacity_factor
     capacity = _capacity(cfg, T, factor)
-    W = moe.router.weight.to(x_TD.dtype)
-    logits = [W @ x_TD[t] for t in range(T)]
+    logits = [router_logits(moe, x_TD[t]) for t in range(T)]
     probs = [softmax(v) for v in logits]
 
     kept: list[list[tuple[int, Tensor]]] = [[] for _ in range(T)]

@@ -24,6 +24,8 @@ CASES = [dict(router=r) for r in ROUTERS] + [
     ),
     dict(router="softmax_topk", capacity_factor=1.0, batch_priority=True, num_shared_experts=1),
     dict(router="softmax_topk", num_groups=2, topk_groups=1, routed_scaling=1.5, renormalize=False),
+    dict(router="softmax_topk", router_bias=True, expert_bias=True, activation="swiglu_clamped"),
+    dict(router="sigmoid_topk", router_bias=True, expert_bias=True, capacity_factor=1.0),
 ]
 
 

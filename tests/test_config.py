@@ -38,6 +38,8 @@ def config(**overrides) -> MoEConfig:
         (dict(top_p=0.0), r"top_p \(0.0\)"),
         (dict(jitter_eps=1.0), r"jitter_eps \(1.0\)"),
         (dict(slots_per_expert=0), r"slots_per_expert \(0\)"),
+        (dict(router="soft", router_bias=True), "router_bias is not supported by the soft router"),
+        (dict(swiglu_limit=0.0), r"swiglu_limit \(0.0\) must be > 0"),
         (dict(z_loss_coef=-0.1), r"z_loss_coef \(-0.1\)"),
         (dict(router="sigmoid_topk", num_groups=2, topk_groups=3), r"topk_groups \(3\)"),
         # sigmoid_topk picks inside topk_groups groups of 2 experts: top_k 3 cannot fit in one.
@@ -101,6 +103,7 @@ def test_dense_router_uses_every_expert():
         (dict(load_loss_coef=0.1), "load_loss_coef"),
         (dict(router="top_p", routed_scaling=2.5), "routed_scaling only applies"),
         (dict(shared_expert_gate=True), "without shared experts"),
+        (dict(swiglu_limit=3.0), "only apply to the swiglu_clamped activation"),
     ],
 )
 def test_setting_without_effect_warns_once(overrides, message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit.activations import ClampedSwiGLU
 from moekit.config import ACTIVATIONS, EXPERT_BACKENDS
 from moekit.experts import MLP, GroupedExperts, choose_backend, grouped_mm_supported
 
@@ -19,10 +20,13 @@ FAST = ["grouped_mm", "loop"]
 
 
 def _experts(
-    activation: str, dtype=torch.float32, seed: int = 0, backend: str = "auto"
+    activation: str, dtype=torch.float32, seed: int = 0, backend: str = "auto", bias=False
 ) -> GroupedExperts:
     torch.manual_seed(seed)
-    return GroupedExperts(len(COUNTS_E), D, F_, activation, backend=backend).to(dtype)
+    if activation == "swiglu_clamped":  # a limit the N(0, 1) rows cross, so the clamps act
+        activation = ClampedSwiGLU(alpha=1.702, limit=0.5)
+    experts = GroupedExperts(len(COUNTS_E), D, F_, activation, backend=backend, bias=bias)
+    return experts.to(dtype)
 
 
 def test_grouped_mm_backend_is_chosen_where_supported_and_falls_back_cleanly():
@@ -47,13 +51,17 @@ def test_odd_widths_run_through_the_fallback():
 
 
 def _grads(experts, output_RD, x_RD, grad_RD):
-    return torch.autograd.grad(output_RD, [x_RD, experts.w_up, experts.w_down], grad_RD)
+    params = [experts.w_up, experts.w_down]
+    if experts.b_up is not None:
+        params += [experts.b_up, experts.b_down]
+    return torch.autograd.grad(output_RD, [x_RD, *params], grad_RD)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_fast_path_equals_reference_forward_and_backward(activation, backend):
-    experts = _experts(activation, backend=backend)
+def test_fast_path_equals_reference_forward_and_backward(activation, backend, bias):
+    experts = _experts(activation, backend=backend, bias=bias)
     R = int(COUNTS_E.sum())
     x_RD = torch.randn(R, D, requires_grad=True)
     grad_RD = torch.randn(R, D)
@@ -91,10 +99,11 @@ def test_expanded_upstream_gradient_from_sum(backend):
     torch.testing.assert_close(fast, x_RD.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("backend", FAST)
-def test_all_rows_to_no_expert_and_padding_rows_ignored(backend):
+def test_all_rows_to_no_expert_and_padding_rows_ignored(backend, bias):
     """Rows past sum(counts_E) (capacity padding) keep the shape static and are not computed."""
-    experts = _experts("swiglu", backend=backend)
+    experts = _experts("swiglu", backend=backend, bias=bias)
     x_RD = torch.randn(4, D, requires_grad=True)
     y_RD = experts(x_RD, torch.zeros(len(COUNTS_E), dtype=torch.long))
     assert y_RD.shape == (4, D)
@@ -124,10 +133,10 @@ def test_one_expert_equals_dense_mlp():
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "swiglu_clamped"])
 def test_autocast_bf16_matches_reference(activation, backend):
     """Under autocast both paths compute in bf16 and keep fp32 parameter gradients."""
-    experts = _experts(activation, backend=backend)
+    experts = _experts(activation, backend=backend, bias=activation == "swiglu_clamped")
     R = int(COUNTS_E.sum())
     x_RD = torch.randn(R, D, requires_grad=True)
     grad_RD = torch.randn(R, D)
@@ -154,3 +163,28 @@ def test_bf16_parameters_match_fp64_reference(backend):
     x_RD = torch.randn(int(COUNTS_E.sum()), D, dtype=torch.bfloat16)
     expected = reference.forward_reference(x_RD.double(), COUNTS_E)
     torch.testing.assert_close(experts(x_RD, COUNTS_E).double(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_biased_experts_without_rows_get_zero_bias_gradients(backend):
+    experts = _experts("swiglu_clamped", backend=backend, bias=True)
+    x_RD = torch.randn(int(COUNTS_E.sum()), D)
+    experts(x_RD, COUNTS_E).square().sum().backward()
+    for e in (1, 4):
+        assert not experts.b_up.grad[e].any() and not experts.b_down.grad[e].any()
+    assert experts.b_up.grad[0].abs().sum() > 0
+
+
+def test_clamped_swiglu_is_gpt_oss_formula():
+    """Worked values: limit 7, alpha 1.702; gate 8 -> 7 (clamped), up -9 -> -7."""
+    act = ClampedSwiGLU()
+    h = torch.tensor([[8.0, 1.0, -9.0, 0.5]])  # gates (8, 1), ups (-9, 0.5)
+    expected = torch.tensor(
+        [
+            [
+                (-7 + 1) * 7 * torch.sigmoid(torch.tensor(1.702 * 7)),
+                1.5 * torch.sigmoid(torch.tensor(1.702)),
+            ]
+        ]
+    )
+    torch.testing.assert_close(act(h), expected)

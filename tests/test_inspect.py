@@ -16,7 +16,17 @@ from moekit.models import PRESETS, count_parameters
 
 
 @pytest.mark.parametrize(
-    "name", [*PRESETS, "mixtral_8x7b", "qwen1_5_moe_a2_7b", "olmoe_1b_7b", "grok_1", "deepseek_v2"]
+    "name",
+    [
+        *PRESETS,
+        "mixtral_8x7b",
+        "qwen1_5_moe_a2_7b",
+        "olmoe_1b_7b",
+        "grok_1",
+        "deepseek_v2",
+        "gpt_oss_120b",
+        "gpt_oss_20b",
+    ],
 )
 def test_parts_sum_to_count_parameters(name):
     config = PRESETS[name]() if name in PRESETS else getattr(famous, name)()
@@ -66,6 +76,10 @@ WITHIN_1_PERCENT = [
     ("switch_base_128", "active"),
     ("gpt4_rumoured", "total"),
     ("gpt4_rumoured", "active"),
+    ("gpt_oss_120b", "total"),
+    ("gpt_oss_120b", "active"),
+    ("gpt_oss_20b", "total"),
+    ("gpt_oss_20b", "active"),
 ]
 
 
@@ -90,6 +104,22 @@ def test_figures_the_sources_round_coarser_than_one_percent():
     assert round(deepseek["active_without_input_embedding"] / 1e9) == 37
     assert round(deepseek["active"] / 1e9) == 38
     assert abs(deepseek["published"]["active_error"]) < 0.0105
+
+
+@pytest.mark.parametrize(
+    "name, mlp, attention",
+    [("gpt_oss_120b", 114.71e9, 0.96e9), ("gpt_oss_20b", 19.12e9, 0.64e9)],
+)
+def test_gpt_oss_parts_match_the_model_card(name, mlp, attention):
+    """The model card's Table 1 splits the count: MLP (experts and router), attention,
+    embedding + unembedding 1.16B; its active count has the unembedding, not the embedding."""
+    report = _report(name)
+    parts = {p: v["total"] for p, v in report["parts"].items()}
+    assert (parts["routed_experts"] + parts["router"]) / mlp == pytest.approx(1, abs=1e-3)
+    assert parts["attention"] / attention == pytest.approx(1, abs=5e-3)
+    assert parts["embeddings"] / 1.16e9 == pytest.approx(1, abs=5e-3)
+    assert report["input_embedding"] == 201088 * 2880
+    assert report["published"]["active_without_input_embedding"]
 
 
 def test_grok_1_active_share_is_two_of_eight_experts():

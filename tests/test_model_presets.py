@@ -39,6 +39,7 @@ def test_documented_parameter_counts():
     assert count_parameters(presets.small()) == (119_079_424, 42_009_088)
     assert count_parameters(presets.small_dense()) == (41_951_744, 41_951_744)
     assert count_parameters(presets.deepseek_v3_tiny()) == (3_440_128, 1_523_200)
+    assert count_parameters(presets.gpt_oss_tiny()) == (4_426_448, 2_048_720)
 
 
 def test_dense_twin_of_deepseek_v3_tiny_keeps_the_latent_attention():
@@ -92,3 +93,27 @@ def test_tiny_is_small_enough_for_a_cpu():
     assert total < 5_000_000 and active < 2_000_000
     assert config.moe.capacity_factor is None  # dropless: cached generation equals full forward
     assert config.moe.router in ("softmax_topk", "sigmoid_topk", "noisy_topk", "switch", "top_p")
+
+
+def test_gpt_oss_tiny_twin_lacks_only_the_routers_and_the_active_expert_biases():
+    config = presets.gpt_oss_tiny()
+    twin = dense_twin(config)
+    assert (twin.attention, twin.sliding_layers, twin.activation) == (
+        "sinks",
+        [0, 2],
+        "swiglu_clamped",
+    )
+    assert twin.d_hidden == 4 * 128
+    moe = config.moe
+    routers = router_parameters(config) + 4 * moe.num_experts  # weights and biases
+    active_biases = 4 * moe.top_k * (2 * moe.d_hidden + config.d_model)  # b_up, b_down
+    assert count_parameters(config).active - count_parameters(twin).active == (
+        routers + active_biases
+    )
+
+
+def test_dense_twin_refuses_a_clamp_its_mlp_cannot_have():
+    config = presets.gpt_oss_tiny()
+    config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, swiglu_limit=3.0))
+    with pytest.raises(ValueError, match="swiglu_limit 3.0"):
+        dense_twin(config)

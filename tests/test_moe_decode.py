@@ -20,6 +20,7 @@ TOKEN_CHOICE = [
     dict(router="top_p", top_p=0.6, top_k=3),
     dict(router="dense"),
     dict(router="softmax_topk", activation="gelu", renormalize=False),
+    dict(router="softmax_topk", router_bias=True, expert_bias=True, activation="swiglu_clamped"),
 ]
 
 
@@ -27,6 +28,9 @@ def _layer(case: dict) -> MoE:
     torch.manual_seed(0)
     fields = dict(d_model=32, d_hidden=24, num_experts=8, top_k=2) | case
     layer = MoE(MoEConfig(**fields)).eval()
+    if fields.get("router_bias"):  # zero at init: a bias that changes the choice
+        with torch.no_grad():
+            layer.router.logit_bias.copy_(torch.randn(8) * 0.5)
     if fields["router"] == "sigmoid_topk":  # a selection bias that changes the choice
         layer.router.bias.copy_(torch.randn(8) * 0.3)
     return layer

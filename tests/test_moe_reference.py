@@ -45,6 +45,17 @@ TOKEN_CHOICE = {
     ),
     "top_p": dict(router="top_p", num_experts=6, top_k=3, top_p=0.6),
     "gshard": dict(router="gshard", top_k=2),
+    # gpt-oss: biased router and experts, clamped SwiGLU (a small limit so the clamps act)
+    "gpt_oss": dict(
+        router="softmax_topk",
+        router_bias=True,
+        expert_bias=True,
+        activation="swiglu_clamped",
+        swiglu_limit=0.8,
+    ),
+    "sigmoid_topk_bias": dict(
+        router="sigmoid_topk", num_experts=8, num_groups=4, topk_groups=2, router_bias=True
+    ),
 }
 CAPACITY = {
     "dropless": dict(capacity_factor=None),
@@ -146,15 +157,38 @@ def test_dense_expert_choice_soft_match_reference(router, train):
     check_layer(moe, x, train)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu", "silu"])
+@pytest.mark.parametrize(
+    "activation", ["swiglu", "geglu", "gelu", "relu", "silu", "swiglu_clamped"]
+)
 @pytest.mark.parametrize(
     "shared",
     [dict(), dict(num_shared_experts=2), SHARED],
     ids=["no_shared", "two_shared", "gated_shared"],
 )
 def test_activations_and_shared_experts_match_reference(activation, shared):
-    moe = make_moe(seed=5, activation=activation, capacity_factor=1.0, **shared)
+    moe = make_moe(seed=5, activation=activation, capacity_factor=1.0, swiglu_limit=0.8, **shared)
     check_layer(moe, tokens(12), train=False)
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "switch", "top_p", "dense", "expert_choice"])
+def test_router_bias_matches_reference(router):
+    settings = dict(router=router, router_bias=True, expert_bias=True, **LOSS_COEFS)
+    settings["top_k"] = 1 if router == "switch" else 2
+    moe = make_moe(seed=8, **settings)
+    assert moe.router.logit_bias.abs().sum() > 0  # randomised, so the bias counts
+    check_layer(moe, tokens(12), train=router in ("noisy_topk", "switch"))
+
+
+def test_biased_softmax_topk_is_gpt_oss_routing():
+    """softmax over all logits, top-k, renormalised == top-k of the logits, softmax of those
+    k (gpt-oss's router): exp(l_i) / sum_topk exp(l_j) either way."""
+    moe = make_moe(seed=9, router_bias=True, top_k=2).eval()
+    x = tokens(20)
+    routing = moe.router.route(x, None)
+    logits_TE = x @ moe.router.weight.t() + moe.router.logit_bias
+    top_TK, ids_TK = logits_TE.topk(2, dim=-1)
+    assert torch.equal(routing.ids_TK, ids_TK)
+    torch.testing.assert_close(routing.weights_TK, top_TK.softmax(dim=-1), rtol=1e-6, atol=1e-6)
 
 
 def test_leading_dims_match_reference():
@@ -189,7 +223,12 @@ def layer_configs(draw):
     settings["overflow"] = draw(st.sampled_from(["drop", "reroute"]))
     settings["batch_priority"] = draw(st.booleans())
     settings["renormalize"] = draw(st.booleans())
-    settings["activation"] = draw(st.sampled_from(["swiglu", "geglu", "gelu", "relu", "silu"]))
+    settings["activation"] = draw(
+        st.sampled_from(["swiglu", "geglu", "gelu", "relu", "silu", "swiglu_clamped"])
+    )
+    settings["swiglu_limit"] = draw(st.sampled_from([0.5, 7.0]))
+    settings["router_bias"] = draw(st.booleans())
+    settings["expert_bias"] = draw(st.booleans())
     settings["num_shared_experts"] = draw(st.integers(0, 1))
     settings["shared_expert_gate"] = draw(st.booleans())
     if router in ("sigmoid_topk", "softmax_topk"):

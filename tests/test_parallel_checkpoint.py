@@ -34,7 +34,16 @@ EP_DP_CASES = (
 
 
 def micro_config() -> ModelConfig:
-    moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2, num_shared_experts=1)
+    # with router and expert biases (gpt-oss): the biases are sharded with the experts
+    moe = MoEConfig(
+        d_model=16,
+        d_hidden=8,
+        num_experts=4,
+        top_k=2,
+        num_shared_experts=1,
+        router_bias=True,
+        expert_bias=True,
+    )
     return ModelConfig(
         vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=16, moe=moe
     )

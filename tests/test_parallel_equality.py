@@ -84,6 +84,11 @@ def cases() -> list[Case]:
         Case("empty rank, expert choice", router_settings("expert_choice"), sizes=(0, 6)),
         Case("empty rank, soft", router_settings("soft"), sizes=(0, 3)),
         Case("expert without tokens", router_settings("softmax_topk"), starve_expert=True),
+        Case(
+            "gpt-oss router and experts",
+            router_settings("softmax_topk")
+            | {"router_bias": True, "expert_bias": True, "activation": "swiglu_clamped"},
+        ),
     ]
     return out
 

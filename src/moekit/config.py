@@ -18,7 +18,9 @@ ROUTERS = (
     "soft",
     "dense",
 )
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "swiglu_clamped")
+# Activations whose up projection has two halves (gate, up); see MoEConfig.gated.
+GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
 OVERFLOW_POLICIES = ("drop", "reroute")
 # How the routed experts run: torch's grouped_mm where supported (auto), or one torch.mm
 # per expert (loop, which reads the counts on the host). See experts.choose_backend.
@@ -52,6 +54,11 @@ class MoEConfig:
     top_k: int = 2
     router: str = "softmax_topk"
     activation: str = "swiglu"
+    # swiglu_clamped (gpt-oss): gate clamped to <= limit, up to [-limit, limit], then
+    # (up + 1) * gate * sigmoid(alpha * gate); see activations.ClampedSwiGLU.
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False  # biases on both expert projections (gpt-oss)
     expert_backend: str = "auto"  # "auto", "grouped_mm" or "loop"; see EXPERT_BACKENDS
 
     # Capacity: C = ceil(capacity_factor * T * top_k / E); None = dropless.
@@ -60,6 +67,7 @@ class MoEConfig:
     batch_priority: bool = False  # V-MoE: highest router score claims capacity first
 
     # Router options (each is used by the routers named in its comment).
+    router_bias: bool = False  # every router but soft: a learned bias on the logits (gpt-oss)
     renormalize: bool = True  # softmax_topk, noisy_topk, sigmoid_topk, top_p: weights sum to 1
     jitter_eps: float = 0.01  # switch: input *= U(1 - eps, 1 + eps) in training
     top_p: float = 0.5  # top_p: smallest expert set whose probabilities reach p (max top_k)
@@ -91,6 +99,13 @@ class MoEConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.router_bias and self.router == "soft":
+            raise ValueError("router_bias is not supported by the soft router (it scores slots)")
+        if not (self.swiglu_alpha > 0 and self.swiglu_limit > 0):
+            raise ValueError(
+                f"swiglu_alpha ({self.swiglu_alpha}) and swiglu_limit ({self.swiglu_limit}) "
+                "must be > 0"
             )
         if self.router == "dense":
             # The classic form runs every expert; top_k is fixed by the definition.
@@ -159,6 +174,9 @@ class MoEConfig:
             warn_once(
                 "num_groups/topk_groups only apply to the sigmoid_topk and softmax_topk routers"
             )
+        clamp_changed = (self.swiglu_alpha, self.swiglu_limit) != (1.702, 7.0)
+        if clamp_changed and self.activation != "swiglu_clamped":
+            warn_once("swiglu_alpha/swiglu_limit only apply to the swiglu_clamped activation")
         if self.routed_scaling != 1.0 and self.router not in _GROUP_ROUTERS:
             warn_once("routed_scaling only applies to the sigmoid_topk and softmax_topk routers")
         if self.num_shared_experts == 0 and (
@@ -174,7 +192,7 @@ class MoEConfig:
     @property
     def gated(self) -> bool:
         """True for GLU activations, whose up projection has two halves (gate, up)."""
-        return self.activation in ("swiglu", "geglu")
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def shared_hidden(self) -> int:

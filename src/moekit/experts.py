@@ -2,6 +2,7 @@
 
 # R routed rows (grouped by expert), D model, F expert hidden, E experts
 # H = 2F for gated activations (gate and up halves side by side), else F
+# With expert_bias, b_up (E, H) and b_down (E, D) are added after each projection.
 
 `GroupedExperts.forward` is the fast path: one autograd node for all experts, whose
 backward writes every expert's weight gradient into one (E, ...) buffer. Indexing w[e] in
@@ -18,11 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import ClampedSwiGLU, is_gated
 from .config import EXPERT_BACKENDS
 
 
-def activate(h_RH: Tensor, activation: str) -> Tensor:
+def activate(h_RH: Tensor, activation: str | ClampedSwiGLU) -> Tensor:
     """The expert nonlinearity; GLU variants split h into (gate, up) halves."""
+    if activation == "swiglu_clamped":
+        activation = ClampedSwiGLU()
+    if isinstance(activation, ClampedSwiGLU):
+        return activation(h_RH)
     if activation == "swiglu":
         gate, up = h_RH.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -61,6 +67,10 @@ def _swiglu_backward(h_RH: Tensor, grad_a_RF: Tensor) -> Tensor:
 
 def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str) -> Tensor:
     """d activate(h) / dh by hand (torch's fused backward kernels), for every activation."""
+    if activation == "swiglu_clamped":
+        activation = ClampedSwiGLU()
+    if isinstance(activation, ClampedSwiGLU):
+        return activation.backward(h_RH, grad_a_RF)
     if activation == "swiglu" and not torch.compiler.is_compiling():
         return _swiglu_backward(h_RH, grad_a_RF)  # writes in place: eager only
     aten = torch.ops.aten
@@ -174,26 +184,47 @@ class _Groups:
         return grad_w_EKN
 
 
+def _row_experts(offsets_E: Tensor, num_rows: int) -> Tensor:
+    """The expert of each row, (R,) long; E for the padding rows past the last group."""
+    rows_R = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
+    return torch.searchsorted(offsets_E, rows_R, right=True)
+
+
+def _bias_grad(grad_RN: Tensor, experts_R: Tensor, num_experts: int) -> Tensor:
+    """grad_b[e] = sum of grad_RN over the rows of e; padding rows (expert E) are dropped."""
+    grad_EN = grad_RN.new_zeros(num_experts + 1, grad_RN.shape[-1])
+    return grad_EN.index_add_(0, experts_R, grad_RN)[:num_experts]
+
+
 class _GroupedMLP(torch.autograd.Function):
-    """y_RD = act(x_RD @ w_up[e]) @ w_down[e] for each expert's rows, one autograd node."""
+    """y_RD = act(x_RD @ w_up[e] + b_up[e]) @ w_down[e] + b_down[e] for each expert's rows
+    (no biases when b_up, b_down are None), one autograd node."""
 
     @staticmethod
-    def forward(ctx, x_RD, w_up_EDH, w_down_EFD, offsets_E, ranges, activation):
+    def forward(ctx, x_RD, w_up_EDH, w_down_EFD, offsets_E, ranges, activation, b_up, b_down):
         groups = _Groups(offsets_E, ranges)
         dtype = _compute_dtype(x_RD)
         x_RD, w_up, w_down = x_RD.to(dtype), w_up_EDH.to(dtype), w_down_EFD.to(dtype)
         h_RH = groups.mm(x_RD, w_up)
+        experts_R = None
+        if b_up is not None:
+            experts_R = _row_experts(offsets_E, x_RD.shape[0])
+            bias_rows_R = experts_R.clamp(max=offsets_E.shape[0] - 1)  # padding: any expert
+            h_RH = h_RH + b_up.to(dtype).index_select(0, bias_rows_R)
         a_RF = activate(h_RH, activation)
         y_RD = groups.mm(a_RF, w_down)
+        if b_down is not None:
+            y_RD = y_RD + b_down.to(dtype).index_select(0, bias_rows_R)
         # a_RF is kept (not recomputed) for the w_down gradient.
-        ctx.save_for_backward(x_RD, h_RH, a_RF, w_up, w_down)
+        ctx.save_for_backward(x_RD, h_RH, a_RF, w_up, w_down, experts_R)
         ctx.groups, ctx.activation = groups, activation
         ctx.param_dtypes = (w_up_EDH.dtype, w_down_EFD.dtype)
+        ctx.bias_dtypes = None if b_up is None else (b_up.dtype, b_down.dtype)
         return y_RD
 
     @staticmethod
     def backward(ctx, grad_y_RD):
-        x_RD, h_RH, a_RF, w_up, w_down = ctx.saved_tensors
+        x_RD, h_RH, a_RF, w_up, w_down, experts_R = ctx.saved_tensors
         groups = ctx.groups
         # An expanded (stride-0) gradient, e.g. from .sum(), must not reach the GEMMs.
         grad_y_RD = grad_y_RD.to(x_RD.dtype).contiguous()
@@ -205,7 +236,21 @@ class _GroupedMLP(torch.autograd.Function):
         grad_x_RD = groups.mm(grad_h_RH, w_up.transpose(1, 2))
         grad_w_up = groups.weight_grad(x_RD, grad_h_RH)
         up_dtype, down_dtype = ctx.param_dtypes
-        return grad_x_RD, grad_w_up.to(up_dtype), grad_w_down.to(down_dtype), None, None, None
+        grad_b_up = grad_b_down = None
+        if ctx.bias_dtypes is not None:
+            E = groups.num_experts
+            grad_b_up = _bias_grad(grad_h_RH, experts_R, E).to(ctx.bias_dtypes[0])
+            grad_b_down = _bias_grad(grad_y_RD, experts_R, E).to(ctx.bias_dtypes[1])
+        return (
+            grad_x_RD,
+            grad_w_up.to(up_dtype),
+            grad_w_down.to(down_dtype),
+            None,
+            None,
+            None,
+            grad_b_up,
+            grad_b_down,
+        )
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
@@ -247,10 +292,12 @@ class GroupedExperts(nn.Module):
 
     Args:
         num_experts, d_model, d_hidden: E, D, F.
-        activation: swiglu (default, as Mixtral), geglu, gelu, relu or silu.
+        activation: swiglu (default, as Mixtral), geglu, gelu, relu, silu, or a
+            ClampedSwiGLU (gpt-oss; "swiglu_clamped" takes its default alpha and limit).
         backend: "auto" (grouped_mm where supported, else the loop), "grouped_mm" (torch's
             grouped GEMM; falls back to the loop where unsupported) or "loop" (one torch.mm
             per expert after reading the counts on the host).
+        bias: biases b_up (E, H) and b_down (E, D) after the two projections (gpt-oss).
     """
 
     def __init__(
@@ -258,8 +305,9 @@ class GroupedExperts(nn.Module):
         num_experts: int,
         d_model: int,
         d_hidden: int,
-        activation: str = "swiglu",
+        activation: str | ClampedSwiGLU = "swiglu",
         backend: str = "auto",
+        bias: bool = False,
     ):
         super().__init__()
         if backend not in EXPERT_BACKENDS:
@@ -268,15 +316,21 @@ class GroupedExperts(nn.Module):
             )
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.activation, self.backend = activation, backend
-        gated = activation in ("swiglu", "geglu")
-        self.w_up = nn.Parameter(torch.empty(num_experts, d_model, d_hidden * (2 if gated else 1)))
+        H = d_hidden * (2 if is_gated(activation) else 1)
+        self.w_up = nn.Parameter(torch.empty(num_experts, d_model, H))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.b_up = nn.Parameter(torch.empty(num_experts, H)) if bias else None
+        self.b_down = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # nn.Linear's default per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        nn.init.uniform_(self.w_up, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
-        nn.init.uniform_(self.w_down, -1 / math.sqrt(self.d_hidden), 1 / math.sqrt(self.d_hidden))
+        # nn.Linear's default per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases too.
+        up, down = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_hidden)
+        nn.init.uniform_(self.w_up, -up, up)
+        nn.init.uniform_(self.w_down, -down, down)
+        if self.b_up is not None:
+            nn.init.uniform_(self.b_up, -up, up)
+            nn.init.uniform_(self.b_down, -down, down)
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Run each expert on its rows.
@@ -294,7 +348,16 @@ class GroupedExperts(nn.Module):
         )
         ranges = _Groups.host_ranges(counts_E) if backend == "loop" else None
         offsets_E = counts_E.cumsum(0).to(torch.int32)
-        return _GroupedMLP.apply(x_RD, self.w_up, self.w_down, offsets_E, ranges, self.activation)
+        return _GroupedMLP.apply(
+            x_RD,
+            self.w_up,
+            self.w_down,
+            offsets_E,
+            ranges,
+            self.activation,
+            self.b_up,
+            self.b_down,
+        )
 
     def forward_gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """Each token through its own K experts, without sorting or grouping the T*K slots.
@@ -316,8 +379,12 @@ class GroupedExperts(nn.Module):
             ids_A = ids_TK.flatten()
             x_A1D = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, 1, -1)
             h_A1H = torch.bmm(x_A1D, self.w_up.index_select(0, ids_A))
+            if self.b_up is not None:
+                h_A1H = h_A1H + self.b_up.index_select(0, ids_A).unsqueeze(1).to(h_A1H.dtype)
             a_A1F = activate(h_A1H, self.activation)
             y_AD = torch.bmm(a_A1F, self.w_down.index_select(0, ids_A)).squeeze(1)
+            if self.b_down is not None:
+                y_AD = y_AD + self.b_down.index_select(0, ids_A).to(y_AD.dtype)
         else:
             slots_of_expert: dict[int, list[int]] = {}
             for slot, expert in enumerate(ids_TK.flatten().tolist()):
@@ -325,8 +392,8 @@ class GroupedExperts(nn.Module):
             y_AD = x_TD.new_empty(T * K, self.d_model)
             for expert, slots in slots_of_expert.items():
                 slots_R = torch.tensor(slots, device=x_TD.device)
-                h_RH = x_TD.index_select(0, slots_R // K) @ self.w_up[expert]
-                y_AD[slots_R] = activate(h_RH, self.activation) @ self.w_down[expert]
+                h_RH = self._up(x_TD.index_select(0, slots_R // K), expert)
+                y_AD[slots_R] = self._down(activate(h_RH, self.activation), expert)
         w_T1K = weights_TK.to(y_AD.dtype).unsqueeze(1)
         return torch.bmm(w_T1K, y_AD.view(T, K, -1)).squeeze(1)
 
@@ -334,26 +401,35 @@ class GroupedExperts(nn.Module):
         """The obviously-correct loop (slow backward); the fast path must equal it."""
         outputs, start = [], 0
         for e, count in enumerate(counts_E.tolist()):
-            h = x_RD[start : start + count] @ self.w_up[e]
-            outputs.append(activate(h, self.activation) @ self.w_down[e])
+            h = self._up(x_RD[start : start + count], e)
+            outputs.append(self._down(activate(h, self.activation), e))
             start += count
         return torch.cat(outputs) if outputs else x_RD[:0]
+
+    def _up(self, x_RD: Tensor, expert: int) -> Tensor:
+        h_RH = x_RD @ self.w_up[expert]
+        # the bias in the product's dtype, as nn.Linear under autocast
+        return h_RH if self.b_up is None else h_RH + self.b_up[expert].to(h_RH.dtype)
+
+    def _down(self, a_RF: Tensor, expert: int) -> Tensor:
+        y_RD = a_RF @ self.w_down[expert]
+        return y_RD if self.b_down is None else y_RD + self.b_down[expert].to(y_RD.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, "
             f"d_hidden={self.d_hidden}, activation={self.activation}, backend={self.backend}"
+            + (", bias=True" if self.b_up is not None else "")
         )
 
 
 class MLP(nn.Module):
     """A dense feed-forward block with the experts' activation (the shared experts)."""
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu"):
+    def __init__(self, d_model: int, d_hidden: int, activation: str | ClampedSwiGLU = "swiglu"):
         super().__init__()
         self.activation = activation
-        gated = activation in ("swiglu", "geglu")
-        self.up = nn.Linear(d_model, d_hidden * (2 if gated else 1), bias=False)
+        self.up = nn.Linear(d_model, d_hidden * (2 if is_gated(activation) else 1), bias=False)
         self.down = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
+from .activations import resolve_activation
 from .config import MoEConfig
 from .dispatch import build_plan
 from .experts import MLP, GroupedExperts
@@ -73,17 +74,17 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = build_router(config)
+        activation = resolve_activation(config.activation, config.swiglu_alpha, config.swiglu_limit)
         self.experts = GroupedExperts(
             config.num_experts,
             config.d_model,
             config.d_hidden,
-            config.activation,
+            activation,
             backend=config.expert_backend,
+            bias=config.expert_bias,
         )
         self.shared = (
-            MLP(config.d_model, config.shared_hidden, config.activation)
-            if config.shared_hidden
-            else None
+            MLP(config.d_model, config.shared_hidden, activation) if config.shared_hidden else None
         )
         self.shared_gate = (
             nn.Linear(config.d_model, 1, bias=False)

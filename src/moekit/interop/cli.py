@@ -15,7 +15,7 @@ meta device (nothing is allocated), and the KV cache's bytes per token (bf16). T
   a published MoE: {famous}
   a moekit preset: {presets}
   a moekit run directory or its config.json, or a Hugging Face config.json
-  (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3).
+  (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss).
 """
 
 
@@ -97,7 +97,7 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("dst", help="the folder to create (must not exist, or be empty)")
     parser.add_argument(
         "--architecture",
-        choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+        choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"),
         help="run -> Hugging Face: the architecture to write (default: chosen from the config)",
     )
     args = parser.parse_args(argv)

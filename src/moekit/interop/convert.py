@@ -52,7 +52,7 @@ def convert(src: str | Path, dst: str | Path, *, architecture: str | None = None
         src: a Hugging Face folder (config.json with model_type) or a trained run directory.
         dst: the folder to create (must not exist, or be empty).
         architecture: for run -> Hugging Face only: mixtral, qwen2_moe, qwen3_moe, olmoe,
-            deepseek_v2 or deepseek_v3 (None chooses from the config).
+            deepseek_v2, deepseek_v3 or gpt_oss (None chooses from the config).
     Returns:
         "hf-to-run" or "run-to-hf".
     """

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from ..models import published
 from ..models.published import (
     deepseek_v2,
+    gpt_oss_20b,
+    gpt_oss_120b,
     grok_1,
     mixtral_8x7b,
     mixtral_8x22b,
@@ -32,6 +34,8 @@ __all__ = [
     "deepseek_v2",
     "deepseek_v3",
     "gpt4_rumoured",
+    "gpt_oss_20b",
+    "gpt_oss_120b",
     "grok_1",
     "mixtral_8x7b",
     "mixtral_8x22b",
@@ -180,7 +184,13 @@ FAMOUS: dict[str, Callable[[], Accounting]] = {
     "switch_base_8": lambda: switch_transformer(8),
     "switch_base_128": lambda: switch_transformer(128),
     "gpt4_rumoured": gpt4_rumoured,
+    "gpt_oss_120b": lambda: count_by_part(gpt_oss_120b(), "gpt_oss_120b"),
+    "gpt_oss_20b": lambda: count_by_part(gpt_oss_20b(), "gpt_oss_20b"),
 }
+# The gpt-oss model card's Table 1 lists total and active parameters; its active count
+# leaves out the input embedding (it counts the unembedding): 5.13B = 4.55B of active
+# transformer blocks + 0.58B of output head.
+_GPT_OSS = "OpenAI, 'gpt-oss-120b & gpt-oss-20b Model Card' (arXiv:2508.10925), Table 1"
 
 _SWITCH = (
     "Fedus et al. 2022, Switch Transformers (JMLR), distillation tables: T5-Base 223M; Switch-Base"
@@ -218,4 +228,6 @@ PUBLISHED: dict[str, Published] = {
         280e9,
         "Patel & Wong, SemiAnalysis, 'GPT-4 Architecture, Infrastructure, ...' (10 Jul 2023)",
     ),
+    "gpt_oss_120b": Published(116.83e9, 5.13e9, _GPT_OSS, active_without_input_embedding=True),
+    "gpt_oss_20b": Published(20.91e9, 3.61e9, _GPT_OSS, active_without_input_embedding=True),
 }

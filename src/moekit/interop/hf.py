@@ -33,7 +33,8 @@ from .hf_deepseek import (
     rope_interleaved,
     unloaded_prefixes,
 )
-from .keys import FUSED_MARKER, TABLES, Mapping, expand
+from .hf_gpt_oss import checkpoint_layout
+from .keys import FUSED_MARKER, TABLES, WRITTEN_LAYOUT, Mapping, expand
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -108,6 +109,13 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     config = model_config_from_hf(hf)
     files = weight_files(path)
     layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
+    if architecture == "gpt_oss":
+        layout = checkpoint_layout(hf)  # MXFP4 experts or not, by its quantization_config
+    elif hf.get("quantization_config") is not None:
+        raise ValueError(
+            f"{architecture} checkpoints with a quantization_config "
+            f"({hf['quantization_config']!r}) are not supported"
+        )
     model = meta_model(config)
     mappings = mappings_for(model, architecture, layout, hf)
     with ExitStack() as stack:
@@ -120,14 +128,14 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
 
         skipped = unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP layers
         _check_names(mappings, files, read, config.tied_embeddings, skipped)
-        state = {m.moekit: m.op.to_moekit([read(h) for h in m.hf]) for m in mappings}
+        state = {m.moekit: _convert(m, read) for m in mappings}
     as_stored = dtype is None
     if dtype is None:
         dtype = next(iter(state.values())).dtype
     state = {name: _cast(name, t, dtype, as_stored) for name, t in state.items()}
     if config.tied_embeddings:
         state["lm_head.weight"] = state["tok_embed.weight"]
-    _check_shapes(model, state, path)
+    _check_shapes(model, state, path, {m.moekit: m.hf for m in mappings})
     model.load_state_dict(state, strict=True, assign=True)
     if config.tied_embeddings:
         model.lm_head.weight = model.tok_embed.weight
@@ -172,10 +180,21 @@ def _check_names(
         raise ValueError("the checkpoint does not match its config.json: " + "; ".join(problems))
 
 
-def _check_shapes(model: Transformer, state: dict[str, Tensor], path) -> None:
+def _convert(mapping: Mapping, read) -> Tensor:
+    """The moekit tensor of one mapping; a tensor the op refuses is named in the error."""
+    try:
+        return mapping.op.to_moekit([read(name) for name in mapping.hf])
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"cannot read {', '.join(mapping.hf)}: {error}") from None
+
+
+def _check_shapes(
+    model: Transformer, state: dict[str, Tensor], path, sources: dict[str, tuple[str, ...]]
+) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     wrong = [
-        f"{name} {tuple(t.shape)} (config says {expected[name]})"
+        f"{name} {tuple(t.shape)} (config says {expected[name]}) "
+        f"read from {', '.join(sources.get(name, ()))}"
         for name, t in state.items()
         if tuple(t.shape) != expected[name]
     ]
@@ -197,10 +216,11 @@ def save_hf(
     Args:
         model: the moekit Transformer.
         path: the folder to create (it must not exist, or be empty).
-        architecture: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 or deepseek_v3;
-            None chooses from the config (MLA: deepseek_v3 with sigmoid routing, else
-            deepseek_v2; q/k norm per head: qwen3_moe, over the projection: olmoe, a
-            shared expert: qwen2_moe, else mixtral).
+        architecture: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 or
+            gpt_oss; None chooses from the config (MLA: deepseek_v3 with sigmoid routing,
+            else deepseek_v2; attention sinks: gpt_oss; q/k norm per head: qwen3_moe, over
+            the projection: olmoe, a shared expert: qwen2_moe, else mixtral). gpt_oss is
+            written unquantized, in the weights' dtype, without a quantization_config.
         max_shard_bytes: above this, tensors go into several shards plus an index.
         config_extra: keys merged into config.json (token ids, say).
         extra_files: {file name: text} written beside the weights (a tokenizer, say).
@@ -219,7 +239,8 @@ def save_hf(
         config_extra or {}
     )
     tensors: dict[str, Tensor] = {}
-    for m in mappings_for(model, architecture, "per_expert", config):
+    written = WRITTEN_LAYOUT.get(architecture, "per_expert")
+    for m in mappings_for(model, architecture, written, config):
         for name, tensor in zip(m.hf, m.op.to_hf(state[m.moekit].detach().cpu())):
             # an owned, contiguous copy: safetensors refuses views that share storage
             tensors[name] = tensor.clone(memory_format=torch.contiguous_format)

@@ -1,7 +1,7 @@
 """Hugging Face config.json <-> moekit ModelConfig for the supported architectures.
 
-DeepSeek-V2 and DeepSeek-V3 (multi-head latent attention) are mapped in hf_deepseek.py;
-this module dispatches to it and maps the other four.
+DeepSeek-V2 and DeepSeek-V3 (multi-head latent attention) are mapped in hf_deepseek.py and
+gpt-oss in hf_gpt_oss.py; this module dispatches to them and maps the other four.
 
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE are all pre-norm decoders with RMSNorm, rotary
 positions in the rotate-half layout, grouped-query attention, SwiGLU experts and a softmax
@@ -15,6 +15,9 @@ top-k router, so each maps onto ModelConfig + MoEConfig; they differ in:
 Options that change the function and have no moekit equivalent (sliding windows, rope
 scaling, clip_qkv, activations other than silu, dropout, router jitter) are refused, all
 of them in one error.
+
+gpt-oss (attention sinks, sliding windows, YaRN, biased router and clamped SwiGLU experts)
+maps in hf_gpt_oss.py.
 
 Router loss: transformers' load-balancing loss sums f_i over the top_k choices of each
 token, so it is top_k times Switch's N * sum_i f_i P_i that moekit computes;
@@ -32,6 +35,7 @@ from .hf_deepseek import (
     deepseek_config_from_hf,
     deepseek_hf_config,
 )
+from .hf_gpt_oss import gpt_oss_config, gpt_oss_inexpressible, model_config_from_gpt_oss
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -39,6 +43,7 @@ ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     **DEEPSEEK_ARCHITECTURES,  # deepseek_v2, deepseek_v3: interop/hf_deepseek.py
+    "gpt_oss": "GptOssForCausalLM",
 }
 # transformers' defaults for keys a config.json may leave out.
 _DEFAULTS = {
@@ -92,6 +97,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     arch = model_type_of(hf)
     if arch in DEEPSEEK_ARCHITECTURES:
         return deepseek_config_from_hf(arch, hf)
+    if arch == "gpt_oss":
+        return model_config_from_gpt_oss(hf)
     hf = dict(hf)
     for name, alias in _ALIASES.items():
         if name not in hf and alias in hf:
@@ -196,6 +203,8 @@ def choose_architecture(config: ModelConfig) -> str:
     moe = config.moe
     if config.attention == "mla":
         return deepseek_architecture(config)
+    if config.attention == "sinks":
+        return "gpt_oss"
     if config.qk_norm == "full":
         return "olmoe"
     if config.qk_norm == "head":
@@ -227,9 +236,7 @@ def hf_config(
         )
     if arch in DEEPSEEK_ARCHITECTURES:
         return deepseek_hf_config(config, arch, dtype=dtype)
-    problems = _inexpressible(config, arch)
-    if config.attention != "gqa":
-        problems.append(f"attention {config.attention!r} (only grouped-query attention)")
+    problems = gpt_oss_inexpressible(config) if arch == "gpt_oss" else _inexpressible(config, arch)
     if problems:
         raise ValueError(f"the {arch} architecture cannot express: {'; '.join(problems)}")
     out = {
@@ -257,7 +264,7 @@ def hf_config(
         "pad_token_id": None,
         "dtype": dtype,
     }
-    out |= _architecture_keys(config, arch)
+    out |= gpt_oss_config(config) if arch == "gpt_oss" else _architecture_keys(config, arch)
     return out
 
 
@@ -307,6 +314,12 @@ def _architecture_keys(config: ModelConfig, arch: str) -> dict:
 def _inexpressible(config: ModelConfig, arch: str) -> list[str]:
     """The settings of config that the architecture has no way to write, by name."""
     moe, problems = config.moe, []
+    if config.attention != "gqa":
+        problems.append(f"attention {config.attention!r} (only gqa; gpt_oss has 'sinks')")
+    if moe.router_bias or moe.expert_bias:
+        problems.append(f"router_bias {moe.router_bias}, expert_bias {moe.expert_bias}")
+    if config.rope_scaling is not None:
+        problems.append(f"rope_scaling {config.rope_scaling}")
     if router_class(moe.router) is not SoftmaxTopK:  # what every Hugging Face MoE format stores
         problems.append(f"router {moe.router!r} (only softmax_topk)")
     if moe.capacity_factor is not None:

@@ -12,6 +12,11 @@ On disk, transformers 5 writes every expert as its own set of matrices
 (`experts.{e}.gate_proj.weight`, ...), and converts them on load into the fused 3-D
 tensors it holds in memory (`experts.gate_up_proj` (E, 2F, D), `experts.down_proj`
 (E, D, F)). Both layouts are read here; the per-expert one is written.
+
+gpt-oss has no per-expert layout: its experts are stored fused, gate_up_proj (E, D, 2F)
+with the gate and up columns interleaved (gate at even, up at odd columns; moekit keeps
+them as halves, so the table permutes them), down_proj (E, F, D) as moekit's w_down, plus
+their biases; published checkpoints store the two matrices in MXFP4 (interop/mxfp4.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,35 @@ STACK_DOWN_EXPERTS = TensorOp(
 # fused gate_up_proj (E, 2F, D) <-> w_up (E, D, 2F); fused down_proj (E, D, F) <-> w_down (E, F, D)
 TRANSPOSE_EXPERTS = TensorOp(
     "transpose_experts", lambda hf: hf[0].transpose(1, 2), lambda t: [t.transpose(1, 2)]
+)
+
+
+def _deinterleave(gate_up_XH: Tensor) -> Tensor:
+    # gpt-oss: gate at even, up at odd columns -> moekit: [gate half, up half]
+    return torch.cat((gate_up_XH[..., 0::2], gate_up_XH[..., 1::2]), dim=-1)
+
+
+def _interleave(w_up_XH: Tensor) -> Tensor:
+    gate_XF, up_XF = w_up_XH.chunk(2, dim=-1)
+    return torch.stack((gate_XF, up_XF), dim=-1).flatten(-2)
+
+
+# gpt-oss gate_up_proj (E, D, 2F) / gate_up_proj_bias (E, 2F) <-> w_up (E, D, 2F) / b_up
+DEINTERLEAVE_GLU = TensorOp(
+    "deinterleave_glu", lambda hf: _deinterleave(hf[0]), lambda t: [_interleave(t)]
+)
+# gpt-oss MXFP4 gate_up_proj_blocks/_scales (E, 2F, D/32, 16)/(E, 2F, D/32) <-> w_up; the
+# inverse quantizes (lossy; save_hf writes the fused layout, never this one)
+MXFP4_GLU_EXPERTS = TensorOp(
+    "mxfp4_glu_experts",
+    lambda hf: _deinterleave(dequantize_mxfp4(*hf).transpose(1, 2)),
+    lambda t: list(quantize_mxfp4(_interleave(t).transpose(1, 2))),
+)
+# gpt-oss MXFP4 down_proj_blocks/_scales (E, D, F/32, 16)/(E, D, F/32) <-> w_down (E, F, D)
+MXFP4_EXPERTS = TensorOp(
+    "mxfp4_experts",
+    lambda hf: dequantize_mxfp4(*hf).transpose(1, 2),
+    lambda t: list(quantize_mxfp4(t.transpose(1, 2))),
 )
 
 
@@ -122,9 +158,29 @@ _SHARED = (
     Rule("layers.{i}.ffn.shared_gate.weight", (f"{_L}.mlp.shared_expert_gate.weight",)),
 )
 _QWEN_EXPERTS = _per_expert("mlp", "gate_proj", "up_proj", "down_proj")
+_GPT_OSS = _COMMON + (
+    Rule("layers.{i}.attn.sinks", (f"{_L}.self_attn.sinks",)),
+    Rule("layers.{i}.ffn.router.weight", (f"{_L}.mlp.router.weight",)),
+    Rule("layers.{i}.ffn.router.logit_bias", (f"{_L}.mlp.router.bias",)),
+    Rule("layers.{i}.ffn.experts.b_up", (f"{_L}.mlp.experts.gate_up_proj_bias",), DEINTERLEAVE_GLU),
+    Rule("layers.{i}.ffn.experts.b_down", (f"{_L}.mlp.experts.down_proj_bias",)),
+)
+_GPT_OSS_MXFP4 = (
+    Rule(
+        "layers.{i}.ffn.experts.w_up",
+        (f"{_L}.mlp.experts.gate_up_proj_blocks", f"{_L}.mlp.experts.gate_up_proj_scales"),
+        MXFP4_GLU_EXPERTS,
+    ),
+    Rule(
+        "layers.{i}.ffn.experts.w_down",
+        (f"{_L}.mlp.experts.down_proj_blocks", f"{_L}.mlp.experts.down_proj_scales"),
+        MXFP4_EXPERTS,
+    ),
+)
 
 # (architecture, layout) -> rules. Layouts: "per_expert" (written by save_pretrained) and
-# "fused" (transformers' in-memory names, which it also reads from disk).
+# "fused" (transformers' in-memory names, which it also reads from disk); gpt-oss: "fused"
+# and "mxfp4" (the experts quantized, as published).
 TABLES: dict[str, dict[str, tuple[Rule, ...]]] = {
     "mixtral": {
         "per_expert": _COMMON + _per_expert("block_sparse_moe", "w1", "w3", "w2"),
@@ -136,7 +192,19 @@ TABLES: dict[str, dict[str, tuple[Rule, ...]]] = {
     },
     "qwen3_moe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
     "olmoe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
+    "gpt_oss": {
+        "fused": _GPT_OSS
+        + (
+            Rule(
+                "layers.{i}.ffn.experts.w_up", (f"{_L}.mlp.experts.gate_up_proj",), DEINTERLEAVE_GLU
+            ),
+            Rule("layers.{i}.ffn.experts.w_down", (f"{_L}.mlp.experts.down_proj",)),
+        ),
+        "mxfp4": _GPT_OSS + _GPT_OSS_MXFP4,
+    },
 }
+# The layout save_hf writes: per_expert, except where an architecture has none.
+WRITTEN_LAYOUT = {"gpt_oss": "fused"}
 FUSED_MARKER = ".mlp.experts.gate_up_proj"
 
 

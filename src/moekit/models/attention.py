@@ -96,10 +96,14 @@ class Attention(nn.Module):
             k_BGTDh, v_BGTDh = kv_cache.update(self.layer, where.slots_T, k_BGTDh, v_BGTDh)
 
         # 3. attention, each key/value head serving num_heads / num_kv_heads query heads
-        y_BHTDh = grouped_query_attention(q_BHTDh, k_BGTDh, v_BGTDh, where.mask_B1TS)
+        y_BHTDh = self.attend(q_BHTDh, k_BGTDh, v_BGTDh, where)
 
         # 4. merge heads and project back
         return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def attend(self, q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, where: Placement) -> Tensor:
+        """Step 3 on the rotated heads (a subclass may change how heads attend). Returns y_BHTDh."""
+        return grouped_query_attention(q_BHTDh, k_BGSDh, v_BGSDh, where.mask_B1TS)
 
 
 def grouped_query_attention(

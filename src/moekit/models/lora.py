@@ -122,11 +122,14 @@ class LoRAGroupedExperts(GroupedExperts):
     """GroupedExperts (same w_up, w_down) with per-expert low-rank adapters on both."""
 
     def __init__(self, base: GroupedExperts, config: LoRAConfig):
+        if base.b_up is not None:
+            raise ValueError("LoRA adapters on experts with biases (expert_bias) are not supported")
         nn.Module.__init__(self)
         E, D, Fh = base.num_experts, base.d_model, base.d_hidden
         self.num_experts, self.d_model, self.d_hidden = E, D, Fh
         self.activation, self.backend = base.activation, base.backend
         self.w_up, self.w_down = base.w_up, base.w_down
+        self.b_up = self.b_down = None
         self.rank, self.scaling = config.rank, config.scaling
         self.dropout = nn.Dropout(config.dropout)
         H, like = self.w_up.shape[-1], self.w_up

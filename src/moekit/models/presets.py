@@ -6,7 +6,9 @@ Parameter counts (from `count_parameters`, tied embeddings counted once):
     small       total 119.08 M, active 42.01 M per token
     small_dense total  41.95 M, active 41.95 M
     deepseek_v3_tiny total 3.44 M, active 1.52 M per token (MLA, sigmoid groups)
-A twin's active count is the MoE's minus its routers (E * D per MoE layer).
+    gpt_oss_tiny total 4.43 M, active 2.05 M per token (untied: the head is 0.5 M more)
+A twin's active count is the MoE's minus its routers (E * D per MoE layer, plus the
+router and expert biases where there are some).
 """
 
 from __future__ import annotations
@@ -129,6 +131,45 @@ def deepseek_v3_tiny() -> ModelConfig:
     )
 
 
+def gpt_oss_tiny() -> ModelConfig:
+    """gpt-oss's recipe (OpenAI 2025, arXiv:2508.10925) at the size of tiny().
+
+    Attention sinks, a 64-token sliding window in layers 0 and 2 and full attention in 1
+    and 3 (gpt-oss alternates them), q/k/v and output biases; 16 experts of width 128 with
+    biases and the clamped SwiGLU, top 4 by a router with a bias: 4 x 128 = 512 hidden
+    units per token, as tiny's 2 x 128 + 256, with no shared expert (gpt-oss has none).
+    Untied embeddings, as gpt-oss. Plain rotary positions: YaRN only matters past the
+    trained context, and this one trains at its full 256.
+    """
+    d_model = 128
+    return ModelConfig(
+        vocab_size=4096,
+        d_model=d_model,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        qkv_bias=True,
+        attn_out_bias=True,
+        attention="sinks",
+        sliding_window=64,
+        sliding_layers=[0, 2],
+        max_seq_len=256,
+        tied_embeddings=False,
+        moe=MoEConfig(
+            d_model=d_model,
+            d_hidden=128,
+            num_experts=16,
+            top_k=4,
+            router="softmax_topk",
+            router_bias=True,
+            expert_bias=True,
+            activation="swiglu_clamped",
+            balance_loss_coef=0.01,
+            z_loss_coef=1e-3,
+        ),
+    )
+
+
 def dense_twin(config: ModelConfig) -> ModelConfig:
     """A dense model with the same active FFN parameters (and FLOPs) per token as `config`.
 
@@ -147,6 +188,11 @@ def dense_twin(config: ModelConfig) -> ModelConfig:
     moe = config.moe
     if moe is None:
         raise ValueError("dense_twin needs a config with moe set; this one is already dense")
+    if moe.activation == "swiglu_clamped" and (moe.swiglu_alpha, moe.swiglu_limit) != (1.702, 7.0):
+        raise ValueError(
+            f"the dense twin's MLP has the clamped SwiGLU's defaults (alpha 1.702, limit 7.0), "
+            f"not swiglu_alpha {moe.swiglu_alpha}, swiglu_limit {moe.swiglu_limit}"
+        )
     active_experts = active_expert_fraction(moe) * moe.num_experts
     width = round(active_experts * moe.d_hidden) + moe.shared_hidden
     if len(config.moe_layers) < config.num_layers and config.d_hidden != width:
@@ -180,4 +226,5 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "small": small,
     "small_dense": small_dense,
     "deepseek_v3_tiny": deepseek_v3_tiny,
+    "gpt_oss_tiny": gpt_oss_tiny,
 }

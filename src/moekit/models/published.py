@@ -214,6 +214,64 @@ def _deepseek_yarn(mscale: float) -> dict:
     }
 
 
+def _gpt_oss(num_layers: int, num_experts: int) -> ModelConfig:
+    """gpt-oss: OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card" (arXiv:2508.10925),
+    and the config.json of openai/gpt-oss-120b and openai/gpt-oss-20b.
+
+    d_model 2880; 64 query and 8 key/value heads of 64 with q/k/v/output biases and one
+    attention sink per head; layers alternate a 128-token sliding window (even layers,
+    0-based) and full attention; YaRN rotary positions (theta 150000, factor 32 over 4096,
+    131072 in all); experts of width 2880 with biases and the clamped SwiGLU (alpha
+    1.702, limit 7), top 4 by a router with a bias; vocabulary 201088 (o200k_harmony),
+    untied embeddings.
+    """
+    d_model = 2880
+    return ModelConfig(
+        vocab_size=201088,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=64,
+        qkv_bias=True,
+        attn_out_bias=True,
+        attention="sinks",
+        sliding_window=128,
+        sliding_layers=list(range(0, num_layers, 2)),
+        max_seq_len=131072,
+        rope_theta=150000.0,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 32.0,
+            "original_max_seq_len": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+        norm_eps=1e-5,
+        tied_embeddings=False,
+        moe=MoEConfig(
+            d_model=d_model,
+            d_hidden=2880,
+            num_experts=num_experts,
+            top_k=4,
+            router_bias=True,
+            expert_bias=True,
+            activation="swiglu_clamped",
+        ),
+    )
+
+
+def gpt_oss_120b() -> ModelConfig:
+    """gpt-oss-120b: 36 layers, 128 experts (see _gpt_oss for the source)."""
+    return _gpt_oss(num_layers=36, num_experts=128)
+
+
+def gpt_oss_20b() -> ModelConfig:
+    """gpt-oss-20b: 24 layers, 32 experts (see _gpt_oss for the source)."""
+    return _gpt_oss(num_layers=24, num_experts=32)
+
+
 PUBLISHED_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "mixtral_8x7b": mixtral_8x7b,
     "mixtral_8x22b": mixtral_8x22b,
@@ -222,4 +280,6 @@ PUBLISHED_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "grok_1": grok_1,
     "deepseek_v3": deepseek_v3,
     "deepseek_v2": deepseek_v2,
+    "gpt_oss_120b": gpt_oss_120b,
+    "gpt_oss_20b": gpt_oss_20b,
 }

@@ -28,12 +28,15 @@ from .kv_cache import KVCache, padded_positions
 from .mla import MLA_FIELDS, MultiHeadLatentAttention, check_mla_fields
 from .norm import RMSNorm
 from .rope import check_rope_scaling, rope_tables
+from .sink_attention import SinkAttention
 
 QK_NORMS = (None, "head", "full")
 # ModelConfig.attention -> the attention module of every block.
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {
     "gqa": Attention,
     "mla": MultiHeadLatentAttention,
+    # gpt-oss: grouped-query attention with attention sinks and sliding windows
+    "sinks": SinkAttention,
 }
 
 
@@ -63,6 +66,9 @@ class ModelConfig:
     by q_lora_rank (None = a full query projection), kv_lora_rank, qk_rope_head_dim,
     qk_nope_head_dim and v_head_dim; those are used only by it, and with it head_dim is
     the query/key head width qk_nope_head_dim + qk_rope_head_dim.
+    attention "sinks" (gpt-oss) adds a learned sink logit per head; with it,
+    sliding_window W makes each query see itself and the W - 1 tokens before it, in the
+    layers sliding_layers lists (None = every layer); see models/sink_attention.py.
     """
 
     vocab_size: int
@@ -75,6 +81,8 @@ class ModelConfig:
     attn_out_bias: bool = False
     qk_norm: str | None = None  # None, "head" or "full"
     attention: str = "gqa"
+    sliding_window: int | None = None  # attention "sinks" only; None = full attention
+    sliding_layers: list[int] | None = None  # the layers that slide; None = all
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
@@ -157,10 +165,30 @@ class ModelConfig:
             )
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
+        self._check_window()
         kv = self.num_kv_heads
         if not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
             raise ValueError(
                 f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})"
+            )
+
+    def _check_window(self) -> None:
+        window = self.sliding_window
+        if window is None:
+            if self.sliding_layers is not None:
+                raise ValueError(f"sliding_layers ({self.sliding_layers}) needs a sliding_window")
+            return
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"sliding_window ({window!r}) must be a positive integer or None")
+        if self.attention != "sinks":
+            raise ValueError(
+                f"sliding_window needs attention 'sinks' (got attention {self.attention!r})"
+            )
+        layers = self.sliding_layers or []
+        bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
+        if bad:
+            raise ValueError(
+                f"sliding_layers {bad} are not layer indices in [0, {self.num_layers})"
             )
 
     def _check_moe(self) -> None:
@@ -295,6 +323,11 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, MoE):
                 module.router.reset_parameters(std)
+                if getattr(module.experts, "b_up", None) is not None:
+                    nn.init.zeros_(module.experts.b_up)
+                    nn.init.zeros_(module.experts.b_down)
+            elif isinstance(module, SinkAttention):
+                nn.init.zeros_(module.sinks)
         for module in self.modules():
             if isinstance(module, tuple(ATTENTION_KINDS.values())):
                 nn.init.normal_(module.wo.weight, std=residual_std)

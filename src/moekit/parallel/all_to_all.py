@@ -123,7 +123,12 @@ class ExpertParallelExperts(GroupedExperts):
             )
         local = experts.num_experts // ep
         super().__init__(
-            local, experts.d_model, experts.d_hidden, experts.activation, backend=experts.backend
+            local,
+            experts.d_model,
+            experts.d_hidden,
+            experts.activation,
+            backend=experts.backend,
+            bias=experts.b_up is not None,
         )
         self.ep_group, self.ep = ep_group, ep
         self.num_global_experts = experts.num_experts
@@ -133,11 +138,19 @@ class ExpertParallelExperts(GroupedExperts):
             rows = slice(self.first_expert, self.first_expert + local)
             self.w_up.copy_(experts.w_up[rows])
             self.w_down.copy_(experts.w_down[rows])
+            if self.b_up is not None:
+                self.b_up.copy_(experts.b_up[rows])
+                self.b_down.copy_(experts.b_down[rows])
         self.to(experts.w_up.device)
 
     def reset_parameters(self) -> None:
         # The slice is copied from the full module in __init__; a fresh init would be lost.
         pass
+
+    @property
+    def sharded_names(self) -> tuple[str, ...]:
+        """The parameters this rank holds a slice (L, ...) of: the weights, and biases."""
+        return ("w_up", "w_down") + (("b_up", "b_down") if self.b_up is not None else ())
 
     def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         """Args: x_RD rows grouped by global expert, counts_E (E,). Returns y_RD alike."""

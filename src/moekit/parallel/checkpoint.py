@@ -47,10 +47,14 @@ def consolidated(model: nn.Module):
     for _, layer in layers:
         shard = layer.experts
         full = GroupedExperts(
-            shard.num_global_experts, shard.d_model, shard.d_hidden, shard.activation
+            shard.num_global_experts,
+            shard.d_model,
+            shard.d_hidden,
+            shard.activation,
+            bias=shard.b_up is not None,
         ).to(shard.w_up.device)
-        full.w_up.copy_(_gather_experts(shard.w_up, shard.ep_group))
-        full.w_down.copy_(_gather_experts(shard.w_down, shard.ep_group))
+        for param in shard.sharded_names:
+            getattr(full, param).copy_(_gather_experts(getattr(shard, param), shard.ep_group))
         shards[layer], layer.experts = shard, full
     try:
         yield model
@@ -58,8 +62,8 @@ def consolidated(model: nn.Module):
         for layer, shard in shards.items():
             full = layer.experts
             rows = slice(shard.first_expert, shard.first_expert + shard.num_experts)
-            shard.w_up.copy_(full.w_up[rows])
-            shard.w_down.copy_(full.w_down[rows])
+            for param in shard.sharded_names:
+                getattr(shard, param).copy_(getattr(full, param)[rows])
             layer.experts = shard
 
 
@@ -67,7 +71,7 @@ def _expert_names(model: nn.Module) -> dict[str, ExpertParallelExperts]:
     return {
         f"{name}.experts.{param}": layer.experts
         for name, layer in _sharded_layers(model)
-        for param in ("w_up", "w_down")
+        for param in layer.experts.sharded_names
     }
 
 

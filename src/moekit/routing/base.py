@@ -193,6 +193,9 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        # config.router_bias: logits = x W^T + b (gpt-oss), b initialised to zero.
+        bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
+        self.register_parameter("logit_bias", bias)
         self.reset_parameters()
 
     def route(self, x: Tensor, capacity: int | None) -> TokenChoice | ExpertChoice:
@@ -207,13 +210,16 @@ class Router(nn.Module):
         """Gate weights ~ N(0, std) (default d_model**-0.5); state buffers to zero."""
         std = self.config.d_model**-0.5 if std is None else std
         nn.init.normal_(self.weight, std=std)
+        if getattr(self, "logit_bias", None) is not None:
+            nn.init.zeros_(self.logit_bias)
         for buffer in self.buffers(recurse=False):
             buffer.zero_()
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """fp32 router logits (T, E), outside any autocast region."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight.float())
+            bias = None if self.logit_bias is None else self.logit_bias.float()
+            return F.linear(x_TD.float(), self.weight.float(), bias)
 
     def renormalize(self, weights_TK: Tensor) -> Tensor:
         """Scale the chosen weights to sum to 1 per token when configured."""

@@ -65,6 +65,8 @@ def add_experts_unsupported(config: ModelConfig, method: str) -> str | None:
         return "the model is dense; upcycle it first"
     if moe.capacity_factor is not None:
         return "capacity_factor is set: capacity per expert depends on E, so drops would change"
+    if moe.expert_bias or moe.router_bias:
+        return "biased experts or router (expert_bias, router_bias) are not carried over yet"
     router = router_class(moe.router)
     if method == "offset" and not router.has_selection_bias:
         return (
