@@ -11,6 +11,8 @@ of another special-token convention (built here with `tokenizers`, nothing downl
                (ids at the end of the vocabulary), named as {"content": ...} dicts
     deepseek_v3  DeepSeek's: <｜begin▁of▁sentence｜> first (by the post-processor; its
                add_bos_token says so too), <｜end▁of▁sentence｜> ends and pads
+    gpt_oss    gpt-oss's: <|return|> ends a reply, <|call|> a tool call, <|endoftext|>
+               pads; generation_config lists all three; <|startoftext|> is bos, not added
 
 The oracles are transformers' own tokenizer (prompt ids) and generate() (greedy ids and
 where they stop), and the ids the checkpoint's files name.
@@ -106,6 +108,22 @@ CONVENTIONS = {
         ),
         stop="<｜end▁of▁sentence｜>",
     ),
+    "gpt_oss": dict(
+        trained=["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|call|>"],
+        tokenizer_config={
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|return|>",
+            "pad_token": "<|endoftext|>",
+        },
+        config={"eos_token_id": "<|return|>", "pad_token_id": "<|endoftext|>"},
+        generation={"eos_token_id": ["<|return|>", "<|call|>", "<|endoftext|>"]},
+        want=dict(
+            eos=["<|return|>", "<|call|>", "<|endoftext|>"],
+            bos="<|startoftext|>",
+            pad="<|endoftext|>",
+        ),
+        stop="<|call|>",
+    ),
 }
 ARCHS = tuple(CONVENTIONS)
 
@@ -153,6 +171,25 @@ def _tiny_model(arch: str, **overrides):
             **(ds.COMMON | dict(q_lora_rank=16, n_group=4, topk_group=2) | overrides)
         )
         return transformers.DeepseekV3ForCausalLM(config).eval()
+    if arch == "gpt_oss":
+        import test_interop_gpt_oss as oss
+
+        config = transformers.GptOssConfig(
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            max_position_embeddings=64,
+            rope_parameters=dict(oss.ROPE),
+            **overrides,
+        )
+        config._attn_implementation = "eager"
+        return transformers.GptOssForCausalLM(config).eval()
     from test_interop_hf import _build
 
     return _build(arch, **overrides)
