@@ -23,7 +23,8 @@ model with FSDP2 on top of it):
 - batches: every rank draws the same global batch (same loader, same seed) and keeps its
   own contiguous rows, so the global batch, the data order and a resume are exactly those
   of the single-process run.
-- gradients: sync_gradients (EP x DP groups), then the global-norm clip.
+- gradients: averaged over the EP x DP groups in buckets that start during the backward
+  (parallel/overlap.py; sync_gradients' result), then the global-norm clip.
 - checkpoints: consolidated (unsharded) files written by rank 0, or with
   mesh.checkpoint_format "sharded" (the default under FSDP) torch.distributed.checkpoint
   shards written by every rank; both load at any layout (train/checkpoint.py).
@@ -50,7 +51,6 @@ from ..parallel import (
     full_optimizer_tensors,
     parallelize,
     shard_optimizer_tensors,
-    sync_gradients,
 )
 from ..parallel.fsdp import (
     full_optimizer_state,
@@ -63,6 +63,7 @@ from ..parallel.fsdp import (
     sharded_bytes,
 )
 from ..parallel.meta import sharded_transformer
+from ..parallel.overlap import BucketedReducer
 from .checkpoint import (
     OPTIMIZER_FILE,
     checkpoint_dir,
@@ -133,8 +134,11 @@ class DistributedRun:
         self.sharded_checkpoints = mesh.checkpoint_format == "sharded"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Shard the experts over the EP group; replicas start from rank 0's weights."""
-        return parallelize(model, self.mesh)
+        """Shard the experts over the EP group; replicas start from rank 0's weights; the
+        gradient all-reduce then runs in buckets during the backward (parallel/overlap.py)."""
+        model = parallelize(model, self.mesh)
+        self.reducer = BucketedReducer(model, self.mesh)
+        return model
 
     def build(self, config) -> nn.Module:
         """A fresh model (the global RNG's next draws, as in one process), prepared."""
@@ -181,7 +185,7 @@ class DistributedRun:
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
         """Average the gradients over the mesh, clip to the global norm (returned), and sum
         the router loads so every rank's bias update sees the global load."""
-        sync_gradients(model, self.mesh)
+        self.reducer.finish()  # the buckets started during the backward
         norm = clip_grad_norm(model, max_norm, self.mesh)
         all_reduce_router_loads(model, self.mesh)
         return norm
