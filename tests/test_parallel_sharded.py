@@ -1,7 +1,8 @@
 """Sharded (torch.distributed.checkpoint) checkpoints and meta-device initialisation.
 
 - a checkpoint written by FSDP x EP 2 on 4 processes loads bit-identically at EP 1 x DP 2
-  (2 processes, no FSDP), at FSDP x EP 2 on 2 processes, and in one plain process;
+  (2 processes, no FSDP), at FSDP x EP 2 and at EP 2 on 2 processes, and in one plain
+  process; EP 2 (no FSDP) saves it again and that copy loads in one process too;
 - a save killed (SIGKILL) halfway leaves the previous checkpoint loadable, and a corrupt
   shard file is refused;
 - FSDP's model is built on the meta device: its shards equal one process's weights from
@@ -111,6 +112,8 @@ def _load_at(folder: str, ep: int, fsdp: bool) -> None:
     # What each rank wrote: its own shards, one file per rank, none of them whole.
     files = sorted(Path(folder, "run/checkpoint/shards").iterdir())
     assert len(files) == 4, files
+    if ep > 1 and not fsdp:  # save again from plain expert parallelism (EP rows, no FSDP)
+        save_sharded_checkpoint(f"{folder}/again", model, optimizer, {"step": 2}, mesh)
 
 
 def test_sharded_checkpoint_resumes_at_other_layouts_bit_identical(tmp_path):
@@ -118,12 +121,14 @@ def test_sharded_checkpoint_resumes_at_other_layouts_bit_identical(tmp_path):
     spawn_local(_train_and_save, (folder,), world_size=4, timeout_s=240)
     spawn_local(_load_at, (folder, 1, False), world_size=2, timeout_s=180)  # EP 1 x DP 2
     spawn_local(_load_at, (folder, 2, True), world_size=2, timeout_s=180)  # FSDP x EP 2
-    # One plain process, no process group.
-    model = Transformer(_config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    load_checkpoint(f"{folder}/run", model, optimizer)
-    _assert_equals_reference(folder, model, optimizer)
-    assert model.lm_head.weight is model.tok_embed.weight
+    spawn_local(_load_at, (folder, 2, False), world_size=2, timeout_s=180)  # EP 2
+    # One plain process, no process group: the checkpoint, and EP 2's save of it.
+    for run in ("run", "again"):
+        model = Transformer(_config())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        load_checkpoint(f"{folder}/{run}", model, optimizer)
+        _assert_equals_reference(folder, model, optimizer)
+        assert model.lm_head.weight is model.tok_embed.weight
     # No rank wrote a whole expert tensor: each file holds chunks of at most half of it.
     for path in Path(folder, "run/checkpoint/shards").iterdir():
         for key, tensor in load_file(str(path)).items():

@@ -28,7 +28,9 @@ the process group: only between the job's own processes, never from a file.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -123,12 +125,22 @@ def write_shards(folder: str | Path, model: nn.Module, optimizer, mesh: Parallel
     """Every rank writes its shards of the weights and AdamW state into folder (collective
     over the mesh's world; mesh None: this process alone writes everything)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    dcp.save(
-        shard_state(model, optimizer, mesh),
-        storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
-        process_group=None if mesh is None else mesh.world_group,
-        no_dist=mesh is None,
-    )
+    with _quiet():
+        dcp.save(
+            shard_state(model, optimizer, mesh),
+            storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
+            process_group=None if mesh is None else mesh.world_group,
+            no_dist=mesh is None,
+        )
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it assumes one process when no process group exists: that is what
+    mesh None asks for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def saved_keys(folder: str | Path) -> dict[str, torch.Size]:
@@ -175,12 +187,13 @@ def read_shards(folder: str | Path, model: nn.Module, optimizer, mesh: ParallelM
                 f"checkpoint tensor {key!r} has shape {tuple(saved[key])}, "
                 f"the model's {tuple(target.shape)}"
             )
-    dcp.load(
-        targets,
-        storage_reader=HuggingFaceStorageReader(str(folder)),
-        process_group=None if mesh is None else mesh.world_group,
-        no_dist=mesh is None,
-    )
+    with _quiet():
+        dcp.load(
+            targets,
+            storage_reader=HuggingFaceStorageReader(str(folder)),
+            process_group=None if mesh is None else mesh.world_group,
+            no_dist=mesh is None,
+        )
     if optimizer is not None:
         optimizer.state.clear()
         for (param, field), value in moments.items():
