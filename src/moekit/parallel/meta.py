@@ -40,6 +40,14 @@ _OVERWRITES = frozenset(
     }
 )  # fmt: skip
 _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
+# In-place calls that change a tensor's metadata, not its values: run them on the meta tensor.
+_METADATA_ONLY = frozenset(
+    {
+        "requires_grad_", "share_memory_", "detach_", "resize_", "resize_as_", "set_",
+        "as_strided_", "squeeze_", "unsqueeze_", "transpose_", "t_", "swapdims_", "swapaxes_",
+        "rename_", "refine_names_", "align_to_",
+    }
+)  # fmt: skip
 _RANDOM_FACTORIES = frozenset(
     {
         "randn", "rand", "randint", "randperm", "normal", "bernoulli", "multinomial",
@@ -67,7 +75,9 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         target = args[0] if args else kwargs.get("tensor")
-        inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+        inplace = name in _INPLACE_DUNDERS or (
+            name.endswith("_") and not name.startswith("_") and name not in _METADATA_ONLY
+        )
         if isinstance(target, Tensor) and target.is_meta and inplace:
             others = [
                 a
