@@ -275,14 +275,26 @@ def test_torchrun_4_processes_fsdp_x_ep_sharded_checkpoints_end_to_end(tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
+    # No shared expert: a Mixtral-shaped model that `moekit convert` can express.
     torchrun(4, "--parallel.fsdp", "true", "--parallel.ep", "2", "--data", str(text),
-             *micro, "--train.steps", "2")  # fmt: skip
+             *micro, "--train.steps", "2", "--model.moe.num_shared_experts", "0")  # fmt: skip
     state = json.loads((tmp_path / "run/checkpoint/trainer_state.json").read_text())
     assert state["tensors"] == "sharded" and state["step"] == 2
     shards = sorted((tmp_path / "run/checkpoint/shards").iterdir())
     assert len(shards) == 4 and sorted(state["sha256"]) == [f"shards/{p.name}" for p in shards]
     for path in shards:
         assert load_file(str(path))["model.layers.0.ffn.experts.w_up"].shape[0] < 4
+
+    def moekit(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    # One process reads the sharded run: eval, generate, convert (to a Hugging Face folder).
+    moekit("eval", run)
+    moekit("generate", run, "--prompt", "def ", "--max-new-tokens", "4")
+    moekit("convert", run, str(tmp_path / "hf"))
+    assert load_file(str(tmp_path / "hf/model.safetensors"))
     # Resume on 2 processes, plain data parallel: its checkpoint is consolidated (the
     # default without FSDP) and the run ends at the configured 4 steps.
     config = json.loads((tmp_path / "run/config.json").read_text())
@@ -292,7 +304,4 @@ def test_torchrun_4_processes_fsdp_x_ep_sharded_checkpoints_end_to_end(tmp_path)
     torchrun(2, "--resume")
     state = json.loads((tmp_path / "run/checkpoint/trainer_state.json").read_text())
     assert state["tensors"] == "consolidated" and state["step"] == 4
-    for command in (["eval", run], ["generate", run, "--prompt", "def ", "--max-new-tokens", "4"]):
-        done = subprocess.run([sys.executable, "-m", "moekit", *command], capture_output=True,
-                              text=True, timeout=120, check=False)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
+    moekit("eval", run)
