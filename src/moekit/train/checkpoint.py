@@ -200,7 +200,7 @@ def read_checkpoint_state(
     for name in sorted(set(hashes) | set(found)):
         if found.get(name) != hashes.get(name):
             raise CheckpointError(
-                f"checkpoint file {str(folder / name)!r} is missing, truncated, corrupt or "
+                f"checkpoint file {str(folder / name)!r} is missing, truncated or corrupt, or "
                 "not part of the checkpoint (its SHA-256 does not match trainer_state.json)"
             )
     return folder, state
