@@ -283,6 +283,10 @@ def run_on(mesh: ParallelMesh | None) -> Run:
     under FSDP, consolidated ones otherwise."""
     if mesh is None:
         return LocalRun()
+    if mesh.checkpoint_format not in (None, "sharded", "consolidated"):
+        raise ValueError(
+            f"unknown checkpoint format {mesh.checkpoint_format!r}; choose sharded or consolidated"
+        )
     if mesh.checkpoint_format is None:
         mesh = dataclasses.replace(
             mesh, checkpoint_format="sharded" if mesh.fsdp else "consolidated"
