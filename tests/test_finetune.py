@@ -115,7 +115,7 @@ def test_padded_batch_targets_are_the_next_assistant_tokens(tokenizer):
 def test_transformers_renders_and_tokenises_the_saved_template_alike(tmp_path, tokenizer):
     transformers = pytest.importorskip("transformers")
     tokenizer.save(tmp_path)
-    config = tokenizer_config(DEFAULT_TEMPLATE)
+    config = tokenizer_config(DEFAULT_TEMPLATE, tokenizer)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     messages = [

@@ -97,6 +97,29 @@ def test_single_sequence_stops_at_its_end_token():
     torch.testing.assert_close(stopped, free[:, : first_eos + 1])
 
 
+def test_several_end_tokens_stop_at_whichever_comes_first():
+    # A model may end a reply with any of a few ids (generation_config's eos_token_id list).
+    model = make_model()
+    kwargs = dict(max_new_tokens=12, temperature=2.0)
+    free = generate(model, prompt(), generator=torch.Generator().manual_seed(1), **kwargs).tokens_BN
+    eos_ids = [int(free[0, 1]), int(free[1, 3])]
+    first_eos = [
+        min([int((row == e).nonzero()[0]) for e in eos_ids if (row == e).any()] + [12])
+        for row in free
+    ]
+    stopped = generate(
+        model, prompt(), eos_token_id=eos_ids, generator=torch.Generator().manual_seed(1), **kwargs
+    ).tokens_BN
+    assert stopped.shape[1] == min(max(first_eos) + 1, 12)
+    for row, end in enumerate(first_eos):
+        torch.testing.assert_close(stopped[row, : end + 1], free[row, : end + 1])
+        assert (stopped[row, end + 1 :] == eos_ids[0]).all()  # then the first id, repeated
+    with pytest.raises(
+        ValueError, match=r"eos_token_id must be an id or a non-empty list, not \[\]"
+    ):
+        generate(model, prompt(), eos_token_id=[], **kwargs)
+
+
 def test_expert_ids_of_generated_tokens_match_a_full_forward():
     model = make_model()
     result = generate(model, prompt(), max_new_tokens=4, temperature=0.0, return_expert_ids=True)

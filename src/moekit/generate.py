@@ -206,7 +206,7 @@ def stream(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     return_expert_ids: bool = False,
     generator: torch.Generator | None = None,
@@ -221,8 +221,9 @@ def stream(
             left_padded).
         max_new_tokens: stop after this many positions.
         temperature, top_k, top_p, generator: see sample_next (temperature 0 = greedy).
-        eos_token_id: a sequence that produced it is finished and keeps producing
-            eos_token_id; generation stops once every sequence is finished.
+        eos_token_id: an id, or several (a model may end a reply with any of a few); a
+            sequence that produced one is finished and keeps producing the first;
+            generation stops once every sequence is finished.
         use_cache: prefill a KVCache with the prompt and feed one token per step; False
             reruns the whole sequence every step (the slow reference).
         return_expert_ids: fill Step.expert_ids with each layer's routing of the new token;
@@ -239,6 +240,14 @@ def stream(
         raise ValueError("compile=True needs use_cache=True (it compiles the cached decode step)")
     if max_new_tokens == 0:
         return
+    eos_ids = None
+    if eos_token_id is not None:
+        eos_ids = torch.as_tensor(eos_token_id, dtype=torch.long, device=prompt_BT.device)
+        if eos_ids.dim() > 1 or eos_ids.numel() == 0:
+            raise ValueError(
+                f"eos_token_id must be an id or a non-empty list, not {eos_token_id!r}"
+            )
+        eos_ids = eos_ids.flatten()
     B, T = prompt_BT.shape
     cache = None
     if use_cache:
@@ -256,12 +265,12 @@ def stream(
             sample=functools.partial(
                 sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             ),
-            eos_token_id=eos_token_id,
+            eos_ids=eos_ids,
         )
 
 
 def _steps(
-    model, prompt_BT, real_BT, cache, decode, routings, *, max_new_tokens, sample, eos_token_id
+    model, prompt_BT, real_BT, cache, decode, routings, *, max_new_tokens, sample, eos_ids
 ) -> Iterator[Step]:
     """The generation loop of `stream` (arguments checked, cache made, hooks set)."""
     return_expert_ids = routings is not None
@@ -274,10 +283,10 @@ def _steps(
     for step in range(max_new_tokens):
         # 1. pick the next token; finished sequences repeat eos
         token_B = sample(logits_BV)
-        if eos_token_id is not None:
-            token_B = token_B.masked_fill(finished_B, eos_token_id)
-            finished_B = finished_B | (token_B == eos_token_id)
-        last = step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished_B.all()))
+        if eos_ids is not None:
+            token_B = token_B.masked_fill(finished_B, eos_ids[0])
+            finished_B = finished_B | torch.isin(token_B, eos_ids)
+        last = step == max_new_tokens - 1 or (eos_ids is not None and bool(finished_B.all()))
         step_logits_BV = logits_BV
         # 2. feed the token back: that forward gives the next logits and routes the token
         # itself. Without expert ids the token streams out first and the last one is never

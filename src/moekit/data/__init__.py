@@ -20,6 +20,7 @@ from moekit.data.corpus import (
 from moekit.data.documents import Document, load_documents, split_documents
 from moekit.data.loader import BatchLoader, sequential_batches
 from moekit.data.math_problems import MathProblem, generate_problems
+from moekit.data.special_tokens import SPECIAL_TOKENS_FILE, SpecialTokens
 from moekit.data.stream import (
     TokenStream,
     load_stream,
@@ -27,21 +28,30 @@ from moekit.data.stream import (
     read_stream_meta,
     tokenize_documents,
 )
-from moekit.data.tokenizer import END_OF_DOCUMENT, PADDING, Tokenizer, train_tokenizer
+from moekit.data.tokenizer import (
+    END_OF_DOCUMENT,
+    PADDING,
+    Tokenizer,
+    copy_tokenizer,
+    train_tokenizer,
+)
 
 __all__ = [
     "CORPUS_VERSION",
     "DOMAINS",
     "END_OF_DOCUMENT",
     "PADDING",
+    "SPECIAL_TOKENS_FILE",
     "BatchLoader",
     "Corpus",
     "CorpusConfig",
     "Document",
     "MathProblem",
+    "SpecialTokens",
     "TokenStream",
     "Tokenizer",
     "build_corpus",
+    "copy_tokenizer",
     "default_cache_dir",
     "generate_problems",
     "load_documents",

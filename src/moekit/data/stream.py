@@ -60,15 +60,17 @@ def stream_domains(documents: Iterable[Document]) -> tuple[str, ...]:
 def _encode_chunk(
     documents: list[Document], tokenizer: Tokenizer, domain_index: dict[str, int], dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and domain ids of a few documents, each followed by the end-of-document id."""
+    """Tokens and domain ids of a few documents, each followed by the end-of-document id
+    (and preceded by the bos id when the tokenizer adds one: Tokenizer.document_ids)."""
     unknown = {d.domain for d in documents} - set(domain_index)
     if unknown:
         raise ValueError(f"documents have domains {sorted(unknown)} not in {list(domain_index)}")
     ids_per_document = tokenizer.encode_batch([d.text for d in documents])
     tokens, domain_ids = [], []
     for document, ids in zip(documents, ids_per_document, strict=True):
-        tokens.append(np.asarray(ids + [tokenizer.eot_id], dtype=dtype))
-        domain_ids.append(np.full(len(ids) + 1, domain_index[document.domain], dtype=DOMAIN_DTYPE))
+        ids = tokenizer.document_ids(ids)
+        tokens.append(np.asarray(ids, dtype=dtype))
+        domain_ids.append(np.full(len(ids), domain_index[document.domain], dtype=DOMAIN_DTYPE))
     if not tokens:
         return np.empty(0, dtype), np.empty(0, DOMAIN_DTYPE)
     return np.concatenate(tokens), np.concatenate(domain_ids)
@@ -85,7 +87,8 @@ def tokenize_documents(
         domains: names for the domain ids; None uses stream_domains(documents).
 
     Returns:
-        A TokenStream with N = sum over documents of (tokens + 1).
+        A TokenStream with N = sum over documents of (tokens + 1), + 1 more per document
+        when the tokenizer starts text with a bos token.
     """
     domains = domains if domains is not None else stream_domains(documents)
     dtype = token_dtype(tokenizer.vocab_size)

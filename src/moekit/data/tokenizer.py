@@ -8,31 +8,100 @@ the 256 byte values and there is no normaliser.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-END_OF_DOCUMENT = "<|endoftext|>"
-PADDING = "<|pad|>"
+from moekit.data.special_tokens import (
+    END_OF_DOCUMENT,
+    PADDING,
+    SPECIAL_TOKENS_FILE,
+    SpecialTokens,
+    has_hf_files,
+    load_special_tokens,
+    moekit_special_tokens,
+    read_hf_special_tokens,
+    save_special_tokens,
+)
+
 SPECIAL_TOKENS = (END_OF_DOCUMENT, PADDING)
 TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer:
-    """A small wrapper around a `tokenizers.Tokenizer` with the special tokens we use."""
+    """A small wrapper around a `tokenizers.Tokenizer` and its special ids.
 
-    def __init__(self, backend: HFTokenizer):
-        for token in SPECIAL_TOKENS:
-            if backend.token_to_id(token) is None:
-                raise ValueError(f"tokenizer has no special token {token!r}")
+    Args:
+        backend: the `tokenizers.Tokenizer`.
+        special: its special ids (data/special_tokens.py); None = moekit's own tokens,
+            <|endoftext|> and <|pad|>, as far as backend holds them.
+
+    A tokenizer may lack an end-of-document token or a pad token; `eot_id` then raises
+    a ValueError naming what is missing and where it was looked for, when (and only when)
+    a command needs it.
+    """
+
+    def __init__(self, backend: HFTokenizer, special: SpecialTokens | None = None):
         # Text that spells a special token (a document about tokenizers, say) is encoded
         # as plain text, so END_OF_DOCUMENT in a stream only ever marks a document's end.
         backend.encode_special_tokens = True
         self.backend = backend
-        self.eot_id: int = backend.token_to_id(END_OF_DOCUMENT)
-        self.pad_id: int = backend.token_to_id(PADDING)
+        self.special = special or moekit_special_tokens(backend, "moekit's own tokens")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (generation stops at any); the first is eot_id."""
+        return self.special.eos_ids
+
+    @property
+    def eot_id(self) -> int:
+        """The document separator: after every document in a token stream, and the end of
+        a generated text. The first of eos_ids.
+
+        Raises:
+            ValueError: the tokenizer has none, naming where it was looked for.
+        """
+        if not self.special.eos_ids:
+            raise ValueError(
+                "the tokenizer has no end-of-document token (an eos_token, or moekit's "
+                f"{END_OF_DOCUMENT!r}), which token streams need between documents and "
+                f"generation as its end; looked in {self.special.source}"
+            )
+        return self.special.eos_ids[0]
+
+    @property
+    def bos_id(self) -> int | None:
+        """The beginning-of-sequence id, or None when the tokenizer has none."""
+        return self.special.bos_id
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether encoded prompts and documents start with bos_id (as transformers'
+        tokenizer adds it: see data/special_tokens.py)."""
+        return self.special.add_bos
+
+    @property
+    def pad_id(self) -> int:
+        """The id written at padding (padding is never attended to or trained on).
+
+        The tokenizer's pad token when it has one; otherwise the document separator
+        (eot_id), the usual choice for tokenizers without a pad token (Llama's, say).
+        """
+        if self.special.pad_id is not None:
+            return self.special.pad_id
+        return self.eot_id
+
+    @property
+    def eos_token(self) -> str:
+        """The text of the document separator (what a chat template ends a turn with)."""
+        return self.backend.id_to_token(self.eot_id)
+
+    def token(self, token_id: int | None) -> str | None:
+        """The text of one token id (None for None)."""
+        return None if token_id is None else self.backend.id_to_token(token_id)
 
     @property
     def vocab_size(self) -> int:
@@ -46,6 +115,20 @@ class Tokenizer:
         """Token ids of many texts at once (the backend runs them in parallel)."""
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as the model expects it: bos first when add_bos (as
+        transformers' tokenizer(text) gives them). "" is a new document: [bos_id] with
+        add_bos, else [eot_id] (the separator a new document follows in training)."""
+        ids = self.encode(text) if text else []
+        if self.add_bos:
+            return [self.bos_id, *ids]
+        return ids or [self.eot_id]
+
+    def document_ids(self, ids: list[int]) -> list[int]:
+        """A document's ids as a training stream holds them: bos first when add_bos, and
+        the document separator (eot_id) last."""
+        return [self.bos_id, *ids, self.eot_id] if self.add_bos else [*ids, self.eot_id]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids; special tokens are kept so that streams decode faithfully."""
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -55,27 +138,75 @@ class Tokenizer:
         return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
 
     def save(self, directory: str | Path) -> Path:
-        """Write `tokenizer.json` into `directory` (created if needed) and return its path."""
+        """Write `tokenizer.json` into `directory` (created if needed) and return its path.
+
+        A tokenizer whose special ids are not moekit's own also gets
+        `special_tokens.json` beside it, so that `load` finds them again.
+        """
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path))
+        if self.special != moekit_special_tokens(self.backend, ""):
+            save_special_tokens(self.special, self.backend, path.parent)
+        else:
+            (path.parent / SPECIAL_TOKENS_FILE).unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """Read `tokenizer.json` from `directory` (or from a path to the file itself)."""
+        """Read `tokenizer.json` from `directory` (or from a path to the file itself),
+        with its special ids: from `special_tokens.json` beside it, else from the Hugging
+        Face files beside it (a model folder), else moekit's own (data/special_tokens.py)."""
         path = Path(directory)
         if path.is_dir():
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise ValueError(f"no tokenizer file at {str(path)!r}")
-        return cls(HFTokenizer.from_file(str(path)))
+        backend = HFTokenizer.from_file(str(path))
+        folder = path.parent
+        if (folder / SPECIAL_TOKENS_FILE).is_file():
+            special = load_special_tokens(folder / SPECIAL_TOKENS_FILE, backend)
+        elif has_hf_files(folder):
+            special = read_hf_special_tokens(folder, backend)
+        else:
+            where = (
+                f"{str(path)!r} (no {SPECIAL_TOKENS_FILE} beside it: a checkpoint converted "
+                "before moekit recorded its special tokens? convert it again)"
+            )
+            special = moekit_special_tokens(backend, where)
+        return cls(backend, special)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tokenizer) and self.backend.to_str() == other.backend.to_str()
+        return (
+            isinstance(other, Tokenizer)
+            and self.backend.to_str() == other.backend.to_str()
+            and self.special == other.special
+        )
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256()[:12]})"
+
+
+def copy_tokenizer(source: str | Path, directory: str | Path) -> Tokenizer:
+    """Copy source's tokenizer.json (source: a folder) into directory byte for byte, with
+    its special ids recorded beside it as special_tokens.json when source names them (in
+    its own special_tokens.json or Hugging Face files), so that Tokenizer.load(directory)
+    finds what Tokenizer.load(source) found.
+
+    Returns:
+        The tokenizer, as loaded from source.
+    """
+    tokenizer = Tokenizer.load(source)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    source_file = Path(source) / TOKENIZER_FILE
+    if source_file.resolve() != (directory / TOKENIZER_FILE).resolve():
+        shutil.copy2(source_file, directory / TOKENIZER_FILE)
+    if (Path(source) / SPECIAL_TOKENS_FILE).is_file() or has_hf_files(source):
+        save_special_tokens(tokenizer.special, tokenizer.backend, directory)
+    else:
+        (directory / SPECIAL_TOKENS_FILE).unlink(missing_ok=True)
+    return tokenizer
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096) -> Tokenizer:

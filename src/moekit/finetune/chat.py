@@ -22,7 +22,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..data import END_OF_DOCUMENT, Tokenizer
+from ..data import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the targets cross entropy skips (prompt tokens and padding)
@@ -120,9 +120,15 @@ class ChatTemplate:
 
     Args:
         source: the template text (DEFAULT_TEMPLATE unless the user gives one).
-        tokenizer: the model's tokenizer; eos_token is its END_OF_DOCUMENT.
+        tokenizer: the model's tokenizer; eos_token is its document separator
+            (Tokenizer.eos_token: <|endoftext|> for moekit's own, a converted checkpoint's
+            eos_token otherwise).
     Raises:
         ValueError: a template that does not parse.
+
+    The template renders with bos_token "" and, when the tokenizer starts text with a bos
+    token (Tokenizer.add_bos, a Llama-style checkpoint), encode puts it first, as the
+    tokenizer does with any text: one bos, whether or not a template writes bos_token.
     """
 
     def __init__(self, source: str, tokenizer: Tokenizer):
@@ -134,7 +140,7 @@ class ChatTemplate:
         except jinja2.TemplateError as error:
             raise ValueError(f"the chat template does not parse: {error}") from None
         self.source, self.tokenizer = source, tokenizer
-        self.eos_token = END_OF_DOCUMENT
+        self.eos_token = tokenizer.eos_token
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
@@ -185,6 +191,8 @@ class ChatTemplate:
         spans = self.assistant_spans(conversation.messages, conversation.source)
         ids, starts = encode_with_offsets(self.tokenizer, text, self.eos_token)
         trained = [any(a <= s < b for a, b in spans) for s in starts]
+        if self.tokenizer.add_bos:
+            ids, trained = [self.tokenizer.bos_id, *ids], [False, *trained]
         truncated = len(ids) > max_tokens
         return Encoded(
             ids=ids[:max_tokens],
@@ -211,14 +219,15 @@ def encode_with_offsets(tokenizer: Tokenizer, text: str, special: str) -> tuple[
     return ids, starts
 
 
-def tokenizer_config(template: str) -> dict:
+def tokenizer_config(template: str, tokenizer: Tokenizer) -> dict:
     """tokenizer_config.json for transformers: the chat template and the special tokens."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": template,
-        "eos_token": END_OF_DOCUMENT,
-        "pad_token": "<|pad|>",
-        "bos_token": None,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.token(tokenizer.special.pad_id),
+        "bos_token": tokenizer.token(tokenizer.bos_id),
+        "add_bos_token": tokenizer.add_bos,
         "unk_token": None,
         "model_max_length": 1_000_000,
         "clean_up_tokenization_spaces": False,

@@ -91,9 +91,9 @@ def exact_match(model: Transformer, template: ChatTemplate, problems, max_new_to
             torch.tensor([ids]),
             max_new_tokens=min(max_new_tokens, room),
             temperature=0.0,
-            eos_token_id=tokenizer.eot_id,
+            eos_token_id=list(tokenizer.eos_ids),
         )
-        text = tokenizer.decode(t for t in out.tokens_BN[0].tolist() if t != tokenizer.eot_id)
+        text = tokenizer.decode(t for t in out.tokens_BN[0].tolist() if t not in tokenizer.eos_ids)
         want = math_answer(conversation.messages[1]["content"])
         correct += math_answer(text) == want
     return correct / max(len(problems), 1)

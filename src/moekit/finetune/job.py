@@ -26,6 +26,7 @@ import torch
 from ..data import Tokenizer
 from ..data.tokenizer import TOKENIZER_FILE
 from ..interop import load_hf, save_hf
+from ..interop.convert import GENERATION_CONFIG_FILE, hf_tokenizer_files
 from ..interop.peft import save_peft
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora, remove_lora
@@ -292,7 +293,7 @@ def run_finetune(
     )
     tokenizer.save(out)
     (out / TOKENIZER_CONFIG).write_text(
-        json.dumps(tokenizer_config(template_text), indent=2), encoding="utf-8"
+        json.dumps(tokenizer_config(template_text, tokenizer), indent=2), encoding="utf-8"
     )
     train_result = trainer.train(stop_at=stop_at)
     result = FinetuneResult(train_result, len(train_examples), len(val_examples), truncated)
@@ -307,15 +308,19 @@ def export_run(model: Transformer, lora: LoRAConfig, out: Path, result: Finetune
         name: (out / name).read_text(encoding="utf-8")
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG)
     }
+    # the tokenizer's eos/bos/pad ids in config.json and generation_config.json
+    ids, _, generation = hf_tokenizer_files(Tokenizer.load(out), model.config.max_seq_len)
+    if generation is not None:
+        files[GENERATION_CONFIG_FILE] = generation
     plain = remove_lora(model) if lora.rank else model
     for name in ("hf", "adapter", "merged"):
         shutil.rmtree(out / name, ignore_errors=True)  # a resumed run exports again
     try:
-        save_hf(plain, out / "hf", extra_files=files)
+        save_hf(plain, out / "hf", config_extra=ids, extra_files=files)
         result.exported.append("hf")
         if lora.rank:
             save_peft(model, out / "adapter", lora, base_model=str(out / "hf"))
-            save_hf(merge_lora(model), out / "merged", extra_files=files)
+            save_hf(merge_lora(model), out / "merged", config_extra=ids, extra_files=files)
             result.exported += ["adapter", "merged"]
     except ValueError as error:
         result.notes.append(f"no Hugging Face export: {error}")

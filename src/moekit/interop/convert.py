@@ -3,22 +3,29 @@
 A converted run directory is what `moekit eval` and `moekit generate` read: config.json
 in the run format (the model config, default train settings, no data source) and a
 checkpoint/ (weights in safetensors, an empty optimizer state, step 0). tokenizer.json is
-copied either way when the source has one. moekit's own commands need a moekit tokenizer
-(with <|endoftext|> and <|pad|>); a Hugging Face tokenizer.json travels along unchanged
-for the user's own tooling.
+copied either way when the source has one, byte for byte.
+
+Hugging Face -> run: the tokenizer's special ids (end of sequence, beginning, padding,
+whether text starts with bos) are read from the folder's tokenizer_config.json,
+special_tokens_map.json, config.json and generation_config.json and recorded beside
+tokenizer.json as special_tokens.json (see data/special_tokens.py), which every moekit
+command that reads the run's tokenizer uses.
+
+Run -> Hugging Face: config.json gets the tokenizer's eos/bos/pad ids, generation_config.json
+every eos id, and tokenizer_config.json the token names, so that transformers'
+AutoTokenizer and generate() use the same ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..data.tokenizer import END_OF_DOCUMENT, PADDING, TOKENIZER_FILE, Tokenizer
+from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, copy_tokenizer
 from ..models import Transformer
 from ..train.checkpoint import checkpoint_dir, save_checkpoint
 from ..train.config import TrainConfig, model_config_to_dict
@@ -26,6 +33,7 @@ from ..train.trainer import CONFIG_FILE, RUN_FORMAT, load_trained_model
 from .hf import load_hf, save_hf
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -61,11 +69,14 @@ def hf_to_run(src: str | Path, dst: str | Path) -> Path:
     """Write the Hugging Face model in src as a moekit run directory dst."""
     _check_empty(dst)
     model = load_hf(src)
+    if (Path(src) / TOKENIZER_FILE).is_file():
+        # Read before anything is written: files naming tokens the tokenizer lacks stop here.
+        Tokenizer.load(src)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     write_run(model, dst, source=str(src))
     if (Path(src) / TOKENIZER_FILE).is_file():
-        shutil.copy2(Path(src) / TOKENIZER_FILE, dst / TOKENIZER_FILE)
+        copy_tokenizer(src, dst)
     return dst
 
 
@@ -96,29 +107,47 @@ def run_to_hf(src: str | Path, dst: str | Path, *, architecture: str | None = No
     if checkpoint_dir(src) is None:
         raise ValueError(f"{str(src)!r} has no checkpoint to convert")
     model = load_trained_model(src)
-    tokenizer_file = Path(src) / TOKENIZER_FILE
-    tokenizer = None
-    if tokenizer_file.is_file():
-        try:
-            tokenizer = Tokenizer.load(tokenizer_file)
-        except ValueError:
-            pass  # not a moekit tokenizer (one carried over from Hugging Face): no ids to record
     config_extra, files = {}, {}
-    if tokenizer_file.is_file():
-        files[TOKENIZER_FILE] = tokenizer_file.read_text(encoding="utf-8")
-    if tokenizer is not None:
-        config_extra = {"eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
-        # what AutoTokenizer.from_pretrained needs to load tokenizer.json
-        tokenizer_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": END_OF_DOCUMENT,
-            "pad_token": PADDING,
-            "model_max_length": model.config.max_seq_len,
-        }
-        files[TOKENIZER_CONFIG_FILE] = json.dumps(tokenizer_config, indent=2)
+    if (Path(src) / TOKENIZER_FILE).is_file():
+        tokenizer = Tokenizer.load(src)
+        files[TOKENIZER_FILE] = (Path(src) / TOKENIZER_FILE).read_text(encoding="utf-8")
+        config_extra, files[TOKENIZER_CONFIG_FILE], generation = hf_tokenizer_files(
+            tokenizer, model.config.max_seq_len
+        )
+        if generation is not None:
+            files[GENERATION_CONFIG_FILE] = generation
     return save_hf(
         model, dst, architecture=architecture, config_extra=config_extra, extra_files=files
     )
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, max_length: int) -> tuple[dict, str, str | None]:
+    """What transformers needs to use tokenizer's special ids: config.json's token ids, the
+    text of tokenizer_config.json, and of generation_config.json (None when there is no
+    eos id to list)."""
+    eos_ids, bos, pad = list(tokenizer.eos_ids), tokenizer.bos_id, tokenizer.special.pad_id
+    ids = {
+        "eos_token_id": eos_ids[0] if eos_ids else None,
+        "bos_token_id": bos,
+        "pad_token_id": pad,
+    }
+    config_extra = {key: value for key, value in ids.items() if value is not None}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tokenizer.token(eos_ids[0]) if eos_ids else None,
+        "bos_token": tokenizer.token(bos),
+        "pad_token": tokenizer.token(pad),
+        "add_bos_token": tokenizer.add_bos,
+        "model_max_length": max_length,
+    }
+    generation = None
+    if eos_ids:
+        generation_ids = {
+            **config_extra,
+            "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0],
+        }
+        generation = json.dumps(generation_ids, indent=2)
+    return config_extra, json.dumps(tokenizer_config, indent=2), generation
 
 
 def _check_empty(path: str | Path) -> None:

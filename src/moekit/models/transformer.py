@@ -3,8 +3,9 @@
 # B batch, T tokens per sequence (new tokens when decoding with a cache), S cached + new
 # tokens, D model, V vocab, H query heads, G key/value heads, Dh head dim, E experts
 
-Read top to bottom: ModelConfig, RMSNorm, rotary embeddings, Attention, Block, Transformer.
-One block is pre-norm:
+Read top to bottom: ModelConfig, Block, Transformer. The attention kinds are beside it
+(attention.py: grouped-query; mla.py: DeepSeek's multi-head latent attention), as are
+RMSNorm (norm.py) and the rotary tables (rope.py). One block is pre-norm:
     x = x + Attention(RMSNorm(x));  x = x + FFN(RMSNorm(x))
 where FFN is a dense SwiGLU `MLP` or a `MoE` layer (see `ModelConfig.is_moe_layer`).
 """
@@ -21,10 +22,15 @@ from torch import Tensor, nn
 from ..config import ACTIVATIONS, MoEConfig
 from ..experts import MLP, GroupedExperts
 from ..moe import MoE, MoEOutput, MoEStats
+from .attention import Attention, Placement
 from .expert_ids import tap_routers
 from .kv_cache import KVCache, padded_positions
+from .norm import RMSNorm
+from .rope import check_rope_scaling, rope_tables
 
 QK_NORMS = (None, "head", "full")
+# ModelConfig.attention -> the attention module of every block.
+ATTENTION_KINDS: dict[str, type[nn.Module]] = {"gqa": Attention}
 
 
 def _round_up(value: float, multiple: int) -> int:
@@ -59,8 +65,10 @@ class ModelConfig:
     qkv_bias: bool = False
     attn_out_bias: bool = False
     qk_norm: str | None = None  # None, "head" or "full"
+    attention: str = "gqa"
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
     norm_eps: float = 1e-5
     tied_embeddings: bool = True
     init_std: float = 0.02
@@ -108,6 +116,11 @@ class ModelConfig:
         self._check_moe()
 
     def _check_attention(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}"
+            )
+        check_rope_scaling(self.rope_scaling)
         if self.head_dim is None:
             if self.d_model % self.num_heads:
                 raise ValueError(
@@ -161,140 +174,13 @@ class ModelConfig:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019), computed in fp32 so bf16 activations stay stable."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return x32.to(x.dtype) * self.weight
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin tables (max_seq_len, head_dim / 2) for rotary embeddings (RoFormer)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles_SP = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles_SP.cos(), angles_SP.sin()
-
-
-def apply_rope(x_BHTDh: Tensor, cos_TP: Tensor, sin_TP: Tensor) -> Tensor:
-    """Rotate each (first half, second half) pair of x by the position's angle.
-
-    The "rotate half" layout of GPT-NeoX and Hugging Face LLaMA/Mixtral, so their q/k
-    weights load without the permutation the interleaved layout would need.
-    """
-    x1, x2 = x_BHTDh.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos_TP - x2 * sin_TP, x2 * cos_TP + x1 * sin_TP), dim=-1)
-    return rotated.to(x_BHTDh.dtype)
-
-
-@dataclass
-class Placement:
-    """Where a forward's T new tokens sit, shared by every layer.
-
-    cos, sin: rotary tables at the tokens' positions, (T, P) or (B, 1, T, P) per sequence.
-    mask_B1TS: which keys each query may attend to; None = causal over the T tokens alone.
-    slots_T: the cache slots the new keys and values go to (None without a cache).
-    """
-
-    cos: Tensor
-    sin: Tensor
-    mask_B1TS: Tensor | None
-    slots_T: Tensor | None
-
-
-class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query heads and rotary positions.
-
-    Args:
-        config: the model config (d_model, num_heads, num_kv_heads).
-        layer: this layer's index, its slot in a KV cache.
-    """
-
-    def __init__(self, config: ModelConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
-        q_width, kv_width = (
-            config.num_heads * config.head_dim,
-            config.num_kv_heads * config.head_dim,
-        )
-        self.wq = nn.Linear(config.d_model, q_width, bias=config.qkv_bias)
-        self.wk = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
-        self.wv = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
-        self.wo = nn.Linear(q_width, config.d_model, bias=config.attn_out_bias)
-        self.qk_norm = config.qk_norm
-        if config.qk_norm is not None:
-            per_head = config.qk_norm == "head"
-            self.q_norm = RMSNorm(config.head_dim if per_head else q_width, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim if per_head else kv_width, config.norm_eps)
-
-    def forward(self, x_BTD: Tensor, where: Placement, kv_cache: KVCache | None) -> Tensor:
-        """Args: x_BTD; where the T new tokens are (Placement); kv_cache or None. Returns y_BTD."""
-        B, T, _ = x_BTD.shape
-        # 1. project (q/k norm), split heads; rotate q and k by their positions
-        q, k = self.wq(x_BTD), self.wk(x_BTD)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_BTHDh = q.view(B, T, self.num_heads, self.head_dim)
-        k_BTGDh = k.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
-            q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
-        q_BHTDh, k_BGTDh = q_BTHDh.transpose(1, 2), k_BTGDh.transpose(1, 2)
-        v_BGTDh = self.wv(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHTDh = apply_rope(q_BHTDh, where.cos, where.sin)
-        k_BGTDh = apply_rope(k_BGTDh, where.cos, where.sin)
-
-        # 2. write into the cache; attend over all of its slots (the mask says which count)
-        if kv_cache is not None:
-            k_BGTDh, v_BGTDh = kv_cache.update(self.layer, where.slots_T, k_BGTDh, v_BGTDh)
-
-        # 3. attention, each key/value head serving num_heads / num_kv_heads query heads
-        y_BHTDh = grouped_query_attention(q_BHTDh, k_BGTDh, v_BGTDh, where.mask_B1TS)
-
-        # 4. merge heads and project back
-        return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
-
-
-def grouped_query_attention(
-    q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, mask_B1TS: Tensor | None
-) -> Tensor:
-    """SDPA with G key/value heads for H query heads; causal when mask_B1TS is None.
-
-    With a mask (a cache or padding), the query heads of one key/value head are folded
-    into its rows, (B, G, H/G * T, Dh), so the cached keys and values are read as they are,
-    never repeated per query head. Without one (training), SDPA's is_causal needs the rows
-    as they are, so the keys and values are repeated (works on every torch >= 2.4, unlike
-    SDPA's enable_gqa).
-    """
-    B, H, T, Dh = q_BHTDh.shape
-    groups = H // k_BGSDh.shape[1]
-    if mask_B1TS is None:
-        if groups > 1:
-            k_BGSDh = k_BGSDh.repeat_interleave(groups, dim=1)
-            v_BGSDh = v_BGSDh.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q_BHTDh, k_BGSDh, v_BGSDh, is_causal=T > 1)
-    # Query head h uses key/value head h // groups (repeat_interleave's order), so the
-    # reshape puts row j * T + t of head g at query head g * groups + j, position t.
-    q_BGMDh = q_BHTDh.reshape(B, -1, groups * T, Dh)
-    mask_B1MS = mask_B1TS.repeat(1, 1, groups, 1)
-    y_BGMDh = F.scaled_dot_product_attention(q_BGMDh, k_BGSDh, v_BGSDh, attn_mask=mask_B1MS)
-    return y_BGMDh.reshape(B, H, T, Dh)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then a dense or MoE FFN, each residual."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config, layer)
+        self.attn = ATTENTION_KINDS[config.attention](config, layer)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         if config.is_moe_layer(layer):
             self.ffn: nn.Module = MoE(config.moe)
@@ -387,7 +273,7 @@ class Transformer(nn.Module):
             elif isinstance(module, MoE):
                 module.router.reset_parameters(std)
         for module in self.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, tuple(ATTENTION_KINDS.values())):
                 nn.init.normal_(module.wo.weight, std=residual_std)
             elif isinstance(module, MLP):
                 nn.init.normal_(module.down.weight, std=residual_std)
@@ -396,7 +282,8 @@ class Transformer(nn.Module):
     def init_rope(self) -> None:
         """Recompute the rotary tables (not stored in checkpoints) on the weights' device."""
         cfg = self.config
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        rotary_dim = ATTENTION_KINDS[cfg.attention].rotary_dim(cfg)
+        cos, sin = rope_tables(rotary_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.rope_cos, self.rope_sin = (
             cos.to(self.lm_head.weight.device),
             sin.to(self.lm_head.weight.device),

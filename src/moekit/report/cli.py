@@ -124,5 +124,7 @@ def _route(run_dir, text: str, layers: list[int] | None, colour: bool) -> str:
         if layer not in available:
             raise ValueError(f"--layer {layer} is not an MoE layer; choose from {available}")
     tokenizer = Tokenizer.load(run_dir)
-    routing = route_tokens(model, tokenizer, tokenizer.encode(text))
+    # As the model reads text: with the bos token first when its tokenizer adds one.
+    ids = tokenizer.encode_prompt(text) if text else []
+    routing = route_tokens(model, tokenizer, ids)
     return format_routing(routing, model.config.moe.num_experts, colour=colour, layers=layers)

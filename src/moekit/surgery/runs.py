@@ -10,11 +10,9 @@ step 0 of its own warmup and cosine schedule.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
-from ..data import CorpusConfig, Tokenizer, build_corpus, prepare
-from ..data.tokenizer import TOKENIZER_FILE
+from ..data import CorpusConfig, build_corpus, copy_tokenizer, prepare
 from ..models import Transformer
 from ..train import (
     TrainConfig,
@@ -187,8 +185,7 @@ def domain_run_data(
         raise ValueError(f"domain {domain!r} is not in the corpus; it has {corpus.domains}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(Path(source_run) / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-    tokenizer = Tokenizer.load(run_dir)
+    tokenizer = copy_tokenizer(source_run, run_dir)
     for documents, name in ((corpus.train, TRAIN_FILE), (corpus.validation, VAL_FILE)):
         prepare([d for d in documents if d.domain == domain], tokenizer, run_dir / DATA_DIR / name)
     return prepare_run_data(run_dir)

@@ -10,7 +10,7 @@ from .compare import Comparison, compare, format_table, steps_to_reach
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, write_prepared
 from .inference import EvalResult, TextPiece, evaluate_run, generate_text
-from .jobs import default_out_dir, resume_job, train_one
+from .jobs import default_out_dir, resume_job, train_from, train_one
 from .metrics import MetricsLog, read_metrics
 from .run import DistributedRun, LocalRun, Run, run_on
 from .schedule import lr_at
@@ -47,6 +47,7 @@ __all__ = [
     "run_on",
     "save_checkpoint",
     "steps_to_reach",
+    "train_from",
     "train_one",
     "train_record",
     "write_prepared",

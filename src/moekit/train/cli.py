@@ -25,6 +25,10 @@ Settings: --preset NAME plus dotted overrides, e.g.
 (model.FIELD: ModelConfig, or an MoEConfig field it lacks; model.moe.FIELD: MoEConfig;
 train.FIELD: TrainConfig). Ctrl-C saves a checkpoint; --resume --out DIR continues.
 
+--init-from RUN trains one model that starts from RUN's weights (a trained run, or a
+Hugging Face checkpoint made a run by `moekit convert`): RUN's model, tokenizer (and its
+special tokens) and train settings, with --data, --steps and train.* overrides.
+
 --task picks what to train: lm (this, the default), classify-text, classify-digits,
 mmoe-synthetic or vit; `moekit train --task NAME --help` shows that task's options.
 """
@@ -44,7 +48,6 @@ def train_main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--preset",
-        default="tiny",
         help=f"model preset: {', '.join(PRESETS)} (default tiny)",
     )
     parser.add_argument("--task", choices=TASKS, default="lm", help="what to train (default lm)")
@@ -55,6 +58,11 @@ def train_main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", help="output folder (a run, or a comparison of two runs)")
     parser.add_argument("--resume", action="store_true", help="continue the stopped job in --out")
+    parser.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="start from this run's weights, model and tokenizer (e.g. a converted checkpoint)",
+    )
     parser.add_argument(
         "--data", help="training text (.txt, .jsonl, folder) or a prepared train.bin"
     )
@@ -158,12 +166,29 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
             raise ValueError("--resume needs --out DIR, the folder of the job to continue")
         if overrides or args.data:
             raise ValueError("--resume uses the settings saved in --out; drop the other settings")
+        if args.init_from:
+            raise ValueError("--resume continues --out; drop --init-from")
         result = train.resume_job(args.out, show_progress=progress, mesh=mesh)
         if isinstance(result, train.Comparison):
             print(train.format_table(result))
         else:
             _print_result(result, args.out)
         return 0
+    if args.init_from:
+        if args.preset:
+            raise ValueError("--init-from trains the model of that run; drop --preset")
+        out = args.out = args.out or str(train.default_out_dir(Path(args.init_from).name))
+        result = train.train_from(
+            args.init_from,
+            out,
+            overrides=overrides,
+            data=args.data,
+            show_progress=progress,
+            mesh=mesh,
+        )
+        _print_result(result, out)
+        return 0
+    args.preset = args.preset or "tiny"
     model_config, train_config = build_configs(args.preset, overrides)
     if args.no_compare:
         out = args.out = args.out or str(train.default_out_dir(args.preset))

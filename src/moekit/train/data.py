@@ -2,7 +2,10 @@
 
 Default corpus and user text are tokenised once into the run directory:
     RUN/tokenizer.json, RUN/data/train.bin, RUN/data/val.bin (+ sidecars)
-and a resumed run (or `moekit eval`) reads them back. A prepared stream (`moekit
+and a resumed run (or `moekit eval`) reads them back. A run directory that already holds
+a tokenizer (a converted checkpoint's, with its special_tokens.json, or one copied from
+the run it starts from) keeps it, and its text is tokenised with it; otherwise a new
+tokenizer is trained on the training split. A prepared stream (`moekit
 prepare`) is read where it lies: DIR/train.bin, with DIR/val.bin and DIR/tokenizer.json
 beside it; its tokenizer is copied into the run directory.
 """
@@ -22,6 +25,7 @@ from ..data import (
     Tokenizer,
     TokenStream,
     build_corpus,
+    copy_tokenizer,
     load_documents,
     load_stream,
     prepare,
@@ -110,14 +114,24 @@ def _prepare_run_data(
     if data is not None and Path(data).suffix == ".bin":
         return _prepared_stream_data(run_dir, Path(data))
     stream_dir = run_dir / DATA_DIR
-    if not (run_dir / TOKENIZER_FILE).exists() or not (stream_dir / VAL_FILE).exists():
+    has_tokenizer = (run_dir / TOKENIZER_FILE).exists()
+    # The validation sidecar is written last: its presence marks the streams as complete.
+    if not has_tokenizer or not _sidecar(stream_dir / VAL_FILE).exists():
         train_docs, val_docs = _documents(data, corpus_config)
-        tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size=vocab_size)
+        if has_tokenizer:
+            tokenizer = Tokenizer.load(run_dir)
+        else:
+            tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size=vocab_size)
         prepare(train_docs, tokenizer, stream_dir / TRAIN_FILE)
         prepare(val_docs, tokenizer, stream_dir / VAL_FILE)
-        # The tokenizer is written last: its presence marks the streams as complete.
-        tokenizer.save(run_dir)
+        if not has_tokenizer:
+            tokenizer.save(run_dir)
     return _load(run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE)
+
+
+def _sidecar(stream_path: Path) -> Path:
+    """The JSON sidecar prepare() writes after a stream's tokens (NAME.json)."""
+    return stream_path.with_suffix(".json")
 
 
 def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
@@ -125,7 +139,7 @@ def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
     source_dir, run_dir = Path(source_dir), Path(run_dir)
     if (source_dir / DATA_DIR).exists():
         shutil.copytree(source_dir / DATA_DIR, run_dir / DATA_DIR, dirs_exist_ok=True)
-    shutil.copy2(source_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    copy_tokenizer(source_dir, run_dir)
 
 
 def write_prepared(data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096) -> Path:
@@ -179,7 +193,7 @@ def _prepared_stream_data(run_dir: Path, train_path: Path) -> RunData:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / TOKENIZER_FILE).exists():
-        shutil.copy2(folder / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+        copy_tokenizer(folder, run_dir)
     return _load(run_dir / TOKENIZER_FILE, train_path, folder / VAL_FILE)
 
 

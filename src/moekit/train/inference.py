@@ -88,12 +88,17 @@ def generate_text(
 ) -> Iterator[TextPiece]:
     """Stream text from a run's checkpoint with moekit.generate.stream.
 
-    Generation stops at the end-of-document token or at the model's max_seq_len. Text is
-    yielded once it decodes to whole characters (a byte-level token can end mid-character).
+    Generation stops at any of the tokenizer's end-of-sequence ids (Tokenizer.eos_ids: a
+    converted checkpoint's eos_token and every eos_token_id of its config.json and
+    generation_config.json) or at the model's max_seq_len. The prompt is encoded as
+    transformers' tokenizer encodes it (Tokenizer.encode_prompt: bos first when the
+    tokenizer adds one). Text is yielded once it decodes to whole characters (a byte-level
+    token can end mid-character).
 
     Args:
         run_dir: a trained run directory.
-        prompt: the text to continue; "" starts a new document.
+        prompt: the text to continue; "" starts a new document (after bos, or after the
+            document separator when the tokenizer adds no bos).
         max_new_tokens, temperature, top_k, top_p: see moekit.generate.sample_next
             (temperature 0 = greedy).
         seed: seed of the sampling generator.
@@ -104,7 +109,8 @@ def generate_text(
     """
     model = load_trained_model(run_dir)
     tokenizer = Tokenizer.load(run_dir)
-    prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    prompt_ids = tokenizer.encode_prompt(prompt)
+    eos_ids = tokenizer.eos_ids
     room = model.config.max_seq_len - len(prompt_ids)
     if room < 1:
         raise ValueError(
@@ -117,7 +123,7 @@ def generate_text(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        eos_token_id=tokenizer.eot_id,
+        eos_token_id=list(eos_ids) or None,
         return_expert_ids=show_experts,
         generator=torch.Generator().manual_seed(seed),
         compile=compile,
@@ -126,7 +132,7 @@ def generate_text(
     shown = ""
     for step in steps:
         token = int(step.token_B[0])
-        if token == tokenizer.eot_id:
+        if token in eos_ids:
             return
         new_ids.append(token)
         text = tokenizer.decode(new_ids)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
+from ..data import copy_tokenizer
+from ..data.tokenizer import TOKENIZER_FILE
 from ..models import ModelConfig
 from ..parallel import ParallelMesh
+from .checkpoint import checkpoint_dir
 from .compare import Comparison, compare, comparison_runs
 from .config import TrainConfig
 from .data import prepare_run_data
-from .trainer import CONFIG_FILE, Trainer, TrainResult, run_configs
+from .overrides import apply_overrides
+from .run import run_on
+from .trainer import CONFIG_FILE, Trainer, TrainResult, load_trained_model, run_configs
 
 
 def default_out_dir(kind: str) -> Path:
@@ -92,3 +98,64 @@ def resume_job(
             mesh=mesh,
         )
     raise ValueError(f"--resume: {str(out_dir)!r} holds no moekit run (no {CONFIG_FILE})")
+
+
+def train_from(
+    source: str | Path,
+    run_dir: str | Path,
+    *,
+    overrides: dict[str, str] | None = None,
+    data: str | Path | None = None,
+    show_progress: bool = True,
+    mesh: ParallelMesh | None = None,
+) -> TrainResult:
+    """`moekit train --init-from SOURCE`: a new run that starts from SOURCE's weights.
+
+    SOURCE is a trained run or one `moekit convert` wrote from a Hugging Face checkpoint.
+    The new run keeps SOURCE's model config and tokenizer (with its special ids): data is
+    tokenised with that tokenizer, never a new one, so the model's token ids keep their
+    meaning. Its TrainConfig is SOURCE's with the train.* overrides (warmup derived again
+    from the new step budget unless given); its optimizer starts fresh, at step 0.
+    `moekit train --resume --out RUN_DIR` continues it like any other run.
+
+    Args:
+        source: the run to start from (it must hold a checkpoint and a tokenizer.json).
+        run_dir: the new run directory (must not hold a run yet).
+        overrides: {"train.FIELD": raw value}; model.* settings are refused (the weights
+            fix the model).
+        data: see prepare_run_data (None = the default corpus).
+        show_progress: a tqdm bar.
+        mesh: the ranks to train on (None = this process).
+    Returns:
+        The TrainResult.
+    """
+    source, run_dir = Path(source), Path(run_dir)
+    if checkpoint_dir(source) is None:
+        raise ValueError(f"--init-from {str(source)!r}: no checkpoint to start from")
+    if not (source / TOKENIZER_FILE).is_file():
+        raise ValueError(f"--init-from {str(source)!r}: no {TOKENIZER_FILE} to tokenise with")
+    if checkpoint_dir(run_dir) is not None:
+        raise ValueError(f"{str(run_dir)!r} already holds a trained run; choose another --out")
+    overrides = dict(overrides or {})
+    fixed = sorted(key for key in overrides if not key.startswith("train."))
+    if fixed:
+        raise ValueError(f"--init-from keeps {str(source)!r}'s model; drop --{', --'.join(fixed)}")
+    model_config, train_config, _ = run_configs(source)
+    defaults = dataclasses.asdict(train_config) | {"warmup_steps": None, "trainable": None}
+    _, train_config = apply_overrides(model_config, overrides, train_defaults=defaults)
+    model = load_trained_model(source).train()  # loaded in eval mode
+    with run_on(mesh).main_first():
+        if not (run_dir / TOKENIZER_FILE).exists():
+            copy_tokenizer(source, run_dir)
+    run_data = prepare_run_data(run_dir, data=data, vocab_size=model_config.vocab_size, mesh=mesh)
+    trainer = Trainer(
+        model_config,
+        train_config,
+        run_dir,
+        data=run_data,
+        model=model,
+        mesh=mesh,
+        show_progress=show_progress,
+        data_source=None if data is None else str(data),
+    )
+    return trainer.train()
