@@ -30,6 +30,12 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..models import ModelConfig, Transformer
+from .all_to_all import ExpertParallelExperts
+from .apply import parallelize
+from .fsdp import fully_shard_model
+from .mesh import ParallelMesh
+
 # In-place calls whose result does not depend on the tensor's previous values.
 _OVERWRITES = frozenset(
     {
@@ -182,16 +188,11 @@ def _local_part(full: Tensor, like: Tensor, owner) -> Tensor:
     return full
 
 
-def sharded_transformer(config, mesh) -> nn.Module:
+def sharded_transformer(config: ModelConfig, mesh: ParallelMesh) -> Transformer:
     """A Transformer built on the meta device, expert-parallel and FSDP-sharded over mesh,
     then materialised on mesh.device with only this rank's shards initialised: the values
     `Transformer(config)` gets in one process after the same torch.manual_seed (and the
     same RNG state afterwards). No rank ever holds the whole model."""
-    from ..models import Transformer
-    from .all_to_all import ExpertParallelExperts
-    from .apply import parallelize
-    from .fsdp import fully_shard_model
-
     recorded = record_init(lambda: Transformer(config))
     model = fully_shard_model(parallelize(recorded.model, mesh), mesh)
     model.to_empty(device=mesh.device)
