@@ -76,8 +76,19 @@ class _InitOnView(nn.Module):
             self.weight[:2].normal_()
 
 
+class _UpdatesAFactoryValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+        with torch.no_grad():
+            self.weight.mul_(2.0)
+
+
 def test_what_cannot_be_replayed_is_refused():
     with pytest.raises(ValueError, match="torch.randn"):
         record_init(_RandomFactory, init=None)
     with pytest.raises(ValueError, match="view of a parameter"):
         record_init(_InitOnView, init=None)
+    recorded = record_init(_UpdatesAFactoryValue, init=None)
+    with pytest.raises(ValueError, match="mul_ .* no recorded initialiser set"):
+        recorded.replay(lambda name, value: None)

@@ -17,8 +17,8 @@ call, so at most about one full parameter exists at a time, never the whole mode
 
 What cannot be replayed is refused with a ValueError naming it, rather than initialised
 differently: random factories (torch.randn(...) whose result becomes a parameter), an
-initialiser applied to a view (a slice of a parameter), and in-place calls that read
-another meta tensor.
+initialiser applied to a view (a slice of a parameter), in-place calls that read another
+meta tensor, and updates (mul_, add_) of a value that no recorded initialiser set.
 """
 
 from __future__ import annotations
@@ -132,8 +132,13 @@ class RecordedInit:
         for i, call in enumerate(self.calls):
             key, target = id(call.target), call.target
             name = getattr(call.func, "__name__", "")
-            if name in _OVERWRITES or key not in live:
+            if name in _OVERWRITES:
                 live[key] = torch.empty(target.shape, dtype=target.dtype, device=device)
+            elif key not in live:  # it updates a value a factory made (torch.ones(...))
+                raise ValueError(
+                    f"meta-device initialisation cannot replay {name} on a tensor of shape "
+                    f"{tuple(target.shape)} whose value no recorded initialiser set"
+                )
             real = live[key]
             args = tuple(real if a is target else a for a in call.args)
             kwargs = {k: real if v is target else v for k, v in call.kwargs.items()}
