@@ -17,6 +17,9 @@ one-process shape:
   it is, and DCP has one rank write it.
 Reading plans each rank's own chunks from the saved offsets, so a checkpoint written at
 FSDP x EP 2 on 4 processes loads at EP 1 x DP 2, at EP 4, or into a plain one-process model.
+(torch's get_state_dict / set_state_dict would hand DCP the expert DTensors as FSDP sees
+them, on the DP group with the EP slice's shape (E/ep, ...) as their global shape: every EP
+rank would write different rows under the same key and offsets. Hence this mapping.)
 
 Storage: DCP's Hugging Face safetensors storage (one `shard-NNNNN-model-00001-of-00001.
 safetensors` per writing rank, each tensor chunk's offsets kept as JSON in the file's
