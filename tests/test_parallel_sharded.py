@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -219,15 +218,20 @@ def _big_config() -> ModelConfig:
     )
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise AssertionError(f"no {field} in /proc/self/status")
 
 
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _reset_peak_rss() -> int:
+    """Restart the peak resident set size (VmHWM) from the current one; returns it. (Not
+    ru_maxrss: after the spawn's exec it still holds the parent's peak.)"""
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")
+    return _status_bytes("VmRSS")
 
 
 def _meta_build_worker(world: int) -> None:
@@ -248,10 +252,10 @@ def _meta_build_worker(world: int) -> None:
     full_bytes, largest = sum(sizes), max(sizes)
     sharded_transformer(_config(), mesh)  # one-time costs (imports, kernels) paid first
     built_on.clear()
-    before = _rss_bytes()
+    before = _reset_peak_rss()
     torch.manual_seed(0)
     model = sharded_transformer(config, mesh)
-    grown = _peak_rss_bytes() - before
+    grown = _status_bytes("VmHWM") - before
     assert built_on == ["meta"], built_on  # the only Transformer ever made
     local = sum(p.to_local().numel() * 4 for p in model.parameters())
     assert local <= full_bytes / world + 64 * 1024
