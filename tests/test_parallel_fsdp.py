@@ -1,5 +1,7 @@
 """FSDP2 composed with expert parallelism equals one process: 10 training steps of losses
-and the final weights, on 2 and 4 gloo processes, for a token-choice and a sigmoid router.
+and the final weights, on 2 and 4 gloo processes, for a token-choice and a sigmoid router
+(the sigmoid router's model built on the meta device, its initial shards exactly one
+process's weights).
 
 # W world size, ep expert-parallel size, dp = W / ep
 """
@@ -19,6 +21,7 @@ from moekit.parallel import all_reduce_router_loads, build_mesh, parallelize
 from moekit.parallel.all_to_all import ExpertParallelExperts
 from moekit.parallel.fsdp import fully_shard_model, reduce_and_clip_sharded, sharded_bytes
 from moekit.parallel.launch import spawn_local
+from moekit.parallel.meta import sharded_transformer
 
 pytestmark = pytest.mark.distributed
 STEPS, BATCH, SEQ = 10, 4, 16
@@ -63,7 +66,18 @@ def _worker(router: str, ep: int) -> None:
     ref_losses, ref_state, full_param_bytes = _single_process(router, batches)
 
     torch.manual_seed(0)
-    model = fully_shard_model(parallelize(Transformer(_config(router)), mesh), mesh)
+    if router == "sigmoid_topk":  # built on the meta device (parallel/meta.py)
+        model = sharded_transformer(_config(router), mesh)
+        torch.manual_seed(0)
+        initial = Transformer(_config(router)).state_dict()
+        for name, param in model.named_parameters():  # exactly one process's init
+            owner = _owner(model, name)
+            want = initial[name]
+            if owner is not None:
+                want = want[owner.first_expert : owner.first_expert + owner.num_experts]
+            assert torch.equal(param.full_tensor(), want), name
+    else:  # built whole, then sharded (a given model, as fine-tuning passes one)
+        model = fully_shard_model(parallelize(Transformer(_config(router)), mesh), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
 
     def clip():
