@@ -191,3 +191,6 @@ def test_errors_are_one_line_naming_the_problem(tmp_path):
     assert code == 2 and "--resume needs --out" in err
     code, _, err = run_cli("train", "--preset", "tiny_dense", "--no-progress")
     assert code == 2 and "preset 'tiny_dense' is dense" in err
+    # Sharded checkpoints are written by one process per rank (torchrun).
+    code, _, err = run_cli("train", "--checkpoint.format", "sharded", "--no-progress")
+    assert code == 2 and "--checkpoint.format sharded needs one process per rank" in err

@@ -1,5 +1,7 @@
 """FSDP2 composed with expert parallelism equals one process: 10 training steps of losses
-and the final weights, on 2 and 4 gloo processes, for a token-choice and a sigmoid router.
+and the final weights, on 2 and 4 gloo processes, for a token-choice and a sigmoid router
+(the sigmoid router's model built on the meta device, its initial shards exactly one
+process's weights).
 
 # W world size, ep expert-parallel size, dp = W / ep
 """
@@ -19,6 +21,7 @@ from moekit.parallel import all_reduce_router_loads, build_mesh, parallelize
 from moekit.parallel.all_to_all import ExpertParallelExperts
 from moekit.parallel.fsdp import fully_shard_model, reduce_and_clip_sharded, sharded_bytes
 from moekit.parallel.launch import spawn_local
+from moekit.parallel.meta import sharded_transformer
 
 pytestmark = pytest.mark.distributed
 STEPS, BATCH, SEQ = 10, 4, 16
@@ -63,7 +66,18 @@ def _worker(router: str, ep: int) -> None:
     ref_losses, ref_state, full_param_bytes = _single_process(router, batches)
 
     torch.manual_seed(0)
-    model = fully_shard_model(parallelize(Transformer(_config(router)), mesh), mesh)
+    if router == "sigmoid_topk":  # built on the meta device (parallel/meta.py)
+        model = sharded_transformer(_config(router), mesh)
+        torch.manual_seed(0)
+        initial = Transformer(_config(router)).state_dict()
+        for name, param in model.named_parameters():  # exactly one process's init
+            owner = _owner(model, name)
+            want = initial[name]
+            if owner is not None:
+                want = want[owner.first_expert : owner.first_expert + owner.num_experts]
+            assert torch.equal(param.full_tensor(), want), name
+    else:  # built whole, then sharded (a given model, as fine-tuning passes one)
+        model = fully_shard_model(parallelize(Transformer(_config(router)), mesh), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
 
     def clip():
@@ -145,15 +159,24 @@ def _train_losses(run_dir: str) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir, split="train")]
 
 
-def trainer_worker(folder: str, text: str, ep: int, router: str) -> None:
-    """FSDP (x EP) through the Trainer: the single-process losses and weights, a stopped and
-    resumed run bit-identical to an uninterrupted one, and the checkpoint resumed in one
-    process (another layout) ending at the same weights."""
-    from safetensors.torch import load_file
+def _final_weights(run_dir: str) -> dict[str, torch.Tensor]:
+    """A run's checkpointed weights, read in this process alone (either layout)."""
+    from moekit.train import load_trained_model
+
+    return load_trained_model(run_dir).state_dict()
+
+
+def trainer_worker(folder: str, text: str, ep: int, router: str, checkpoint_format) -> None:
+    """FSDP (x EP) through the Trainer, built on the meta device: the single-process losses
+    and weights, a stopped and resumed run bit-identical to an uninterrupted one, and the
+    checkpoint resumed in one process (another layout) ending at the same weights."""
+    import dataclasses
 
     from moekit.parallel import init_parallel
+    from moekit.train.checkpoint import saved_layout
 
     mesh = init_parallel(ep, timeout_s=120, device=torch.device("cpu"), fsdp=True)
+    mesh = dataclasses.replace(mesh, checkpoint_format=checkpoint_format)
     _trainer(folder, text, "whole", mesh, router=router).train()
     _trainer(folder, text, "half", mesh, router=router).train(stop_at=2)
     _trainer(folder, text, "stopped", mesh, router=router).train(stop_at=2)
@@ -161,15 +184,15 @@ def trainer_worker(folder: str, text: str, ep: int, router: str) -> None:
     assert resumed.step == 2
     resumed.train()
     if mesh.rank == 0:
-        whole = load_file(f"{folder}/whole/checkpoint/model.safetensors")
-        again = load_file(f"{folder}/stopped/checkpoint/model.safetensors")
+        assert saved_layout(f"{folder}/whole") == (checkpoint_format or "sharded")
+        whole, again = _final_weights(f"{folder}/whole"), _final_weights(f"{folder}/stopped")
         for name, tensor in whole.items():
             assert torch.equal(tensor, again[name]), name
         # One process, same data and seed: the same losses and weights (to rounding).
         _trainer(folder, text, "single", None, router=router).train()
         for got, want in zip(_train_losses(f"{folder}/whole"), _train_losses(f"{folder}/single")):
             assert abs(got - want) <= 1e-5 * abs(want), (got, want)
-        single = load_file(f"{folder}/single/checkpoint/model.safetensors")
+        single = _final_weights(f"{folder}/single")
         for name, tensor in single.items():
             torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
         # The FSDP checkpoint of step 2 resumes in one process (another layout): the same
@@ -177,14 +200,18 @@ def trainer_worker(folder: str, text: str, ep: int, router: str) -> None:
         relayout = _trainer(folder, text, "half", None, resume=True, router=router)
         assert relayout.step == 2
         relayout.train()
-        ended = load_file(f"{folder}/half/checkpoint/model.safetensors")
+        ended = _final_weights(f"{folder}/half")
         for name, tensor in whole.items():
             torch.testing.assert_close(ended[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
     dist.barrier()
 
 
-@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp", "fsdp_x_ep2"])
-def test_trainer_under_fsdp_equals_one_process_and_resumes(tmp_path, ep):
+@pytest.mark.parametrize(
+    ("ep", "checkpoint_format"),
+    [(1, None), (2, None), (2, "consolidated")],
+    ids=["fsdp", "fsdp_x_ep2", "fsdp_x_ep2_consolidated"],
+)
+def test_trainer_under_fsdp_equals_one_process_and_resumes(tmp_path, ep, checkpoint_format):
     import inspect
     import json
     import textwrap
@@ -192,12 +219,16 @@ def test_trainer_under_fsdp_equals_one_process_and_resumes(tmp_path, ep):
     text = tmp_path / "source.txt"
     text.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
     spawn_local(
-        trainer_worker, (str(tmp_path), str(text), ep, "sigmoid_topk"), world_size=2, timeout_s=300
+        trainer_worker,
+        (str(tmp_path), str(text), ep, "sigmoid_topk", checkpoint_format),
+        world_size=2,
+        timeout_s=300,
     )
 
 
 def test_torchrun_fsdp_x_ep_trains_the_comparison_end_to_end(tmp_path):
-    """The literal command: `torchrun ... -m moekit train --parallel.fsdp true --parallel.ep 2`."""
+    """The literal command: `torchrun ... -m moekit train --parallel.fsdp true --parallel.ep 2
+    --checkpoint.format consolidated` (the sharded default: the 4-process test below)."""
     import inspect
     import json
     import subprocess
@@ -211,6 +242,7 @@ def test_torchrun_fsdp_x_ep_trains_the_comparison_end_to_end(tmp_path):
     micro = [f"--{key}={value}" for key, value in TRAIN_MICRO.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "moekit", "train", "--parallel.fsdp", "true", "--parallel.ep", "2",
+               "--checkpoint.format", "consolidated",
                "--data", str(text), "--out", str(tmp_path / "job"), "--no-progress", "--threads", "1",
                *micro]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
@@ -228,3 +260,62 @@ def test_torchrun_fsdp_x_ep_trains_the_comparison_end_to_end(tmp_path):
     ]
     exchanged = [r["all_to_all_s"] for r in records if r["split"] == "train"]
     assert len(exchanged) == 4 and all(s > 0 for s in exchanged)
+
+
+@pytest.mark.slow
+def test_torchrun_4_processes_fsdp_x_ep_sharded_checkpoints_end_to_end(tmp_path):
+    """`torchrun --nproc-per-node 4 -m moekit train --no-compare --parallel.fsdp true
+    --parallel.ep 2`: sharded checkpoints by default (one file per rank, no rank holding a
+    whole expert tensor), resumed on 2 processes without FSDP (EP 1 x DP 2) to the end, and
+    read by `moekit eval` and `moekit generate` in one process."""
+    import inspect
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import load_file
+
+    text = tmp_path / "source.txt"
+    text.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    micro = [f"--{key}={value}" for key, value in TRAIN_MICRO.items()]
+    run = str(tmp_path / "run")
+
+    def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(n), "-m", "moekit", "train", "--no-compare",
+                   "--out", run, "--no-progress", "--threads", "1", *args]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    # No shared expert: a Mixtral-shaped model that `moekit convert` can express.
+    torchrun(4, "--parallel.fsdp", "true", "--parallel.ep", "2", "--data", str(text),
+             *micro, "--train.steps", "2", "--model.moe.num_shared_experts", "0")  # fmt: skip
+    state = json.loads((tmp_path / "run/checkpoint/trainer_state.json").read_text())
+    assert state["tensors"] == "sharded" and state["step"] == 2
+    shards = sorted((tmp_path / "run/checkpoint/shards").iterdir())
+    assert len(shards) == 4 and sorted(state["sha256"]) == [f"shards/{p.name}" for p in shards]
+    for path in shards:
+        assert load_file(str(path))["model.layers.0.ffn.experts.w_up"].shape[0] < 4
+
+    def moekit(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    # One process reads the sharded run: eval, generate, convert (to a Hugging Face folder).
+    moekit("eval", run)
+    moekit("generate", run, "--prompt", "def ", "--max-new-tokens", "4")
+    moekit("convert", run, str(tmp_path / "hf"))
+    assert load_file(str(tmp_path / "hf/model.safetensors"))
+    # Resume on 2 processes, plain data parallel: its checkpoint is consolidated (the
+    # default without FSDP) and the run ends at the configured 4 steps.
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["train"]["steps"] == 2
+    config["train"]["steps"] = 4
+    (tmp_path / "run/config.json").write_text(json.dumps(config))
+    torchrun(2, "--resume")
+    state = json.loads((tmp_path / "run/checkpoint/trainer_state.json").read_text())
+    assert state["tensors"] == "consolidated" and state["step"] == 4
+    moekit("eval", run)

@@ -122,14 +122,15 @@ class ExpertParallelExperts(GroupedExperts):
                 f"expert-parallel size ({ep})"
             )
         local = experts.num_experts // ep
-        super().__init__(
-            local,
-            experts.d_model,
-            experts.d_hidden,
-            experts.activation,
-            backend=experts.backend,
-            bias=experts.b_up is not None,
-        )
+        with torch.device(experts.w_up.device):  # meta stays meta (parallel/meta.py)
+            super().__init__(
+                local,
+                experts.d_model,
+                experts.d_hidden,
+                experts.activation,
+                backend=experts.backend,
+                bias=experts.b_up is not None,
+            )
         self.ep_group, self.ep = ep_group, ep
         self.num_global_experts = experts.num_experts
         self.first_expert = ep_rank * local

@@ -30,7 +30,8 @@ def parallelize(model: nn.Module, mesh) -> nn.Module:
     """Shard every MoE layer's experts over mesh.ep_group and plan routing group-wide.
 
     Every rank must build the same model (same seed) first; weights are then broadcast from
-    world rank 0, so the replicas start equal whatever the seeds were.
+    world rank 0, so the replicas start equal whatever the seeds were (a model on the meta
+    device has no values to broadcast: parallel/meta.py initialises it from the seed later).
 
     Args:
         model: any module holding MoE layers with GroupedExperts; changed in place.
@@ -73,7 +74,8 @@ def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 @torch.no_grad()
 def _broadcast_weights(model: nn.Module, group) -> None:
     for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0, group=group)
+        if not tensor.is_meta:  # a meta model gets equal values from its seed (meta.py)
+            dist.broadcast(tensor.data, src=0, group=group)
 
 
 @torch.no_grad()

@@ -149,7 +149,7 @@ def _scatter(full: Tensor, like: Tensor, owner: ExpertParallelExperts | None) ->
     return full
 
 
-def _resharded(model: nn.Module) -> None:
+def reshard(model: nn.Module) -> None:
     """Put every FSDP unit back in its sharded state. After a forward without backward (an
     evaluation) the root keeps its weights gathered, and its attributes then point at the
     gathered buffers, which FSDP frees later: never read or write those."""
@@ -161,7 +161,7 @@ def _resharded(model: nn.Module) -> None:
 @torch.no_grad()
 def full_state(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter whole (collective), and the persistent buffers."""
-    _resharded(model)
+    reshard(model)
     owners = _ep_owner(model)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     state = {name: _gather(p, owners.get(name)) for name, p in params.items()}
@@ -174,7 +174,7 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
 @torch.no_grad()
 def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy whole tensors (full_state's, or a one-process checkpoint's) into the shards."""
-    _resharded(model)
+    reshard(model)
     owners = _ep_owner(model)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     for name, value in state.items():
@@ -188,7 +188,7 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 @torch.no_grad()
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     """AdamW moments whole, named "{param}.{exp_avg|exp_avg_sq|step}" (train.checkpoint's)."""
-    _resharded(model)
+    reshard(model)
     owners = _ep_owner(model)
     tensors = {}
     for name, param in model.named_parameters():
@@ -203,7 +203,7 @@ def load_full_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
 ) -> None:
     """Inverse of full_optimizer_state: each parameter's moments as its own shards."""
-    _resharded(model)
+    reshard(model)
     owners = _ep_owner(model)
     params = dict(model.named_parameters())
     unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - set(params))

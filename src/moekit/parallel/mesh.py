@@ -15,6 +15,7 @@ collective fail with an error after at most `timeout_s`, instead of waiting fore
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+CHECKPOINT_FORMATS = ("sharded", "consolidated")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class ParallelMesh:
     # Shard every weight, gradient and optimizer moment with FSDP2 on top of the EP x DP
     # layout (parallel/fsdp.py), instead of replicating the non-expert ones.
     fsdp: bool = False
+    # How `moekit train` checkpoints on this mesh: "sharded" (torch.distributed.checkpoint,
+    # every rank its own shards) or "consolidated" (rank 0 writes every tensor whole);
+    # None: sharded under FSDP, consolidated otherwise (train/run.py).
+    checkpoint_format: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -158,7 +164,7 @@ def mesh_from_device_mesh(device_mesh) -> ParallelMesh:
 
 @contextlib.contextmanager
 def training_mesh(
-    ep: int | None, timeout_s: float, fsdp: bool = False
+    ep: int | None, timeout_s: float, fsdp: bool = False, checkpoint_format: str | None = None
 ) -> Iterator[ParallelMesh | None]:
     """The mesh `moekit train` runs on: from torchrun's env vars, or None for one process.
 
@@ -171,8 +177,20 @@ def training_mesh(
         ep: the expert-parallel size (None = 1); more than 1 needs torchrun.
         timeout_s: the collective timeout of every group, in seconds.
         fsdp: shard the model with FSDP2 (needs torchrun too).
+        checkpoint_format: "sharded", "consolidated", or None (sharded under FSDP); see
+            ParallelMesh. One process always writes consolidated checkpoints.
     """
+    if checkpoint_format not in (None, *CHECKPOINT_FORMATS):
+        raise ValueError(
+            f"unknown checkpoint format {checkpoint_format!r}; choose one of "
+            f"{', '.join(CHECKPOINT_FORMATS)}"
+        )
     if not launched_by_torchrun():
+        if checkpoint_format == "sharded":
+            raise ValueError(
+                "--checkpoint.format sharded needs one process per rank (torchrun); "
+                "one process writes consolidated checkpoints"
+            )
         if fsdp:
             raise ValueError(
                 "--parallel.fsdp true needs one process per rank: "
@@ -186,6 +204,7 @@ def training_mesh(
         yield None
         return
     mesh = init_parallel(ep or 1, timeout_s=timeout_s, device=torch.device("cpu"), fsdp=fsdp)
+    mesh = dataclasses.replace(mesh, checkpoint_format=checkpoint_format)
     with contextlib.ExitStack() as stack:
         if mesh.rank != 0:
             devnull = stack.enter_context(open(os.devnull, "w", encoding="utf-8"))

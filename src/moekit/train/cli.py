@@ -96,6 +96,15 @@ def train_main(argv: list[str]) -> int:
         "(composes with --parallel.ep; default false)",
     )
     parser.add_argument(
+        "--checkpoint.format",
+        dest="checkpoint_format",
+        choices=["sharded", "consolidated"],
+        help="under torchrun: sharded (every rank writes its own shards with "
+        "torch.distributed.checkpoint) or consolidated (rank 0 writes every tensor whole); "
+        "default sharded with --parallel.fsdp true, else consolidated. Both resume at any "
+        "layout and load in one process",
+    )
+    parser.add_argument(
         "--parallel.timeout",
         dest="parallel_timeout",
         type=float,
@@ -112,7 +121,9 @@ def train_main(argv: list[str]) -> int:
     mesh = None
     try:
         fsdp = args.parallel_fsdp == "true"
-        with training_mesh(args.parallel_ep, args.parallel_timeout, fsdp) as mesh:
+        with training_mesh(
+            args.parallel_ep, args.parallel_timeout, fsdp, args.checkpoint_format
+        ) as mesh:
             return _run_train(args, extra, mesh)
     except ValueError as error:
         return command_error("train", error)

@@ -9,8 +9,11 @@ the two, as the MoE layer calls a dispatch plan:
     run.reduce_and_clip(model, max_norm)
                                  gradients averaged over the ranks, clipped to the global
                                  norm (returned), router loads summed for the bias update
+    run.build(config)            the model, on this rank (FSDP: built on the meta device,
+                                 only this rank's shards ever materialised)
     run.save(run_dir, ...) / run.load(run_dir, ...)
-                                 the checkpoint, one consolidated copy whatever the ranks
+                                 the checkpoint: consolidated (one copy whatever the ranks)
+                                 or sharded (each rank its own shards); either loads anywhere
     run.main_first()             rank 0 runs the block (writes files) before the others
     run.is_main, run.rank        rank 0 writes the run directory and reports
 
@@ -20,13 +23,17 @@ model with FSDP2 on top of it):
 - batches: every rank draws the same global batch (same loader, same seed) and keeps its
   own contiguous rows, so the global batch, the data order and a resume are exactly those
   of the single-process run.
-- gradients: sync_gradients (EP x DP groups), then the global-norm clip.
-- checkpoints: consolidated (unsharded) files written by rank 0, loadable at any EP size.
+- gradients: averaged over the EP x DP groups in buckets that start during the backward
+  (parallel/overlap.py; sync_gradients' result), then the global-norm clip.
+- checkpoints: consolidated (unsharded) files written by rank 0, or with
+  mesh.checkpoint_format "sharded" (the default under FSDP) torch.distributed.checkpoint
+  shards written by every rank; both load at any layout (train/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +51,6 @@ from ..parallel import (
     full_optimizer_tensors,
     parallelize,
     shard_optimizer_tensors,
-    sync_gradients,
 )
 from ..parallel.fsdp import (
     full_optimizer_state,
@@ -53,8 +59,11 @@ from ..parallel.fsdp import (
     load_full_optimizer_state,
     load_full_state,
     reduce_and_clip_sharded,
+    reshard,
     sharded_bytes,
 )
+from ..parallel.meta import sharded_transformer
+from ..parallel.overlap import BucketedReducer
 from .checkpoint import (
     OPTIMIZER_FILE,
     checkpoint_dir,
@@ -63,6 +72,8 @@ from .checkpoint import (
     optimizer_tensors,
     restore_rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
+    saved_layout,
 )
 
 
@@ -83,6 +94,9 @@ class LocalRun:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
+
+    def build(self, config) -> nn.Module:
+        return self.prepare(Transformer(config))
 
     def shard(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tensors
@@ -117,10 +131,18 @@ class DistributedRun:
         self.mesh = mesh
         self.rank, self.world_size = mesh.rank, mesh.world_size
         self.is_main = mesh.rank == 0
+        self.sharded_checkpoints = mesh.checkpoint_format == "sharded"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Shard the experts over the EP group; replicas start from rank 0's weights."""
-        return parallelize(model, self.mesh)
+        """Shard the experts over the EP group; replicas start from rank 0's weights; the
+        gradient all-reduce then runs in buckets during the backward (parallel/overlap.py)."""
+        model = parallelize(model, self.mesh)
+        self.reducer = BucketedReducer(model, self.mesh)
+        return model
+
+    def build(self, config) -> nn.Module:
+        """A fresh model (the global RNG's next draws, as in one process), prepared."""
+        return self.prepare(Transformer(config))
 
     def shard(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         """This rank's rows of each global batch (its size must divide by the world size)."""
@@ -163,13 +185,16 @@ class DistributedRun:
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
         """Average the gradients over the mesh, clip to the global norm (returned), and sum
         the router loads so every rank's bias update sees the global load."""
-        sync_gradients(model, self.mesh)
+        self.reducer.finish()  # the buckets started during the backward
         norm = clip_grad_norm(model, max_norm, self.mesh)
         all_reduce_router_loads(model, self.mesh)
         return norm
 
     def save(self, run_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
-        """Gather the experts and their moments; rank 0 writes the checkpoint."""
+        """Sharded: every rank writes its own shards. Consolidated: gather the experts and
+        their moments; rank 0 writes the checkpoint."""
+        if self.sharded_checkpoints:
+            return save_sharded_checkpoint(run_dir, model, optimizer, state, self.mesh)
         moments = full_optimizer_tensors(optimizer_tensors(model, optimizer), model)
         with consolidated(model):
             if self.is_main:
@@ -178,7 +203,10 @@ class DistributedRun:
         return Path(run_dir) / "checkpoint"
 
     def load(self, run_dir: str | Path, model: nn.Module, optimizer) -> dict:
-        """Every rank reads the full checkpoint and keeps its experts' slice."""
+        """Sharded: every rank reads its own chunks. Consolidated: every rank reads the full
+        checkpoint and keeps its experts' slice."""
+        if saved_layout(run_dir) == "sharded":
+            return load_checkpoint(run_dir, model, optimizer, mesh=self.mesh)
         with consolidated(model):
             state = load_checkpoint(run_dir, model)  # weights (and the file hashes checked)
         # The moments load outside the block: the optimizer holds the sharded parameters.
@@ -204,11 +232,16 @@ class DistributedRun:
 class FSDPRun(DistributedRun):
     """DistributedRun with every weight, gradient and AdamW moment sharded (FSDP2 on top of
     the EP x DP layout, parallel/fsdp.py). Batches, means and flags are DistributedRun's;
-    gradients are reduce-scattered by FSDP during the backward; checkpoints keep the
-    consolidated format (gathered while saving), so they resume at any layout."""
+    gradients are reduce-scattered by FSDP during the backward; a fresh model is built on
+    the meta device and only this rank's shards are initialised (parallel/meta.py);
+    checkpoints are sharded by default, consolidated (gathered while saving) on request,
+    and either resumes at any layout."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return fully_shard_model(parallelize(model, self.mesh), self.mesh)
+
+    def build(self, config) -> nn.Module:
+        return sharded_transformer(config, self.mesh)
 
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> float:
         norm = reduce_and_clip_sharded(model, max_norm, self.mesh)
@@ -216,6 +249,9 @@ class FSDPRun(DistributedRun):
         return norm
 
     def save(self, run_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
+        if self.sharded_checkpoints:
+            reshard(model)  # after an evaluation the root holds its gathered weights
+            return save_sharded_checkpoint(run_dir, model, optimizer, state, self.mesh)
         weights, moments = full_state(model), full_optimizer_state(model, optimizer)
         if self.is_main:
             whole = Transformer(model.config)
@@ -225,6 +261,9 @@ class FSDPRun(DistributedRun):
         return Path(run_dir) / "checkpoint"
 
     def load(self, run_dir: str | Path, model: nn.Module, optimizer) -> dict:
+        if saved_layout(run_dir) == "sharded":
+            reshard(model)
+            return load_checkpoint(run_dir, model, optimizer, mesh=self.mesh)
         whole = Transformer(model.config)
         state = load_checkpoint(run_dir, whole)  # the file hashes checked
         load_full_state(model, whole.state_dict())
@@ -240,9 +279,18 @@ MEMORY_FILE = "memory.json"
 
 def run_on(mesh: ParallelMesh | None) -> Run:
     """The Run for a mesh: LocalRun for None (one process), FSDPRun for a mesh with fsdp
-    set, else DistributedRun."""
+    set, else DistributedRun. A mesh without a checkpoint_format gets sharded checkpoints
+    under FSDP, consolidated ones otherwise."""
     if mesh is None:
         return LocalRun()
+    if mesh.checkpoint_format not in (None, "sharded", "consolidated"):
+        raise ValueError(
+            f"unknown checkpoint format {mesh.checkpoint_format!r}; choose sharded or consolidated"
+        )
+    if mesh.checkpoint_format is None:
+        mesh = dataclasses.replace(
+            mesh, checkpoint_format="sharded" if mesh.fsdp else "consolidated"
+        )
     return FSDPRun(mesh) if mesh.fsdp else DistributedRun(mesh)
 
 

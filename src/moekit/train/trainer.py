@@ -110,7 +110,7 @@ class Trainer:
         self.run = run_on(mesh)
         if model is not None and model.config != model_config:
             raise ValueError("the given model was not built from model_config")
-        self.model = self.run.prepare(model if model is not None else Transformer(model_config))
+        self.model = self.run.prepare(model) if model is not None else self.run.build(model_config)
         # The training forward, compiled when asked; evaluation and saving use the model.
         self.forward = torch.compile(self.model) if train_config.compile else self.model
         self.is_main = self.run.is_main
