@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moekit import MoEConfig
-from moekit.models import ModelConfig, Transformer
+from moekit.models import PRESETS, ModelConfig, Transformer
 from moekit.parallel.meta import record_init
 from moekit.routing import ROUTER_CLASSES
 
@@ -60,6 +60,20 @@ def test_replayed_meta_construction_equals_one_process(router):
         assert torch.equal(got[name], tensor), name
     for name, buffer in reference.named_buffers():
         assert torch.equal(dict(model.named_buffers())[name], buffer), name
+
+
+@pytest.mark.parametrize("preset", ["deepseek_v3_tiny", "gpt_oss_tiny"])
+def test_replayed_meta_construction_of_mla_and_sink_models_equals_one_process(preset):
+    # multi-head latent attention; attention sinks with biased routers and experts
+    config = PRESETS[preset]()
+    torch.manual_seed(3)
+    reference = Transformer(config)
+    torch.manual_seed(3)
+    model = _replayed(config)
+    want, got = reference.state_dict(), model.state_dict()
+    assert set(want) == set(got)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
 
 
 class _RandomFactory(nn.Module):

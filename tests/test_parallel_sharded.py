@@ -40,7 +40,11 @@ pytestmark = pytest.mark.distributed
 
 
 def _config(router: str = "sigmoid_topk") -> ModelConfig:
-    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, top_k=2, router=router)
+    # biased router and experts: the expert biases are sharded with the experts
+    moe = MoEConfig(
+        d_model=16, d_hidden=16, num_experts=4, top_k=2, router=router,
+        router_bias=True, expert_bias=True,
+    )  # fmt: skip
     return ModelConfig(
         vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=16, moe=moe
     )

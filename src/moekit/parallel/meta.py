@@ -207,7 +207,7 @@ def sharded_transformer(config: ModelConfig, mesh: ParallelMesh) -> Transformer:
         f"{name}.{param}": module
         for name, module in model.named_modules()
         if isinstance(module, ExpertParallelExperts)
-        for param in ("w_up", "w_down")
+        for param in module.sharded_names
     }
 
     def write(name: str, full: Tensor) -> None:

@@ -56,7 +56,7 @@ def _experts(model: nn.Module) -> dict[str, ExpertParallelExperts]:
         f"{name}.{param}": module
         for name, module in model.named_modules()
         if isinstance(module, ExpertParallelExperts)
-        for param in ("w_up", "w_down")
+        for param in module.sharded_names
     }
 
 
