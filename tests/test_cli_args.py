@@ -42,6 +42,17 @@ def test_capacity_factor_accepts_numbers_and_none():
     assert configs("--model.capacity_factor", "None")[0].moe.capacity_factor is None
 
 
+def test_layer_lists_take_comma_separated_indices():
+    gpt_oss = parse_overrides(["--model.num_layers", "6", "--model.sliding_layers", "0,2, 4"])
+    model, _ = build_configs("gpt_oss_tiny", gpt_oss)
+    assert model.sliding_layers == [0, 2, 4]
+    assert build_configs("gpt_oss_tiny", {"model.sliding_layers": "none"})[0].sliding_layers is None
+    assert configs("--model.dense_layers", "1")[0].dense_layers == [1]
+    assert configs("--model.dense_layers", "")[0].dense_layers == []
+    with pytest.raises(ValueError, match=r"--model\.dense_layers expects an integer, got 'x'"):
+        configs("--model.dense_layers", "1,x")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -129,6 +129,8 @@ def parse_setting(
     for kind in (bool, int, float, str):
         if kind in options:
             return _convert(kind, raw, key)
+    if list[int] in options:  # layer lists: "0,2" (an empty string is the empty list)
+        return [_convert(int, item.strip(), key) for item in raw.split(",") if item.strip()]
     raise ValueError(f"--{key} cannot be set from the command line")
 
 
