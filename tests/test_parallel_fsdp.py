@@ -28,15 +28,29 @@ STEPS, BATCH, SEQ = 10, 4, 16
 
 
 def _config(router: str) -> ModelConfig:
+    """router: a router name, or "deepseek" (multi-head latent attention, sigmoid groups)
+    or "gpt_oss" (attention sinks and a sliding window, biased router and experts, the
+    clamped SwiGLU)."""
     # No balance loss: each rank's f_i * P_i over its own tokens is not the global one (a
     # known property of data parallelism, not of the sharding); z-loss is a plain mean.
-    moe = MoEConfig(
-        d_model=16, d_hidden=16, num_experts=4, top_k=2, router=router,
-        balance_loss_coef=0.0, z_loss_coef=1e-3, bias_update_rate=0.01,
-    )  # fmt: skip
-    return ModelConfig(
-        vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ, moe=moe
-    )
+    common = dict(balance_loss_coef=0.0, z_loss_coef=1e-3, bias_update_rate=0.01)
+    model = dict(vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ)
+    if router == "deepseek":
+        common |= dict(router="sigmoid_topk", num_groups=2, topk_groups=1, num_shared_experts=1)
+        model |= dict(
+            attention="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8,
+        )  # fmt: skip
+    elif router == "gpt_oss":
+        common |= dict(
+            router="softmax_topk", router_bias=True, expert_bias=True,
+            activation="swiglu_clamped",
+        )  # fmt: skip
+        model |= dict(attention="sinks", sliding_window=4, sliding_layers=[0], qkv_bias=True)
+    else:
+        common["router"] = router
+    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, top_k=2, **common)
+    return ModelConfig(moe=moe, **model)
 
 
 def _step(model, optimizer, tokens, clip):
@@ -66,7 +80,7 @@ def _worker(router: str, ep: int) -> None:
     ref_losses, ref_state, full_param_bytes = _single_process(router, batches)
 
     torch.manual_seed(0)
-    if router == "sigmoid_topk":  # built on the meta device (parallel/meta.py)
+    if router in ("sigmoid_topk", "deepseek", "gpt_oss"):  # built on the meta device
         model = sharded_transformer(_config(router), mesh)
         torch.manual_seed(0)
         initial = Transformer(_config(router)).state_dict()
@@ -125,6 +139,11 @@ def _owner(model, name: str) -> ExpertParallelExperts | None:
 )
 def test_fsdp_and_expert_parallel_equal_one_process(router, world, ep):
     spawn_local(_worker, (router, ep), world_size=world, timeout_s=240)
+
+
+@pytest.mark.parametrize("architecture", ["deepseek", "gpt_oss"])
+def test_fsdp_x_ep_equals_one_process_for_latent_and_sink_attention(architecture):
+    spawn_local(_worker, (architecture, 2), world_size=4, timeout_s=240)
 
 
 # ---------------------------------------------------------------- through the Trainer
