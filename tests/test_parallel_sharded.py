@@ -3,8 +3,8 @@
 - a checkpoint written by FSDP x EP 2 on 4 processes loads bit-identically at EP 1 x DP 2
   (2 processes, no FSDP), at FSDP x EP 2 and at EP 2 on 2 processes, and in one plain
   process; EP 2 (no FSDP) saves it again and that copy loads in one process too;
-- a save killed (SIGKILL) halfway leaves the previous checkpoint loadable, and a corrupt
-  shard file is refused;
+- a save killed (SIGKILL) halfway, in one process or on one of two ranks, leaves the
+  previous checkpoint loadable, and a corrupt shard file is refused;
 - FSDP's model is built on the meta device: its shards equal one process's weights from
   the same seed, the whole model is never materialised on a rank (peak resident memory
   during the build stays below the model's size).
@@ -187,6 +187,52 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     state = load_checkpoint(run, model, torch.optim.AdamW(model.parameters()))
     assert state["step"] == 1
     for name, tensor in load_file(str(saved)).items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def _killed_rank_worker(folder: str) -> None:
+    """2 ranks under FSDP save step 1; in the save of step 2, rank 1 is killed (SIGKILL)
+    once its shard is on disk, before rank 0 could rename anything."""
+    import os
+
+    from moekit.parallel import sharded
+
+    mesh = build_mesh(1, timeout=timedelta(seconds=10), device=torch.device("cpu"), fsdp=True)
+    torch.manual_seed(0)
+    model = sharded_transformer(_config(), mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    save_sharded_checkpoint(f"{folder}/run", model, optimizer, {"step": 1}, mesh)
+    weights = full_state(model)
+    if mesh.rank == 0:
+        weights.pop("lm_head.weight")  # tied: the same tensor as tok_embed.weight
+        save_file({k: v.contiguous() for k, v in weights.items()}, f"{folder}/step1.safetensors")
+    if mesh.rank == 1:
+
+        class DiesMidway(sharded.HuggingFaceStorageWriter):
+            def write_data(self, plan, planner):
+                future = super().write_data(plan, planner)
+                os.kill(os.getpid(), signal.SIGKILL)
+                return future
+
+        sharded.HuggingFaceStorageWriter = DiesMidway
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    save_sharded_checkpoint(f"{folder}/run", model, optimizer, {"step": 2}, mesh)
+
+
+def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
+    # rank 1 dies by SIGKILL (-9); the launcher then kills rank 0 too, as a job's end would
+    with pytest.raises(RuntimeError, match=r"exit codes \[-?\d+, -9\]"):
+        spawn_local(
+            _killed_rank_worker, (str(tmp_path),), world_size=2, timeout_s=120,
+            collective_timeout_s=10,
+        )  # fmt: skip
+    assert any((tmp_path / "run" / "checkpoint.tmp" / "shards").iterdir())  # the cut save
+    model = Transformer(_config())
+    state = load_checkpoint(tmp_path / "run", model, torch.optim.AdamW(model.parameters()))
+    assert state["step"] == 1
+    for name, tensor in load_file(str(tmp_path / "step1.safetensors")).items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
