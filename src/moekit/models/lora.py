@@ -285,7 +285,8 @@ def _refuse_outside_layers(model: Transformer) -> None:
     ]
     if elsewhere:
         raise ValueError(
-            f"LoRA adapters cover the decoder layers only; the model also has {', '.join(elsewhere)}"
+            f"LoRA adapters cover the decoder layers only; the model also has "
+            f"{', '.join(elsewhere)} (fine-tune it without adapters: lora.rank 0)"
         )
 
 
