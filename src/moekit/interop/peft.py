@@ -110,7 +110,7 @@ def peft_tensors(
     names = _Names(model, architecture)
     tensors: dict[str, Tensor] = {}
     modules: set[str] = set()
-    parameters: set[str] = _Parameters()
+    parameters: set[str] = set()
     adapters = lora_state_dict(model)
     for name, tensor in adapters.items():
         parts = name.split(".")
@@ -125,8 +125,12 @@ def peft_tensors(
             tensors[f"{prefix}.{target}.{parts[4]}.weight"] = tensor.contiguous()
             modules.add(target)
         elif where.startswith("ffn.shared.") and len(parts) == 6:
-            targets = parameters if names.shared_as_parameters else modules
-            _shared(tensors, targets, f"{prefix}.mlp.{names.shared}", parts[4], parts[5], tensor)
+            # DeepSeek's as parameters, naming the weight (see the module doc)
+            targets, suffix = (
+                (parameters, ".weight") if names.shared_as_parameters else (modules, "")
+            )
+            base = f"{prefix}.mlp.{names.shared}"
+            _shared(tensors, targets, suffix, base, parts[4], parts[5], tensor)
         elif where.startswith("ffn.experts.lora_"):
             if parts[4] == "lora_B_up" and names.arch == "gpt_oss":
                 tensor = DEINTERLEAVE_GLU.to_hf(tensor)[0]  # halves -> gate/up interleaved
@@ -139,11 +143,11 @@ def peft_tensors(
     return tensors, sorted(modules), sorted(parameters)
 
 
-def _shared(tensors, targets, base: str, which: str, factor: str, tensor: Tensor) -> None:
-    """One shared-expert factor under base; its target goes to targets (target_modules, or
-    target_parameters, then naming the weight)."""
+def _shared(
+    tensors, targets, suffix: str, base: str, which: str, factor: str, tensor: Tensor
+) -> None:
+    """One shared-expert factor under base; its target + suffix goes to targets."""
     block = base.rsplit(".", 1)[-1]  # shared_expert (Qwen2-MoE), shared_experts (DeepSeek)
-    suffix = ".weight" if isinstance(targets, _Parameters) else ""
     if which == "down":
         tensors[f"{base}.down_proj.{factor}.weight"] = tensor
         targets.add(f"{block}.down_proj{suffix}")
@@ -153,10 +157,6 @@ def _shared(tensors, targets, base: str, which: str, factor: str, tensor: Tensor
     tensors[f"{base}.gate_proj.{factor}.weight"] = gate_part.clone()  # owned: no shared storage
     tensors[f"{base}.up_proj.{factor}.weight"] = up_part.clone()
     targets.update((f"{block}.gate_proj{suffix}", f"{block}.up_proj{suffix}"))
-
-
-class _Parameters(set):
-    """The target_parameters being collected (a set of parameter names)."""
 
 
 def _experts(tensors, parameters, prefix: str, factor_name: str, tensor: Tensor) -> None:
