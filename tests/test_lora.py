@@ -84,15 +84,22 @@ def _reference(experts: LoRAGroupedExperts, x_RD, counts_E):
         w_up = experts.w_up[e] + s * experts.lora_A_up[e] @ experts.lora_B_up[e]
         w_down = experts.w_down[e] + s * experts.lora_A_down[e] @ experts.lora_B_down[e]
         h = x_RD[start : start + count] @ w_up
-        outputs.append(activate(h, experts.activation) @ w_down)
+        h = h if experts.b_up is None else h + experts.b_up[e]
+        y = activate(h, experts.activation) @ w_down
+        outputs.append(y if experts.b_down is None else y + experts.b_down[e])
         start += count
     return torch.cat(outputs)
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
-def test_grouped_lora_experts_equal_the_per_expert_loop(backend):
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_lora_experts_equal_the_per_expert_loop(backend, bias):
+    """With bias: gpt-oss's experts (biases, the clamped SwiGLU), the biases frozen."""
     torch.manual_seed(0)
-    base = GroupedExperts(4, 32, 16, backend=backend)
+    activation = "swiglu_clamped" if bias else "swiglu"
+    base = GroupedExperts(4, 32, 16, activation=activation, backend=backend, bias=bias)
+    if bias:
+        base.requires_grad_(False)  # as add_lora leaves them
     experts = LoRAGroupedExperts(base, LoRAConfig(rank=4, alpha=8.0))
     _randomise_adapters(torch.nn.ModuleDict({"e": experts}))
     counts_E = torch.tensor([5, 0, 7, 4])
@@ -146,3 +153,12 @@ def test_bad_settings_are_named():
         add_lora(_model(moe=False), LoRAConfig(rank=4))
     with pytest.raises(ValueError, match="has none"):
         add_lora(_model(shared=False), LoRAConfig(rank=4, targets="shared"))
+
+
+def test_attention_or_moe_outside_the_decoder_layers_is_refused():
+    """No adapter covers a module beside model.layers (a multi-token-prediction head, say):
+    fine-tuning it silently frozen, or exporting adapters PEFT cannot place, would mislead."""
+    model = _model()
+    model.extra_head = torch.nn.ModuleDict({"block": copy.deepcopy(model.layers[0])})
+    with pytest.raises(ValueError, match=r"decoder layers only.*extra_head\.block\.attn"):
+        add_lora(model, LoRAConfig(rank=4, targets="attention"))

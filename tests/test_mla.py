@@ -168,11 +168,24 @@ def test_bad_mla_settings_are_named(overrides, message):
         ModelConfig(**fields)
 
 
-def test_lora_on_latent_attention_is_refused():
-    from moekit.models.lora import LoRAConfig, add_lora
+def test_lora_on_latent_attention_decodes_as_the_merged_model():
+    """The absorbed decode step reads wkv_up's weight directly: with an adapter on it, the
+    adapted weight. So greedy decoding with adapters equals decoding their merge."""
+    from moekit.models.lora import LoRAConfig, add_lora, merge_lora
 
-    with pytest.raises(ValueError, match=r"grouped-query attention only, the model's is 'mla'"):
-        add_lora(make_model(), LoRAConfig(rank=2, targets="attention,experts"))
+    model = add_lora(make_model(), LoRAConfig(rank=2, alpha=4.0, targets="attention,experts"))
+    adapted = {n for n, _ in model.named_parameters() if ".lora_A" in n and ".attn." in n}
+    assert {n.split(".")[3] for n in adapted} == {"wq_down", "wq_up", "wkv_down", "wkv_up", "wo"}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    merged = merge_lora(model).eval()
+    ours = generate(model.eval(), prompt(), max_new_tokens=4, temperature=0.0)
+    want = generate(merged, prompt(), max_new_tokens=4, temperature=0.0)
+    torch.testing.assert_close(ours.logits_BNV, want.logits_BNV, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours.tokens_BN, want.tokens_BN)
 
 
 def test_overrides_switch_a_preset_to_mla_and_change_its_widths():

@@ -7,17 +7,31 @@ save_pretrained writes them, so that
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), adapter_dir)
 computes the adapted model. How each moekit adapter is written:
 
-- attention q/k/v/o: PEFT's LoRA on q_proj, k_proj, v_proj, o_proj (target_modules), the
-  same lora_A (r, in) and lora_B (out, r).
+- attention: PEFT's LoRA on the projections (target_modules), the same lora_A (r, in) and
+  lora_B (out, r): q_proj, k_proj, v_proj, o_proj (their biases stay in PEFT's base layer);
+  for multi-head latent attention (DeepSeek) wq -> q_proj, wq_down -> q_a_proj,
+  wq_up -> q_b_proj, wkv_down -> kv_a_proj_with_mqa, wkv_up -> kv_b_proj, wo -> o_proj.
+  save_hf reorders the rotary output rows of q_proj / q_b_proj and kv_a_proj_with_mqa
+  (moekit's halves -> DeepSeek's interleaved pairs, interop/hf_deepseek.py): lora_B's rows
+  are those outputs, so they get the same reordering; lora_A (the inputs) is unchanged.
 - shared experts: moekit's fused up (2F, D) is transformers' gate_proj and up_proj, so its
-  lora_A goes to both and lora_B's halves to each; down to down_proj.
-- routed experts: transformers 5 holds them as 3-D parameters, gate_up_proj (E, H, D) and
-  down_proj (E, D, F), which PEFT adapts with `target_parameters` (lora.ParamWrapper): one
-  lora_A (E*r, in) whose rows are expert-major (row e*r + j), one lora_B (out, r*E) whose
-  columns are rank-major (column j*E + e), and the delta of expert e is
-  s * B_e @ A_e (out, in). Ours are A_up (E, D, r) and B_up (E, r, H) with delta
+  lora_A goes to both and lora_B's halves to each; down to down_proj. For DeepSeek they are
+  `target_parameters` entries (shared_experts.gate_proj.weight, ...; a 2-D ParamWrapper
+  computes the same s * B @ A): PEFT rewrites a DeepSeek adapter's target_modules ending in
+  gate_proj, up_proj or down_proj as transformers 4's per-expert names, moving them onto
+  the routed experts' fused gate_up_proj / down_proj with a doubled rank.
+- routed experts: transformers 5 holds them as 3-D parameters, which PEFT adapts with
+  `target_parameters` (lora.ParamWrapper): gate_up_proj (E, H, D) and down_proj (E, D, F)
+  in Mixtral's orientation, or gate_up_proj (E, D, H) and down_proj (E, F, D) in gpt-oss's
+  (its experts say is_transposed). Either way PEFT holds one lora_A (E*r, in) whose rows
+  are expert-major (row e*r + j), one lora_B (out, r*E) whose columns are rank-major
+  (column j*E + e), and the delta of expert e is s * B_e @ A_e (out, in), transposed to the
+  parameter's orientation. Ours are A_up (E, D, r) and B_up (E, r, H) with delta
   s * A_up[e] @ B_up[e] (D, H), the transpose: so A = A_up^T stacked, B = B_up^T laid out.
-- router: the gate weight (E, D), a 2-D `target_parameters` entry.
+  gpt-oss interleaves gate and up in gate_up_proj's H columns (moekit keeps halves), so
+  B_up's output columns are interleaved as save_hf interleaves w_up's.
+- router: the gate weight (E, D), a 2-D `target_parameters` entry (mlp.gate.weight;
+  gpt-oss: mlp.router.weight, its bias staying in the base).
 
 PEFT's adapters on parameters have no dropout (lora.ParamWrapper refuses it): dropout only
 acts in training, so with experts or router adapted the folder records lora_dropout 0, and
@@ -38,23 +52,62 @@ from torch import Tensor
 from ..models import Transformer
 from ..models.lora import LoRAConfig, lora_state_dict
 from .hf_config import hf_config
+from .hf_deepseek import DEEPSEEK_ARCHITECTURES, deepseek_tables, rope_interleaved
+from .keys import COPY, DEINTERLEAVE_GLU, TensorOp
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers"
 _ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+_MLA = {
+    "wq": "q_proj",
+    "wq_down": "q_a_proj",
+    "wq_up": "q_b_proj",
+    "wkv_down": "kv_a_proj_with_mqa",
+    "wkv_up": "kv_b_proj",
+    "wo": "o_proj",
+}
 # PEFT nests the two ParamWrappers of one experts module in the order the module registers
 # its parameters: gate_up_proj's wrapper holds the module, down_proj's wraps that wrapper,
 # so gate_up_proj's factors sit one `base_layer` deeper.
 _EXPERT_PARAMS = {"up": ("gate_up_proj", ".base_layer"), "down": ("down_proj", "")}
 
 
-def peft_tensors(model: Transformer) -> tuple[dict[str, Tensor], list[str], list[str]]:
+class _Names:
+    """Where one architecture keeps what moekit adapts, and how the output rows of each
+    attention projection are reordered on save (the weight's row permutation)."""
+
+    def __init__(self, model: Transformer, architecture: str | None):
+        config = hf_config(model.config, architecture)  # ValueError naming what it cannot express
+        self.arch = arch = config["model_type"]
+        self.attention = _MLA if model.config.attention == "mla" else _ATTENTION
+        self.shared = "shared_experts" if arch in DEEPSEEK_ARCHITECTURES else "shared_expert"
+        self.shared_as_parameters = arch in DEEPSEEK_ARCHITECTURES  # see the module doc
+        self.router = "mlp.router" if arch == "gpt_oss" else "mlp.gate"
+        self.rows: dict[str, TensorOp] = {}
+        if arch in DEEPSEEK_ARCHITECTURES:
+            rules = deepseek_tables(model.config, rope_interleaved(arch, config))["fused"]
+            ops = {rule.moekit: rule.op for rule in rules}
+            self.rows = {ours: ops[f"layers.{{i}}.attn.{ours}.weight"] for ours in _MLA}
+
+    def output_rows(self, projection: str, lora_B: Tensor) -> Tensor:
+        """lora_B (out, r) with its rows in the order save_hf writes the weight's rows."""
+        return self.rows.get(projection, COPY).to_hf(lora_B)[0]
+
+
+def peft_tensors(
+    model: Transformer, architecture: str | None = None
+) -> tuple[dict[str, Tensor], list[str], list[str]]:
     """The adapters under PEFT's names, and the target_modules and target_parameters.
 
+    Args:
+        model: a moekit Transformer with adapters.
+        architecture: the Hugging Face architecture save_hf writes (None: its choice).
     Raises:
-        ValueError: an adapter with no place in PEFT's format, named.
+        ValueError: an adapter with no place in PEFT's format, named; a base the
+            architecture cannot express.
     """
+    names = _Names(model, architecture)
     tensors: dict[str, Tensor] = {}
     modules: set[str] = set()
     parameters: set[str] = set()
@@ -65,33 +118,45 @@ def peft_tensors(model: Transformer) -> tuple[dict[str, Tensor], list[str], list
             raise ValueError(f"PEFT cannot express the adapter {name!r}")
         layer, where = parts[1], ".".join(parts[2:])
         prefix = f"{_PREFIX}.{layer}"
-        if parts[2] == "attn" and parts[3] in _ATTENTION and len(parts) == 5:
-            target = f"self_attn.{_ATTENTION[parts[3]]}"
-            tensors[f"{prefix}.{target}.{parts[4]}.weight"] = tensor
+        if parts[2] == "attn" and parts[3] in names.attention and len(parts) == 5:
+            target = f"self_attn.{names.attention[parts[3]]}"
+            if parts[4] == "lora_B":
+                tensor = names.output_rows(parts[3], tensor)
+            tensors[f"{prefix}.{target}.{parts[4]}.weight"] = tensor.contiguous()
             modules.add(target)
         elif where.startswith("ffn.shared.") and len(parts) == 6:
-            _shared(tensors, modules, prefix, parts[4], parts[5], tensor)
+            # DeepSeek's as parameters, naming the weight (see the module doc)
+            targets, suffix = (
+                (parameters, ".weight") if names.shared_as_parameters else (modules, "")
+            )
+            base = f"{prefix}.mlp.{names.shared}"
+            _shared(tensors, targets, suffix, base, parts[4], parts[5], tensor)
         elif where.startswith("ffn.experts.lora_"):
+            if parts[4] == "lora_B_up" and names.arch == "gpt_oss":
+                tensor = DEINTERLEAVE_GLU.to_hf(tensor)[0]  # halves -> gate/up interleaved
             _experts(tensors, parameters, prefix, parts[4], tensor)
         elif where.startswith("ffn.router.parametrizations.weight.0.lora_"):
-            tensors[f"{prefix}.mlp.gate.{parts[-1]}.weight"] = tensor
-            parameters.add("mlp.gate.weight")
+            tensors[f"{prefix}.{names.router}.{parts[-1]}.weight"] = tensor
+            parameters.add(f"{names.router}.weight")
         else:
             raise ValueError(f"PEFT cannot express the adapter {name!r}")
     return tensors, sorted(modules), sorted(parameters)
 
 
-def _shared(tensors, modules, prefix: str, which: str, factor: str, tensor: Tensor) -> None:
-    base = f"{prefix}.mlp.shared_expert"
+def _shared(
+    tensors, targets, suffix: str, base: str, which: str, factor: str, tensor: Tensor
+) -> None:
+    """One shared-expert factor under base; its target + suffix goes to targets."""
+    block = base.rsplit(".", 1)[-1]  # shared_expert (Qwen2-MoE), shared_experts (DeepSeek)
     if which == "down":
         tensors[f"{base}.down_proj.{factor}.weight"] = tensor
-        modules.add("shared_expert.down_proj")
+        targets.add(f"{block}.down_proj{suffix}")
         return
     # moekit's up is [gate; up] stacked on the output axis: A is shared, B splits in halves.
     gate_part, up_part = (tensor, tensor) if factor == "lora_A" else tensor.chunk(2, dim=0)
     tensors[f"{base}.gate_proj.{factor}.weight"] = gate_part.clone()  # owned: no shared storage
     tensors[f"{base}.up_proj.{factor}.weight"] = up_part.clone()
-    modules.update(("shared_expert.gate_proj", "shared_expert.up_proj"))
+    targets.update((f"{block}.gate_proj{suffix}", f"{block}.up_proj{suffix}"))
 
 
 def _experts(tensors, parameters, prefix: str, factor_name: str, tensor: Tensor) -> None:
@@ -112,6 +177,7 @@ def save_peft(
     config: LoRAConfig,
     *,
     base_model: str | None = None,
+    architecture: str | None = None,
 ) -> Path:
     """Write model's adapters as a PEFT LoRA folder for the model save_hf writes.
 
@@ -120,6 +186,7 @@ def save_peft(
         path: the folder to create (it must not exist, or be empty).
         config: the adapters' LoRAConfig (rank, alpha, dropout).
         base_model: recorded as base_model_name_or_path (the save_hf folder, say).
+        architecture: the one given to save_hf for the base (None: save_hf's choice).
     Returns:
         The folder, written beside and renamed into place.
     Raises:
@@ -129,8 +196,7 @@ def save_peft(
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{str(path)!r} exists and is not an empty folder")
-    hf_config(model.config)  # the base must have a Hugging Face form (ValueError naming why)
-    tensors, modules, parameters = peft_tensors(model)
+    tensors, modules, parameters = peft_tensors(model, architecture)
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save")
     adapter_config = {

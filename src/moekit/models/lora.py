@@ -1,6 +1,12 @@
 """LoRA adapters (Hu et al. 2021) on the attention projections, the routed experts, the shared
 experts and the router of a Transformer, and their merge into the weights.
 
+Attention adapters go on every linear projection of the layer's kind (ATTENTION_PROJECTIONS):
+q, k, v, o for grouped-query attention and gpt-oss's sink attention (their biases stay
+frozen base weights), and for multi-head latent attention the query projection (wq, or
+wq_down and wq_up), the joint key/value down-projection wkv_down, the up-projection wkv_up
+and wo.
+
 # R routed rows (grouped by expert), D model, F expert hidden, H = 2F for GLU experts (else F),
 # E experts, r rank, s = alpha / r
 
@@ -11,7 +17,8 @@ Routed experts keep their 3-D weights and get per-expert factors:
     h_RH = x_RD @ w_up[e]   + s * (dropout(x_RD) @ lora_A_up[e])   @ lora_B_up[e]
     y_RD = a_RF @ w_down[e] + s * (dropout(a_RF) @ lora_A_down[e]) @ lora_B_down[e]
 with lora_A_up (E, D, r), lora_B_up (E, r, H), lora_A_down (E, F, r), lora_B_down (E, r, D).
-Every product is one grouped GEMM over the same expert offsets as the weights (no loop
+Experts with biases (gpt-oss) add b_up[e] to h_RH and b_down[e] to y_RD: the biases stay
+frozen base weights, the low-rank deltas add to the weight products only. Every product is one grouped GEMM over the same expert offsets as the weights (no loop
 over experts); a frozen weight gets no gradient. The router's adapter is a low-rank delta
 on its (E, D) gate weight with no dropout (as PEFT's adapters on parameters have none).
 """
@@ -26,11 +33,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..experts import GroupedExperts, _compute_dtype, _Groups, activate, choose_backend
+from ..experts import (
+    GroupedExperts,
+    _compute_dtype,
+    _Groups,
+    _row_experts,
+    activate,
+    choose_backend,
+)
 from ..moe import MoE
-from .transformer import Attention, Transformer
+from .attention import Attention
+from .mla import MultiHeadLatentAttention
+from .transformer import Transformer
 
 LORA_TARGETS = ("attention", "experts", "shared", "router")
+# The linear projections that get adapters, per attention kind (ModelConfig.attention); MLA
+# has wq, or wq_down and wq_up (a compressed query), never both.
+ATTENTION_PROJECTIONS = {
+    "gqa": ("wq", "wk", "wv", "wo"),
+    "sinks": ("wq", "wk", "wv", "wo"),
+    "mla": ("wq", "wq_down", "wq_up", "wkv_down", "wkv_up", "wo"),
+}
 
 
 @dataclass(kw_only=True)
@@ -38,7 +61,7 @@ class LoRAConfig:
     """Which weights get adapters, and their rank, scale and dropout.
 
     rank 0 means no adapters (full fine-tuning). targets: comma-separated from
-    attention (q, k, v, o projections), experts (the routed experts' 3-D weights), shared
+    attention (the attention's projections, ATTENTION_PROJECTIONS), experts (the routed experts' 3-D weights), shared
     (the shared experts) and router. alpha / rank scales the update (PEFT's lora_alpha).
     """
 
@@ -122,14 +145,12 @@ class LoRAGroupedExperts(GroupedExperts):
     """GroupedExperts (same w_up, w_down) with per-expert low-rank adapters on both."""
 
     def __init__(self, base: GroupedExperts, config: LoRAConfig):
-        if base.b_up is not None:
-            raise ValueError("LoRA adapters on experts with biases (expert_bias) are not supported")
         nn.Module.__init__(self)
         E, D, Fh = base.num_experts, base.d_model, base.d_hidden
         self.num_experts, self.d_model, self.d_hidden = E, D, Fh
         self.activation, self.backend = base.activation, base.backend
         self.w_up, self.w_down = base.w_up, base.w_down
-        self.b_up = self.b_down = None
+        self.b_up, self.b_down = base.b_up, base.b_down  # frozen; None without expert_bias
         self.rank, self.scaling = config.rank, config.scaling
         self.dropout = nn.Dropout(config.dropout)
         H, like = self.w_up.shape[-1], self.w_up
@@ -159,8 +180,15 @@ class LoRAGroupedExperts(GroupedExperts):
 
         x_RD = x_RD.to(dtype)
         h_RH = adapted(x_RD, self.w_up, self.lora_A_up, self.lora_B_up)
+        if self.b_up is not None:
+            # each row's expert; padding rows past the last group take any expert's bias
+            rows_R = _row_experts(groups.offsets_E, x_RD.shape[0]).clamp(max=self.num_experts - 1)
+            h_RH = h_RH + self.b_up.to(dtype).index_select(0, rows_R)
         a_RF = activate(h_RH, self.activation)
-        return adapted(a_RF, self.w_down, self.lora_A_down, self.lora_B_down)
+        y_RD = adapted(a_RF, self.w_down, self.lora_A_down, self.lora_B_down)
+        if self.b_down is not None:
+            y_RD = y_RD + self.b_down.to(dtype).index_select(0, rows_R)
+        return y_RD
 
     def merged_weights(self) -> tuple[Tensor, Tensor]:
         """w_up + s * A_up @ B_up and w_down + s * A_down @ B_down, per expert."""
@@ -174,7 +202,9 @@ class LoRAGroupedExperts(GroupedExperts):
         outputs, start = [], 0
         for e, count in enumerate(counts_E.tolist()):
             h = x_RD[start : start + count] @ w_up[e]
-            outputs.append(activate(h, self.activation) @ w_down[e])
+            h = h if self.b_up is None else h + self.b_up[e]
+            y = activate(h, self.activation) @ w_down[e]
+            outputs.append(y if self.b_down is None else y + self.b_down[e])
             start += count
         return torch.cat(outputs) if outputs else x_RD[:0]
 
@@ -197,32 +227,39 @@ class LoRAWeightDelta(nn.Module):
 
 
 def add_lora(model: Transformer, config: LoRAConfig) -> Transformer:
-    """Put adapters on config.targets of model (in place) and freeze every other parameter.
+    """Put adapters on config.targets of model's decoder layers (in place) and freeze every
+    other parameter.
 
     Returns:
         The model; only its lora_* parameters require gradients.
     Raises:
-        ValueError: a target the model does not have (experts in a dense model, say).
+        ValueError: a target the model does not have (experts in a dense model, say), an
+            attention kind without adapters, or attention or MoE layers outside the decoder
+            layers (which no adapter covers), named.
     """
     if config.rank == 0:
         raise ValueError("lora.rank is 0: no adapters to add")
     targets = config.target_list
-    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    moe_layers = [m for m in model.layers.modules() if isinstance(m, MoE)]
     if not moe_layers and set(targets) & {"experts", "shared", "router"}:
         raise ValueError(f"lora.targets ({config.targets!r}) name MoE parts; the model is dense")
     if "shared" in targets and not any(m.shared is not None for m in moe_layers):
         raise ValueError("lora.targets names shared experts; the model has none")
-    if "attention" in targets and model.config.attention != "gqa":
+    kind = model.config.attention
+    if "attention" in targets and kind not in ATTENTION_PROJECTIONS:
         raise ValueError(
-            f"lora.targets names attention; adapters exist for grouped-query attention only, "
-            f"the model's is {model.config.attention!r} (leave attention out of lora.targets)"
+            f"lora.targets names attention; adapters exist for "
+            f"{', '.join(ATTENTION_PROJECTIONS)} attention, the model's is {kind!r} "
+            "(leave attention out of lora.targets)"
         )
+    _refuse_outside_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in list(model.modules()):
-        if isinstance(module, Attention) and "attention" in targets:
-            for name in ("wq", "wk", "wv", "wo"):
-                setattr(module, name, LoRALinear(getattr(module, name), config))
+    for module in list(model.layers.modules()):
+        if isinstance(module, Attention | MultiHeadLatentAttention) and "attention" in targets:
+            for name in ATTENTION_PROJECTIONS[kind]:
+                if hasattr(module, name):
+                    setattr(module, name, LoRALinear(getattr(module, name), config))
         if isinstance(module, MoE):
             if "experts" in targets:
                 module.experts = LoRAGroupedExperts(module.experts, config)
@@ -235,6 +272,22 @@ def add_lora(model: Transformer, config: LoRAConfig) -> Transformer:
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter(name))
     return model
+
+
+def _refuse_outside_layers(model: Transformer) -> None:
+    """Adapters cover the decoder layers (model.layers) only: refuse a model with attention or
+    MoE layers elsewhere (a multi-token-prediction module, say), naming them."""
+    elsewhere = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, Attention | MultiHeadLatentAttention | MoE)
+        and name.split(".")[0] != "layers"
+    ]
+    if elsewhere:
+        raise ValueError(
+            f"LoRA adapters cover the decoder layers only; the model also has "
+            f"{', '.join(elsewhere)} (fine-tune it without adapters: lora.rank 0)"
+        )
 
 
 def is_adapter(name: str) -> bool:

@@ -182,7 +182,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         B, H, T, N = q_BHTN.shape
         S, C, R, V = latent_B1SC.shape[2], self.kv_rank, self.rope_dim, self.v_dim
-        w_up_HXC = self.wkv_up.weight.view(H, N + V, C)
+        w_up_HXC = _effective_weight(self.wkv_up).view(H, N + V, C)
         w_uk_HNC, w_uv_HVC = w_up_HXC.split((N, V), dim=1)
         q_latent_BHTC = torch.einsum("bhtn,hnc->bhtc", q_BHTN, w_uk_HNC)
         q_BHTK = torch.cat((q_latent_BHTC, q_rot_BHTR), dim=-1)
@@ -195,3 +195,10 @@ class MultiHeadLatentAttention(nn.Module):
             scale=self.scale,
         )
         return torch.einsum("bhtc,hvc->bhtv", mixed_BHTC, w_uv_HVC)
+
+
+def _effective_weight(linear: nn.Module) -> Tensor:
+    """The weight a projection applies: with a LoRA adapter (models/lora.py's LoRALinear,
+    which has delta_weight), the base weight plus its low-rank update."""
+    delta = getattr(linear, "delta_weight", None)
+    return linear.weight if delta is None else linear.weight + delta()
