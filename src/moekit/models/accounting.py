@@ -43,7 +43,9 @@ def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
     """Total and active-per-token parameter counts (tied embeddings counted once).
 
     Active = every parameter except the routed experts', plus active_expert_fraction of
-    the routed experts' weights. Embedding and head count as active. A config is built on
+    the routed experts' weights. Embedding and head count as active. The MTP modules of a
+    config with mtp_depth > 0 count like the main model's layers (every training token runs
+    them; generation does not). A config is built on
     the meta device, so huge configs cost no memory.
     """
     model = model_or_config

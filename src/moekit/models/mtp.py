@@ -59,10 +59,17 @@ class MTPModule(nn.Module):
 
     def forward(
         self, h_BTD: Tensor, embedded_BTD: Tensor, where: Placement
-    ) -> tuple[Tensor, MoEOutput | None]:
-        """h^k from h^{k-1} (B, T, D) and Emb(t_{i+k}) (B, T, D); plus the block's MoE output."""
+    ) -> tuple[Tensor, Tensor, MoEOutput | None]:
+        """h^k from h^{k-1} (B, T, D) and Emb(t_{i+k}) (B, T, D).
+
+        Returns:
+            h^k (B, T, D) for the next module, RMSNorm(h^k) (B, T, D) for the shared head
+            (normalised here, in the module's own forward: under FSDP its weights are
+            gathered only then), and the block's MoE output (None for a dense FFN).
+        """
         merged_BT2D = torch.cat([self.embed_norm(embedded_BTD), self.hidden_norm(h_BTD)], dim=-1)
-        return self.block(self.proj(merged_BT2D), where, None)
+        h_BTD, moe_out = self.block(self.proj(merged_BT2D), where, None)
+        return h_BTD, self.norm(h_BTD), moe_out
 
 
 @dataclass
@@ -111,8 +118,8 @@ def multi_token_prediction(
         # The last k positions have neither: embed token 0 there and ignore its target.
         next_BT = F.pad(tokens_BT[:, k:], (0, k))
         target_BT = F.pad(targets_BT[:, k:], (0, k), value=-100)
-        h_BTD, moe_out = module(h_BTD, embed(next_BT), where)
-        loss = loss + masked_cross_entropy(head(module.norm(h_BTD)), target_BT)
+        h_BTD, normed_BTD, moe_out = module(h_BTD, embed(next_BT), where)
+        loss = loss + masked_cross_entropy(head(normed_BTD), target_BT)
         if moe_out is not None:
             aux_loss = aux_loss + moe_out.aux_loss
         stats.append(None if moe_out is None else moe_out.stats)
