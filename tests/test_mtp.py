@@ -17,8 +17,9 @@ from helpers import run_cli
 
 from moekit import MoEConfig
 from moekit.generate import generate
+from moekit.interop import famous, save_hf
 from moekit.interop.accounting import count_by_part
-from moekit.models import ModelConfig, Transformer, count_parameters, dense_twin
+from moekit.models import ModelConfig, Transformer, count_parameters, dense_twin, published
 from moekit.models.lora import LoRAConfig, add_lora
 from moekit.train import TrainConfig, Trainer, load_trained_model, prepare_run_data, read_metrics
 
@@ -216,6 +217,22 @@ def test_accounting_counts_the_modules_in_their_own_part():
     routed = sum(p.numel() for p in model.mtp[0].block.ffn.experts.parameters())
     assert parts.total["mtp"] - parts.active["mtp"] == 2 * routed // 2
     assert any(note.startswith("mtp: 2") for note in parts.notes)
+
+
+def test_deepseek_v3_module_count_equals_the_published_accounting_formula():
+    # interop/famous.py sizes DeepSeek-V3's MTP module from its widths (11.61B)
+    config = dataclasses.replace(published.deepseek_v3(), mtp_depth=1)
+    assert count_by_part(config).total["mtp"] == famous.deepseek_v3().excluded["mtp_module"]
+
+
+def test_saving_the_modules_in_a_layout_without_them_is_refused(tmp_path):
+    moe = MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2)
+    config = ModelConfig(
+        vocab_size=48, d_model=16, num_layers=1, num_heads=2, moe=moe, mtp_depth=1,
+        tied_embeddings=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"mixtral layout has no place for the tensors \[mtp\.0"):
+        save_hf(build(config), tmp_path / "out", architecture="mixtral")
 
 
 def test_lora_reaches_the_modules():
