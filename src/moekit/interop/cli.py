@@ -57,6 +57,8 @@ def format_report(report: dict) -> str:
         f"{'part':16s} {'total':>19s} {'active/token':>19s}",
     ]
     for part, counts in report["parts"].items():
+        if part == "mtp" and not counts["total"]:
+            continue  # a model without multi-token prediction
         lines.append(f"{part:16s} {counts['total']:>19,} {counts['active']:>19,}")
     total, active = report["total"], report["active"]
     lines.append(f"{'sum':16s} {total:>19,} {active:>19,}   ({_human(total)} / {_human(active)})")
