@@ -152,7 +152,8 @@ def test_mtp_changes_neither_the_main_weights_nor_logits_loss_or_generation():
 
 
 def test_mtp_depth_zero_is_the_default_and_adds_nothing():
-    config = dataclasses.replace(micro(0), mtp_loss_weight=0.1)
+    with pytest.warns(UserWarning, match="mtp_loss_weight has no effect with mtp_depth 0"):
+        config = dataclasses.replace(micro(0), mtp_loss_weight=0.1)
     assert ModelConfig(vocab_size=8, d_model=8, num_layers=1, num_heads=1).mtp_depth == 0
     model = build(config)
     assert len(model.mtp) == 0 and not any(k.startswith("mtp") for k in model.state_dict())

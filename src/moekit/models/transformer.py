@@ -146,14 +146,13 @@ class ModelConfig:
         if not self.init_std > 0:
             raise ValueError(f"init_std ({self.init_std}) must be > 0")
         self._check_moe()
-        if (
-            not isinstance(self.mtp_depth, int)
-            or isinstance(self.mtp_depth, bool)
-            or (self.mtp_depth < 0)
-        ):
-            raise ValueError(f"mtp_depth ({self.mtp_depth!r}) must be an integer >= 0")
-        if not (isinstance(self.mtp_loss_weight, (int, float)) and self.mtp_loss_weight >= 0):
-            raise ValueError(f"mtp_loss_weight ({self.mtp_loss_weight!r}) must be >= 0")
+        depth, weight = self.mtp_depth, self.mtp_loss_weight
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise ValueError(f"mtp_depth ({depth!r}) must be an integer >= 0")
+        if not (isinstance(weight, (int, float)) and weight >= 0):
+            raise ValueError(f"mtp_loss_weight ({weight!r}) must be >= 0")
+        if depth == 0 and weight != 0.3:
+            warn_once("mtp_loss_weight has no effect with mtp_depth 0")
 
     def _check_attention(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -274,7 +273,7 @@ class ModelOutput:
     logits: (B, T, V). loss: mean next-token cross entropy when targets were given (targets
         of -100 are ignored), else None; it does not include aux_loss.
     aux_loss: scalar sum of the MoE layers' weighted aux losses (0 for a dense model); train
-        on loss + aux_loss.
+        on loss + aux_loss + mtp_loss.
     stats: one entry per layer, MoEStats for MoE layers and None for dense ones.
     mtp_loss: the multi-token-prediction loss, already weighted (models/mtp.py; 0 without
         MTP modules, targets, or with a KV cache); train on loss + aux_loss + mtp_loss. The

@@ -217,7 +217,7 @@ class Trainer:
         inputs_BL, targets_BL = self.run.shard(inputs_BL, targets_BL)
         with self._autocast():
             out = self.forward(inputs_BL, targets_BL)
-        (out.loss + out.aux_loss + out.mtp_loss).backward()  # models/transformer.py ModelOutput
+        (out.loss + out.aux_loss + out.mtp_loss).backward()  # mtp_loss 0 without MTP modules
         lr, grad_norm = optimizer_step(self.model, self.optimizer, self.config, self.step, self.run)
         self.step += 1
         self.routing.add(out.stats)
