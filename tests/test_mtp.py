@@ -110,6 +110,17 @@ def test_loss_and_gradient_equal_the_papers_form(depth):
         torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_padding_predicts_nothing_and_a_left_padded_row_equals_the_row_alone():
+    model = build(micro(2))
+    tokens_BT, targets_BT = batch(B=1, T=8)
+    alone = model(tokens_BT, targets_BT).mtp_loss
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    padded_BT, padded_targets_BT = torch.cat([pad, tokens_BT], 1), torch.cat([pad - 100, targets_BT], 1)  # fmt: skip
+    mask_BT = torch.cat([pad, torch.ones_like(tokens_BT)], 1)
+    padded = model(padded_BT, padded_targets_BT, attention_mask_BT=mask_BT).mtp_loss
+    torch.testing.assert_close(padded, alone, atol=1e-6, rtol=1e-5)
+
+
 def test_lambda_scales_the_loss_and_the_modules_moe_adds_aux_loss_and_stats():
     tokens_BT, targets_BT = batch()
     out = build(micro(2))(tokens_BT, targets_BT)

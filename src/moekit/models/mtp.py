@@ -99,6 +99,7 @@ def multi_token_prediction(
     embed: nn.Module,
     head: nn.Module,
     weight: float,
+    attention_mask_BT: Tensor | None = None,
 ) -> MTPOutput:
     """Run the D modules after the main model and return the MTP loss (eqs. 21-25).
 
@@ -109,6 +110,9 @@ def multi_token_prediction(
         where: the main forward's positions and mask (the modules see the same sequence).
         embed, head: the main model's embedding and output head (shared).
         weight: lambda.
+        attention_mask_BT: the main forward's (1 real, 0 padding) or None. A padding
+            position predicts nothing, even where the token k + 1 ahead is real (left
+            padding: the targets -100 of the main loss sit at the padding, not k ahead).
     """
     loss = h_BTD.new_zeros((), dtype=torch.float32)
     aux_loss = h_BTD.new_zeros((), dtype=torch.float32)
@@ -118,6 +122,8 @@ def multi_token_prediction(
         # The last k positions have neither: embed token 0 there and ignore its target.
         next_BT = F.pad(tokens_BT[:, k:], (0, k))
         target_BT = F.pad(targets_BT[:, k:], (0, k), value=-100)
+        if attention_mask_BT is not None:
+            target_BT = target_BT.masked_fill(attention_mask_BT == 0, -100)
         h_BTD, normed_BTD, moe_out = module(h_BTD, embed(next_BT), where)
         loss = loss + masked_cross_entropy(head(normed_BTD), target_BT)
         if moe_out is not None:

@@ -422,7 +422,7 @@ class Transformer(nn.Module):
         if len(self.mtp) and targets is not None and kv_cache is None:
             mtp = multi_token_prediction(
                 self.mtp, x_BTD, tokens_BT, targets, where, self.tok_embed, self.lm_head,
-                self.config.mtp_loss_weight,
+                self.config.mtp_loss_weight, attention_mask_BT,
             )  # fmt: skip
             aux_loss, mtp_loss, mtp_stats = aux_loss + mtp.aux_loss, mtp.loss, mtp.stats
         if num_logits is not None:
