@@ -309,3 +309,53 @@ def test_cli_trains_deepseek_v3_tiny_with_mtp_and_its_dense_twin(tmp_path, text_
         assert model.config.mtp_depth == 1 and len(model.mtp) == 1
         assert [r["step"] for r in read_metrics(out / run, "train")] == [1, 2, 3]
         assert all(r["mtp_loss"] > 0 for r in read_metrics(out / run, "train"))
+
+
+def fsdp_trainer_worker(folder: str, text: str) -> None:
+    """FSDP x EP 2 through the Trainer (built on the meta device, sharded checkpoints): a
+    stopped and resumed run ends bit-identical to an uninterrupted one, and both equal one
+    process's losses, MTP losses and weights."""
+    import torch.distributed as dist
+
+    from moekit.parallel import init_parallel
+
+    mesh = init_parallel(2, timeout_s=120, device=torch.device("cpu"), fsdp=True)
+    config = micro(1, vocab_size=384, max_seq_len=32)
+    # No balance loss: a rank's f_i * P_i over its own tokens is not the global one.
+    config.moe = dataclasses.replace(config.moe, balance_loss_coef=0.0)
+    settings = TrainConfig(
+        steps=4, batch_size=4, seq_len=32, eval_every=2, eval_batches=1, checkpoint_every=2
+    )
+
+    def run(name: str, mesh, resume: bool = False) -> Trainer:
+        data = prepare_run_data(f"{folder}/{name}", data=text, vocab_size=384, mesh=mesh)
+        return Trainer(
+            config, settings, f"{folder}/{name}", data=data, mesh=mesh, resume=resume,
+            show_progress=False,
+        )  # fmt: skip
+
+    run("whole", mesh).train()
+    run("stopped", mesh).train(stop_at=2)
+    run("stopped", mesh, resume=True).train()
+    if mesh.rank == 0:
+        whole = load_trained_model(f"{folder}/whole").state_dict()
+        again = load_trained_model(f"{folder}/stopped").state_dict()
+        assert any(name.startswith("mtp.0.block.ffn.experts.") for name in whole)
+        for name, tensor in whole.items():
+            assert torch.equal(tensor, again[name]), name
+        run("single", None).train()
+        single = load_trained_model(f"{folder}/single").state_dict()
+        for name, tensor in single.items():
+            torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+        records = [read_metrics(f"{folder}/{r}", "train") for r in ("whole", "single")]
+        for got, want in zip(*records):
+            assert abs(got["mtp_loss"] - want["mtp_loss"]) <= 1e-5 * want["mtp_loss"]
+            assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"]
+    dist.barrier()
+
+
+@pytest.mark.distributed
+def test_trainer_under_fsdp_x_ep_equals_one_process_and_resumes(tmp_path, text_file):
+    from moekit.parallel.launch import spawn_local
+
+    spawn_local(fsdp_trainer_worker, (str(tmp_path), str(text_file)), world_size=2, timeout_s=300)
