@@ -21,7 +21,14 @@ from moekit.interop import famous, save_hf
 from moekit.interop.accounting import count_by_part
 from moekit.models import ModelConfig, Transformer, count_parameters, dense_twin, published
 from moekit.models.lora import LoRAConfig, add_lora
-from moekit.train import TrainConfig, Trainer, load_trained_model, prepare_run_data, read_metrics
+from moekit.train import (
+    TrainConfig,
+    Trainer,
+    load_trained_model,
+    prepare_run_data,
+    read_metrics,
+    train_from,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -292,6 +299,17 @@ def test_trainer_logs_and_trains_the_mtp_loss_and_resumes_bit_identically(tmp_pa
     assert [r["mtp_loss"] for r in read_metrics(tmp_path / "b", "train")] == [
         r["mtp_loss"] for r in records
     ]
+
+
+def test_a_run_started_from_another_may_lower_lambda_and_nothing_else(tmp_path, text_file):
+    trainer(tmp_path / "early", text_file).train(stop_at=2)
+    with pytest.raises(ValueError, match=r"drop --model.mtp_depth \(of its settings only --model.mtp_loss_weight"):  # fmt: skip
+        train_from(tmp_path / "early", tmp_path / "x", overrides={"model.mtp_depth": "2"})
+    overrides = {"model.mtp_loss_weight": "0.1", "train.steps": "2"}
+    train_from(tmp_path / "early", tmp_path / "late", overrides=overrides, show_progress=False)
+    late = load_trained_model(tmp_path / "late")
+    assert late.config.mtp_loss_weight == 0.1 and late.config.mtp_depth == 1
+    assert [r["step"] for r in read_metrics(tmp_path / "late", "train")] == [1, 2]
 
 
 def test_cli_trains_deepseek_v3_tiny_with_mtp_and_its_dense_twin(tmp_path, text_file):
