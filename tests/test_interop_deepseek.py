@@ -22,6 +22,7 @@ from moekit.generate import generate
 from moekit.interop import load_hf, model_config_from_hf, save_hf
 from moekit.interop.hf import weight_files
 from moekit.models import Transformer
+from moekit.train import load_trained_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -241,9 +242,9 @@ def test_mtp_layers_load_with_mtp_true_and_save_in_deepseeks_layout(hf_folders, 
     transformers loads the folder with unchanged logits, load_hf skips the layer by default
     and with mtp=True reads it back bit-exactly."""
     hf_model, folder = hf_folders["v3"]
-    main = load_hf(folder)
-    model = Transformer(dataclasses.replace(main.config, mtp_depth=1))
-    model.load_state_dict(main.state_dict(), strict=False)
+    base = load_hf(folder)
+    model = Transformer(dataclasses.replace(base.config, mtp_depth=1))
+    model.load_state_dict(base.state_dict(), strict=False)
     with torch.no_grad():  # distinct values everywhere, so that a swapped name shows
         for tensor in [*model.mtp.parameters(), *model.mtp.buffers()]:
             tensor.normal_(0.0, 0.3)
@@ -268,6 +269,11 @@ def test_mtp_layers_load_with_mtp_true_and_save_in_deepseeks_layout(hf_folders, 
     again = _all_tensors(tmp_path / "b")
     assert again.keys() == tensors.keys()
     assert all(torch.equal(again[name], tensors[name]) for name in tensors)
+    # `moekit convert --mtp` keeps them in the run directory, to train with them
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "run"), "--mtp"]) == 0
+    run = load_trained_model(tmp_path / "run")
+    assert run.config.mtp_depth == 1
+    assert torch.equal(run.mtp[0].proj.weight, model.mtp[0].proj.weight)
     with pytest.raises(ValueError, match="deepseek_v2 checkpoints have no MTP layers"):
         load_hf(hf_folders["v2_group_limited"][1], mtp=True)
 

@@ -102,11 +102,17 @@ def convert_main(argv: list[str]) -> int:
         choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"),
         help="run -> Hugging Face: the architecture to write (default: chosen from the config)",
     )
+    parser.add_argument(
+        "--mtp",
+        action="store_true",
+        help="Hugging Face -> run: keep DeepSeek-V3's multi-token-prediction layers (to train "
+        "with them; skipped by default, as transformers skips them)",
+    )
     args = parser.parse_args(argv)
     from .convert import convert
 
     try:
-        direction = convert(args.src, args.dst, architecture=args.architecture)
+        direction = convert(args.src, args.dst, architecture=args.architecture, mtp=args.mtp)
     except ValueError as error:
         return command_error("convert", error)
     what = "moekit run directory" if direction == "hf-to-run" else "Hugging Face folder"
