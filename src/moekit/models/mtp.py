@@ -2,7 +2,8 @@
 
 # B batch, T tokens per sequence, D model, V vocab
 
-DeepSeek-V3 (arXiv:2412.19437, section 2.2) chains D modules after the main model. With
+DeepSeek-V3 (arXiv:2412.19437, section 2.2) chains mtp_depth modules (the paper's D; not
+the model width here) after the main model. With
 h^0_i the main model's last hidden state at position i (before its final norm), module
 k = 1..D computes, for the positions i that have a token k + 1 ahead:
     h'^k_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]          eq. (21)
@@ -10,20 +11,21 @@ k = 1..D computes, for the positions i that have a token k + 1 ahead:
     P^k_{i+k+1} = OutHead(h^k_i)                                       eq. (23)
     L^k_MTP = CE(P^k_{2+k:T+1}, t_{2+k:T+1})                           eq. (24)
     L_MTP = lambda / D * sum_k L^k_MTP                                 eq. (25)
-M_k is a (2D -> D) projection, TRM_k one transformer block, and the embedding Emb and the
-output head are the main model's own (shared, not copied). As in the released weights
-(enorm, hnorm, eh_proj, one decoder layer, shared_head.norm, shared_head.head), each
-module has its own final RMSNorm before the shared head, and the concatenation puts the
-normalised embedding first: [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], so a checkpoint's
-eh_proj is M_k as stored.
+M_k is a (2 d_model -> d_model) projection, TRM_k one transformer block, and the embedding
+Emb and the output head are the main model's own (shared, not copied). As in the released
+weights (enorm, hnorm, eh_proj, one decoder layer, shared_head.norm, shared_head.head),
+each module has its own final RMSNorm before the shared head (OutHead = head(RMSNorm(.))).
+Eq. (21) writes h first; the released weights' reference code concatenates the normalised
+embedding first, [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], and so does this module, so
+that a checkpoint's eh_proj is M_k as stored (the order is a relabelling of M_k's columns).
 
 Shapes stay (B, T, ...) at every depth, which keeps the forward compile-friendly: module k
 reads the tokens shifted left by k and the positions within k of the end have no target
 (ignored like the -100 targets of the main loss). Position i still attends causally to
 positions <= i, whose inputs hold tokens up to t_{i+k}: nothing leaks from its target.
 
-Only training forwards run these modules (targets given, no KV cache): logits,
-generation and the KV cache are the main model's alone.
+Only forwards with targets and without a KV cache run these modules: logits, generation
+and the KV cache are the main model's alone.
 """
 
 from __future__ import annotations
