@@ -115,8 +115,10 @@ def test_inductor_compiled_layer_equals_eager():
         )
 
 
-def test_transformer_training_forward_has_no_graph_break():
-    """The whole language model (attention, MoE layers, loss) is one graph."""
+@pytest.mark.parametrize("mtp_depth", [0, 1], ids=["main", "mtp"])
+def test_transformer_training_forward_has_no_graph_break(mtp_depth):
+    """The whole language model (attention, MoE layers, loss; with mtp_depth 1 the
+    multi-token-prediction module and its loss too) is one graph."""
     import dataclasses
 
     from moekit.models.presets import tiny
@@ -130,13 +132,14 @@ def test_transformer_training_forward_has_no_graph_break():
         num_layers=2,
         max_seq_len=32,
         moe=dataclasses.replace(base.moe, capacity_factor=1.25),
+        mtp_depth=mtp_depth,
     )
     model = Transformer(config)
     tokens = torch.randint(0, 256, (2, 16))
 
     def loss(tokens):
         out = model(tokens, tokens)
-        return out.loss + out.aux_loss
+        return out.loss + out.aux_loss + out.mtp_loss
 
     explanation = torch._dynamo.explain(loss)(tokens)
     assert explanation.graph_break_count == 0, explanation.break_reasons

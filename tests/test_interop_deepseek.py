@@ -10,6 +10,7 @@ the group-limited routing and the biases all matter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,6 +21,8 @@ from moekit.cli import main
 from moekit.generate import generate
 from moekit.interop import load_hf, model_config_from_hf, save_hf
 from moekit.interop.hf import weight_files
+from moekit.models import Transformer
+from moekit.train import load_trained_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,7 +221,7 @@ def test_inspect_counts_equal_transformers_model(hf_folders, case):
 
 def test_multi_token_prediction_layers_are_skipped(hf_folders, tmp_path):
     """A DeepSeek-V3 checkpoint stores its MTP module as the layer after the last one;
-    transformers does not load it, nor does moekit (and it is never written)."""
+    transformers does not load it, nor does moekit by default."""
     hf_model, folder = hf_folders["v3"]
     config = json.loads((folder / "config.json").read_text()) | {"num_nextn_predict_layers": 1}
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -231,6 +234,48 @@ def test_multi_token_prediction_layers_are_skipped(hf_folders, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"unexpected tensors \[model.layers.4.eh_proj.weight\]"):
         load_hf(tmp_path)
+
+
+def test_mtp_layers_load_with_mtp_true_and_save_in_deepseeks_layout(hf_folders, tmp_path):
+    """save_hf writes a model's MTP module as the layer after the last one (a decoder layer,
+    enorm, hnorm, eh_proj, shared_head.norm and copies of the embedding and head);
+    transformers loads the folder with unchanged logits, load_hf skips the layer by default
+    and with mtp=True reads it back bit-exactly."""
+    hf_model, folder = hf_folders["v3"]
+    base = load_hf(folder)
+    model = Transformer(dataclasses.replace(base.config, mtp_depth=1))
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():  # distinct values everywhere, so that a swapped name shows
+        for tensor in [*model.mtp.parameters(), *model.mtp.buffers()]:
+            tensor.normal_(0.0, 0.3)
+    save_hf(model, tmp_path / "a", max_shard_bytes=30_000)
+    assert json.loads((tmp_path / "a/config.json").read_text())["num_nextn_predict_layers"] == 1
+    tensors = _all_tensors(tmp_path / "a")
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "self_attn.kv_b_proj"):
+        assert f"model.layers.3.{name}.weight" in tensors, name
+    assert "model.layers.3.mlp.gate.e_score_correction_bias" in tensors
+    for copy, original in (("embed_tokens", "model.embed_tokens"), ("shared_head.head", "lm_head")):
+        assert torch.equal(tensors[f"model.layers.3.{copy}.weight"], tensors[f"{original}.weight"])
+    torch.testing.assert_close(_logits(model), _logits(hf_model), atol=1e-4, rtol=0)
+    back_in_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    torch.testing.assert_close(_logits(back_in_hf), _logits(hf_model), atol=1e-4, rtol=0)
+    assert len(load_hf(tmp_path / "a").mtp) == 0
+    back = load_hf(tmp_path / "a", mtp=True)
+    expected = model.state_dict()
+    assert back.state_dict().keys() == expected.keys()
+    for name, value in back.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    save_hf(back, tmp_path / "b")
+    again = _all_tensors(tmp_path / "b")
+    assert again.keys() == tensors.keys()
+    assert all(torch.equal(again[name], tensors[name]) for name in tensors)
+    # `moekit convert --mtp` keeps them in the run directory, to train with them
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "run"), "--mtp"]) == 0
+    run = load_trained_model(tmp_path / "run")
+    assert run.config.mtp_depth == 1
+    assert torch.equal(run.mtp[0].proj.weight, model.mtp[0].proj.weight)
+    with pytest.raises(ValueError, match="deepseek_v2 checkpoints have no MTP layers"):
+        load_hf(hf_folders["v2_group_limited"][1], mtp=True)
 
 
 def test_config_semantics_are_mapped(hf_folders):

@@ -1,7 +1,7 @@
 """FSDP2 composed with expert parallelism equals one process: 10 training steps of losses
 and the final weights, on 2 and 4 gloo processes, for a token-choice and a sigmoid router
 (the sigmoid router's model built on the meta device, its initial shards exactly one
-process's weights).
+process's weights); and with a multi-token-prediction module at 2 processes, EP 2.
 
 # W world size, ep expert-parallel size, dp = W / ep
 """
@@ -27,14 +27,16 @@ pytestmark = pytest.mark.distributed
 STEPS, BATCH, SEQ = 10, 4, 16
 
 
-def _config(router: str) -> ModelConfig:
+def _config(router: str, mtp_depth: int = 0) -> ModelConfig:
     """router: a router name, or "deepseek" (multi-head latent attention, sigmoid groups)
     or "gpt_oss" (attention sinks and a sliding window, biased router and experts, the
-    clamped SwiGLU)."""
+    clamped SwiGLU). mtp_depth: multi-token-prediction modules (models/mtp.py)."""
     # No balance loss: each rank's f_i * P_i over its own tokens is not the global one (a
     # known property of data parallelism, not of the sharding); z-loss is a plain mean.
     common = dict(balance_loss_coef=0.0, z_loss_coef=1e-3, bias_update_rate=0.01)
-    model = dict(vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ)
+    model = dict(
+        vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ, mtp_depth=mtp_depth
+    )
     if router == "deepseek":
         common |= dict(router="sigmoid_topk", num_groups=2, topk_groups=1, num_shared_experts=1)
         model |= dict(
@@ -55,35 +57,35 @@ def _config(router: str) -> ModelConfig:
 
 def _step(model, optimizer, tokens, clip):
     out = model(tokens, tokens)
-    (out.loss + out.aux_loss).backward()
+    (out.loss + out.aux_loss + out.mtp_loss).backward()
     clip()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_router_biases(model)
-    return out.loss.detach()
+    return (out.loss + out.mtp_loss).detach()  # every rank has as many targets: means add up
 
 
-def _single_process(router: str, batches):
+def _single_process(router: str, batches, mtp_depth: int):
     torch.manual_seed(0)
-    model = Transformer(_config(router))
+    model = Transformer(_config(router, mtp_depth))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # noqa: E731
     losses = [_step(model, optimizer, b, clip).item() for b in batches]
     return losses, model.state_dict(), sum(p.numel() * 4 for p in model.parameters())
 
 
-def _worker(router: str, ep: int) -> None:
+def _worker(router: str, ep: int, mtp_depth: int = 0) -> None:
     mesh = build_mesh(ep, timeout=timedelta(seconds=60), device=torch.device("cpu"))
     W, rank = mesh.world_size, mesh.rank
     torch.manual_seed(1)
     batches = torch.randint(0, 64, (STEPS, BATCH, SEQ))
-    ref_losses, ref_state, full_param_bytes = _single_process(router, batches)
+    ref_losses, ref_state, full_param_bytes = _single_process(router, batches, mtp_depth)
 
     torch.manual_seed(0)
     if router in ("sigmoid_topk", "deepseek", "gpt_oss"):  # built on the meta device
-        model = sharded_transformer(_config(router), mesh)
+        model = sharded_transformer(_config(router, mtp_depth), mesh)
         torch.manual_seed(0)
-        initial = Transformer(_config(router)).state_dict()
+        initial = Transformer(_config(router, mtp_depth)).state_dict()
         for name, param in model.named_parameters():  # exactly one process's init
             owner = _owner(model, name)
             want = initial[name]
@@ -91,7 +93,7 @@ def _worker(router: str, ep: int) -> None:
                 want = want[owner.first_expert : owner.first_expert + owner.num_experts]
             assert torch.equal(param.full_tensor(), want), name
     else:  # built whole, then sharded (a given model, as fine-tuning passes one)
-        model = fully_shard_model(parallelize(Transformer(_config(router)), mesh), mesh)
+        model = fully_shard_model(parallelize(Transformer(_config(router, mtp_depth)), mesh), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
 
     def clip():
@@ -144,6 +146,14 @@ def test_fsdp_and_expert_parallel_equal_one_process(router, world, ep):
 @pytest.mark.parametrize("architecture", ["deepseek", "gpt_oss"])
 def test_fsdp_x_ep_equals_one_process_for_latent_and_sink_attention(architecture):
     spawn_local(_worker, (architecture, 2), world_size=4, timeout_s=240)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "deepseek"])
+def test_multi_token_prediction_under_fsdp_and_expert_parallel_equals_one_process(router):
+    """An MTP module whose block is MoE (for "deepseek" also latent attention): its
+    experts sharded by EP, the module an FSDP unit, its loss trained; the deepseek case
+    built on the meta device, its initial shards exactly one process's weights."""
+    spawn_local(_worker, (router, 2, 1), world_size=2, timeout_s=240)
 
 
 # ---------------------------------------------------------------- through the Trainer

@@ -2,7 +2,8 @@
 
 Parts: embeddings (input table and output head; a tied pair counted once), attention
 (projections and their biases), router, routed_experts, shared_experts, dense_ffn (the
-FFN of dense layers), norms (every RMSNorm gain, q/k norms included) and other (anything
+FFN of dense layers), norms (every RMSNorm gain, q/k norms included), mtp (the
+multi-token-prediction modules of a config with mtp_depth > 0, whole) and other (anything
 else), so the parts always sum to the total. Active per token = every part in full except
 the routed experts, of which each MoE layer contributes active_expert_fraction (top_k / E
 for token choice). The model is built on the meta device: no weight is allocated, so a
@@ -26,6 +27,7 @@ PARTS = (
     "shared_experts",
     "dense_ffn",
     "norms",
+    "mtp",
     "other",
 )
 
@@ -92,6 +94,8 @@ class Accounting:
 
 def _part_of(name: str) -> str:
     """The part a Transformer parameter belongs to, from its name."""
+    if name.startswith("mtp."):
+        return "mtp"
     if name.startswith(("tok_embed.", "lm_head.")):
         return "embeddings"
     if "norm" in name.rsplit(".", 2)[-2]:
@@ -129,7 +133,7 @@ def count_by_part(config: ModelConfig, name: str = "model") -> Accounting:
     for param_name, param in model.named_parameters():  # a tied head is listed once
         part = _part_of(param_name)
         total[part] += param.numel()
-        if part == "routed_experts":
+        if ".ffn.experts." in param_name:  # the main model's and the MTP modules' experts
             fraction = next(f for prefix, f in fractions.items() if param_name.startswith(prefix))
             inactive[part] += param.numel() * (1.0 - fraction)
     active = {part: total[part] - round(inactive[part]) for part in PARTS}
@@ -141,6 +145,11 @@ def count_by_part(config: ModelConfig, name: str = "model") -> Accounting:
             else " (untied: both counted)"
         )
     ]
+    if config.mtp_depth:
+        notes.append(
+            f"mtp: {config.mtp_depth} multi-token-prediction module(s), active as in training "
+            "(generation skips them: subtract the part for inference)"
+        )
     input_embedding = 0 if config.tied_embeddings else config.vocab_size * config.d_model
     return Accounting(
         name=name,

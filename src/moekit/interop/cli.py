@@ -57,6 +57,8 @@ def format_report(report: dict) -> str:
         f"{'part':16s} {'total':>19s} {'active/token':>19s}",
     ]
     for part, counts in report["parts"].items():
+        if part == "mtp" and not counts["total"]:
+            continue  # a model without multi-token prediction
         lines.append(f"{part:16s} {counts['total']:>19,} {counts['active']:>19,}")
     total, active = report["total"], report["active"]
     lines.append(f"{'sum':16s} {total:>19,} {active:>19,}   ({_human(total)} / {_human(active)})")
@@ -100,11 +102,17 @@ def convert_main(argv: list[str]) -> int:
         choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"),
         help="run -> Hugging Face: the architecture to write (default: chosen from the config)",
     )
+    parser.add_argument(
+        "--mtp",
+        action="store_true",
+        help="Hugging Face -> run: keep DeepSeek-V3's multi-token-prediction layers (to train "
+        "with them; skipped by default, as transformers skips them)",
+    )
     args = parser.parse_args(argv)
     from .convert import convert
 
     try:
-        direction = convert(args.src, args.dst, architecture=args.architecture)
+        direction = convert(args.src, args.dst, architecture=args.architecture, mtp=args.mtp)
     except ValueError as error:
         return command_error("convert", error)
     what = "moekit run directory" if direction == "hf-to-run" else "Hugging Face folder"

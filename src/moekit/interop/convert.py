@@ -45,7 +45,9 @@ def is_run_dir(path: str | Path) -> bool:
     return isinstance(config, dict) and "model" in config and "format" in config
 
 
-def convert(src: str | Path, dst: str | Path, *, architecture: str | None = None) -> str:
+def convert(
+    src: str | Path, dst: str | Path, *, architecture: str | None = None, mtp: bool = False
+) -> str:
     """Convert src to dst in the direction src's config.json says.
 
     Args:
@@ -53,22 +55,27 @@ def convert(src: str | Path, dst: str | Path, *, architecture: str | None = None
         dst: the folder to create (must not exist, or be empty).
         architecture: for run -> Hugging Face only: mixtral, qwen2_moe, qwen3_moe, olmoe,
             deepseek_v2, deepseek_v3 or gpt_oss (None chooses from the config).
+        mtp: for Hugging Face -> run only: keep DeepSeek-V3's multi-token-prediction
+            layers (load_hf's mtp); a run's MTP modules are always written.
     Returns:
         "hf-to-run" or "run-to-hf".
     """
     if is_run_dir(src):
+        if mtp:
+            raise ValueError("--mtp applies to a Hugging Face -> moekit run conversion only")
         run_to_hf(src, dst, architecture=architecture)
         return "run-to-hf"
     if architecture is not None:
         raise ValueError("--architecture applies to a moekit run -> Hugging Face conversion only")
-    hf_to_run(src, dst)
+    hf_to_run(src, dst, mtp=mtp)
     return "hf-to-run"
 
 
-def hf_to_run(src: str | Path, dst: str | Path) -> Path:
-    """Write the Hugging Face model in src as a moekit run directory dst."""
+def hf_to_run(src: str | Path, dst: str | Path, *, mtp: bool = False) -> Path:
+    """Write the Hugging Face model in src as a moekit run directory dst (with mtp, its
+    DeepSeek-V3 multi-token-prediction layers too)."""
     _check_empty(dst)
-    model = load_hf(src)
+    model = load_hf(src, mtp=mtp)
     if (Path(src) / TOKENIZER_FILE).is_file():
         # Read before anything is written: files naming tokens the tokenizer lacks stop here.
         Tokenizer.load(src)

@@ -8,6 +8,7 @@ memory is spent on an initialisation that is thrown away.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from .hf_config import (
 from .hf_deepseek import (
     DEEPSEEK_ARCHITECTURES,
     deepseek_tables,
+    mtp_rules,
     rope_interleaved,
     unloaded_prefixes,
 )
@@ -80,6 +82,8 @@ def mappings_for(
     if architecture in DEEPSEEK_ARCHITECTURES:
         interleaved = rope_interleaved(architecture, hf or {})
         rules = deepseek_tables(model.config, interleaved)[layout]
+        if architecture == "deepseek_v3":  # its MTP modules, stored as the layers after L
+            rules = mtp_rules(model.config, rules) + rules
     else:
         rules = TABLES[architecture][layout]
     mappings = expand(rules, names, model.config.num_layers, num_experts)
@@ -91,13 +95,18 @@ def mappings_for(
     return mappings
 
 
-def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transformer:
+def load_hf(
+    path: str | Path, *, dtype: torch.dtype | None = None, mtp: bool = False
+) -> Transformer:
     """A moekit Transformer from a Hugging Face folder of a supported architecture.
 
     Args:
         path: folder with config.json and model.safetensors (or shards and their index).
         dtype: the weights' dtype; None keeps the checkpoint's (that of its embedding, and
             fp32 for a router stored in fp32).
+        mtp: DeepSeek-V3 only: also load the multi-token-prediction layers
+            (num_nextn_predict_layers of them) as the model's mtp modules, for training;
+            False skips them, as transformers does.
     Returns:
         The model, in eval mode, on the CPU.
     Raises:
@@ -107,6 +116,10 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     hf = read_hf_config(path)
     architecture = model_type_of(hf)
     config = model_config_from_hf(hf)
+    if mtp:
+        if architecture != "deepseek_v3":
+            raise ValueError(f"mtp=True: {architecture} checkpoints have no MTP layers")
+        config = dataclasses.replace(config, mtp_depth=hf.get("num_nextn_predict_layers") or 0)
     files = weight_files(path)
     layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
     if architecture == "gpt_oss":
@@ -126,7 +139,7 @@ def load_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
         def read(name: str) -> Tensor:
             return handles[files[name]].get_tensor(name)
 
-        skipped = unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP layers
+        skipped = () if mtp else unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP
         _check_names(mappings, files, read, config.tied_embeddings, skipped)
         state = {m.moekit: _convert(m, read) for m in mappings}
     as_stored = dtype is None

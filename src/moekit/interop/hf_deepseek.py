@@ -21,9 +21,12 @@ then odd) gives moekit's layout exactly; the inverse order is written back on sa
 HF -> moekit -> HF is bit-exact. DeepSeek-V3 with rope_interleave false is read and
 written as it is.
 
-Not read: the multi-token-prediction layers (num_nextn_predict_layers; skipped on load, as
-transformers does; moekit has no MTP module), FP8 block-quantised weights (dequantise
-first).
+Multi-token prediction (DeepSeek-V3): the checkpoint stores num_nextn_predict_layers MTP
+modules as the layers after the last decoder layer, model.layers.{L + k}: a decoder layer
+plus enorm, hnorm, eh_proj, shared_head.norm, and copies of the embedding (embed_tokens)
+and of the head (shared_head.head). load_hf skips them by default, as transformers does;
+with mtp=True they become moekit's mtp.{k} (models/mtp.py). save_hf writes a model's MTP
+modules there, with the copies. Not read: FP8 block-quantised weights (dequantise first).
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ def deepseek_hf_config(config: ModelConfig, arch: str, *, dtype: str = "float32"
         "dtype": dtype,
     }
     if arch == "deepseek_v3":
-        return out | {"rope_interleave": True, "num_nextn_predict_layers": 0}
+        return out | {"rope_interleave": True, "num_nextn_predict_layers": config.mtp_depth}
     greedy = moe.num_groups == 1
     return out | {
         "topk_method": "greedy" if greedy else "group_limited_greedy",
@@ -384,6 +387,37 @@ def deepseek_tables(config: ModelConfig, interleaved: bool) -> dict[str, tuple[R
     return {"per_expert": common + per_expert, "fused": common + _FUSED}
 
 
+def mtp_rules(config: ModelConfig, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """The key table of DeepSeek-V3's MTP modules, made from a model's per-layer rules.
+
+    Module k is the checkpoint's layer L + k: its decoder layer maps as the main layers do
+    (mtp.{k}.block.* <- model.layers.{L + k}.*). The copies of the embedding and head come
+    first, so that on load the main model's own tensors (later in the table) win.
+    """
+    out: list[Rule] = []
+    for k in range(config.mtp_depth):
+        layer = f"model.layers.{config.num_layers + k}"
+        out += [
+            Rule("tok_embed.weight", (f"{layer}.embed_tokens.weight",)),
+            Rule("lm_head.weight", (f"{layer}.shared_head.head.weight",)),
+            Rule(f"mtp.{k}.embed_norm.weight", (f"{layer}.enorm.weight",)),
+            Rule(f"mtp.{k}.hidden_norm.weight", (f"{layer}.hnorm.weight",)),
+            Rule(f"mtp.{k}.proj.weight", (f"{layer}.eh_proj.weight",)),
+            Rule(f"mtp.{k}.norm.weight", (f"{layer}.shared_head.norm.weight",)),
+        ]
+        i = str(config.num_layers + k)
+        out += [
+            Rule(
+                f"mtp.{k}.block." + rule.moekit.removeprefix("layers.{i}."),
+                tuple(name.replace("{i}", i) for name in rule.hf),
+                rule.op,
+            )
+            for rule in rules
+            if rule.moekit.startswith("layers.{i}.")
+        ]
+    return tuple(out)
+
+
 def unloaded_prefixes(arch: str, hf: dict) -> tuple[str, ...]:
     """Tensor name prefixes a checkpoint may hold that are not loaded: DeepSeek-V3's
     multi-token-prediction layers, stored after the last decoder layer (as transformers,
@@ -405,6 +439,7 @@ __all__ = [
     "deepseek_config_from_hf",
     "deepseek_hf_config",
     "deepseek_tables",
+    "mtp_rules",
     "rope_interleaved",
     "unloaded_prefixes",
 ]

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from ..config import MoEConfig
 from ..moe import MoE
 from ..routing import router_class
+from .skip_init import skipped_initialisers
 from .transformer import ATTENTION_KINDS, ModelConfig, Transformer
 
 
@@ -35,23 +35,17 @@ def meta_model(config: ModelConfig) -> Transformer:
     Skipping torch.nn.init matters for speed alone: there are no values to set, and a
     meta normal_ imports torch._dynamo, which takes seconds.
     """
-    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            return Transformer(config)
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
+    with skipped_initialisers(), torch.device("meta"):
+        return Transformer(config)
 
 
 def count_parameters(model_or_config: Transformer | ModelConfig) -> ParamCount:
     """Total and active-per-token parameter counts (tied embeddings counted once).
 
     Active = every parameter except the routed experts', plus active_expert_fraction of
-    the routed experts' weights. Embedding and head count as active. A config is built on
+    the routed experts' weights. Embedding and head count as active. The MTP modules of a
+    config with mtp_depth > 0 count like the main model's layers (every training token runs
+    them; generation does not). A config is built on
     the meta device, so huge configs cost no memory.
     """
     model = model_or_config

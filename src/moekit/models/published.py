@@ -1,8 +1,8 @@
 """Published MoE language models as moekit ModelConfigs, from their papers and config.json.
 
 The configs alone (interop/famous.py adds the published parameter counts and the parts
-moekit's Transformer cannot express, such as DeepSeek-V3's multi-token-prediction
-module); `moekit inspect` and `moekit bench --comm` use them.
+those counts leave out, such as DeepSeek-V3's multi-token-prediction module); `moekit
+inspect` and `moekit bench --comm` use them.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ def deepseek_v3() -> ModelConfig:
     routed scaling 2.5) plus one shared expert of width 2048; vocabulary 129280, untied.
     Multi-head latent attention: 128 heads, q rank 1536, kv rank 512, per-head no-rope
     dim 128, rope dim 64, value dim 128; YaRN to 160K positions (factor 40 over 4096,
-    mscale = mscale_all_dim = 1). The multi-token-prediction module is not part of it.
+    mscale = mscale_all_dim = 1). The multi-token-prediction module is not part of it
+    (mtp_depth 0, as in the paper's 671B; the released model has mtp_depth 1).
     """
     d_model = 7168
     return ModelConfig(

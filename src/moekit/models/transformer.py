@@ -26,9 +26,11 @@ from .attention import Attention, Placement
 from .expert_ids import tap_routers
 from .kv_cache import KVCache, padded_positions
 from .mla import MLA_FIELDS, MultiHeadLatentAttention, check_mla_fields
+from .mtp import MTPModule, multi_token_prediction
 from .norm import RMSNorm
 from .rope import check_rope_scaling, rope_tables
 from .sink_attention import SinkAttention
+from .skip_init import skipped_initialisers
 
 QK_NORMS = (None, "head", "full")
 # ModelConfig.attention -> the attention module of every block.
@@ -69,6 +71,10 @@ class ModelConfig:
     attention "sinks" (gpt-oss) adds a learned sink logit per head; with it,
     sliding_window W makes each query see itself and the W - 1 tokens before it, in the
     layers sliding_layers lists (None = every layer); see models/sink_attention.py.
+
+    mtp_depth D > 0 adds DeepSeek-V3's multi-token prediction (models/mtp.py): D modules,
+    each a block built like the last layer (its attention kind, and MoE when the last layer
+    is), trained with mtp_loss_weight (lambda) / D times the sum of their cross entropies.
     """
 
     vocab_size: int
@@ -106,6 +112,10 @@ class ModelConfig:
     first_dense_layers: int = 0
     dense_layers: list[int] = field(default_factory=list)
 
+    # Multi-token prediction (DeepSeek-V3); 0 = none.
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3  # the paper's lambda: 0.3, then 0.1 late in training
+
     def __post_init__(self) -> None:
         for name in (
             "vocab_size",
@@ -136,6 +146,13 @@ class ModelConfig:
         if not self.init_std > 0:
             raise ValueError(f"init_std ({self.init_std}) must be > 0")
         self._check_moe()
+        depth, weight = self.mtp_depth, self.mtp_loss_weight
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+            raise ValueError(f"mtp_depth ({depth!r}) must be an integer >= 0")
+        if not (isinstance(weight, (int, float)) and weight >= 0):
+            raise ValueError(f"mtp_loss_weight ({weight!r}) must be >= 0")
+        if depth == 0 and weight != 0.3:
+            warn_once("mtp_loss_weight has no effect with mtp_depth 0")
 
     def _check_attention(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -256,8 +273,12 @@ class ModelOutput:
     logits: (B, T, V). loss: mean next-token cross entropy when targets were given (targets
         of -100 are ignored), else None; it does not include aux_loss.
     aux_loss: scalar sum of the MoE layers' weighted aux losses (0 for a dense model); train
-        on loss + aux_loss.
+        on loss + aux_loss + mtp_loss.
     stats: one entry per layer, MoEStats for MoE layers and None for dense ones.
+    mtp_loss: the multi-token-prediction loss, already weighted (models/mtp.py; 0 without
+        MTP modules, targets, or with a KV cache); train on loss + aux_loss + mtp_loss. The
+        MTP modules' MoE aux losses are in aux_loss, their stats in mtp_stats (one entry per
+        module), never in stats.
     expert_ids: with return_expert_ids, one entry per layer: (B, T, K) ids of the experts the
         router chose for each token (-1 in unused top_p slots), (B, T, E) for expert_choice
         (expert e in column e when it picked the token, else -1), None for dense and soft
@@ -269,6 +290,8 @@ class ModelOutput:
     aux_loss: Tensor
     stats: list[MoEStats | None]
     expert_ids: list[Tensor | None] | None = None
+    mtp_loss: Tensor | None = None
+    mtp_stats: list[MoEStats | None] = field(default_factory=list)
 
 
 class Transformer(nn.Module):
@@ -293,6 +316,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if config.tied_embeddings:
             self.lm_head.weight = self.tok_embed.weight
+        # Built last and without drawing from the generator (init_weights sets them, after
+        # the main weights), so the main model's weights for a seed do not depend on them.
+        with skipped_initialisers():
+            last = config.num_layers - 1
+            self.mtp = nn.ModuleList(
+                MTPModule(Block(config, last), config.d_model, config.norm_eps)
+                for _ in range(config.mtp_depth)
+            )
         # A meta model has no values to initialise (and counting a 671B config must stay
         # instant); to_empty() then init_weights() materialises it.
         if not self.lm_head.weight.is_meta:
@@ -304,35 +335,39 @@ class Transformer(nn.Module):
 
         GPT-2's scaling: each block adds two residual branches, so the residual stream's
         variance stays O(1) at init. Routers get init_std too (as Mixtral and OLMoE do),
-        which starts the routing near uniform.
+        which starts the routing near uniform. The MTP modules follow the same scheme.
         """
         cfg = self.config
         std, residual_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
         if cfg.tied_embeddings:
             # Re-tie every time: to_empty() after meta construction can untie them.
             self.lm_head.weight = self.tok_embed.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.w_up, std=std)
-                nn.init.normal_(module.w_down, std=residual_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, MoE):
-                module.router.reset_parameters(std)
-                if getattr(module.experts, "b_up", None) is not None:
-                    nn.init.zeros_(module.experts.b_up)
-                    nn.init.zeros_(module.experts.b_down)
-            elif isinstance(module, SinkAttention):
-                nn.init.zeros_(module.sinks)
-        for module in self.modules():
-            if isinstance(module, tuple(ATTENTION_KINDS.values())):
-                nn.init.normal_(module.wo.weight, std=residual_std)
-            elif isinstance(module, MLP):
-                nn.init.normal_(module.down.weight, std=residual_std)
+        # The MTP modules last, so that the main weights do not depend on mtp_depth.
+        mtp = set(self.mtp.modules())
+        main = [m for m in self.modules() if m not in mtp]
+        for modules in (main, list(self.mtp.modules())):
+            for module in modules:
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, GroupedExperts):
+                    nn.init.normal_(module.w_up, std=std)
+                    nn.init.normal_(module.w_down, std=residual_std)
+                elif isinstance(module, RMSNorm):
+                    nn.init.ones_(module.weight)
+                elif isinstance(module, MoE):
+                    module.router.reset_parameters(std)
+                    if getattr(module.experts, "b_up", None) is not None:
+                        nn.init.zeros_(module.experts.b_up)
+                        nn.init.zeros_(module.experts.b_down)
+                elif isinstance(module, SinkAttention):
+                    nn.init.zeros_(module.sinks)
+            for module in modules:
+                if isinstance(module, tuple(ATTENTION_KINDS.values())):
+                    nn.init.normal_(module.wo.weight, std=residual_std)
+                elif isinstance(module, MLP):
+                    nn.init.normal_(module.down.weight, std=residual_std)
         self.init_rope()
 
     def init_rope(self) -> None:
@@ -367,7 +402,8 @@ class Transformer(nn.Module):
             num_logits: only the last num_logits positions get logits (generation needs
                 the last one: the output head is a large share of a long prompt's time).
         Returns:
-            ModelOutput (logits (B, T, V), loss, aux_loss, per-layer stats, expert_ids).
+            ModelOutput (logits (B, T, V), loss, aux_loss, per-layer stats, expert_ids,
+            mtp_loss and mtp_stats).
         """
         B, T = tokens_BT.shape
         where = self.place(tokens_BT, kv_cache, attention_mask_BT)
@@ -382,6 +418,13 @@ class Transformer(nn.Module):
                 if moe_out is not None:
                     aux_loss = aux_loss + moe_out.aux_loss
                 stats.append(None if moe_out is None else moe_out.stats)
+        mtp_loss, mtp_stats = aux_loss.new_zeros(()), []
+        if len(self.mtp) and targets is not None and kv_cache is None:
+            mtp = multi_token_prediction(
+                self.mtp, x_BTD, tokens_BT, targets, where, self.tok_embed, self.lm_head,
+                self.config.mtp_loss_weight, attention_mask_BT,
+            )  # fmt: skip
+            aux_loss, mtp_loss, mtp_stats = aux_loss + mtp.aux_loss, mtp.loss, mtp.stats
         if num_logits is not None:
             if targets is not None:
                 raise ValueError("num_logits leaves out logits the loss needs; pass one of them")
@@ -398,8 +441,9 @@ class Transformer(nn.Module):
         if return_expert_ids:
             expert_ids = [None if r is None else r.expert_ids(B, T) for r in routings]
         return ModelOutput(
-            logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids
-        )
+            logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids,
+            mtp_loss=mtp_loss, mtp_stats=mtp_stats,
+        )  # fmt: skip
 
     def place(
         self, tokens_BT: Tensor, kv_cache: KVCache | None, attention_mask_BT: Tensor | None

@@ -42,7 +42,8 @@ def fully_shard_model(
     """Shard a parallelized model with FSDP2 (module docstring); changed in place.
 
     Args:
-        model: the output of parallelize(); a Transformer (its `layers` become FSDP units).
+        model: the output of parallelize(); a Transformer (its `layers` and `mtp` modules
+            become FSDP units).
         mesh: the EP x DP mesh.
         param_dtype: compute dtype of the gathered weights (torch.bfloat16 for mixed
             precision: parameters gathered in bf16, gradients reduced in fp32); None keeps
@@ -58,7 +59,8 @@ def fully_shard_model(
         for module in model.modules():
             if isinstance(module, ExpertParallelExperts):
                 fully_shard(module, mesh=dp, mp_policy=policy)
-    for block in getattr(model, "layers", []):
+    # The decoder's blocks, then its multi-token-prediction modules (models/mtp.py).
+    for block in [*getattr(model, "layers", []), *getattr(model, "mtp", [])]:
         fully_shard(block, mesh=world, mp_policy=policy)
     fully_shard(model, mesh=world, mp_policy=policy)
     return model

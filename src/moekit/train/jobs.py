@@ -18,6 +18,9 @@ from .overrides import apply_overrides
 from .run import run_on
 from .trainer import CONFIG_FILE, Trainer, TrainResult, load_trained_model, run_configs
 
+# The one model setting a run started from another may change (a loss weight, not a weight).
+_LOSS_WEIGHT = "model.mtp_loss_weight"
+
 
 def default_out_dir(kind: str) -> Path:
     """runs/<kind>-<local time>, e.g. runs/compare-20250101-120000."""
@@ -122,7 +125,8 @@ def train_from(
         source: the run to start from (it must hold a checkpoint and a tokenizer.json).
         run_dir: the new run directory (must not hold a run yet).
         overrides: {"train.FIELD": raw value}; model.* settings are refused (the weights
-            fix the model).
+            fix the model), but for model.mtp_loss_weight (DeepSeek-V3 lowers lambda from
+            0.3 to 0.1 late in training).
         data: see prepare_run_data (None = the default corpus).
         show_progress: a tqdm bar.
         mesh: the ranks to train on (None = this process).
@@ -137,13 +141,17 @@ def train_from(
     if checkpoint_dir(run_dir) is not None:
         raise ValueError(f"{str(run_dir)!r} already holds a trained run; choose another --out")
     overrides = dict(overrides or {})
-    fixed = sorted(key for key in overrides if not key.startswith("train."))
+    fixed = sorted(k for k in overrides if not k.startswith("train.") and k != _LOSS_WEIGHT)
     if fixed:
-        raise ValueError(f"--init-from keeps {str(source)!r}'s model; drop --{', --'.join(fixed)}")
+        raise ValueError(
+            f"--init-from keeps {str(source)!r}'s model; drop --{', --'.join(fixed)} (of its "
+            f"settings only --{_LOSS_WEIGHT} may change)"
+        )
     model_config, train_config, _ = run_configs(source)
     defaults = dataclasses.asdict(train_config) | {"warmup_steps": None, "trainable": None}
-    _, train_config = apply_overrides(model_config, overrides, train_defaults=defaults)
+    model_config, train_config = apply_overrides(model_config, overrides, train_defaults=defaults)
     model = load_trained_model(source).train()  # loaded in eval mode
+    model.config = model_config  # the same but for a new mtp_loss_weight
     with run_on(mesh).main_first():
         if not (run_dir / TOKENIZER_FILE).exists():
             copy_tokenizer(source, run_dir)

@@ -1,8 +1,9 @@
 """The metrics log: one JSON object per line in `metrics.jsonl`, appended as training runs.
 
 Training records: {"split": "train", "step", "loss", "aux_loss", "lr", "grad_norm",
-"tokens_per_s", "dropped_fraction", "load_cv", "time"}; evaluation records:
-{"split": "val", "step", "loss", "perplexity"}. `step` counts optimizer steps taken.
+"tokens_per_s", "dropped_fraction", "load_cv", "time"} (plus "mtp_loss", the weighted
+multi-token-prediction loss, when the model has mtp_depth > 0); evaluation records:
+{"split": "val", "step", "loss", "perplexity"} (the main model's loss alone). `step` counts optimizer steps taken.
 MoE runs also keep per-layer routing statistics in `routing.jsonl` (RoutingLog).
 """
 

@@ -3,7 +3,7 @@
     RUN/tensorboard/events.out.tfevents.*
 
 Scalars: train/loss, train/aux_loss, train/lr, train/grad_norm, train/tokens_per_s,
-train/dropped_fraction, train/load_cv; val/loss, val/perplexity. Per MoE layer, at each
+train/dropped_fraction, train/load_cv (and train/mtp_loss with mtp_depth > 0); val/loss, val/perplexity. Per MoE layer, at each
 routing record (every `routing_stats_every` steps): routing/layer{i}/{load_cv,
 dropped_fraction, router_entropy} and the histogram routing/layer{i}/expert_load (one bucket
 per expert, the tokens it processed since the previous record). The JSON logs stay the
@@ -19,6 +19,7 @@ TENSORBOARD_DIR = "tensorboard"
 TRAIN_SCALARS = (
     "loss",
     "aux_loss",
+    "mtp_loss",
     "lr",
     "grad_norm",
     "tokens_per_s",

@@ -217,7 +217,7 @@ class Trainer:
         inputs_BL, targets_BL = self.run.shard(inputs_BL, targets_BL)
         with self._autocast():
             out = self.forward(inputs_BL, targets_BL)
-        (out.loss + out.aux_loss).backward()
+        (out.loss + out.aux_loss + out.mtp_loss).backward()  # mtp_loss 0 without MTP modules
         lr, grad_norm = optimizer_step(self.model, self.optimizer, self.config, self.step, self.run)
         self.step += 1
         self.routing.add(out.stats)
@@ -236,6 +236,8 @@ class Trainer:
             throughput=("tokens_per_s", num_tokens / seconds),
             stats=out.stats,
         )
+        if self.model_config.mtp_depth:  # weighted, as trained; not in loss or aux_loss
+            record["mtp_loss"] = self.run.mean(out.mtp_loss.item())
         exchanged = exchange_seconds(self.model)
         if exchanged:  # expert parallelism: this rank's all-to-all time within the step
             record["all_to_all_s"] = exchanged
