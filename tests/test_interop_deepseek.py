@@ -335,7 +335,8 @@ def test_convert_both_ways(hf_folders, tmp_path, capsys):
     """moekit convert: a Hugging Face DeepSeek-V3 folder to a run directory and back."""
     hf_model, folder = hf_folders["v3"]
     assert main(["convert", str(folder), str(tmp_path / "run")]) == 0
-    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    args = ["convert", str(tmp_path / "run"), str(tmp_path / "hf"), "--architecture"]
+    assert main([*args, "deepseek_v3"]) == 0
     capsys.readouterr()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(back).__name__ == "DeepseekV3ForCausalLM"

@@ -88,6 +88,8 @@ def format_report(report: dict) -> str:
 
 
 def convert_main(argv: list[str]) -> int:
+    from .hf_config import ARCHITECTURES
+
     parser = argparse.ArgumentParser(
         prog="moekit convert",
         description="Convert a Hugging Face folder (config.json + safetensors) into a moekit run "
@@ -99,7 +101,7 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("dst", help="the folder to create (must not exist, or be empty)")
     parser.add_argument(
         "--architecture",
-        choices=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"),
+        choices=tuple(ARCHITECTURES),
         help="run -> Hugging Face: the architecture to write (default: chosen from the config)",
     )
     parser.add_argument(
