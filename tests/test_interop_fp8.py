@@ -11,6 +11,7 @@ gate and its e_score_correction_bias unquantised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -22,6 +23,7 @@ from test_interop_deepseek import TOKENS_BT, build
 from moekit.cli import main
 from moekit.interop import load_hf, save_hf
 from moekit.interop.fp8 import dequantize_fp8, fp8_block_size, quantize_fp8
+from moekit.models import Transformer
 
 transformers = pytest.importorskip("transformers")
 finegrained_fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
@@ -285,3 +287,38 @@ def test_convert_and_save_write_unquantised_weights(tmp_path, capsys):
     # save_hf directly as well
     save_hf(load_hf(folder), tmp_path / "out")
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_mtp_layers_are_dequantized_or_skipped_with_their_scales(tmp_path):
+    """The published V3 quantises its MTP layer's projections (eh_proj included): with
+    mtp=True they load as their dequantization, by default they are skipped, scales too."""
+    _, folder = _fp8_folder(tmp_path / "fp8")
+    base = load_hf(folder)
+    model = Transformer(dataclasses.replace(base.config, mtp_depth=1))
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for tensor in [*model.mtp.parameters(), *model.mtp.buffers()]:
+            tensor.normal_(0.0, 0.3)
+    save_hf(model, tmp_path / "dense")
+    tensors = load_file(tmp_path / "dense" / "model.safetensors")
+    stored, dequantized = {}, {}
+    for name, tensor in tensors.items():
+        if QUANTISED.search(name) or name.endswith("eh_proj.weight"):
+            weight, scale_inv = quantize_fp8(tensor, SMALL_BLOCK)
+            stored[name], stored[name + "_scale_inv"] = weight, scale_inv
+            dequantized[name] = _theirs(weight, scale_inv, SMALL_BLOCK)
+        else:
+            stored[name] = dequantized[name] = tensor
+    assert "model.layers.3.eh_proj.weight_scale_inv" in stored
+    save_file(dequantized, str(tmp_path / "dense" / "model.safetensors"))
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": SMALL_BLOCK}
+    (tmp_path / "q").mkdir()
+    save_file(stored, str(tmp_path / "q" / "model.safetensors"))
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    expected = load_hf(tmp_path / "dense", mtp=True).state_dict()
+    ours = load_hf(tmp_path / "q", mtp=True).state_dict()
+    assert ours.keys() == expected.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, expected[name]), name
+    assert len(load_hf(tmp_path / "q").mtp) == 0
