@@ -322,3 +322,25 @@ def test_mtp_layers_are_dequantized_or_skipped_with_their_scales(tmp_path):
     for name, value in ours.items():
         assert torch.equal(value, expected[name]), name
     assert len(load_hf(tmp_path / "q").mtp) == 0
+
+
+def test_other_architectures_refuse_a_quantization_config(tmp_path):
+    """FP8 blocks are read for DeepSeek only; a Mixtral folder with the same
+    quantization_config is refused, naming it."""
+    t = transformers
+    config = t.MixtralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
+    t.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "fp8", "weight_block_size": HUB_BLOCK}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"mixtral checkpoints with a quantization_config .*fp8"):
+        load_hf(tmp_path)
