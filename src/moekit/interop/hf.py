@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..models import Transformer, meta_model
+from .fp8 import fp8_block_size, fp8_reader
 from .hf_config import (
     choose_architecture,
     hf_config,
@@ -44,6 +45,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # Non-persistent buffers some older checkpoints still carry; recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _LISTED = 20  # names shown per list in an error
+_EMBED = "model.embed_tokens.weight"
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -103,7 +105,9 @@ def load_hf(
     Args:
         path: folder with config.json and model.safetensors (or shards and their index).
         dtype: the weights' dtype; None keeps the checkpoint's (that of its embedding, and
-            fp32 for a router stored in fp32).
+            fp32 for a router stored in fp32). DeepSeek's FP8 block-quantised weights
+            (interop/fp8.py) are dequantized to it, by default to the embedding's dtype
+            (bf16 in the published checkpoints).
         mtp: DeepSeek-V3 only: also load the multi-token-prediction layers
             (num_nextn_predict_layers of them) as the model's mtp modules, for training;
             False skips them, as transformers does.
@@ -111,7 +115,9 @@ def load_hf(
         The model, in eval mode, on the CPU.
     Raises:
         ValueError: unsupported architecture or options; missing or unexpected tensors
-            (each list in one message); a tensor of the wrong shape.
+            (each list in one message); a tensor of the wrong shape; FP8 weights without
+            their scales or a quantization_config, scales of the wrong shape, a
+            quantization_config moekit does not read.
     """
     hf = read_hf_config(path)
     architecture = model_type_of(hf)
@@ -122,13 +128,16 @@ def load_hf(
         config = dataclasses.replace(config, mtp_depth=hf.get("num_nextn_predict_layers") or 0)
     files = weight_files(path)
     layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
+    block = None  # FP8 weight blocks, DeepSeek's
     if architecture == "gpt_oss":
         layout = checkpoint_layout(hf)  # MXFP4 experts or not, by its quantization_config
     elif hf.get("quantization_config") is not None:
-        raise ValueError(
-            f"{architecture} checkpoints with a quantization_config "
-            f"({hf['quantization_config']!r}) are not supported"
-        )
+        if architecture not in DEEPSEEK_ARCHITECTURES:
+            raise ValueError(
+                f"{architecture} checkpoints with a quantization_config "
+                f"({hf['quantization_config']!r}) are not supported"
+            )
+        block = fp8_block_size(hf["quantization_config"])
     model = meta_model(config)
     mappings = mappings_for(model, architecture, layout, hf)
     with ExitStack() as stack:
@@ -136,11 +145,19 @@ def load_hf(
             f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())
         }
 
-        def read(name: str) -> Tensor:
+        def raw(name: str) -> Tensor:
             return handles[files[name]].get_tensor(name)
 
+        def stored_dtype(name: str) -> str:
+            return handles[files[name]].get_slice(name).get_dtype()
+
+        if dtype is None and block is not None and _EMBED in files:
+            dequantized = raw(_EMBED).dtype  # the checkpoint's unquantised dtype
+        else:
+            dequantized = dtype or torch.float32
+        tensors, read = fp8_reader(files, stored_dtype, raw, block, dequantized)
         skipped = () if mtp else unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP
-        _check_names(mappings, files, read, config.tied_embeddings, skipped)
+        _check_names(mappings, tensors, read, config.tied_embeddings, skipped)
         state = {m.moekit: _convert(m, read) for m in mappings}
     as_stored = dtype is None
     if dtype is None:
@@ -175,7 +192,7 @@ def _check_names(
         if not name.endswith(_IGNORED_SUFFIXES) and not (skipped and name.startswith(skipped))
     }
     unexpected = present - expected
-    embed = "model.embed_tokens.weight"
+    embed = _EMBED
     if (
         tied
         and "lm_head.weight" in unexpected

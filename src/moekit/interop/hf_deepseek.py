@@ -26,7 +26,8 @@ modules as the layers after the last decoder layer, model.layers.{L + k}: a deco
 plus enorm, hnorm, eh_proj, shared_head.norm, and copies of the embedding (embed_tokens)
 and of the head (shared_head.head). load_hf skips them by default, as transformers does;
 with mtp=True they become moekit's mtp.{k} (models/mtp.py). save_hf writes a model's MTP
-modules there, with the copies. Not read: FP8 block-quantised weights (dequantise first).
+modules there, with the copies. FP8 block-quantised weights (the published V3 / R1
+checkpoints) are dequantized by the loader: interop/fp8.py.
 """
 
 from __future__ import annotations
