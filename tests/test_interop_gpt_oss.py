@@ -40,7 +40,9 @@ ROPE = {
 
 
 def _build(**overrides):
-    config = transformers.GptOssConfig(
+    """A tiny random GptOssForCausalLM (eager attention), weights drawn wide (std 0.3,
+    sinks std 1); overrides replace any config setting."""
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=32,
@@ -57,8 +59,8 @@ def _build(**overrides):
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        **overrides,
     )
+    config = transformers.GptOssConfig(**(settings | overrides))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.GptOssForCausalLM(config).eval()

@@ -174,22 +174,7 @@ def _tiny_model(arch: str, **overrides):
     if arch == "gpt_oss":
         import test_interop_gpt_oss as oss
 
-        config = transformers.GptOssConfig(
-            hidden_size=32,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            sliding_window=4,
-            max_position_embeddings=64,
-            rope_parameters=dict(oss.ROPE),
-            **overrides,
-        )
-        config._attn_implementation = "eager"
-        return transformers.GptOssForCausalLM(config).eval()
+        return oss._build(num_hidden_layers=2, **overrides)
     from test_interop_hf import _build
 
     return _build(arch, **overrides)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_interop_deepseek as ds
+import test_interop_gpt_oss as oss
 import torch
 from safetensors.torch import load_file
 
@@ -26,36 +28,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 96
+VOCAB = ds.VOCAB
 TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-DEEPSEEK = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    first_k_dense_replace=1,
-    kv_lora_rank=12,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=6,
-    max_position_embeddings=64,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
-YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 150000.0,
-    "factor": 4.0,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "truncate": False,
-    "original_max_position_embeddings": 16,
-}
+# the interop tests' tiny DeepSeek shapes, with two layers and four experts
+DEEPSEEK = ds.COMMON | dict(num_hidden_layers=2, n_routed_experts=4)
 
 
 def deepseek_v3():
@@ -73,26 +49,8 @@ def deepseek_v2():
 
 
 def gpt_oss():
-    config = transformers.GptOssConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=4,
-        max_position_embeddings=64,
-        rope_parameters=dict(YARN),
-        swiglu_limit=1.5,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    config._attn_implementation = "eager"
-    return transformers.GptOssForCausalLM(config)
+    # the interop tests' tiny gpt-oss (eager attention), two layers, experts of width 16
+    return oss._build(intermediate_size=16, num_hidden_layers=2)
 
 
 def wide(hf_model):

@@ -55,9 +55,12 @@ class ClampedSwiGLU:
         return torch.cat([grad_gate_RF, grad_up_RF], dim=-1)
 
 
-def resolve_activation(name: str, alpha: float, limit: float) -> str | ClampedSwiGLU:
-    """The activation a config names: its name, or a ClampedSwiGLU carrying alpha, limit."""
-    return ClampedSwiGLU(alpha, limit) if name == "swiglu_clamped" else name
+def resolve_activation(
+    activation: str | ClampedSwiGLU, alpha: float = 1.702, limit: float = 7.0
+) -> str | ClampedSwiGLU:
+    """The activation a name stands for: the name, or for "swiglu_clamped" a ClampedSwiGLU
+    carrying alpha and limit (a ClampedSwiGLU passes through)."""
+    return ClampedSwiGLU(alpha, limit) if activation == "swiglu_clamped" else activation
 
 
 def is_gated(activation: str | ClampedSwiGLU) -> bool:

@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import ClampedSwiGLU, is_gated
+from .activations import ClampedSwiGLU, is_gated, resolve_activation
 from .config import EXPERT_BACKENDS
 
 
 def activate(h_RH: Tensor, activation: str | ClampedSwiGLU) -> Tensor:
-    """The expert nonlinearity; GLU variants split h into (gate, up) halves."""
-    if activation == "swiglu_clamped":
-        activation = ClampedSwiGLU()
+    """The expert nonlinearity; GLU variants split h into (gate, up) halves. The experts
+    hold "swiglu_clamped" as a ClampedSwiGLU (resolve_activation)."""
     if isinstance(activation, ClampedSwiGLU):
         return activation(h_RH)
     if activation == "swiglu":
@@ -65,10 +64,10 @@ def _swiglu_backward(h_RH: Tensor, grad_a_RF: Tensor) -> Tensor:
     return grad_h_RH
 
 
-def _activation_backward(h_RH: Tensor, grad_a_RF: Tensor, activation: str) -> Tensor:
+def _activation_backward(
+    h_RH: Tensor, grad_a_RF: Tensor, activation: str | ClampedSwiGLU
+) -> Tensor:
     """d activate(h) / dh by hand (torch's fused backward kernels), for every activation."""
-    if activation == "swiglu_clamped":
-        activation = ClampedSwiGLU()
     if isinstance(activation, ClampedSwiGLU):
         return activation.backward(h_RH, grad_a_RF)
     if activation == "swiglu" and not torch.compiler.is_compiling():
@@ -315,7 +314,7 @@ class GroupedExperts(nn.Module):
                 f"unknown expert backend {backend!r}; choose one of {', '.join(EXPERT_BACKENDS)}"
             )
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
-        self.activation, self.backend = activation, backend
+        self.activation, self.backend = resolve_activation(activation), backend
         H = d_hidden * (2 if is_gated(activation) else 1)
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, H))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
@@ -428,7 +427,7 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, activation: str | ClampedSwiGLU = "swiglu"):
         super().__init__()
-        self.activation = activation
+        self.activation = resolve_activation(activation)
         self.up = nn.Linear(d_model, d_hidden * (2 if is_gated(activation) else 1), bias=False)
         self.down = nn.Linear(d_hidden, d_model, bias=False)
 

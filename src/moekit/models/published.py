@@ -133,17 +133,7 @@ def deepseek_v3() -> ModelConfig:
         vocab_size=129280,
         d_model=d_model,
         num_layers=61,
-        num_heads=128,
-        attention="mla",
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        max_seq_len=163840,
-        rope_scaling=_deepseek_yarn(mscale=1.0),
-        norm_eps=1e-6,
-        tied_embeddings=False,
+        **_deepseek_attention(mscale=1.0),
         d_hidden=18432,
         first_dense_layers=3,
         moe=MoEConfig(
@@ -175,17 +165,7 @@ def deepseek_v2() -> ModelConfig:
         vocab_size=102400,
         d_model=d_model,
         num_layers=60,
-        num_heads=128,
-        attention="mla",
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        max_seq_len=163840,
-        rope_scaling=_deepseek_yarn(mscale=0.707),
-        norm_eps=1e-6,
-        tied_embeddings=False,
+        **_deepseek_attention(mscale=0.707),
         d_hidden=12288,
         first_dense_layers=1,
         moe=MoEConfig(
@@ -203,8 +183,12 @@ def deepseek_v2() -> ModelConfig:
     )
 
 
-def _deepseek_yarn(mscale: float) -> dict:
-    return {
+def _deepseek_attention(mscale: float) -> dict:
+    """The ModelConfig fields DeepSeek-V2 and V3 share: multi-head latent attention (128
+    heads, q rank 1536, kv rank 512, no-rope 128, rope 64, value 128), YaRN to 160K
+    positions (factor 40 over 4096, mscale = mscale_all_dim = mscale), RMSNorm eps 1e-6,
+    untied embeddings."""
+    yarn = {
         "type": "yarn",
         "factor": 40.0,
         "original_max_seq_len": 4096,
@@ -213,6 +197,19 @@ def _deepseek_yarn(mscale: float) -> dict:
         "mscale": mscale,
         "mscale_all_dim": mscale,
     }
+    return dict(
+        num_heads=128,
+        attention="mla",
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_seq_len=163840,
+        rope_scaling=yarn,
+        norm_eps=1e-6,
+        tied_embeddings=False,
+    )
 
 
 def _gpt_oss(num_layers: int, num_experts: int) -> ModelConfig:

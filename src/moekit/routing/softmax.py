@@ -36,12 +36,8 @@ class SoftmaxTopK(Router):
         probs_TE = logits_TE.softmax(dim=-1)
         cfg = self.config
         rank_TE = group_limited(probs_TE, cfg.num_groups, cfg.topk_groups, group_max)
-        if cfg.num_groups == 1:
-            weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
-        else:
-            ids_TK = rank_TE.detach().topk(self.top_k, dim=-1).indices
-            weights_TK = probs_TE.gather(1, ids_TK)
-        weights_TK = self.renormalize(weights_TK)
+        ids_TK = rank_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = self.renormalize(probs_TE.gather(1, ids_TK))
         gate_TE = probs_TE
         if cfg.routed_scaling != 1.0:
             weights_TK, gate_TE = weights_TK * cfg.routed_scaling, probs_TE * cfg.routed_scaling
