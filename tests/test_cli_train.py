@@ -1,5 +1,6 @@
 """`moekit train` end to end on a micro config: the comparison table, comparison.json and
-loss.png; resume; prepare + --data .bin; `moekit eval`; `moekit generate` equals the library."""
+loss.png, a line per evaluation; resume; prepare + --data .bin; `moekit eval` equals the
+table's final loss; `moekit generate` equals the library."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_comparison_prints_the_table_and_writes_json_and_plot(comparison):
         "steps to dense final val loss",
         "training tokens/s",
         "speed-up",
+        "loss gap (dense - MoE final)",
+        "peak memory",
     ):
         assert row in stdout
     numbers = json.loads((out / "comparison.json").read_text())
@@ -54,6 +57,8 @@ def test_comparison_prints_the_table_and_writes_json_and_plot(comparison):
     assert moe["total_params"] > moe["active_params"]
     assert [s for s, _ in moe["evals"]] == [s for s, _ in dense["evals"]] == [0, 2, 4, 6]
     assert dense["final_val_loss"] == dense["evals"][-1][1]
+    assert numbers["loss_gap"] == dense["final_val_loss"] - moe["final_val_loss"]
+    assert numbers["peak_memory_gb"] > 0 and numbers["job_seconds"] > 0
     assert numbers["steps_to_dense_loss"] == steps_to_reach(moe["evals"], dense["final_val_loss"])
     if numbers["steps_to_dense_loss"] is not None:  # the stopwatch race, from the step times
         steps = [128 / r["tokens_per_s"] for r in read_metrics(out / "moe", "train")]
@@ -96,7 +101,9 @@ def test_resume_of_a_finished_comparison_trains_no_further(comparison):
     code, again, _ = run_cli("train", "--resume", "--out", str(out), "--no-progress")
     assert code == 0
     assert (out / "moe" / "checkpoint" / "model.safetensors").read_bytes() == before
-    assert again.splitlines()[2:5] == stdout.splitlines()[2:5]  # the same losses
+    assert not any(line.startswith("step ") for line in again.splitlines())  # no evaluation
+    final = [line for line in stdout.splitlines() if line.startswith("final validation loss")]
+    assert final == [line for line in again.splitlines() if line.startswith("final validation")]
 
 
 def test_eval_prints_the_runs_validation_loss(comparison):
@@ -105,6 +112,20 @@ def test_eval_prints_the_runs_validation_loss(comparison):
     assert code == 0
     expected = evaluate_run(out / "moe", max_batches=3)
     assert f"validation loss {expected.loss:.4f}, perplexity {expected.perplexity:.2f}" in stdout
+
+
+def test_eval_equals_the_tables_final_validation_loss(comparison):
+    # One definition: the run's validation batches, trainer.evaluate, the run's dtype.
+    out, stdout = comparison
+    numbers = json.loads((out / "comparison.json").read_text())
+    code, evaluated, _ = run_cli("eval", str(out))
+    assert code == 0
+    for run in ("moe", "dense"):
+        loss = numbers[run]["final_val_loss"]
+        assert evaluate_run(out / run).loss == loss
+        assert f"{out / run}: validation loss {loss:.4f}" in evaluated
+    moe, dense = numbers["moe"]["final_val_loss"], numbers["dense"]["final_val_loss"]
+    assert f"final validation loss{moe:>25.4f}{dense:>14.4f}" in stdout
 
 
 def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
@@ -181,6 +202,12 @@ def test_prepare_then_train_one_model_on_the_bin(tmp_path, text_file):
     )
     assert code == 0, err
     assert "6 steps, final validation loss" in stdout
+    # One line per evaluation, the model's own (no comparison), at steps 0, 2, 4, 6.
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    losses = [r["loss"] for r in read_metrics(run, "val")]
+    assert lines[0] == f"step 0/6  val loss {losses[0]:.3f}"
+    assert lines[1].startswith(f"step 2/6  val loss {losses[1]:.3f}  tok/s ")
+    assert len(lines) == 4
     assert (run / "checkpoint" / "model.safetensors").exists()
 
 

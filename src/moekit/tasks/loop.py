@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..train.config import TrainConfig
+from ..train.console import progress_bar
 from ..train.metrics import MetricsLog
 from ..train.step import optimizer_step, train_record
-from ..train.trainer import CONFIG_FILE, RUN_FORMAT, build_optimizer, progress_bar
+from ..train.trainer import CONFIG_FILE, RUN_FORMAT, build_optimizer
 from .data import TaskData
 
 LossFn = Callable[[Tensor, Tensor], Tensor]

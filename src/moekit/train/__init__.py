@@ -14,6 +14,7 @@ from .jobs import default_out_dir, resume_job, train_from, train_one
 from .metrics import MetricsLog, read_metrics
 from .run import DistributedRun, LocalRun, Run, run_on
 from .schedule import lr_at
+from .seeds import SeedsSummary, compare_seeds, format_summary
 from .step import optimizer_step, train_record
 from .trainer import Trainer, TrainResult, evaluate, load_trained_model, run_configs
 
@@ -26,14 +27,17 @@ __all__ = [
     "MetricsLog",
     "Run",
     "RunData",
+    "SeedsSummary",
     "TextPiece",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "compare",
+    "compare_seeds",
     "default_out_dir",
     "evaluate",
     "evaluate_run",
+    "format_summary",
     "format_table",
     "generate_text",
     "load_checkpoint",

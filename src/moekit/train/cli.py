@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,10 @@ Train a model. With no arguments: train the `tiny` MoE preset and its dense twin
 same tokens, batches and step budget, then print a table (parameters, final validation
 loss, steps for the MoE to reach the dense model's final loss, tokens/s) and write
 comparison.json and loss.png into the output folder (default runs/compare-<time>).
+The two models train in lockstep (eval_every steps each in turn, so both are timed under
+the same conditions); each evaluation prints a line with both validation losses, their
+gap and each model's tokens/s. --seeds N runs the comparison for seeds 0..N-1 (OUT/seed0/,
+...) and prints each figure as mean +- std over the seeds (OUT/summary.json).
 --no-compare trains the preset alone (default folder runs/<preset>-<time>).
 
 Settings: --preset NAME plus dotted overrides, e.g.
@@ -58,6 +63,12 @@ def train_main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", help="output folder (a run, or a comparison of two runs)")
     parser.add_argument("--resume", action="store_true", help="continue the stopped job in --out")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="run the comparison for seeds 0..N-1 (train.seed onwards) in OUT/seed{i}/ and "
+        "print mean +- std over them (default 1: one comparison in OUT/moe, OUT/dense)",
+    )
     parser.add_argument(
         "--init-from",
         metavar="RUN",
@@ -164,16 +175,23 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out DIR, the folder of the job to continue")
-        if overrides or args.data:
+        if overrides or args.data or args.seeds is not None:
             raise ValueError("--resume uses the settings saved in --out; drop the other settings")
         if args.init_from:
             raise ValueError("--resume continues --out; drop --init-from")
         result = train.resume_job(args.out, show_progress=progress, mesh=mesh)
-        if isinstance(result, train.Comparison):
+        if isinstance(result, train.SeedsSummary):
+            _print_summary(result, args.out)
+        elif isinstance(result, train.Comparison):
             print(train.format_table(result))
         else:
             _print_result(result, args.out)
         return 0
+    seeds = 1 if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise ValueError(f"--seeds ({seeds}) must be >= 1")
+    if seeds > 1 and (args.no_compare or args.init_from):
+        raise ValueError("--seeds runs the comparison; drop --no-compare and --init-from")
     if args.init_from:
         if args.preset:
             raise ValueError("--init-from trains the model of that run; drop --preset")
@@ -202,12 +220,31 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
             f"preset {args.preset!r} is dense; compare needs an MoE preset (or add --no-compare)"
         )
     out = args.out = args.out or str(train.default_out_dir("compare"))
+    if seeds > 1:
+        summary = train.compare_seeds(
+            model_config,
+            train_config,
+            out,
+            seeds,
+            data=args.data,
+            show_progress=progress,
+            mesh=mesh,
+        )
+        _print_summary(summary, out)
+        return 0
     comparison = train.compare(
         model_config, train_config, out, data=args.data, show_progress=progress, mesh=mesh
     )
     print(train.format_table(comparison))
     print(f"wrote {out}/comparison.json and {out}/loss.png")
     return 0
+
+
+def _print_summary(summary, out) -> None:
+    from .seeds import format_summary
+
+    print(format_summary(summary))
+    print(f"wrote {out}/summary.json (and a comparison folder per seed)")
 
 
 def _print_result(result, out) -> None:
@@ -252,7 +289,9 @@ def eval_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="moekit eval",
         description="Print the validation loss and perplexity of a trained run's checkpoint "
-        "(both runs of a comparison folder).",
+        "(both runs of a comparison folder, every run of a --seeds job). Without --data: on "
+        "the run's validation batches, the ones training evaluated on (the final loss of "
+        "`moekit train` is this number); --data RUN/data/val.bin: the whole validation split.",
     )
     parser.add_argument("run_dir", help="a run folder, or a comparison folder")
     parser.add_argument(
@@ -262,16 +301,24 @@ def eval_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .compare import comparison_runs
     from .inference import evaluate_run
+    from .seeds import SEEDS_FILE, seed_dirs
 
     run_dir = Path(args.run_dir)
-    comparison = comparison_runs(run_dir)
-    runs = [run_dir] if comparison is None else list(comparison.values())
+    folders = [run_dir]
+    if (run_dir / SEEDS_FILE).is_file():
+        seeds = json.loads((run_dir / SEEDS_FILE).read_text(encoding="utf-8"))["seeds"]
+        folders = [f for f in seed_dirs(run_dir, seeds).values() if f.is_dir()]
+    runs = []
+    for folder in folders:
+        comparison = comparison_runs(folder)
+        runs += [folder] if comparison is None else list(comparison.values())
     try:
         for run in runs:
             result = evaluate_run(run, data=args.data, max_batches=args.max_batches)
+            where = "the run's validation batches" if result.run_batches else args.data
             print(
                 f"{run}: validation loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
-                f"({result.num_tokens:,} tokens)"
+                f"({result.num_tokens:,} tokens of {where})"
             )
     except ValueError as error:
         return command_error("eval", error)

@@ -8,13 +8,18 @@ The speed-up is dense steps / MoE steps to the same validation loss: the steps t
 needs to reach the dense model's final validation loss, interpolated linearly between
 evaluations, against the dense model's full budget. The wall-clock speed-up is the same
 race on a stopwatch: the dense model's training time over the MoE's training time up to
-that step (the sum of its measured step times; evaluation excluded for both).
+that step (the sum of its measured step times; evaluation excluded for both). The two
+models train in lockstep, eval_every steps at a time each (train/lockstep.py), so both
+stopwatches run under the same machine conditions.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +28,9 @@ from ..models import ModelConfig, count_parameters, dense_twin
 from ..parallel import ParallelMesh
 from .checkpoint import checkpoint_dir
 from .config import TrainConfig
+from .console import print_line
 from .data import copy_run_data, prepare_run_data
+from .lockstep import train_in_lockstep
 from .run import run_on
 from .trainer import CONFIG_FILE, Trainer, TrainResult
 
@@ -69,6 +76,12 @@ class Comparison:
     speedup: float | None
     seconds_to_dense_loss: float | None = None
     wall_clock_speedup: float | None = None
+    # dense final - MoE final validation loss, in nats (positive: the MoE ended below)
+    loss_gap: float = math.nan
+    # this process's peak resident memory (GB) and the whole job's wall time (s); a
+    # resumed job counts the resumed part only
+    peak_memory_gb: float | None = None
+    job_seconds: float | None = None
 
 
 def compare(
@@ -80,10 +93,14 @@ def compare(
     corpus_config: CorpusConfig | None = None,
     resume: bool = False,
     show_progress: bool = True,
-    log=print,
+    log=print_line,
     mesh: ParallelMesh | None = None,
 ) -> Comparison:
-    """Train moe_config and dense_twin(moe_config) alike, then write the table's files.
+    """Train moe_config and dense_twin(moe_config) in lockstep, then write the table's files.
+
+    The two models train alternately, eval_every steps at a time (train/lockstep.py), so
+    both are timed under the same machine conditions; each gets the results it gets
+    trained alone. One line per evaluation goes to `log` as the job runs.
 
     Args:
         moe_config: the MoE model (e.g. presets.tiny()).
@@ -98,14 +115,15 @@ def compare(
     Returns:
         The Comparison (also in out_dir/comparison.json).
     """
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     run = run_on(mesh)
     moe_name, dense_name = RUN_NAMES
     runs = {moe_name: moe_config, dense_name: dense_twin(moe_config)}
-    results = {}
+    prepared = data is not None and Path(data).suffix == ".bin"
+    trainers = {}
     for name, model_config in runs.items():
         run_dir = out_dir / name
-        prepared = data is not None and Path(data).suffix == ".bin"
         if name == dense_name and not prepared and not (run_dir / "tokenizer.json").exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             if run.is_main:  # same tokens, no second tokenizer training
@@ -117,8 +135,7 @@ def compare(
             corpus_config=corpus_config,
             mesh=mesh,
         )
-        log(f"training {name} in {run_dir}")
-        trainer = Trainer(
+        trainers[name] = Trainer(
             model_config,
             train_config,
             run_dir,
@@ -127,12 +144,50 @@ def compare(
             resume=resume and checkpoint_dir(run_dir) is not None,
             show_progress=show_progress,
             data_source=None if data is None else str(data),
+            label=name,
         )
-        results[name] = (trainer.train(), count_parameters(trainer.model))
-    comparison = summarize(results, train_config)
+    if run.is_main:
+        log(
+            f"training {moe_name} in {out_dir / moe_name} and {dense_name} in "
+            f"{out_dir / dense_name}, alternating every {train_config.eval_every} steps"
+        )
+    results = train_in_lockstep(trainers, log=log)
+    params = {name: count_parameters(trainer.model) for name, trainer in trainers.items()}
+    comparison = summarize(
+        {name: (results[name], params[name]) for name in RUN_NAMES}, train_config
+    )
+    comparison.peak_memory_gb = peak_memory_gb()
+    comparison.job_seconds = time.perf_counter() - started
     if run.is_main:
         write_outputs(comparison, out_dir)
     return comparison
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory so far (getrusage maxrss), in GB (1e9 bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9  # Linux counts KiB
+
+
+def claim_holds(comparison: Comparison) -> bool:
+    """Whether the MoE reached the dense final loss sooner in steps and on the wall clock,
+    and ended below it."""
+    return (
+        comparison.speedup is not None
+        and comparison.speedup > 1
+        and comparison.wall_clock_speedup is not None
+        and comparison.wall_clock_speedup > 1
+        and comparison.moe.final_val_loss < comparison.dense.final_val_loss
+    )
+
+
+def read_comparison(out_dir: str | Path) -> Comparison:
+    """The Comparison a finished comparison wrote into out_dir/comparison.json."""
+    data = json.loads((Path(out_dir) / COMPARISON_FILE).read_text(encoding="utf-8"))
+    for name in RUN_NAMES:
+        summary = _none_to_nan(data[name], ("final_val_loss", "tokens_per_s"))
+        data[name] = ModelSummary(**summary | {"evals": [tuple(e) for e in summary["evals"]]})
+    return Comparison(**_none_to_nan(data, ("loss_gap",)))
 
 
 def summarize(results: dict[str, tuple[TrainResult, object]], config: TrainConfig) -> Comparison:
@@ -163,6 +218,7 @@ def summarize(results: dict[str, tuple[TrainResult, object]], config: TrainConfi
         speedup=dense_steps / reached if reached else None,
         seconds_to_dense_loss=seconds,
         wall_clock_speedup=dense.train_seconds / seconds if seconds else None,
+        loss_gap=dense.final_val_loss - moe.final_val_loss,
     )
 
 
@@ -220,6 +276,7 @@ def format_table(comparison: Comparison) -> str:
             f"{moe.final_val_loss:.4f}",
             f"{dense.final_val_loss:.4f}",
         ),
+        f"{'loss gap (dense - MoE final)':<32}{comparison.loss_gap:>+14.4f} nats",
         row(
             "steps to dense final val loss",
             "not reached" if reached is None else f"{reached:.0f}",
@@ -248,19 +305,31 @@ def format_table(comparison: Comparison) -> str:
             f"{comparison.wall_clock_speedup:.2f}x "
             f"({dense.train_seconds:.0f} s / {comparison.seconds_to_dense_loss:.0f} s)"
         )
+    if comparison.job_seconds is not None:
+        lines.append(
+            f"whole job: {comparison.job_seconds:.0f} s wall time (evaluations, data and "
+            f"checkpoints included), peak memory {comparison.peak_memory_gb:.2f} GB"
+        )
     return "\n".join(lines)
 
 
 def write_outputs(comparison: Comparison, out_dir: str | Path) -> None:
     """Write comparison.json and loss.png into out_dir."""
     out_dir = Path(out_dir)
-    data = asdict(comparison)
+    data = _nan_to_none(asdict(comparison))
     for key in RUN_NAMES:
-        data[key] = {
-            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data[key].items()
-        }
+        data[key] = _nan_to_none(data[key])
     (out_dir / COMPARISON_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
     plot_curves(comparison, out_dir / PLOT_FILE)
+
+
+def _nan_to_none(data: dict) -> dict:
+    """JSON has no NaN: a missing number is null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
+
+
+def _none_to_nan(data: dict, keys: tuple[str, ...]) -> dict:
+    return data | {k: math.nan for k in keys if data.get(k) is None}
 
 
 def plot_curves(comparison: Comparison, path: str | Path) -> None:

@@ -18,16 +18,21 @@ from ..data import (
 )
 from ..generate import stream
 from .data import prepare_run_data
-from .trainer import evaluate, load_trained_model, run_configs
+from .trainer import autocast, evaluate, fixed_eval_batches, load_trained_model, run_configs
 
 
 @dataclass
 class EvalResult:
-    """loss: mean cross entropy in nats per token; perplexity = exp(loss)."""
+    """loss: mean cross entropy in nats per token; perplexity = exp(loss).
+
+    run_batches: whether the loss is on the run's own validation batches (those every
+    evaluation during training used), rather than on other data.
+    """
 
     loss: float
     perplexity: float
     num_tokens: int
+    run_batches: bool = True
 
 
 def evaluate_run(
@@ -38,31 +43,44 @@ def evaluate_run(
 ) -> EvalResult:
     """Validation loss of a run's checkpoint, in sequences of the run's seq_len.
 
+    With data None this is the training's own definition, so it equals the run's last
+    logged validation loss (the comparison table's "final validation loss"): the same
+    eval_batches batches of windows spread over the validation split, the same function
+    (trainer.evaluate: token-weighted mean cross entropy, eval mode) under the same
+    autocast (TrainConfig.dtype).
+
     Args:
         run_dir: a trained run directory.
-        data: None = the run's validation split; a .txt/.jsonl file or folder (all of it,
-            tokenised with the run's tokenizer); or a prepared .bin made with that tokenizer.
-        max_batches: evaluate only the first batches (None = the whole stream).
+        data: None = the run's validation batches (above); a .txt/.jsonl file or folder
+            (all of it, tokenised with the run's tokenizer); or a prepared .bin made with
+            that tokenizer (RUN/data/val.bin: every window of the validation split).
+        max_batches: evaluate only the first batches (None = all of them).
     Returns:
         The EvalResult.
     """
     model = load_trained_model(run_dir)
     model_config, train_config, data_source = run_configs(run_dir)
     if data is None:
-        validation = prepare_run_data(
-            run_dir, data=data_source, vocab_size=model_config.vocab_size
-        ).validation
-    elif Path(data).suffix == ".bin":
-        validation = load_stream(data, tokenizer=Tokenizer.load(run_dir))
+        run_data = prepare_run_data(run_dir, data=data_source, vocab_size=model_config.vocab_size)
+        batches = fixed_eval_batches(run_data, train_config)
     else:
-        validation = tokenize_documents(load_documents(data), Tokenizer.load(run_dir))
-    batches = sequential_batches(
-        validation, batch_size=train_config.batch_size, seq_len=train_config.seq_len
-    )
+        if Path(data).suffix == ".bin":
+            stream = load_stream(data, tokenizer=Tokenizer.load(run_dir))
+        else:
+            stream = tokenize_documents(load_documents(data), Tokenizer.load(run_dir))
+        batches = sequential_batches(
+            stream, batch_size=train_config.batch_size, seq_len=train_config.seq_len
+        )
     batches = list(islice(batches, max_batches))
-    loss = evaluate(model, batches)
-    num_tokens = sum(targets.numel() for _, targets in batches)
-    return EvalResult(loss=loss, perplexity=torch.tensor(loss).exp().item(), num_tokens=num_tokens)
+    with autocast(train_config.dtype):
+        loss = evaluate(model, batches)
+    num_tokens = sum(int((targets != -100).sum()) for _, targets in batches)
+    return EvalResult(
+        loss=loss,
+        perplexity=torch.tensor(loss).exp().item(),
+        num_tokens=num_tokens,
+        run_batches=data is None,
+    )
 
 
 @dataclass

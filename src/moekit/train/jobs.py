@@ -13,9 +13,12 @@ from ..parallel import ParallelMesh
 from .checkpoint import checkpoint_dir
 from .compare import Comparison, compare, comparison_runs
 from .config import TrainConfig
+from .console import print_line
 from .data import prepare_run_data
+from .lockstep import train_in_lockstep
 from .overrides import apply_overrides
 from .run import run_on
+from .seeds import SEEDS_FILE, SeedsSummary, resume_seeds
 from .trainer import CONFIG_FILE, Trainer, TrainResult, load_trained_model, run_configs
 
 # The one model setting a run started from another may change (a loss weight, not a weight).
@@ -37,7 +40,8 @@ def train_one(
     show_progress: bool = True,
     mesh: ParallelMesh | None = None,
 ) -> TrainResult:
-    """Train one model in run_dir (tokenising its data there first if needed).
+    """Train one model in run_dir (tokenising its data there first if needed), with one
+    printed line per evaluation.
 
     Args:
         model_config, train_config: what to train and how.
@@ -60,22 +64,29 @@ def train_one(
         show_progress=show_progress,
         data_source=None if data is None else str(data),
     )
-    return trainer.train()
+    return train_reporting(trainer)
+
+
+def train_reporting(trainer: Trainer) -> TrainResult:
+    """trainer.train(), with a line on stdout per evaluation (step, val loss, tokens/s)."""
+    return train_in_lockstep({"run": trainer})["run"]
 
 
 def resume_job(
     out_dir: str | Path,
     *,
     show_progress: bool = True,
-    log=print,
+    log=print_line,
     mesh: ParallelMesh | None = None,
-) -> TrainResult | Comparison:
+) -> TrainResult | Comparison | SeedsSummary:
     """Continue a stopped `moekit train` job with the config saved in out_dir.
 
-    A comparison directory (moe/ and dense/ inside) resumes both runs; a run directory
-    resumes that run.
+    A seeds job (seeds.json inside) continues its unfinished seeds; a comparison directory
+    (moe/ and dense/ inside) resumes both runs; a run directory resumes that run.
     """
     out_dir = Path(out_dir)
+    if (out_dir / SEEDS_FILE).exists():
+        return resume_seeds(out_dir, show_progress=show_progress, log=log, mesh=mesh)
     runs = comparison_runs(out_dir)
     if runs is not None:
         model_config, train_config, data = run_configs(runs["moe"])
@@ -166,4 +177,4 @@ def train_from(
         show_progress=show_progress,
         data_source=None if data is None else str(data),
     )
-    return trainer.train()
+    return train_reporting(trainer)

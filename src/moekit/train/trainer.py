@@ -8,6 +8,11 @@ One Trainer trains one model in one run directory:
     RUN/checkpoint/          weights and trainer state (see train/checkpoint.py)
 Everything the next step depends on (weights, AdamW moments, step, loader position,
 torch RNG) is in the checkpoint, so a resumed run ends with bit-identical weights.
+
+Each Trainer draws from its own torch RNG stream (routers such as noisy_topk and switch
+draw noise from torch's global generator): train_until swaps the trainer's state in and
+out, so two trainers alternating segment by segment (train/lockstep.py) each train exactly
+as they would alone.
 """
 
 from __future__ import annotations
@@ -16,11 +21,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -36,10 +38,11 @@ from .config import (
     model_config_from_dict,
     model_config_to_dict,
     train_config_from_dict,
-    trainable_patterns,
 )
+from .console import deferred_interrupt, open_progress_bar
 from .data import RunData
 from .metrics import MetricsLog, RoutingLog, read_metrics
+from .optim import build_optimizer
 from .run import run_on
 from .step import optimizer_step, train_record
 from .tensorboard import TensorBoardLog
@@ -83,6 +86,7 @@ class Trainer:
         show_progress: draw a tqdm progress bar on stderr.
         data_source: recorded in config.json (None = the default corpus).
         routing_stats_every: steps per routing.jsonl record (0 = no routing statistics).
+        label: the progress bar's name (e.g. "moe" beside "dense" in a comparison).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class Trainer:
         show_progress: bool = True,
         data_source: str | dict | None = None,
         routing_stats_every: int = 10,
+        label: str | None = None,
     ):
         self.model_config, self.config = model_config, train_config
         self.run_dir = Path(run_dir)
@@ -115,6 +120,7 @@ class Trainer:
         self.forward = torch.compile(self.model) if train_config.compile else self.model
         self.is_main = self.run.is_main
         self.show_progress = show_progress and self.is_main
+        self.label, self._bar = label, None
         self.optimizer = build_optimizer(self.model, train_config)
         self.loader = data.loader(train_config)
         windows = data.eval_windows(train_config)
@@ -124,7 +130,15 @@ class Trainer:
         self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
         self.eval_domains = (data.domain_names, [domains_BL for *_, domains_BL in windows])
         self.step, self.train_seconds, self.exchange_seconds = 0, 0.0, 0.0
+        # step -> validation loss, and each step's wall time (for per-segment tokens/s);
+        # a resumed run reads both back from its metrics log.
+        self.val_losses: dict[int, float] = {}
+        self.step_seconds: list[float] = []
         self._start(resume, data_source)
+        self.saved_step = self.step if resume else None
+        # This trainer's torch RNG stream: seeded (and drawn from by the model's
+        # initialisation) or restored from the checkpoint just now.
+        self.rng_state, self._rng_held = torch.get_rng_state(), False
         # After _start: a resumed run drops the events past its checkpoint's step.
         self.tensorboard = None
         if train_config.tensorboard:
@@ -153,6 +167,7 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self.metrics.truncate_after(self.step)
             self.routing.truncate_after(self.step)
+            self._read_back_metrics()
             return
         if checkpoint_dir(self.run_dir) is not None:
             raise ValueError(
@@ -176,14 +191,23 @@ class Trainer:
         Returns:
             The TrainResult.
         """
+        self.train_until(self.config.steps if stop_at is None else stop_at)
+        return self.finish()
+
+    def train_until(self, step: int) -> None:
+        """Train up to `step` (at most config.steps) on this trainer's own RNG stream.
+
+        Evaluates at step 0 and every eval_every steps, checkpoints every checkpoint_every
+        steps, but writes no checkpoint for reaching `step` itself: finish() writes the
+        last one, so a comparison can alternate two trainers segment by segment. Ctrl-C
+        finishes the current step, saves a checkpoint, then raises KeyboardInterrupt.
+        """
         cfg = self.config
-        last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        if self.step == 0:
-            self.evaluate_and_log()
-        with (
-            progress_bar(cfg.steps, self.step, self.show_progress) as bar,
-            _deferred_interrupt() as interrupt,
-        ):
+        last = min(step, cfg.steps)
+        with self.own_rng(), deferred_interrupt() as interrupt:
+            if self.step == 0 and 0 not in self.val_losses:
+                self.evaluate_and_log()
+            bar = self._progress_bar()
             while self.step < last:
                 record = self.train_step()
                 if self.step == 1:  # under a mesh: the largest rank's bytes, once
@@ -194,10 +218,16 @@ class Trainer:
                     self.evaluate_and_log()
                 if self.run.any(interrupt.is_set()):  # every rank saves, or none does
                     self.save()
+                    self.close_progress()
                     raise KeyboardInterrupt
-                if self.step % cfg.checkpoint_every == 0 and self.step < last:
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
-        self.save()
+
+    def finish(self) -> TrainResult:
+        """End training where it stands: the last checkpoint (unless the current step is
+        saved already), the progress bar and TensorBoard log closed. Returns the result."""
+        self.ensure_saved()
+        self.close_progress()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.exchange_seconds and self.is_main:
@@ -208,6 +238,52 @@ class Trainer:
                 flush=True,
             )
         return self.result()
+
+    def ensure_saved(self) -> None:
+        """Checkpoint the current step unless the checkpoint holds it already."""
+        if self.saved_step != self.step:
+            self.save()
+
+    @contextlib.contextmanager
+    def own_rng(self):
+        """Run the block on this trainer's torch RNG stream; the caller's stream is put back
+        afterwards. Nested calls share the outer one's swap."""
+        if self._rng_held:
+            yield
+            return
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        self._rng_held = True
+        try:
+            yield
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+            self._rng_held = False
+
+    def _progress_bar(self):
+        """The trainer's tqdm bar, open from its first segment until finish()."""
+        if self._bar is None:
+            self._bar = open_progress_bar(
+                self.config.steps, self.step, self.show_progress, desc=self.label
+            )
+        return self._bar
+
+    def close_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _read_back_metrics(self) -> None:
+        """val_losses and step_seconds of the steps a resumed run already took."""
+        if not self.metrics.path.exists():
+            return
+        tokens_per_step = self.config.batch_size * self.config.seq_len
+        for record in read_metrics(self.metrics.path):
+            if record.get("split") == "val":
+                self.val_losses[record["step"]] = record["loss"]
+            elif record.get("split") == "train":
+                self.step_seconds.append(tokens_per_step / record["tokens_per_s"])
 
     def train_step(self) -> dict:
         """One optimizer step on the next batch; appends and returns its metrics record."""
@@ -227,6 +303,7 @@ class Trainer:
                 self.tensorboard.routing(routing_record)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
+        self.step_seconds.append(seconds)
         record = train_record(
             step=self.step,
             loss=self.run.mean(out.loss.item()),
@@ -257,6 +334,7 @@ class Trainer:
         with self._autocast():
             loss = self.run.mean(evaluate(self.model, batches, observe=observe))
         self.routing.write_eval(self.step, names)
+        self.val_losses[self.step] = loss
         self._log(
             {"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)}
         )
@@ -269,14 +347,18 @@ class Trainer:
             self.tensorboard.record(record)
 
     def save(self) -> Path:
-        """Checkpoint the current step into run_dir/checkpoint/."""
+        """Checkpoint the current step into run_dir/checkpoint/ (with this trainer's RNG
+        state, whichever stream is current when it is called)."""
         state = {
             "step": self.step,
             "train_seconds": self.train_seconds,
             "loader": self.loader.state_dict(),
             "config": read_run_config(self.run_dir),
         }
-        return self.run.save(self.run_dir, self.model, self.optimizer, state)
+        with self.own_rng():  # the checkpoint records the global generator's state
+            folder = self.run.save(self.run_dir, self.model, self.optimizer, state)
+        self.saved_step = self.step
+        return folder
 
     def result(self) -> TrainResult:
         """The run's result so far, read back from the metrics log."""
@@ -296,52 +378,12 @@ class Trainer:
         )
 
     def _autocast(self):
-        enabled = self.config.dtype == "bfloat16"
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.config.dtype)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and expert weights (ndim >= 2) only.
-
-    Norm gains and biases are not decayed: shrinking them towards 0 is not a prior anyone
-    wants (nanoGPT, LLaMA recipes). The learning rate is set every step by the schedule.
-    fused=True: one kernel per parameter group instead of a chain of foreach ops; on CPU
-    the step over the tiny MoE's 4 M parameters drops from about 23 ms to 4 ms.
-    With config.trainable set, the other parameters are frozen (requires_grad False).
-    """
-    params = _trainable(model, config.trainable)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # Sharded (DTensor) parameters take the plain per-parameter loop.
-    fused = not any(hasattr(p, "device_mesh") for p in params)
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        fused=fused or None,
-        foreach=None if fused else False,
-    )
-
-
-def _trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.Parameter]:
-    """The parameters matching the trainable patterns (all when None); freezes the rest."""
-    if trainable is None:
-        return list(model.parameters())
-    patterns = trainable_patterns(trainable)
-    unmatched = [p for p in patterns if not any(fnmatch(n, p) for n, _ in model.named_parameters())]
-    if unmatched:
-        raise ValueError(f"trainable patterns {unmatched} match no parameter of the model")
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(fnmatch(name, p) for p in patterns))
-        if param.requires_grad:
-            params.append(param)
-    return params
+def autocast(dtype: str):
+    """The autocast context of TrainConfig.dtype: bfloat16 matmuls, or none for float32."""
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def fixed_eval_batches(data: RunData, config: TrainConfig) -> list[tuple[Tensor, Tensor]]:
@@ -439,44 +481,3 @@ def _postfix(record: dict) -> str:
 
 def _asdict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, initial: int, enabled: bool):
-    """The training progress bar (tqdm, in steps), shared by every trainer in moekit."""
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
-@contextlib.contextmanager
-def _deferred_interrupt():
-    """Turn the first Ctrl-C into a flag checked between steps (a second one stops at once).
-
-    A KeyboardInterrupt raised inside optimizer.step() could leave half-updated weights;
-    deferring it to the step boundary keeps the saved checkpoint consistent.
-    """
-    interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted  # signal handlers can only be set from the main thread
-        return
-
-    def handler(signum, frame):
-        interrupted.set()
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
