@@ -128,6 +128,14 @@ def test_eval_equals_the_tables_final_validation_loss(comparison):
     assert f"final validation loss{moe:>25.4f}{dense:>14.4f}" in stdout
 
 
+def test_eval_equals_the_final_loss_under_bfloat16_autocast_too(tmp_path, text_file):
+    run = tmp_path / "bf16"
+    args = ["--no-compare", "--train.dtype", "bfloat16", "--data", str(text_file)]
+    code, _, err = run_cli("train", *args, "--out", str(run), *MICRO, "--steps", "2")
+    assert code == 0, err
+    assert evaluate_run(run).loss == read_metrics(run, "val")[-1]["loss"]
+
+
 def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
     out, _ = comparison
     code, stdout, _ = run_cli("eval", str(out), "--data", str(text_file), "--max-batches", "2")
