@@ -27,8 +27,9 @@ from ..data import CorpusConfig
 from ..models import ModelConfig, count_parameters, dense_twin
 from ..parallel import ParallelMesh
 from .checkpoint import checkpoint_dir
+from .compiling import CompileDecision
 from .config import TrainConfig
-from .console import print_line
+from .console import discard_line, print_line
 from .data import copy_run_data, prepare_run_data
 from .lockstep import train_in_lockstep
 from .run import run_on
@@ -122,6 +123,10 @@ def compare(
     runs = {moe_name: moe_config, dense_name: dense_twin(moe_config)}
     prepared = data is not None and Path(data).suffix == ".bin"
     trainers = {}
+    # One decision for both: the MoE and its twin compile, or stay eager, alike.
+    compile_decision = CompileDecision(
+        train_config.compile, log=log if run.is_main else discard_line
+    )
     for name, model_config in runs.items():
         run_dir = out_dir / name
         if name == dense_name and not prepared and not (run_dir / "tokenizer.json").exists():
@@ -145,6 +150,7 @@ def compare(
             show_progress=show_progress,
             data_source=None if data is None else str(data),
             label=name,
+            compile_decision=compile_decision,
         )
     if run.is_main:
         log(

@@ -10,6 +10,7 @@ from ..config import MoEConfig
 from ..models import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
+COMPILE_SETTINGS = ("auto", "true", "false")
 
 
 @dataclass(kw_only=True)
@@ -43,9 +44,11 @@ class TrainConfig:
     # bfloat16 autocast for the matmuls (routers stay fp32 inside the layer); float32
     # is the default because CPUs without bf16 instructions run bf16 matmuls slowly.
     dtype: str = "float32"
-    # torch.compile the training forward and backward (one graph for the whole model; the
-    # first step pays the compile, docs/benchmarks.md says when that pays off).
-    compile: bool = False
+    # torch.compile each transformer block for training (train/compiling.py): "true",
+    # "false", or "auto" = compile when the job is long enough to pay the compile back,
+    # judged on the first eager steps' time (the decision is printed). true/false as
+    # booleans are accepted too (run configs written before "auto").
+    compile: str = "auto"
     # Also write TensorBoard event files (RUN/tensorboard/; needs moekit[tensorboard]).
     tensorboard: bool = False
 
@@ -90,6 +93,12 @@ class TrainConfig:
             raise ValueError(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
         if self.trainable is not None and not trainable_patterns(self.trainable):
             raise ValueError(f"trainable ({self.trainable!r}) names no parameter pattern")
+        if isinstance(self.compile, bool):
+            self.compile = "true" if self.compile else "false"
+        if self.compile not in COMPILE_SETTINGS:
+            raise ValueError(
+                f"compile ({self.compile!r}) must be one of {', '.join(COMPILE_SETTINGS)}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 

@@ -9,6 +9,10 @@ import sys
 import threading
 
 
+def discard_line(line: str) -> None:
+    """A log that drops its lines (ranks other than 0 under torchrun)."""
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, initial: int, enabled: bool):
     """The training progress bar (tqdm, in steps), shared by every trainer in moekit."""

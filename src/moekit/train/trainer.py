@@ -33,13 +33,14 @@ from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora
 from ..parallel import ParallelMesh, exchange_seconds
 from .checkpoint import checkpoint_dir, load_checkpoint
+from .compiling import PROBE_STEPS, CompileDecision, compile_blocks, uncompile_blocks
 from .config import (
     TrainConfig,
     model_config_from_dict,
     model_config_to_dict,
     train_config_from_dict,
 )
-from .console import deferred_interrupt, open_progress_bar
+from .console import deferred_interrupt, discard_line, open_progress_bar, print_line
 from .data import RunData
 from .metrics import MetricsLog, RoutingLog, read_metrics
 from .optim import build_optimizer
@@ -87,6 +88,8 @@ class Trainer:
         data_source: recorded in config.json (None = the default corpus).
         routing_stats_every: steps per routing.jsonl record (0 = no routing statistics).
         label: the progress bar's name (e.g. "moe" beside "dense" in a comparison).
+        compile_decision: a CompileDecision shared with another trainer (a comparison's
+            two models then compile, or not, alike); None makes one from train.compile.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Trainer:
         data_source: str | dict | None = None,
         routing_stats_every: int = 10,
         label: str | None = None,
+        compile_decision: CompileDecision | None = None,
     ):
         self.model_config, self.config = model_config, train_config
         self.run_dir = Path(run_dir)
@@ -116,8 +120,14 @@ class Trainer:
         if model is not None and model.config != model_config:
             raise ValueError("the given model was not built from model_config")
         self.model = self.run.prepare(model) if model is not None else self.run.build(model_config)
-        # The training forward, compiled when asked; evaluation and saving use the model.
-        self.forward = torch.compile(self.model) if train_config.compile else self.model
+        # The training forward: the model, whose blocks are compiled in place when
+        # train.compile says so (train/compiling.py); evaluation always runs eager.
+        self.forward = self.model
+        self.compile_decision = compile_decision or CompileDecision(
+            train_config.compile, log=print_line if self.run.is_main else discard_line
+        )
+        self._compiled: bool | None = None
+        self._probe_seconds: list[float] = []
         self.is_main = self.run.is_main
         self.show_progress = show_progress and self.is_main
         self.label, self._bar = label, None
@@ -228,6 +238,9 @@ class Trainer:
         saved already), the progress bar and TensorBoard log closed. Returns the result."""
         self.ensure_saved()
         self.close_progress()
+        if self._compiled:  # the model leaves the trainer as it came: eager
+            uncompile_blocks(self.model)
+            self._compiled = None
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.exchange_seconds and self.is_main:
@@ -287,6 +300,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step on the next batch; appends and returns its metrics record."""
+        self._compile_when_decided()
         start = time.perf_counter()
         inputs_BL, targets_BL = self.loader.next_batch()
         num_tokens = inputs_BL.numel()
@@ -304,6 +318,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         self.step_seconds.append(seconds)
+        self._probe_seconds.append(seconds)
         record = train_record(
             step=self.step,
             loss=self.run.mean(out.loss.item()),
@@ -322,6 +337,25 @@ class Trainer:
         self._log(record)
         return record
 
+    def _compile_when_decided(self) -> None:
+        """Compile the blocks once train.compile is decided: "true" at the first step,
+        "auto" after PROBE_STEPS eager steps of this process (or at once when the trainer
+        sharing the decision has decided). Under torchrun, "auto" stays eager: the
+        constants behind it were measured in one process."""
+        if self._compiled is not None:
+            return
+        decision = self.compile_decision
+        if not decision.decided:
+            if self.run.world_size > 1:
+                decision.settle(False, "train.compile auto: eager under torchrun")
+            elif len(self._probe_seconds) < PROBE_STEPS:
+                return
+            else:
+                decision.decide(self._probe_seconds, self.config.steps - self.step)
+        self._compiled = decision.compiled
+        if self._compiled:
+            compile_blocks(self.model)
+
     def evaluate_and_log(self) -> float:
         """Validation loss on the fixed eval batches, appended to the metrics log (and the
         domain x expert counts of those batches to the routing log)."""
@@ -331,7 +365,8 @@ class Trainer:
         observe = None
         if self.run.world_size == 1:  # ranks see a part of each batch: no domain counts
             observe = self.routing.eval_observer(domains_per_batch, len(names), num_experts)
-        with self._autocast():
+        # Compiled blocks run eager here: evaluation equals `moekit eval` (eager) exactly.
+        with self._autocast(), torch.compiler.set_stance("force_eager"):
             loss = self.run.mean(evaluate(self.model, batches, observe=observe))
         self.routing.write_eval(self.step, names)
         self.val_losses[self.step] = loss
