@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 import re
@@ -13,15 +14,18 @@ import pytest
 
 import moekit.data.corpus as corpus_module
 from moekit.data import (
+    CORPUS_VERSION,
     DOMAINS,
     CorpusConfig,
     Document,
     build_corpus,
+    corpus_sha256,
     generate_problems,
     load_documents,
     split_documents,
 )
 from moekit.data.corpus import _split_source
+from moekit.data.docstrings import Docstring, split_docstrings
 
 SMALL = CorpusConfig(
     code_modules=("textwrap.py", "bisect.py", "heapq.py"),
@@ -31,20 +35,27 @@ SMALL = CorpusConfig(
 )
 
 
+@pytest.fixture(scope="module")
+def default_corpus(tmp_path_factory):
+    """The full default corpus, built once for the tests that read it (about 3 s)."""
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
 # --- default corpus ---------------------------------------------------------------------
 
 
-def test_default_corpus_is_deterministic(tmp_path):
-    # Two cold builds in separate caches: same documents, same order, same split.
-    first = build_corpus(tmp_path / "a")
-    second = build_corpus(tmp_path / "b")
-    assert first.train == second.train
-    assert first.validation == second.validation
-    assert [d.id for d in first.train] == [d.id for d in second.train]
+def test_default_corpus_is_deterministic(default_corpus, tmp_path):
+    # A second cold build in another cache: same documents, same order, same split, hash.
+    second = build_corpus(tmp_path)
+    assert default_corpus.train == second.train
+    assert default_corpus.validation == second.validation
+    assert default_corpus.sha256 == second.sha256
+    assert second.sha256 == corpus_sha256(second.train, second.validation)
+    assert (second.name, second.version) == ("default", CORPUS_VERSION)
 
 
-def test_default_corpus_has_every_domain_in_both_splits_without_overlap(tmp_path):
-    corpus = build_corpus(tmp_path)
+def test_default_corpus_has_every_domain_in_both_splits_without_overlap(default_corpus):
+    corpus = default_corpus
     train_ids = {d.id for d in corpus.train}
     validation_ids = {d.id for d in corpus.validation}
     assert not train_ids & validation_ids
@@ -56,7 +67,47 @@ def test_default_corpus_has_every_domain_in_both_splits_without_overlap(tmp_path
         # ceil(5%) of the domain's documents are held out.
         assert row["val_docs"] == -(-(row["train_docs"] + row["val_docs"]) * 5 // 100), domain
     total_chars = sum(row["train_chars"] + row["val_chars"] for row in stats.values())
-    assert 2_000_000 < total_chars < 6_000_000  # a few MB: trainable on a CPU
+    # About 3.4 M training tokens at vocab 4096 (docs/data.md): no token repeats within
+    # twice the default budget of 1.38 M, still trainable on a CPU.
+    assert 9_000_000 < total_chars < 14_000_000
+    texts = [d.text for d in corpus.train + corpus.validation]
+    assert len(set(texts)) == len(texts)
+
+
+def test_code_and_prose_share_no_text(default_corpus):
+    # Docstrings are moved from code to prose, never copied: no code document holds a
+    # docstring, and no paragraph of a prose docstring document is in the code, whatever
+    # its indentation (the corpus checks line by line; this checks another way).
+    documents = default_corpus.train + default_corpus.validation
+    code = {}
+    for d in documents:
+        if d.domain == "code":
+            module, index = d.id.removeprefix("code/").split("#")
+            code.setdefault(module, []).append((int(index), d.text))
+    assert len(code) > 400
+    for module in sorted(code)[::10]:  # a sample: parsing all 6 MB takes seconds
+        tree = ast.parse("".join(text for _, text in sorted(code[module])))
+        definitions = [tree] + [
+            node for node in ast.walk(tree)
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]  # fmt: skip
+        assert all(ast.get_docstring(node) is None for node in definitions), module
+
+    def words(text: str) -> str:
+        return " ".join(text.split())
+
+    code_words = words("\n".join(d.text for d in documents if d.domain == "code"))
+    prose = [d for d in documents if d.id.startswith("prose/docstrings/")]
+    assert sum(len(d.text) for d in prose) > 1_000_000
+    # A sample of paragraphs (each search reads 6 MB), among them base64's and heapq's,
+    # whose modules repeat a docstring paragraph in a string literal.
+    sample = [
+        d for d in prose if d.id.startswith(("prose/docstrings/base64", "prose/docstrings/heapq"))
+    ]
+    paragraphs = [words(p) for d in sample + prose[::60] for p in d.text.split("\n\n")]
+    long_paragraphs = [p for p in paragraphs if len(p) >= 80]
+    assert len(long_paragraphs) > 150
+    assert not [p for p in long_paragraphs if p in code_words]
 
 
 def test_second_build_reads_the_cache(tmp_path, monkeypatch):
@@ -93,6 +144,69 @@ def test_code_chunks_are_whole_top_level_blocks():
     assert "".join(chunks) == source
     for chunk in chunks[1:]:
         assert chunk.startswith(("def ", "class ", "async def ", "@"))
+
+
+def test_split_docstrings_worked_example():
+    source = (
+        '"""Module doc."""\n'
+        "import os\n"
+        "\n"
+        "class A:\n"
+        '    """Class doc,\n'
+        '    on two lines."""\n'
+        "\n"
+        "    def f(self):\n"
+        "        '''Method doc.'''\n"
+        "        return 1\n"
+        "\n"
+        'def g(): "stays: it shares its line"\n'
+        "\f\n"  # a form feed, which str.splitlines would take for a line break
+        "if os.name:\n"
+        "    def h():\n"
+        '        """Only a docstring."""\n'
+    )
+    code, cut, kept = split_docstrings(source, "m")
+    assert cut == [
+        Docstring("m", "Module doc."),
+        Docstring("m.A", "Class doc,\non two lines."),
+        Docstring("m.A.f", "Method doc."),
+        Docstring("m.h", "Only a docstring."),
+    ]
+    assert kept == ["stays: it shares its line"]
+    assert code == (
+        "import os\n"
+        "\n"
+        "class A:\n"
+        "\n"
+        "    def f(self):\n"
+        "        return 1\n"
+        "\n"
+        'def g(): "stays: it shares its line"\n'
+        "\f\n"
+        "if os.name:\n"
+        "    def h():\n"
+        "        pass\n"
+    )
+    ast.parse(code)
+    assert Docstring("m.A", "Two\n\nlines").entry() == "m.A\n    Two\n\n    lines\n"
+
+
+def test_split_is_stable():
+    # Validation holds the ceil(5%) ids with the smallest SHA-256, whatever the text,
+    # the order or the Python version: the same 5 of 100 math ids in every release.
+    documents = [Document(id=f"math/{i:06d}", domain="math", text="") for i in range(100)]
+    random.Random(0).shuffle(documents)
+    _, validation = split_documents(documents, validation_fraction=0.05)
+    expected = ["math/000015", "math/000037", "math/000050", "math/000068", "math/000072"]
+    assert sorted(d.id for d in validation) == expected
+
+
+def test_math_documents_are_distinct(tmp_path):
+    corpus = build_corpus(tmp_path, CorpusConfig(domains=("math",), num_math_problems=3000))
+    texts = [d.text for d in corpus.train + corpus.validation]
+    assert len(texts) == 3000 and len(set(texts)) == 3000
+    # The first problems are the generator's first ones; repeats drawn later are skipped.
+    assert generate_problems(1, seed=0)[0].text() in texts
 
 
 def test_dialogue_documents_are_turns(tmp_path):

@@ -1,22 +1,33 @@
 """The embedded default corpus: five domains built offline from what every machine holds.
 
-Domains and their sources (CPython 3.11, default config; docs/data.md has the table):
-- code: a fixed list of standard-library modules' source, split into documents at
-  top-level `def`/`class` boundaries (1.79 MB, 210 documents).
-- prose: CPython's help topics, `pydoc_data.topics`, one document per topic
-  (0.46 MB, 79 documents).
-- math: generated arithmetic and algebra problems with worked solutions, one document
-  per problem (0.63 MB, 4000 documents; see math_problems.py).
-- dialogue: the English conversations of the chatterbot-corpus package, one document
-  per YAML file (0.22 MB, 21 documents).
-- multilingual: the same package's 27 other languages (0.51 MB, 216 documents).
+Only Python's standard library and moekit's own dependency chatterbot-corpus are read:
+no download, no operating-system file, no optional extra. Version 2 holds enough unique
+text that a run sees no token twice within twice the default budget (2 x 225 steps x
+48 x 128 = 2.76 M tokens).
 
-The build is deterministic: sources are read in a fixed order and the split hashes
-document ids. The result is cached as JSON lines under
-`<cache_dir>/corpus-<CORPUS_VERSION>-<key>/`, where the key hashes the config, the
-Python version and the chatterbot-corpus version (the sources differ between them), so a
-second build only reads the cached files. Sizes above are millions of characters. Bump
-CORPUS_VERSION whenever the builders change.
+Domains and their sources (CPython 3.11.7, default config; docs/data.md has the table):
+- code: the 407 standard-library modules of stdlib_modules.py (every plain .py file of
+  CPython 3.10-3.13 less test suites and data tables) with their docstrings cut out,
+  split into documents at top-level `def`/`class` boundaries (6.27 M chars, 863 documents).
+- prose: CPython's help topics (`pydoc_data.topics`, one document per topic), then the
+  docstrings cut out of those modules, written as help() shows them and joined into
+  documents of about 6000 characters (2.29 M chars, 600 documents). Docstrings move from
+  code to prose, they are not copied, so the two domains share no text.
+- math: 10 000 distinct generated arithmetic and algebra problems with worked solutions,
+  one document per problem (1.61 M chars; see math_problems.py).
+- dialogue: the English conversations of the chatterbot-corpus package, one document
+  per YAML file (0.22 M chars, 21 documents).
+- multilingual: the same package's 27 other languages (0.51 M chars, 216 documents).
+Total 10.9 M characters: 3.39 M training and 0.16 M validation tokens with the default
+4096-token tokenizer trained on the training split.
+
+The build is deterministic: sources are read in a fixed order, a document whose text
+came before is dropped, and the split hashes document ids. Corpus.sha256 hashes every
+document in split order; Corpus.describe makes the one line a run prints. The result is
+cached as JSON lines under `<cache_dir>/corpus-<CORPUS_VERSION>-<key>/` (meta.json holds
+the hash), where the key hashes the config, the Python version and the chatterbot-corpus
+version (the sources differ between them), so a second build only reads the cached
+files. Bump CORPUS_VERSION whenever the builders change.
 """
 
 from __future__ import annotations
@@ -27,29 +38,17 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moekit.data.docstrings import Docstring, chunk_entries, split_docstrings
 from moekit.data.documents import Document, split_documents
 from moekit.data.math_problems import generate_problems
+from moekit.data.stdlib_modules import DEFAULT_CODE_MODULES
 
-CORPUS_VERSION = "1"
+CORPUS_VERSION = "2"
 DOMAINS = ("code", "prose", "math", "dialogue", "multilingual")
-
-# Modules present, as plain files, from Python 3.10 to 3.13; a module missing on some
-# other version is skipped (the cache key holds the Python version).
-DEFAULT_CODE_MODULES = (
-    "abc.py", "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py",
-    "codecs.py", "collections/__init__.py", "colorsys.py", "configparser.py",
-    "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "enum.py",
-    "fnmatch.py", "fractions.py", "functools.py", "glob.py", "graphlib.py", "gzip.py",
-    "heapq.py", "html/parser.py", "inspect.py", "ipaddress.py", "json/__init__.py",
-    "json/decoder.py", "json/encoder.py", "logging/__init__.py", "numbers.py",
-    "operator.py", "os.py", "pprint.py", "queue.py", "random.py", "sched.py",
-    "secrets.py", "selectors.py", "shlex.py", "shutil.py", "statistics.py", "string.py",
-    "tempfile.py", "textwrap.py", "threading.py", "tokenize.py", "traceback.py",
-    "typing.py", "urllib/parse.py", "uuid.py", "weakref.py",
-)  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -57,13 +56,16 @@ class CorpusConfig:
     """What goes into the default corpus. Smaller values make quick test corpora."""
 
     domains: tuple[str, ...] = DOMAINS
+    # Standard-library files: their docstrings are prose, the rest of their source code.
     code_modules: tuple[str, ...] = DEFAULT_CODE_MODULES
-    # Code documents are whole top-level blocks, joined until they pass this length.
+    # Documents are whole top-level blocks (code) or whole docstrings (prose), joined
+    # until they pass this length.
     code_chunk_chars: int = 6000
+    prose_chunk_chars: int = 6000
     # None keeps every help topic / every language; a number keeps the first ones.
     max_prose_topics: int | None = None
     max_languages: int | None = None
-    num_math_problems: int = 4000
+    num_math_problems: int = 10000
     math_seed: int = 0
     validation_fraction: float = 0.05
 
@@ -71,8 +73,9 @@ class CorpusConfig:
         unknown = sorted(set(self.domains) - set(DOMAINS))
         if unknown:
             raise ValueError(f"unknown domains {unknown}; choose from {list(DOMAINS)}")
-        if self.code_chunk_chars <= 0:
-            raise ValueError(f"code_chunk_chars ({self.code_chunk_chars}) must be > 0")
+        for name in ("code_chunk_chars", "prose_chunk_chars"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
 
     def cache_key(self) -> str:
         """A short hash of the config and the versions of the sources."""
@@ -82,23 +85,38 @@ class CorpusConfig:
             "python": list(sys.version_info[:2]),
             "chatterbot": chatterbot_corpus.__version__,
         }
-        fields = dataclasses.asdict(self) | versions
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return short_hash(dataclasses.asdict(self) | versions)
 
 
 @dataclass
 class Corpus:
-    """Documents split into train and validation, each in a fixed order."""
+    """Documents split into train and validation, each in a fixed order.
+
+    name and version say which built-in corpus this is ("default" v2, "packages" v1);
+    sha256 hashes every document's id, domain and text in split order (corpus_sha256).
+    """
 
     train: list[Document]
     validation: list[Document]
     path: Path | None = field(default=None, compare=False)
+    name: str = "default"
+    version: str = CORPUS_VERSION
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            self.sha256 = corpus_sha256(self.train, self.validation)
 
     @property
     def domains(self) -> list[str]:
         """Domains present, in DOMAINS order, then any others sorted."""
         present = {d.domain for d in self.train + self.validation}
         return [d for d in DOMAINS if d in present] + sorted(present - set(DOMAINS))
+
+    @property
+    def num_chars(self) -> int:
+        """Characters in both splits."""
+        return sum(len(d.text) for d in self.train + self.validation)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per domain: number of documents and characters in each split."""
@@ -109,6 +127,37 @@ class Corpus:
                 table[document.domain][f"{split}_docs"] += 1
                 table[document.domain][f"{split}_chars"] += len(document.text)
         return table
+
+    def describe(self, train_tokens: int, validation_tokens: int) -> str:
+        """One line for logs: which corpus, its size in characters and tokens, its hash.
+
+        Example: "corpus: default v2, 10.9 M chars, 3.39 M train tokens, 0.161 M
+        validation tokens, sha256 538ce7aff58b".
+        """
+        return (
+            f"corpus: {self.name} v{self.version}, {_millions(self.num_chars)} chars, "
+            f"{_millions(train_tokens)} train tokens, {_millions(validation_tokens)} "
+            f"validation tokens, sha256 {self.sha256[:12]}"
+        )
+
+
+def corpus_sha256(train: list[Document], validation: list[Document]) -> str:
+    """SHA-256 of the documents (split, id, domain, text), in order: equal only for equal corpora."""
+    digest = hashlib.sha256()
+    for split, documents in (("train", train), ("validation", validation)):
+        for d in documents:
+            record = json.dumps([split, d.id, d.domain, d.text], ensure_ascii=False)
+            digest.update(record.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.3g} M"
+
+
+def short_hash(fields: dict) -> str:
+    """12 hex digits of the SHA-256 of fields as sorted JSON: a cache key."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_cache_dir() -> Path:
@@ -131,20 +180,45 @@ def build_corpus(cache_dir: str | Path | None = None, config: CorpusConfig | Non
     config = config or CorpusConfig()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / f"corpus-{CORPUS_VERSION}-{config.cache_key()}"
+
+    def build() -> Corpus:
+        documents = collect_documents(config)
+        train, validation = split_documents(
+            documents, validation_fraction=config.validation_fraction
+        )
+        return Corpus(train=train, validation=validation, path=folder)
+
+    return cached_corpus(folder, build, dataclasses.asdict(config))
+
+
+def cached_corpus(folder: Path, build: Callable[[], Corpus], config: dict) -> Corpus:
+    """Read the corpus cached in folder, or build it and cache it there.
+
+    Args:
+        folder: the cache folder of this corpus, name, version and config.
+        build: makes the corpus (with `path` set to folder) when the cache has none.
+        config: recorded in meta.json with the corpus's name, version, hash and stats.
+
+    Returns:
+        The corpus.
+    """
     if (folder / "meta.json").exists():
         return _read_cache(folder)
-    documents = collect_documents(config)
-    train, validation = split_documents(documents, validation_fraction=config.validation_fraction)
-    corpus = Corpus(train=train, validation=validation, path=folder)
+    corpus = build()
     _write_cache(corpus, folder, config)
     return corpus
 
 
 def collect_documents(config: CorpusConfig) -> list[Document]:
     """Read every selected source, in DOMAINS order, into tagged documents."""
+    wanted = set(config.domains)
+    # Code and prose both come from the same parsed files.
+    modules = read_stdlib_modules(config.code_modules) if wanted & {"code", "prose"} else []
     builders = {
-        "code": lambda: code_documents(config.code_modules, config.code_chunk_chars),
-        "prose": lambda: prose_documents(config.max_prose_topics),
+        "code": lambda: code_documents(modules, config.code_chunk_chars),
+        "prose": lambda: prose_documents(
+            modules, config.max_prose_topics, config.prose_chunk_chars
+        ),
         "math": lambda: math_documents(config.num_math_problems, config.math_seed),
         "dialogue": lambda: dialogue_documents(english=True),
         "multilingual": lambda: dialogue_documents(
@@ -153,22 +227,67 @@ def collect_documents(config: CorpusConfig) -> list[Document]:
     }
     documents: list[Document] = []
     for domain in DOMAINS:
-        if domain in config.domains:
+        if domain in wanted:
             documents.extend(builders[domain]())
-    return documents
+    return unique_texts(documents)
 
 
-def code_documents(modules: tuple[str, ...], chunk_chars: int) -> list[Document]:
-    """Standard-library source files, cut into documents at top-level definitions."""
+def unique_texts(documents: list[Document]) -> list[Document]:
+    """The documents less any whose text came before, so no text is in both splits.
+
+    In the default corpus two help topics ("if", "else") are one text, and two package
+    __init__ files hold the same comment.
+    """
+    seen: set[str] = set()
+    unique = []
+    for document in documents:
+        if document.text not in seen:
+            seen.add(document.text)
+            unique.append(document)
+    return unique
+
+
+@dataclass
+class StdlibModule:
+    """One standard-library file, split: its code without docstrings, and the docstrings.
+
+    kept: texts of docstrings that share a line with code and so stay in `code`.
+    """
+
+    path: str
+    code: str
+    docstrings: list[Docstring]
+    kept: list[str]
+
+
+def read_stdlib_modules(paths: tuple[str, ...]) -> list[StdlibModule]:
+    """Read and split the given standard-library files; files this Python lacks are skipped.
+
+    Args:
+        paths: paths under the standard library, e.g. "json/decoder.py".
+
+    Returns:
+        The modules, in the order given.
+    """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    documents = []
-    for module in modules:
-        file = stdlib / module
+    modules = []
+    for path in paths:
+        file = stdlib / path
         if not file.is_file():
             continue
-        source = file.read_text(encoding="utf-8")
-        for index, chunk in enumerate(_split_source(source, chunk_chars)):
-            documents.append(Document(id=f"code/{module}#{index}", domain="code", text=chunk))
+        dotted = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        code, docstrings, kept = split_docstrings(file.read_text(encoding="utf-8"), dotted)
+        modules.append(StdlibModule(path, code, docstrings, kept))
+    return modules
+
+
+def code_documents(modules: list[StdlibModule], chunk_chars: int) -> list[Document]:
+    """Standard-library source without docstrings, cut into documents at top-level blocks."""
+    documents = []
+    for module in modules:
+        chunks = [c for c in _split_source(module.code, chunk_chars) if c.strip()]
+        for index, chunk in enumerate(chunks):
+            documents.append(Document(id=f"code/{module.path}#{index}", domain="code", text=chunk))
     return documents
 
 
@@ -190,19 +309,70 @@ def _split_source(source: str, chunk_chars: int) -> list[str]:
     return chunks
 
 
-def prose_documents(max_topics: int | None = None) -> list[Document]:
-    """CPython's help topics (the text `help('TOPIC')` shows), one document per topic."""
+def prose_documents(
+    modules: list[StdlibModule], max_topics: int | None, chunk_chars: int
+) -> list[Document]:
+    """CPython's help topics, then the docstrings cut out of the standard-library modules.
+
+    A topic is one document (the text `help('TOPIC')` shows). A module's docstrings are
+    written as help() shows them (qualified name, indented text) and joined into
+    documents of about chunk_chars. Left out, so that prose repeats neither itself nor
+    the code: a docstring whose text came earlier or stayed in some module's code, and
+    one with a line of 40+ characters that is also a line of the code (a few modules
+    repeat a docstring in a string literal or show their own code in an example).
+
+    Args:
+        modules: the split standard-library modules (read_stdlib_modules).
+        max_topics: keep the first help topics in sorted order (None keeps all).
+        chunk_chars: docstring documents are joined until they pass this length.
+    """
     from pydoc_data.topics import topics
 
     names = sorted(topics)[:max_topics]
-    return [Document(id=f"prose/{name}", domain="prose", text=topics[name]) for name in names]
+    documents = [
+        Document(id=f"prose/topics/{name}", domain="prose", text=topics[name]) for name in names
+    ]
+    seen = {text for module in modules for text in module.kept}
+    code_lines = set().union(*(long_lines(module.code) for module in modules))
+    for module in modules:
+        entries = []
+        for docstring in module.docstrings:
+            if docstring.text in seen or not code_lines.isdisjoint(long_lines(docstring.text)):
+                continue
+            seen.add(docstring.text)
+            entries.append(docstring.entry())
+        for index, chunk in enumerate(chunk_entries(entries, chunk_chars)):
+            documents.append(
+                Document(id=f"prose/docstrings/{module.path}#{index}", domain="prose", text=chunk)
+            )
+    return documents
+
+
+def long_lines(text: str, min_chars: int = 40) -> set[str]:
+    """The lines of text with at least min_chars characters, stripped of outer whitespace.
+
+    Two texts that share such a line share text, whatever their indentation; shorter
+    lines ("Returns:", "pass") are common to unrelated texts.
+    """
+    return {stripped for line in text.split("\n") if len(stripped := line.strip()) >= min_chars}
 
 
 def math_documents(num_problems: int, seed: int) -> list[Document]:
-    """Generated problems with worked solutions, one document per problem."""
-    problems = generate_problems(num_problems, seed=seed)
+    """Generated problems with worked solutions, one document per distinct problem.
+
+    A few templates have few distinct problems (percentages of round numbers), so the
+    generator repeats some; repeats are skipped and the stream drawn further until
+    num_problems distinct problems are in (generate_problems(n) is a prefix of
+    generate_problems(2 * n)).
+    """
+    texts: dict[str, None] = {}  # insertion-ordered set
+    drawn = num_problems
+    while len(texts) < num_problems:
+        texts = dict.fromkeys(p.text() for p in generate_problems(drawn, seed=seed))
+        drawn *= 2
     return [
-        Document(id=f"math/{i:06d}", domain="math", text=p.text()) for i, p in enumerate(problems)
+        Document(id=f"math/{i:06d}", domain="math", text=text)
+        for i, text in enumerate(list(texts)[:num_problems])
     ]
 
 
@@ -256,7 +426,7 @@ def _conversations_text(record: dict) -> str:
     return "\n\n".join(blocks) + "\n" if blocks else ""
 
 
-def _write_cache(corpus: Corpus, folder: Path, config: CorpusConfig) -> None:
+def _write_cache(corpus: Corpus, folder: Path, config: dict) -> None:
     """Write documents and metadata; meta.json goes last so a half-written cache is ignored."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, documents in (("train", corpus.train), ("validation", corpus.validation)):
@@ -267,8 +437,10 @@ def _write_cache(corpus: Corpus, folder: Path, config: CorpusConfig) -> None:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         temporary.replace(folder / f"{split}.jsonl")
     meta = {
-        "version": CORPUS_VERSION,
-        "config": dataclasses.asdict(config),
+        "name": corpus.name,
+        "version": corpus.version,
+        "sha256": corpus.sha256,
+        "config": config,
         "stats": corpus.stats(),
     }
     (folder / "meta.json.tmp").write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -276,8 +448,16 @@ def _write_cache(corpus: Corpus, folder: Path, config: CorpusConfig) -> None:
 
 
 def _read_cache(folder: Path) -> Corpus:
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     splits = []
     for split in ("train", "validation"):
         with open(folder / f"{split}.jsonl", encoding="utf-8") as handle:
             splits.append([Document(**json.loads(line)) for line in handle])
-    return Corpus(train=splits[0], validation=splits[1], path=folder)
+    return Corpus(
+        train=splits[0],
+        validation=splits[1],
+        path=folder,
+        name=meta["name"],
+        version=meta["version"],
+        sha256=meta["sha256"],
+    )

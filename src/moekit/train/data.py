@@ -1,8 +1,11 @@
-"""The token streams of a run: the default corpus, user text, or a prepared .bin.
+"""The token streams of a run: a built-in corpus, user text, or a prepared .bin.
 
-Default corpus and user text are tokenised once into the run directory:
+A built-in corpus (the default one, or `builtin:packages`) and user text are tokenised
+once into the run directory:
     RUN/tokenizer.json, RUN/data/train.bin, RUN/data/val.bin (+ sidecars)
-and a resumed run (or `moekit eval`) reads them back. A run directory that already holds
+and a resumed run (or `moekit eval`) reads them back. A built-in corpus also leaves
+RUN/data/corpus.json (its name, version, SHA-256, characters and tokens per split), and
+the line Corpus.describe makes of it is printed when it is tokenised. A run directory that already holds
 a tokenizer (a converted checkpoint's, with its special_tokens.json, or one copied from
 the run it starts from) keeps it, and its text is tokenised with it; otherwise a new
 tokenizer is trained on the training split. A prepared stream (`moekit
@@ -12,7 +15,9 @@ beside it; its tokenizer is copied into the run directory.
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +25,19 @@ from torch import Tensor
 
 from ..data import (
     BatchLoader,
+    Corpus,
     CorpusConfig,
     Document,
+    PackageCorpusConfig,
     Tokenizer,
     TokenStream,
-    build_corpus,
+    build_builtin_corpus,
+    builtin_corpus_name,
     copy_tokenizer,
     load_documents,
     load_stream,
     prepare,
+    read_stream_meta,
     sequential_batches,
     split_documents,
     train_tokenizer,
@@ -40,6 +49,7 @@ from .run import run_on
 
 DATA_DIR = "data"
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
+CORPUS_FILE = "corpus.json"
 
 
 @dataclass
@@ -89,27 +99,37 @@ def prepare_run_data(
     *,
     data: str | Path | None = None,
     vocab_size: int = 4096,
-    corpus_config: CorpusConfig | None = None,
+    corpus_config: CorpusConfig | PackageCorpusConfig | None = None,
     mesh: ParallelMesh | None = None,
+    log: Callable[[str], None] = print,
 ) -> RunData:
     """Tokenise the run's data into run_dir, or read it back when it is already there.
 
     Args:
         run_dir: the run directory.
-        data: None for the default corpus; a .txt/.jsonl file or folder of user text
-            (split 95/5 by document); or a prepared train .bin.
+        data: None for the default corpus; "builtin:NAME" for a built-in corpus
+            ("builtin:packages": the held-out corpus, data/package_corpus.py); a
+            .txt/.jsonl file or folder of user text (split 95/5 by document); or a
+            prepared train .bin.
         vocab_size: the tokenizer's vocabulary (the model's vocab_size).
-        corpus_config: a smaller default corpus (tests, quick experiments).
+        corpus_config: the built-in corpus's config (a smaller one for tests and quick
+            experiments): a CorpusConfig, or a PackageCorpusConfig for builtin:packages.
         mesh: under torchrun, rank 0 tokenises and the other ranks then read its files.
+        log: where the corpus line goes (its name, size and hash) when a built-in corpus
+            is tokenised.
     Returns:
         The RunData.
     """
     with run_on(mesh).main_first():
-        return _prepare_run_data(Path(run_dir), data, vocab_size, corpus_config)
+        return _prepare_run_data(Path(run_dir), data, vocab_size, corpus_config, log)
 
 
 def _prepare_run_data(
-    run_dir: Path, data: str | Path | None, vocab_size: int, corpus_config: CorpusConfig | None
+    run_dir: Path,
+    data: str | Path | None,
+    vocab_size: int,
+    corpus_config: CorpusConfig | PackageCorpusConfig | None,
+    log: Callable[[str], None],
 ) -> RunData:
     if data is not None and Path(data).suffix == ".bin":
         return _prepared_stream_data(run_dir, Path(data))
@@ -117,16 +137,45 @@ def _prepare_run_data(
     has_tokenizer = (run_dir / TOKENIZER_FILE).exists()
     # The validation sidecar is written last: its presence marks the streams as complete.
     if not has_tokenizer or not _sidecar(stream_dir / VAL_FILE).exists():
-        train_docs, val_docs = _documents(data, corpus_config)
+        train_docs, val_docs, corpus = _documents(data, corpus_config)
         if has_tokenizer:
             tokenizer = Tokenizer.load(run_dir)
         else:
             tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size=vocab_size)
         prepare(train_docs, tokenizer, stream_dir / TRAIN_FILE)
         prepare(val_docs, tokenizer, stream_dir / VAL_FILE)
+        if corpus is not None:
+            log(record_corpus(corpus, stream_dir))
         if not has_tokenizer:
             tokenizer.save(run_dir)
     return _load(run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE)
+
+
+def record_corpus(corpus: Corpus, stream_dir: str | Path) -> str:
+    """Write stream_dir/corpus.json for a corpus tokenised into stream_dir's train/val.bin.
+
+    Args:
+        corpus: the built-in corpus the streams were made from.
+        stream_dir: the folder holding train.bin and val.bin and their sidecars.
+    Returns:
+        The corpus line, e.g. "corpus: default v2, 10.9 M chars, 3.39 M train tokens,
+        0.161 M validation tokens, sha256 538ce7aff58b" (tokens count the end-of-document
+        ids).
+    """
+    stream_dir = Path(stream_dir)
+    train_tokens = read_stream_meta(stream_dir / TRAIN_FILE)["num_tokens"]
+    val_tokens = read_stream_meta(stream_dir / VAL_FILE)["num_tokens"]
+    record = {
+        "name": corpus.name,
+        "version": corpus.version,
+        "sha256": corpus.sha256,
+        "chars": corpus.num_chars,
+        "train_tokens": train_tokens,
+        "validation_tokens": val_tokens,
+        "stats": corpus.stats(),
+    }
+    (stream_dir / CORPUS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return corpus.describe(train_tokens, val_tokens)
 
 
 def _sidecar(stream_path: Path) -> Path:
@@ -142,26 +191,38 @@ def copy_run_data(source_dir: str | Path, run_dir: str | Path) -> None:
     copy_tokenizer(source_dir, run_dir)
 
 
-def write_prepared(data: str | Path, out_dir: str | Path, *, vocab_size: int = 4096) -> Path:
-    """`moekit prepare`: tokenise text (or the default corpus when data is None) into out_dir.
+def write_prepared(
+    data: str | Path | None,
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 4096,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """`moekit prepare`: tokenise text (or a built-in corpus: None, "builtin:NAME") into out_dir.
 
     Returns:
-        out_dir/train.bin (with val.bin and tokenizer.json beside it).
+        out_dir/train.bin (with val.bin and tokenizer.json beside it, and corpus.json for
+        a built-in corpus, whose line goes to log).
     """
     out_dir = Path(out_dir)
-    train_docs, val_docs = _documents(data, None)
+    train_docs, val_docs, corpus = _documents(data, None)
     tokenizer = train_tokenizer((d.text for d in train_docs), vocab_size=vocab_size)
     tokenizer.save(out_dir)
     prepare(val_docs, tokenizer, out_dir / VAL_FILE)
-    return prepare(train_docs, tokenizer, out_dir / TRAIN_FILE)
+    train_path = prepare(train_docs, tokenizer, out_dir / TRAIN_FILE)
+    if corpus is not None:
+        log(record_corpus(corpus, out_dir))
+    return train_path
 
 
 def _documents(
-    data: str | Path | None, corpus_config: CorpusConfig | None
-) -> tuple[list[Document], list[Document]]:
-    if data is None:
-        corpus = build_corpus(config=corpus_config)
-        return corpus.train, corpus.validation
+    data: str | Path | None, corpus_config: CorpusConfig | PackageCorpusConfig | None
+) -> tuple[list[Document], list[Document], Corpus | None]:
+    """(train, validation, the built-in corpus or None for user text)."""
+    name = builtin_corpus_name(data)
+    if name is not None:
+        corpus = build_builtin_corpus(name, corpus_config)
+        return corpus.train, corpus.validation, corpus
     documents = load_documents(data)
     if len(documents) < 2:
         # One document cannot be split by document; cut it into pieces at line breaks.
@@ -169,7 +230,7 @@ def _documents(
     train, validation = split_documents(documents, validation_fraction=0.05)
     if not train:
         raise ValueError(f"{str(data)!r} has too little text to split into train and validation")
-    return train, validation
+    return train, validation, None
 
 
 def _pieces(document: Document, count: int) -> list[Document]:
