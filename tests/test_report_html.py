@@ -28,7 +28,7 @@ from moekit.train import (
     prepare_run_data,
     read_metrics,
 )
-from moekit.train.trainer import fixed_eval_batches, fixed_eval_domains
+from moekit.train.evaluation import fixed_eval_batches, fixed_eval_domains
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

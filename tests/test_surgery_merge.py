@@ -169,7 +169,7 @@ def test_cli_merges_runs_and_trains_both_stages(experiment, tmp_path):
 
 
 def test_trainable_patterns_freeze_the_rest_and_must_match():
-    from moekit.train.trainer import build_optimizer
+    from moekit.train.optim import build_optimizer
 
     merged = merge_dense_models([dense(0), dense(1)])
     optimizer = build_optimizer(merged, TrainConfig(trainable="*.router.*, norm.*"))

@@ -32,8 +32,9 @@ from .. import __version__
 from ..train.config import TrainConfig
 from ..train.console import progress_bar
 from ..train.metrics import MetricsLog
+from ..train.optim import build_optimizer
 from ..train.step import optimizer_step, train_record
-from ..train.trainer import CONFIG_FILE, RUN_FORMAT, build_optimizer
+from ..train.trainer import CONFIG_FILE, RUN_FORMAT
 from .data import TaskData
 
 LossFn = Callable[[Tensor, Tensor], Tensor]

@@ -9,6 +9,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .compare import Comparison, compare, format_table, steps_to_reach
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, write_prepared
+from .evaluation import evaluate
 from .inference import EvalResult, TextPiece, evaluate_run, generate_text
 from .jobs import default_out_dir, resume_job, train_from, train_one
 from .metrics import MetricsLog, read_metrics
@@ -16,7 +17,7 @@ from .run import DistributedRun, LocalRun, Run, run_on
 from .schedule import lr_at
 from .seeds import SeedsSummary, compare_seeds, format_summary
 from .step import optimizer_step, train_record
-from .trainer import Trainer, TrainResult, evaluate, load_trained_model, run_configs
+from .trainer import Trainer, TrainResult, load_trained_model, run_configs
 
 __all__ = [
     "CheckpointError",

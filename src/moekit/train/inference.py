@@ -18,7 +18,8 @@ from ..data import (
 )
 from ..generate import stream
 from .data import prepare_run_data
-from .trainer import autocast, evaluate, fixed_eval_batches, load_trained_model, run_configs
+from .evaluation import autocast, evaluate, fixed_eval_batches
+from .trainer import load_trained_model, run_configs
 
 
 @dataclass
