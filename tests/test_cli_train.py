@@ -143,6 +143,26 @@ def test_eval_of_a_comparison_folder_covers_both_runs(comparison, text_file):
     assert stdout.count("validation loss") == 2
 
 
+def test_eval_on_a_built_in_corpus_reads_its_validation_split(comparison):
+    """--data builtin:NAME evaluates on that corpus's validation documents, tokenised with
+    the run's tokenizer: the same loss as those documents written to a file."""
+    from moekit.data import build_builtin_corpus
+
+    out, _ = comparison
+    validation = build_builtin_corpus("default").validation
+    text = out / "default-validation.jsonl"
+    with text.open("w", encoding="utf-8") as file:
+        for document in validation:
+            file.write(json.dumps({"text": document.text}) + "\n")
+    builtin = evaluate_run(out / "moe", data="builtin:default", max_batches=2)
+    from_file = evaluate_run(out / "moe", data=text, max_batches=2)
+    assert not builtin.run_batches
+    assert builtin.num_tokens == from_file.num_tokens > 0
+    assert builtin.loss == pytest.approx(from_file.loss, rel=1e-6)
+    code, _, err = run_cli("eval", str(out / "moe"), "--data", "builtin:nothing")
+    assert code != 0 and "unknown built-in corpus 'builtin:nothing'" in err
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_generate_greedy_equals_the_library(comparison, compiled):
     run = comparison[0] / "moe"

@@ -75,7 +75,10 @@ def train_main(argv: list[str]) -> int:
         help="start from this run's weights, model and tokenizer (e.g. a converted checkpoint)",
     )
     parser.add_argument(
-        "--data", help="training text (.txt, .jsonl, folder) or a prepared train.bin"
+        "--data",
+        help="training text (.txt, .jsonl, folder), a prepared train.bin, or a built-in "
+        "corpus (builtin:default, the default; builtin:packages, the held-out corpus of "
+        "installed packages' docstrings and READMEs)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps (= --train.steps)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (= --train.batch_size)")
@@ -295,7 +298,9 @@ def eval_main(argv: list[str]) -> int:
     )
     parser.add_argument("run_dir", help="a run folder, or a comparison folder")
     parser.add_argument(
-        "--data", help="evaluate on this text (.txt, .jsonl, folder) or .bin instead"
+        "--data",
+        help="evaluate on this text (.txt, .jsonl, folder), .bin, or a built-in corpus's "
+        "validation split (builtin:packages) instead",
     )
     parser.add_argument("--max-batches", type=int, help="evaluate only the first batches")
     args = parser.parse_args(argv)

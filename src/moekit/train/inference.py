@@ -11,6 +11,8 @@ import torch
 
 from ..data import (
     Tokenizer,
+    build_builtin_corpus,
+    builtin_corpus_name,
     load_documents,
     load_stream,
     sequential_batches,
@@ -52,7 +54,9 @@ def evaluate_run(
 
     Args:
         run_dir: a trained run directory.
-        data: None = the run's validation batches (above); a .txt/.jsonl file or folder
+        data: None = the run's validation batches (above); "builtin:NAME" = that built-in
+            corpus's validation split (e.g. builtin:packages, the held-out corpus); a
+            .txt/.jsonl file or folder
             (all of it, tokenised with the run's tokenizer); or a prepared .bin made with
             that tokenizer (RUN/data/val.bin: every window of the validation split).
         max_batches: evaluate only the first batches (None = all of them).
@@ -65,7 +69,11 @@ def evaluate_run(
         run_data = prepare_run_data(run_dir, data=data_source, vocab_size=model_config.vocab_size)
         batches = fixed_eval_batches(run_data, train_config)
     else:
-        if Path(data).suffix == ".bin":
+        builtin = builtin_corpus_name(data)
+        if builtin is not None:  # a built-in corpus: its validation split, all of it
+            documents = build_builtin_corpus(builtin).validation
+            stream = tokenize_documents(documents, Tokenizer.load(run_dir))
+        elif Path(data).suffix == ".bin":
             stream = load_stream(data, tokenizer=Tokenizer.load(run_dir))
         else:
             stream = tokenize_documents(load_documents(data), Tokenizer.load(run_dir))
