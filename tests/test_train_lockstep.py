@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from moekit import MoEConfig
 from moekit.models import ModelConfig, dense_twin
 from moekit.train import TrainConfig, Trainer, compare, prepare_run_data, read_metrics
+from moekit.train.config import for_dense_twin
 from moekit.train.data import copy_run_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,10 +75,24 @@ def test_lockstep_equals_each_model_trained_alone(lockstep, tmp_path):
     for name, config in (("moe", micro_moe()), ("dense", dense_twin(micro_moe()))):
         copy_run_data(out / "moe", tmp_path / name)  # the same tokens
         data = prepare_run_data(tmp_path / name, vocab_size=384)
-        alone = Trainer(config, MICRO_TRAIN, tmp_path / name, data=data, show_progress=False)
+        # The twin trains at dense_lr (its own tuned learning rate), the MoE at lr.
+        train = for_dense_twin(MICRO_TRAIN) if name == "dense" else MICRO_TRAIN
+        alone = Trainer(config, train, tmp_path / name, data=data, show_progress=False)
         result = alone.train()
         assert_same_run(out / name, tmp_path / name)
         assert result.final_val_loss == getattr(comparison, name).final_val_loss
+
+
+def test_each_model_trains_at_its_own_learning_rate(lockstep):
+    out, _, _ = lockstep
+    assert MICRO_TRAIN.lr != MICRO_TRAIN.dense_lr
+    for name, lr in (("moe", MICRO_TRAIN.lr), ("dense", MICRO_TRAIN.dense_lr)):
+        saved = json.loads((out / name / "config.json").read_text())["train"]
+        assert saved["lr"] == lr
+        # Warmup's first step: lr * 1 / warmup_steps (lr_at), so the peaks differ too.
+        first = read_metrics(out / name, "train")[0]["lr"]
+        assert first == pytest.approx(lr / MICRO_TRAIN.warmup_steps)
+    assert for_dense_twin(TrainConfig(dense_lr=None)).lr == TrainConfig().lr
 
 
 def test_a_line_per_evaluation_with_both_losses_the_gap_and_tokens_per_s(lockstep):

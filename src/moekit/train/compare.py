@@ -28,7 +28,7 @@ from ..models import ModelConfig, count_parameters, dense_twin
 from ..parallel import ParallelMesh
 from .checkpoint import checkpoint_dir
 from .compiling import CompileDecision
-from .config import TrainConfig
+from .config import TrainConfig, for_dense_twin
 from .console import discard_line, print_line
 from .data import copy_run_data, prepare_run_data
 from .lockstep import train_in_lockstep
@@ -105,7 +105,7 @@ def compare(
 
     Args:
         moe_config: the MoE model (e.g. presets.tiny()).
-        train_config: training settings shared by both runs.
+        train_config: training settings of both runs (the dense twin trains at dense_lr).
         out_dir: the comparison directory (two run directories go inside).
         data: see prepare_run_data (None = the default corpus).
         corpus_config: a smaller default corpus.
@@ -121,6 +121,7 @@ def compare(
     run = run_on(mesh)
     moe_name, dense_name = RUN_NAMES
     runs = {moe_name: moe_config, dense_name: dense_twin(moe_config)}
+    train_configs = {moe_name: train_config, dense_name: for_dense_twin(train_config)}
     prepared = data is not None and Path(data).suffix == ".bin"
     trainers = {}
     # One decision for both: the MoE and its twin compile, or stay eager, alike.
@@ -142,7 +143,7 @@ def compare(
         )
         trainers[name] = Trainer(
             model_config,
-            train_config,
+            train_configs[name],
             run_dir,
             data=run_data,
             mesh=mesh,

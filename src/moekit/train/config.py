@@ -29,7 +29,13 @@ class TrainConfig:
     seed: int = 0
 
     # AdamW (Loshchilov & Hutter 2019); decay on matrices only, not norms or biases.
-    lr: float = 2e-3
+    lr: float = 3e-3
+    # The dense twin's learning rate in a comparison (`moekit train`); None = lr. Each of
+    # the two models trains at the best learning rate tried for it on the validation split
+    # (docs/results.md, "The recipe search"): the MoE's router spreads the gradient over
+    # experts that each see a fraction of the tokens, and the MoE was best at 3e-3, while
+    # the dense twin was best at 2e-3 (at 3e-3 its loss spikes early).
+    dense_lr: float | None = 2e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -83,6 +89,8 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"lr ({self.lr}) must be > 0")
+        if self.dense_lr is not None and not self.dense_lr > 0:
+            raise ValueError(f"dense_lr ({self.dense_lr}) must be > 0 or None")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -101,6 +109,13 @@ class TrainConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def for_dense_twin(config: TrainConfig) -> TrainConfig:
+    """The settings a comparison's dense twin trains with: config at its dense_lr."""
+    if config.dense_lr is None or config.dense_lr == config.lr:
+        return config
+    return dataclasses.replace(config, lr=config.dense_lr)
 
 
 def trainable_patterns(trainable: str) -> list[str]:
