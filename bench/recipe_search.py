@@ -32,52 +32,81 @@ from pathlib import Path
 
 # Candidate name -> (preset, overrides). Every MoE spends 512 hidden units per token in
 # its MoE layers (top_k * d_hidden + shared), so one dense twin (width 512) serves all.
+# Every candidate names its learning rate, so the table does not move with the defaults;
+# the architecture variants ran at 2e-3, the learning rate of the recipe they started from.
 DENSE = {
     "dense_lr1e-3": {"train.lr": "1e-3"},
     "dense_lr2e-3": {"train.lr": "2e-3"},
     "dense_lr3e-3": {"train.lr": "3e-3"},
     "dense_lr5e-3": {"train.lr": "5e-3"},
+    "dense_lr1.5e-3": {"train.lr": "1.5e-3"},
+    "dense_lr2e-3_warm10": {"train.lr": "2e-3", "train.warmup_steps": "23"},
     "dense_lr3e-3_warm10": {"train.lr": "3e-3", "train.warmup_steps": "23"},
     "dense_lr3e-3_min0": {"train.lr": "3e-3", "train.min_lr_ratio": "0.0"},
 }
 MOE = {
     # tiny(): 16 experts of width 128, top 2, one shared expert of width 256
-    "moe_base": {},
+    "moe_base": {"train.lr": "2e-3"},
     "moe_lr1e-3": {"train.lr": "1e-3"},
     "moe_lr3e-3": {"train.lr": "3e-3"},
+    "moe_lr2.5e-3": {"train.lr": "2.5e-3"},
+    "moe_lr4e-3": {"train.lr": "4e-3"},
     "moe_lr5e-3": {"train.lr": "5e-3"},
+    "moe_lr3e-3_warm10": {"train.lr": "3e-3", "train.warmup_steps": "23"},
+    "moe_lr3e-3_64x128": {"train.lr": "3e-3", "model.moe.num_experts": "64"},
+    "moe_lr3e-3_32x128": {"train.lr": "3e-3", "model.moe.num_experts": "32"},
+    "moe_lr3e-3_balance1e-3": {"train.lr": "3e-3", "model.moe.balance_loss_coef": "1e-3"},
     # granularity at the same active width (DeepSeekMoE): finer experts, larger top_k
     "moe_32x64_top4": {
+        "train.lr": "2e-3",
         "model.moe.num_experts": "32",
         "model.moe.d_hidden": "64",
         "model.moe.top_k": "4",
     },
-    "moe_8x128_top2": {"model.moe.num_experts": "8"},
-    "moe_32x128_top2": {"model.moe.num_experts": "32"},
-    "moe_64x128_top2": {"model.moe.num_experts": "64"},
+    "moe_8x128_top2": {"train.lr": "2e-3", "model.moe.num_experts": "8"},
+    "moe_32x128_top2": {"train.lr": "2e-3", "model.moe.num_experts": "32"},
+    "moe_64x128_top2": {"train.lr": "2e-3", "model.moe.num_experts": "64"},
     # no shared expert: the routed experts carry the whole width
-    "moe_16x128_top4_noshared": {"model.moe.top_k": "4", "model.moe.num_shared_experts": "0"},
-    "moe_16x256_top2_noshared": {"model.moe.d_hidden": "256", "model.moe.num_shared_experts": "0"},
+    "moe_16x128_top4_noshared": {
+        "train.lr": "2e-3",
+        "model.moe.top_k": "4",
+        "model.moe.num_shared_experts": "0",
+    },
+    "moe_16x256_top2_noshared": {
+        "train.lr": "2e-3",
+        "model.moe.d_hidden": "256",
+        "model.moe.num_shared_experts": "0",
+    },
     # top-1 routing with a wider expert (Switch-like) beside the shared one
-    "moe_16x256_top1": {"model.moe.d_hidden": "256", "model.moe.top_k": "1"},
+    "moe_16x256_top1": {"train.lr": "2e-3", "model.moe.d_hidden": "256", "model.moe.top_k": "1"},
     # MoE in every other layer (GShard, Switch), the dense layers at the twin's width
     "moe_every2_32x128": {
+        "train.lr": "2e-3",
         "model.moe_every": "2",
         "model.d_hidden": "512",
         "model.moe.num_experts": "32",
     },
-    "moe_first_dense": {"model.first_dense_layers": "1", "model.d_hidden": "512"},
+    "moe_first_dense": {
+        "train.lr": "2e-3",
+        "model.first_dense_layers": "1",
+        "model.d_hidden": "512",
+    },
     # balancing
-    "moe_balance1e-3": {"model.moe.balance_loss_coef": "1e-3"},
-    "moe_balance0.05": {"model.moe.balance_loss_coef": "0.05"},
-    "moe_no_zloss": {"model.moe.z_loss_coef": "0"},
+    "moe_balance1e-3": {"train.lr": "2e-3", "model.moe.balance_loss_coef": "1e-3"},
+    "moe_balance0.05": {"train.lr": "2e-3", "model.moe.balance_loss_coef": "0.05"},
+    "moe_no_zloss": {"train.lr": "2e-3", "model.moe.z_loss_coef": "0"},
     "moe_sigmoid_bias": {
+        "train.lr": "2e-3",
         "model.moe.router": "sigmoid_topk",
         "model.moe.bias_update_rate": "1e-3",
         "model.moe.balance_loss_coef": "0",
     },
     # capacity: a token past its expert's room is dropped (it keeps the residual)
-    "moe_capacity1.25": {"model.moe.capacity_factor": "1.25", "model.moe.overflow": "drop"},
+    "moe_capacity1.25": {
+        "train.lr": "2e-3",
+        "model.moe.capacity_factor": "1.25",
+        "model.moe.overflow": "drop",
+    },
 }
 
 
