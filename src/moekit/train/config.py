@@ -19,8 +19,9 @@ class TrainConfig:
 
     The defaults are the `moekit train` comparison on 2 CPU cores (docs/train.md), chosen
     on the validation split (docs/results.md): 225 steps of 48 x 128 tokens keep the whole
-    job under 8 minutes; 48 rows per step rather than 16 give each of the 16 experts about
-    770 rows per matmul. lr 2e-3 was the dense twin's best of 1e-3, 2e-3 and 5e-3.
+    job near 5 minutes; 48 rows per step rather than 16 give each of the 16 experts about
+    770 rows per matmul. lr 3e-3 was the MoE's best of 2e-3, 2.5e-3, 3e-3 and 4e-3, and
+    dense_lr 2e-3 the dense twin's best of 1e-3, 1.5e-3, 2e-3 and 3e-3.
     """
 
     steps: int = 225
