@@ -8,6 +8,10 @@ out, and their heavy variants are also marked slow.
 
 from __future__ import annotations
 
+import inspect
+import json
+import textwrap
+
 import pytest
 import torch
 
@@ -41,3 +45,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """About 60 kB of Python source: enough for a tokenizer and a validation split (the
+    training tests' text; a test module may define its own text_file instead)."""
+    path = tmp_path_factory.mktemp("text") / "source.txt"
+    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    return path

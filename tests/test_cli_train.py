@@ -4,9 +4,7 @@ table's final loss; `moekit generate` equals the library."""
 
 from __future__ import annotations
 
-import inspect
 import json
-import textwrap
 
 import pytest
 import torch
@@ -18,13 +16,6 @@ from moekit.train import evaluate_run, load_trained_model, read_metrics, steps_t
 from moekit.train.compare import seconds_at_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

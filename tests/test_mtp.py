@@ -7,9 +7,6 @@ resume bit-identically; accounting and LoRA see the modules."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
-import textwrap
 
 import pytest
 import torch
@@ -261,13 +258,6 @@ def test_lora_refuses_a_model_with_mtp_modules_naming_them():
 
 
 # ---------------------------------------------------------------- training
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
-    return path
 
 
 def trainer(run_dir, text_file, resume=False) -> Trainer:

@@ -4,9 +4,6 @@ compiled blocks leave the trainer eager, and the old boolean settings still read
 
 from __future__ import annotations
 
-import inspect
-import json
-
 import pytest
 
 from moekit import MoEConfig
@@ -16,14 +13,6 @@ from moekit.train import trainer as trainer_module
 from moekit.train.compiling import CompileDecision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """About 30 kB of Python source: enough for a tokenizer and a validation split."""
-    path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(inspect.getsource(json.decoder) * 2, encoding="utf-8")
-    return path
 
 
 def make_trainer(run_dir, text_file, **train_settings) -> Trainer:

@@ -4,11 +4,9 @@ a comparison interrupted mid-way (in either model's segment) resumes bit-identic
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import signal
-import textwrap
 
 import pytest
 import torch
@@ -35,13 +33,6 @@ def micro_moe() -> ModelConfig:
 MICRO_TRAIN = TrainConfig(
     steps=6, batch_size=4, seq_len=32, eval_every=2, eval_batches=2, checkpoint_every=4
 )
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@ seeds' comparison.json numbers (mean, sample std), the claim per seed, and --res
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import statistics
-import textwrap
 
 import pytest
 from helpers import MICRO, run_cli
@@ -16,13 +14,6 @@ from moekit.train.compare import claim_holds, read_comparison
 from moekit.train.seeds import FIGURES, figures, format_summary, summarize_seeds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

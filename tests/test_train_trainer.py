@@ -3,10 +3,8 @@ after Ctrl-C), corrupt and incompatible checkpoints, the schedule, router bias u
 
 from __future__ import annotations
 
-import inspect
 import json
 import signal
-import textwrap
 
 import pytest
 import torch
@@ -46,14 +44,6 @@ def micro_train(**overrides) -> TrainConfig:
         "eval_batches": 2,
     }
     return TrainConfig(**(settings | {"checkpoint_every": 4} | overrides))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """About 60 kB of Python source: enough for a tokenizer and a validation split."""
-    path = tmp_path_factory.mktemp("text") / "source.txt"
-    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
-    return path
 
 
 def make_trainer(run_dir, text_file, model=None, resume=False, **train_overrides) -> Trainer:
