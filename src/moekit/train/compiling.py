@@ -4,7 +4,7 @@ What: every transformer block, each through its own `Block.compile()` (regional
 compilation, as torchtitan does per block). Blocks of the same kind run the same code, so
 dynamo traces one graph and every layer of that kind reuses it: compile time does not grow
 with depth. The embedding, the output head and the loss stay eager, and so does evaluation
-(`Transformer.forward` runs the compiled blocks in training only; see Trainer). Inductor
+(the Trainer evaluates under `torch.compiler.set_stance("force_eager")`). Inductor
 keeps its compiled kernels in an on-disk cache, so a second job on the same machine
 compiles in a few seconds instead of tens.
 
@@ -21,9 +21,9 @@ import statistics
 
 from torch import nn
 
-# Measured on the default job's models (bench/train_step.py, docs/results.md, "Compiling"),
-# 2 cores: compiled blocks save 13% of the MoE's step and 9% of the dense twin's (the
-# smaller counts); the first compiled step of the MoE takes 15 s (a cold cache; the dense
+# Measured on the default job's models on 2 cores (bench/train_step.py; docs/results.md,
+# "Where the time goes"): compiled blocks save 13% of the MoE's step and 9% of the dense
+# twin's (the smaller counts); the first compiled step of the MoE takes 15 s (a cold cache; the dense
 # twin's 5 s). Under these the default job (225 steps of ~0.6 s) stays eager, where a
 # compile would pay back only after ~190 of the MoE's steps; a job twice as long compiles.
 COMPILED_SAVING = 0.09
