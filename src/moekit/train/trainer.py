@@ -127,7 +127,6 @@ class Trainer:
             train_config.compile, log=print_line if self.run.is_main else discard_line
         )
         self._compiled: bool | None = None
-        self._probe_seconds: list[float] = []
         self.is_main = self.run.is_main
         self.show_progress = show_progress and self.is_main
         self.label, self._bar = label, None
@@ -146,6 +145,8 @@ class Trainer:
         self.step_seconds: list[float] = []
         self._start(resume, data_source)
         self.saved_step = self.step if resume else None
+        # The steps this process took start here ("auto" compile probes only those).
+        self._first_step_here = len(self.step_seconds)
         # This trainer's torch RNG stream: seeded (and drawn from by the model's
         # initialisation) or restored from the checkpoint just now.
         self.rng_state, self._rng_held = torch.get_rng_state(), False
@@ -318,7 +319,6 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         self.step_seconds.append(seconds)
-        self._probe_seconds.append(seconds)
         record = train_record(
             step=self.step,
             loss=self.run.mean(out.loss.item()),
@@ -348,10 +348,11 @@ class Trainer:
         if not decision.decided:
             if self.run.world_size > 1:
                 decision.settle(False, "train.compile auto: eager under torchrun")
-            elif len(self._probe_seconds) < PROBE_STEPS:
+            elif len(self.step_seconds) - self._first_step_here < PROBE_STEPS:
                 return
             else:
-                decision.decide(self._probe_seconds, self.config.steps - self.step)
+                probe = self.step_seconds[self._first_step_here :]
+                decision.decide(probe, self.config.steps - self.step)
         self._compiled = decision.compiled
         if self._compiled:
             compile_blocks(self.model)
@@ -396,20 +397,16 @@ class Trainer:
         return folder
 
     def result(self) -> TrainResult:
-        """The run's result so far, read back from the metrics log."""
-        evals = [(r["step"], r["loss"]) for r in read_metrics(self.run_dir, split="val")]
-        tokens_per_step = self.config.batch_size * self.config.seq_len
-        step_seconds = [
-            tokens_per_step / r["tokens_per_s"] for r in read_metrics(self.run_dir, split="train")
-        ]
-        tokens = self.step * tokens_per_step
+        """The run's result so far (a resumed run's earlier steps read back at its start)."""
+        evals = sorted(self.val_losses.items())
+        tokens = self.step * self.config.batch_size * self.config.seq_len
         return TrainResult(
             steps=self.step,
             final_val_loss=evals[-1][1] if evals else math.nan,
             tokens_per_s=tokens / self.train_seconds if self.train_seconds else math.nan,
             train_seconds=self.train_seconds,
             evals=evals,
-            step_seconds=step_seconds,
+            step_seconds=list(self.step_seconds),
         )
 
     def _autocast(self):
