@@ -22,6 +22,8 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "swiglu_clamped")
 # Activations whose up projection has two halves (gate, up); see MoEConfig.gated.
 GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
 OVERFLOW_POLICIES = ("drop", "reroute")
+# Over which tokens the balancing losses count the experts' load (MoEConfig.balance_scope).
+BALANCE_SCOPES = ("micro_batch", "sequence", "global")
 # How the routed experts run: torch's grouped_mm where supported (auto), or one torch.mm
 # per expert (loop, which reads the counts on the host). See experts.choose_backend.
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
@@ -88,6 +90,12 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # ST-MoE eq. (5): mean logsumexp(logits)^2
     importance_loss_coef: float = 0.0  # Shazeer 2017: CV^2 of importance
     load_loss_coef: float = 0.0  # Shazeer 2017: CV^2 of (smooth, for noisy_topk) load
+    # The tokens the balance, importance and load losses are computed over (losses.py,
+    # "Scopes"): "micro_batch" (each forward's own tokens: Switch, GShard), "sequence"
+    # (each sequence alone, then averaged: DeepSeek-V3's sequence-wise loss), "global"
+    # (every token of the optimizer step, across micro-batches and data-parallel ranks,
+    # exactly: the trainer counts the step's routing first; train/accumulation.py).
+    balance_scope: str = "micro_batch"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
@@ -143,6 +151,11 @@ class MoEConfig:
         for name in ("balance_loss_coef", "z_loss_coef", "importance_loss_coef", "load_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(
+                f"unknown balance_scope {self.balance_scope!r}; choose one of "
+                f"{', '.join(BALANCE_SCOPES)}"
+            )
         self._check_groups()
         self._warn_settings_without_effect()
 

@@ -41,6 +41,8 @@ class MoEStats:
     router_entropy: mean per-token entropy of the router distribution (nats).
     balance_loss, z_loss, importance_loss, load_loss: the unweighted loss parts.
     capacity: slots per expert, or None when dropless.
+    balance_scope: the tokens the balance losses counted over (MoEConfig.balance_scope);
+        "global" without a step reference is the call's own tokens (the call is the step).
     """
 
     tokens_per_expert: Tensor
@@ -52,6 +54,7 @@ class MoEStats:
     importance_loss: Tensor
     load_loss: Tensor
     capacity: int | None
+    balance_scope: str = "micro_batch"
 
 
 @dataclass
@@ -94,6 +97,20 @@ class MoE(nn.Module):
         # Replaces route_and_plan from outside (expert parallelism: moekit.parallel), so the
         # layer's math stays single-device: planner(layer, x) -> the same four values.
         self.planner = None
+        # Replaces a token-choice decision from outside (routing replay and recording:
+        # moekit.traces): routing_hook(layer, decision) -> the decision the layer uses.
+        self.routing_hook = None
+        # The global balance scope (losses.py, "Scopes"; set by train/accumulation.py):
+        # while counting_balance, each forward adds its tokens' balance_sums to
+        # balance_totals; while balance_reference_on, the losses use balance_reference,
+        # the (4, E) means of the whole optimizer step. Buffers (not persistent): updated
+        # in place, so a compiled forward reads new values without recompiling.
+        E = config.num_experts
+        self.register_buffer("balance_totals", torch.zeros(4, E), persistent=False)
+        self.register_buffer("balance_tokens", torch.zeros(()), persistent=False)
+        self.register_buffer("balance_reference", torch.zeros(4, E), persistent=False)
+        self.counting_balance = False
+        self.balance_reference_on = False
 
     def forward(self, x: Tensor) -> MoEOutput:
         """Args: x (..., d_model). Returns MoEOutput with hidden of the same shape."""
@@ -117,7 +134,7 @@ class MoE(nn.Module):
         if self.planner is not None:
             x_in, routing, plan, capacity = self.planner(self, x)
         elif self.gathers_experts(T):
-            x_in, routing, plan, capacity = x, self.router.route(x, None), None, None
+            x_in, routing, plan, capacity = x, self.route(x, None), None, None
         else:
             x_in, routing, plan, capacity = self.route_and_plan(x)
 
@@ -144,7 +161,8 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             y = y + shared
 
-        aux_loss, stats = self._losses_and_stats(routing, counts_E, capacity)
+        rows = x.shape[:-2].numel() if x.dim() > 2 else 1  # the sequences (sequence scope)
+        aux_loss, stats = self._losses_and_stats(routing, counts_E, capacity, rows)
         return MoEOutput(hidden=y.to(x.dtype), aux_loss=aux_loss, stats=stats)
 
     def route_and_plan(self, x: Tensor):
@@ -158,8 +176,15 @@ class MoE(nn.Module):
             dispatch plan and the capacity (None when dropless).
         """
         capacity = self.config.capacity(x.numel() // self.config.d_model)
-        routing = self.router.route(x, capacity)
+        routing = self.route(x, capacity)
         return x, routing, build_plan(routing, self.config, capacity), capacity
+
+    def route(self, x: Tensor, capacity: int | None):
+        """Step 1: the router's decision for x, passed through routing_hook when one is set."""
+        routing = self.router.route(x, capacity)
+        if self.routing_hook is not None:
+            routing = self.routing_hook(self, routing)
+        return routing
 
     def gathers_experts(self, num_tokens: int) -> bool:
         """Whether a call of num_tokens takes the small-batch path (`forward_gathered`).
@@ -180,11 +205,16 @@ class MoE(nn.Module):
         )
 
     def _losses_and_stats(
-        self, routing, counts_E: Tensor, capacity: int | None
+        self, routing, counts_E: Tensor, capacity: int | None, rows: int = 1
     ) -> tuple[Tensor, MoEStats]:
         cfg = self.config
         counts_E = counts_E.detach()
-        parts = routing.loss_parts(counts_E)
+        if self.counting_balance:
+            with torch.no_grad():
+                self.balance_totals += routing.balance_sums()
+                self.balance_tokens += routing.probs_TE.shape[0]
+        reference = self.balance_reference if self.balance_reference_on else None
+        parts = routing.loss_parts(counts_E, cfg.balance_scope, rows, reference)
         aux = (
             cfg.balance_loss_coef * parts.balance
             + cfg.z_loss_coef * parts.z
@@ -208,6 +238,7 @@ class MoE(nn.Module):
             importance_loss=parts.importance.detach(),
             load_loss=parts.load.detach(),
             capacity=capacity,
+            balance_scope=cfg.balance_scope,
         )
         return aux, stats
 
@@ -225,6 +256,7 @@ class MoE(nn.Module):
             importance_loss=zero,
             load_loss=zero,
             capacity=self.config.capacity(0),
+            balance_scope=self.config.balance_scope,
         )
 
     @torch.no_grad()

@@ -11,6 +11,9 @@ while the backward still computes the early ones.
     loss.backward()                          # buckets start during the backward
     reducer.finish()                         # wait; grads now averaged; then clip and step
 
+Under gradient accumulation the backwards of all micro-batches but the last run inside
+`reducer.paused()`: they only accumulate, and the last one's hooks start the buckets.
+
 Buckets hold parameters in reverse registration order (the order the backward reaches
 them), up to bucket_mib each, per group. Every rank starts a group's buckets strictly in
 bucket order, so all ranks issue the same collectives in the same order even when a
@@ -21,6 +24,8 @@ had one, exactly as sync_gradients does.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -103,6 +108,7 @@ class BucketedReducer:
             _Group([p for p in trained if id(p) not in experts], mesh.world_group, cap),
             _Group([p for p in trained if id(p) in experts], mesh.dp_group, cap),
         ]
+        self._paused = False
         self._where: dict[int, tuple[_Group, _Bucket]] = {}
         for group in self.groups:
             for bucket in group.buckets:
@@ -110,7 +116,19 @@ class BucketedReducer:
                     self._where[id(p)] = (group, bucket)
                     p.register_post_accumulate_grad_hook(self._accumulated)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Backwards in the block only accumulate into .grad (gradient accumulation's
+        micro-batches but the last): no bucket is marked or started."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _accumulated(self, param: nn.Parameter) -> None:
+        if self._paused:
+            return
         group, bucket = self._where[id(param)]
         bucket.ready.add(id(param))
         group.start_ready()

@@ -58,7 +58,7 @@ class GroupPlanner:
         if capacity is None:  # dropless token choice: every rank plans alone
             return layer.route_and_plan(x)
         # Capacity 0: an expert-choice router's local pick is replaced group-wide below.
-        routing = layer.router.route(x_TD, 0)
+        routing = layer.route(x_TD, 0)
         group_plan = self._token_choice if isinstance(routing, TokenChoice) else self._expert_choice
         return x_TD, routing, group_plan(layer, x_TD, routing, sizes, capacity), capacity
 

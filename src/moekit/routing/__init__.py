@@ -33,8 +33,31 @@ def router_class(name: str) -> type[nn.Module]:
 
 
 def build_router(config: MoEConfig) -> nn.Module:
-    """The router module named by config.router."""
-    return ROUTER_CLASSES[config.router](config)
+    """The router module named by config.router (ValueError for a balance_scope it cannot
+    use)."""
+    cls = ROUTER_CLASSES[config.router]
+    check_balance_scope(cls, config)
+    return cls(config)
+
+
+def check_balance_scope(cls: type[nn.Module], config: MoEConfig) -> None:
+    """ValueError when config.balance_scope is not micro_batch but has nothing to scope:
+    the router has no balance losses, or their coefficients are all zero."""
+    scope = config.balance_scope
+    if scope == "micro_batch":
+        return
+    if not cls.balances:
+        raise ValueError(
+            f"balance_scope {scope!r}: the {config.router} router has no balance loss to "
+            "scope (its load is fixed by construction); use balance_scope 'micro_batch'"
+        )
+    coefs = ("balance_loss_coef", "importance_loss_coef", "load_loss_coef")
+    if not any(getattr(config, name) > 0 for name in coefs):
+        raise ValueError(
+            f"balance_scope {scope!r} chooses the tokens of the balance losses, but "
+            f"{', '.join(coefs)} are all 0: set balance_loss_coef (e.g. 0.01, or 1e-4 for "
+            "DeepSeek-V3's sequence-wise loss beside the bias)"
+        )
 
 
 __all__ = [

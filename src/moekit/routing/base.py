@@ -53,6 +53,8 @@ class TokenChoice:
     logits_TE: raw fp32 router logits (z-loss).
     probs_TE: per-token distribution over experts for the balancing losses and entropy.
     load_E: differentiable load estimate (noisy top-k only), else None.
+    load_TE: its per-token terms (load_E = load_TE.sum(0)), for the sequence and global
+        balance scopes; None with load_E.
     """
 
     weights_TK: Tensor
@@ -63,20 +65,53 @@ class TokenChoice:
     logits_TE: Tensor
     probs_TE: Tensor
     load_E: Tensor | None = None
+    load_TE: Tensor | None = None
 
-    def loss_parts(self, counts_E: Tensor) -> LossParts:
+    def loss_parts(
+        self,
+        counts_E: Tensor,
+        scope: str = "micro_batch",
+        rows: int = 1,
+        reference: Tensor | None = None,
+    ) -> LossParts:
         """Switch balance, z, importance and load losses; counts_E (after capacity) is the
-        load when the router gives no smooth estimate."""
+        load when the router gives no smooth estimate.
+
+        Args:
+            scope: the tokens the balance, importance and load losses count over
+                (MoEConfig.balance_scope; losses.py, "Scopes").
+            rows: the sequences the tokens form (the sequence scope).
+            reference: the global scope's (4, E) means of the optimizer step
+                (losses.global_means), or None: the micro-batch is the whole step.
+        """
         E = self.probs_TE.shape[-1]
         valid = self.valid_TK
-        load_E = counts_E.float() if self.load_E is None else self.load_E
+        if scope == "sequence":
+            balance, importance, load = losses.sequence_balance_losses(
+                rows, self.probs_TE, self.weights_TK, self.ids_TK, valid, self.load_TE
+            )
+        elif scope == "global" and reference is not None:
+            balance, importance, load = losses.global_balance_losses(
+                reference, self.probs_TE, self.weights_TK, self.ids_TK, self.load_TE
+            )
+        else:
+            load_E = counts_E.float() if self.load_E is None else self.load_E
+            balance = losses.switch_balance_loss(self.probs_TE, self.ids_TK, valid)
+            importance = losses.importance_loss(self.weights_TK, self.ids_TK, E)
+            load = losses.load_loss(load_E)
         return LossParts(
-            balance=losses.switch_balance_loss(self.probs_TE, self.ids_TK, valid),
+            balance=balance,
             z=losses.router_z_loss(self.logits_TE),
-            importance=losses.importance_loss(self.weights_TK, self.ids_TK, E),
-            load=losses.load_loss(load_E),
+            importance=importance,
+            load=load,
             entropy=losses.router_entropy(self.probs_TE.detach()),
             routed=self.ids_TK.numel() if valid is None else valid.sum(),
+        )
+
+    def balance_sums(self) -> Tensor:
+        """(4, E) detached sums over the tokens for the global scope (losses.balance_sums)."""
+        return losses.balance_sums(
+            self.probs_TE, self.ids_TK, self.valid_TK, self.weights_TK, self.load_TE
         )
 
     def expert_ids(self, B: int, T: int) -> Tensor:
@@ -99,7 +134,7 @@ class ExpertChoice:
     logits_TE: Tensor
     probs_TE: Tensor
 
-    def loss_parts(self, counts_E: Tensor) -> LossParts:
+    def loss_parts(self, counts_E: Tensor, *scoping) -> LossParts:
         """Only the z-loss applies: every expert takes exactly C tokens (balanced by design)."""
         zero = _zero(self.logits_TE)
         return LossParts(
@@ -134,7 +169,7 @@ class SoftAssignment:
     combine_BNS: Tensor
     logits_BNS: Tensor
 
-    def loss_parts(self, counts_E: Tensor) -> LossParts:
+    def loss_parts(self, counts_E: Tensor, *scoping) -> LossParts:
         """The z-loss over the slot logits; entropy of each token's combine weights."""
         zero = _zero(self.logits_BNS)
         return LossParts(
@@ -164,6 +199,8 @@ class Router(nn.Module):
         renormalizes: with config.renormalize, a token's weights sum to one.
         splits_exactly: an expert split into parts keeps the layer's function (its score
             can be shared by the parts; see moekit.surgery.add_experts).
+        balances: the balance, importance and load losses apply (a token-choice decision
+            whose load can be uneven), so MoEConfig.balance_scope can choose their tokens.
     """
 
     causal: ClassVar[bool] = True
@@ -173,6 +210,7 @@ class Router(nn.Module):
     has_selection_bias: ClassVar[bool] = False
     renormalizes: ClassVar[bool] = True
     splits_exactly: ClassVar[bool] = True
+    balances: ClassVar[bool] = True
 
     @classmethod
     def active_fraction(cls, config: MoEConfig) -> float:
@@ -226,3 +264,21 @@ class Router(nn.Module):
         if not self.config.renormalize:
             return weights_TK
         return weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def replay_weights(
+        self, decision: TokenChoice, ids_TK: Tensor, valid_TK: Tensor | None
+    ) -> Tensor:
+        """The combine weights this router gives the experts ids_TK (long, (T, K)), taken
+        from its own decision's scores, with the same operations as its forward (so the
+        router's own ids give its own weights bit for bit, and gradients reach the gate).
+
+        valid_TK: bool mask of used slots, or None. Routers whose weights are not their
+        distribution's values at the chosen experts (renormalised when configured)
+        override this.
+        """
+        weights_TK = decision.probs_TE.gather(1, ids_TK)
+        if valid_TK is not None:
+            weights_TK = weights_TK * valid_TK
+        if self.renormalizes:
+            weights_TK = self.renormalize(weights_TK)
+        return weights_TK

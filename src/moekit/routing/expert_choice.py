@@ -27,6 +27,7 @@ class ExpertChoiceRouter(Router):
     causal: ClassVar[bool] = False
     renormalizes: ClassVar[bool] = False
     splits_exactly: ClassVar[bool] = False
+    balances: ClassVar[bool] = False  # every expert takes exactly C tokens
 
     @classmethod
     def active_fraction(cls, config: MoEConfig) -> float:

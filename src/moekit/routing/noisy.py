@@ -34,12 +34,13 @@ class NoisyTopK(Router):
 
     def forward(self, x_TD: Tensor) -> TokenChoice:
         clean_TE = self.logits(x_TD)
-        load_E = None
+        load_E = load_TE = None
         if self.training:
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
             noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
-            load_E = self._smooth_load(clean_TE, noisy_TE, noise_std_TE)
+            load_TE = self._smooth_load(clean_TE, noisy_TE, noise_std_TE)
+            load_E = load_TE.sum(dim=0)
         else:
             noisy_TE = clean_TE
         probs_TE = noisy_TE.softmax(dim=-1)
@@ -53,13 +54,15 @@ class NoisyTopK(Router):
             logits_TE=clean_TE,
             probs_TE=probs_TE,
             load_E=load_E,
+            load_TE=load_TE,
         )
 
     def _smooth_load(self, clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor) -> Tensor:
-        """Eq. (9)-(10): sum over tokens of P(expert i still in the top-k if re-noised)."""
+        """Eq. (9)-(10): per token, P(expert i still in the top-k if re-noised); the load
+        estimate is its sum over the tokens."""
         k = self.top_k
         if k == self.num_experts:
-            return torch.ones_like(clean_TE).sum(dim=0)
+            return torch.ones_like(clean_TE)
         top_TK1 = noisy_TE.topk(k + 1, dim=-1).values
         # kth_excluding(H, k, i): the k-th best of the *other* experts. For an expert in the
         # top-k that is the (k+1)-th best overall, for one outside it the k-th best.
@@ -67,4 +70,4 @@ class NoisyTopK(Router):
         threshold_TE = torch.where(in_top_TE, top_TK1[:, k : k + 1], top_TK1[:, k - 1 : k])
         normal = torch.distributions.Normal(0.0, 1.0)
         prob_TE = normal.cdf((clean_TE - threshold_TE) / noise_std_TE.clamp_min(1e-9))
-        return prob_TE.sum(dim=0)
+        return prob_TE

@@ -70,6 +70,14 @@ class SigmoidTopK(Router):
             probs_TE=scores_TE / scores_TE.sum(dim=-1, keepdim=True),
         )
 
+    def replay_weights(self, decision, ids_TK: Tensor, valid_TK: Tensor | None) -> Tensor:
+        """The unbiased sigmoid scores of ids_TK, renormalised, times routed_scaling."""
+        scores_TE = decision.logits_TE.sigmoid()
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if valid_TK is not None:
+            weights_TK = weights_TK * valid_TK
+        return self.renormalize(weights_TK) * self.config.routed_scaling
+
     @torch.no_grad()
     def update_bias(self, load_E: Tensor | None = None) -> None:
         """Aux-loss-free update: bias += rate * sign(mean_load - load).

@@ -33,6 +33,7 @@ class SoftRouter(nn.Module):
     has_selection_bias: ClassVar[bool] = False
     renormalizes: ClassVar[bool] = False
     splits_exactly: ClassVar[bool] = False
+    balances: ClassVar[bool] = False  # every expert gets the same slots
 
     @classmethod
     def active_fraction(cls, config: MoEConfig) -> float:

@@ -51,6 +51,12 @@ class SoftmaxTopK(Router):
             probs_TE=probs_TE,
         )
 
+    def replay_weights(self, decision, ids_TK: Tensor, valid_TK: Tensor | None) -> Tensor:
+        weights_TK = super().replay_weights(decision, ids_TK, valid_TK)
+        if self.config.routed_scaling != 1.0:
+            weights_TK = weights_TK * self.config.routed_scaling
+        return weights_TK
+
 
 class Switch(Router):
     """Switch Transformer (Fedus et al. 2021): top-1 with multiplicative input jitter.
@@ -123,6 +129,12 @@ class GShardTop2(Router):
     def weights_not_summing_to_one(cls, config) -> str | None:
         return "the gshard router drops a token's second expert at random in training"
 
+    def replay_weights(self, decision, ids_TK: Tensor, valid_TK: Tensor | None) -> Tensor:
+        """g1 + g2 = 1 over both experts, then an unused second slot weighs 0 (as forward)."""
+        top_TK = decision.probs_TE.gather(1, ids_TK)
+        weights_TK = top_TK / top_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return weights_TK if valid_TK is None else weights_TK * valid_TK
+
 
 class TopP(Router):
     """Dynamic routing (Huang et al. 2024): the fewest experts whose probabilities reach p.
@@ -158,6 +170,7 @@ class Dense(Router):
     uses_capacity: ClassVar[bool] = False
     sparse: ClassVar[bool] = False
     renormalizes: ClassVar[bool] = False  # the full softmax already sums to one
+    balances: ClassVar[bool] = False  # every expert runs for every token
 
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)

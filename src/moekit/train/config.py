@@ -25,9 +25,13 @@ class TrainConfig:
     """
 
     steps: int = 225
-    batch_size: int = 48
+    batch_size: int = 48  # rows per optimizer step, over all processes
     seq_len: int = 128
     seed: int = 0
+    # Micro-batches per optimizer step (train/accumulation.py): each process's rows of the
+    # batch are split into grad_accum equal parts, one forward and backward each, and the
+    # gradients summed: less memory, the same step (docs/train.md, "Gradient accumulation").
+    grad_accum: int = 1
 
     # AdamW (Loshchilov & Hutter 2019); decay on matrices only, not norms or biases.
     lr: float = 3e-3
@@ -74,6 +78,7 @@ class TrainConfig:
         for name in (
             "steps",
             "batch_size",
+            "grad_accum",
             "seq_len",
             "eval_every",
             "eval_batches",
@@ -82,6 +87,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})"
+            )
         if self.warmup_steps is None:
             self.warmup_steps = math.ceil(0.05 * self.steps)
         if not 0 <= self.warmup_steps <= self.steps:

@@ -19,6 +19,7 @@ import typing
 
 from ..config import MoEConfig
 from ..models import PRESETS, ModelConfig
+from ..routing import check_balance_scope, router_class
 from .config import TrainConfig
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -98,6 +99,9 @@ def apply_overrides(
         moe_changes.setdefault("d_model", model_changes["d_model"])
     if moe_changes:
         model_changes["moe"] = dataclasses.replace(model.moe, **moe_changes)
+        # What the router checks when the model is built, before any data is prepared.
+        moe = model_changes["moe"]
+        check_balance_scope(router_class(moe.router), moe)
     return dataclasses.replace(model, **model_changes), TrainConfig(**train_changes)
 
 

@@ -6,6 +6,9 @@ the two, as the MoE layer calls a dispatch plan:
     run.shard(*tensors)          this rank's rows of a global batch
     run.mean(value)              a per-rank scalar averaged over the ranks
     run.any(flag)                True on every rank when it is True on any
+    run.sum(tensor)              a per-rank tensor summed over the ranks
+    run.no_sync()                backwards in the block only accumulate (gradient
+                                 accumulation: the reduction waits for the last one)
     run.reduce_and_clip(model, max_norm)
                                  gradients averaged over the ranks, clipped to the global
                                  norm (returned), router loads summed for the bias update
@@ -107,6 +110,12 @@ class LocalRun:
     def any(self, flag: bool) -> bool:
         return flag
 
+    def sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
     def report_memory(self, model: nn.Module, optimizer, run_dir: str | Path) -> None:
         pass  # one process: nothing is split, nothing to report
 
@@ -164,6 +173,17 @@ class DistributedRun:
         t = torch.tensor([int(flag)], device=self.mesh.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.world_group)
         return bool(t)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """A per-rank tensor summed over the ranks (a new tensor on the tensor's device)."""
+        total = tensor.to(self.mesh.device, copy=True)
+        dist.all_reduce(total, group=self.mesh.world_group)
+        return total.to(tensor.device)
+
+    def no_sync(self):
+        """Backwards in the block accumulate gradients without starting their all-reduce
+        (the micro-batches of a step but the last)."""
+        return self.reducer.paused()
 
     def report_memory(self, model: nn.Module, optimizer, run_dir: str | Path) -> None:
         """The largest rank's parameter, gradient and optimizer-state MiB (collective):
@@ -239,6 +259,11 @@ class FSDPRun(DistributedRun):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return fully_shard_model(parallelize(model, self.mesh), self.mesh)
+
+    def no_sync(self):
+        """FSDP reduce-scatters every micro-batch's gradients into the sharded ones, where
+        they accumulate: nothing to pause (and no unsharded gradients held meanwhile)."""
+        return contextlib.nullcontext()
 
     def build(self, config) -> nn.Module:
         return sharded_transformer(config, self.mesh)

@@ -31,6 +31,7 @@ from .. import __version__
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora
 from ..parallel import ParallelMesh, exchange_seconds
+from .accumulation import forward_backward, micro_batches
 from .checkpoint import checkpoint_dir, load_checkpoint
 from .compiling import PROBE_STEPS, CompileDecision, compile_blocks, uncompile_blocks
 from .config import (
@@ -300,15 +301,15 @@ class Trainer:
                 self.step_seconds.append(tokens_per_step / record["tokens_per_s"])
 
     def train_step(self) -> dict:
-        """One optimizer step on the next batch; appends and returns its metrics record."""
+        """One optimizer step on the next batch (in grad_accum micro-batches); appends and
+        returns its metrics record."""
         self._compile_when_decided()
         start = time.perf_counter()
         inputs_BL, targets_BL = self.loader.next_batch()
         num_tokens = inputs_BL.numel()
-        inputs_BL, targets_BL = self.run.shard(inputs_BL, targets_BL)
-        with self._autocast():
-            out = self.forward(inputs_BL, targets_BL)
-        (out.loss + out.aux_loss + out.mtp_loss).backward()  # mtp_loss 0 without MTP modules
+        batches = micro_batches(self.run.shard(inputs_BL, targets_BL), self.config.grad_accum)
+        # mtp_loss is 0 without MTP modules
+        out = forward_backward(self.forward, self.model, batches, self.run, self._autocast)
         lr, grad_norm = optimizer_step(self.model, self.optimizer, self.config, self.step, self.run)
         self.step += 1
         self.routing.add(out.stats)
