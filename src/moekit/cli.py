@@ -60,6 +60,10 @@ COMMANDS = {
         "moekit.report.cli:route_main",
         "colour a text token by token by the expert each layer picks",
     ),
+    "routing": (
+        "moekit.traces_cli:routing_main",
+        "record, diff, replay-check and convert routing traces (which experts each token took)",
+    ),
 }
 
 

@@ -71,7 +71,7 @@ def from_vllm(model: ModelIdentity, requests: list[dict]) -> Trace:
     `output_token_ids`, `routed_experts` and optionally `prompt_routed_experts`."""
     sequences = []
     for i, request in enumerate(requests):
-        prompt = list(request.get("prompt_token_ids", []))
+        prompt = list(request.get("prompt_token_ids", request.get("token_ids", [])))
         output = list(request.get("output_token_ids", []))
         S = len(prompt) + len(output)
         gen = _array(f"requests[{i}].routed_experts", request["routed_experts"], model)

@@ -21,18 +21,15 @@ little). `recording["routing"]` says which.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import re
-from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..moe import MoE
 from ..routing import ExpertChoice, SoftAssignment, TokenChoice
-from .format import ModelIdentity, Trace
-
-BLOCK = re.compile(r"layers\.(\d+)\.")
+from .format import ModelIdentity
+from .record_hf import record_hf
+from .recorder import BLOCK, Entry, Recorder, recording_info
 
 ROUTING_NOTES = {
     "token_choice": "token choice: K experts per token, as the router chose them (before capacity)",
@@ -41,108 +38,6 @@ ROUTING_NOTES = {
     "soft": "Soft MoE: every expert for every token, weighted by the token's combine mass on "
     "the expert's slots; the experts' inputs mix a sequence's tokens; replay refuses it",
 }
-
-
-@dataclass
-class Entry:
-    """One layer's routing in one call: (T, K) ids, weights, valid, (T, E) logits or None."""
-
-    ids: Tensor
-    weights: Tensor
-    valid: Tensor | None
-    logits: Tensor | None
-
-
-@dataclass
-class Recorder:
-    """Collects every call's routing per MoE layer; `trace()` turns it into a Trace."""
-
-    model: ModelIdentity
-    keep_logits: bool
-    recording: dict
-    shapes: list[tuple[int, int]] = field(default_factory=list)
-    entries: list[list[Entry]] = field(default_factory=list)
-
-    def begin_call(self, tokens_BN: Tensor) -> None:
-        """Called before each forward of the model: the call's (B, n) token layout."""
-        B, n = tokens_BN.shape
-        self.shapes.append((B, n))
-        for layer in self.entries:
-            layer.append(None)
-
-    def add(self, layer: int, entry: Entry) -> None:
-        if not self.shapes:
-            raise RuntimeError("a routing decision arrived before the model's forward began")
-        self.entries[layer][-1] = _detach(entry, self.keep_logits)
-
-    def trace(self, tokens_BN: Tensor, real_BN: Tensor | None = None) -> Trace:
-        """The Trace of the recorded calls over the sequences tokens_BN.
-
-        Args:
-            tokens_BN: (B, N) every token of the sequences, padding included; the calls
-                routed its first columns (a generation's last token never goes through
-                the model, so it is kept with routed False).
-            real_BN: bool mask of real tokens (any padding layout), None: all real.
-        """
-        B, N = tokens_BN.shape
-        if not self.shapes:
-            raise ValueError("nothing was recorded: run the model inside record_routing()")
-        batches = {shape[0] for shape in self.shapes}
-        if batches != {B}:
-            raise ValueError(f"tokens has {B} sequences; the recorded calls had {sorted(batches)}")
-        fed = sum(n for _, n in self.shapes)
-        if fed > N:
-            raise ValueError(f"the calls routed {fed} tokens per sequence; tokens has only {N}")
-        real_BN = torch.ones(B, N, dtype=torch.bool) if real_BN is None else real_BN.bool().cpu()
-        per_layer = [self._join(layer, B, N) for layer in range(len(self.entries))]
-        routed_BN = torch.zeros(B, N, dtype=torch.bool)
-        routed_BN[:, :fed] = True
-        keep = real_BN.reshape(-1)
-        lengths = real_BN.sum(dim=1)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-
-        def stack(i: int) -> Tensor | None:
-            parts = [joined[i] for joined in per_layer]
-            if parts[0] is None:
-                return None
-            return torch.stack(parts, dim=2).flatten(0, 1)[keep]
-
-        valid = stack(2)
-        routed = routed_BN.reshape(-1)[keep]
-        return Trace(
-            model=self.model, tokens=tokens_BN.cpu().reshape(-1)[keep].long(), offsets=offsets,
-            ids=stack(0), weights=stack(1), valid=valid, logits=stack(3),
-            routed=None if bool(routed.all()) else routed, recording=self.recording,
-        )  # fmt: skip
-
-    def _join(self, layer: int, B: int, N: int) -> list[Tensor | None]:
-        """(B, N, ...) ids, weights, valid, logits of one layer over the calls, zero-padded
-        past the routed columns."""
-        calls = self.entries[layer]
-        if any(entry is None for entry in calls):
-            missing = [i for i, entry in enumerate(calls) if entry is None]
-            raise ValueError(f"layer {self.model.layers[layer]} did not route in calls {missing}")
-        out = []
-        for name in ("ids", "weights", "valid", "logits"):
-            if getattr(calls[0], name) is None:
-                out.append(None)
-                continue
-            pieces = [getattr(e, name).reshape(B, n, -1) for e, (_, n) in zip(calls, self.shapes)]
-            joined = torch.cat(pieces, dim=1)
-            pad = joined.new_zeros(B, N - joined.shape[1], joined.shape[2])
-            if name == "valid":
-                pad = pad.bool()
-            out.append(torch.cat([joined, pad], dim=1))
-        return out
-
-
-def _detach(entry: Entry, keep_logits: bool) -> Entry:
-    return Entry(
-        ids=entry.ids.detach().to(torch.int32).cpu(),
-        weights=entry.weights.detach().float().cpu(),
-        valid=None if entry.valid is None else entry.valid.detach().bool().cpu(),
-        logits=entry.logits.detach().float().cpu() if keep_logits else None,
-    )
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, int, MoE]]:
@@ -160,9 +55,9 @@ def moekit_identity(model: nn.Module, layers: list[tuple[str, int, MoE]]) -> Mod
     moe = layers[0][2].config
     config = getattr(model, "config", None)
     param = next(model.parameters())
-    K = moe.num_experts if not layers[0][2].router.sparse else moe.top_k
-    if not layers[0][2].router.causal or layers[0][2].router.mixes_tokens:
-        K = moe.num_experts
+    router = layers[0][2].router
+    per_token = router.sparse and router.causal and not router.mixes_tokens
+    K = moe.top_k if per_token else moe.num_experts  # dense, expert choice, Soft: a slot each
     return ModelIdentity(
         architecture=f"moekit:{moe.router}",
         layers=[name for name, _, _ in layers],
@@ -198,16 +93,6 @@ def decision_entry(decision, num_tokens: int, num_experts: int) -> tuple[Entry, 
     raise TypeError(f"cannot record a routing decision of type {type(decision).__name__}")
 
 
-def _recording_info(engine: str, dtype: str, mode: str) -> dict:
-    return {
-        "engine": engine,
-        "dtype": dtype,
-        "mode": mode,
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 @contextlib.contextmanager
 def record_routing(model: nn.Module, logits: bool = True, mode: str = "forward"):
     """Record the routing of every forward of `model` while the context is open.
@@ -222,13 +107,11 @@ def record_routing(model: nn.Module, logits: bool = True, mode: str = "forward")
     """
     layers = moe_layers(model)
     if not layers:
-        from .record_hf import record_hf
-
         with record_hf(model, logits, mode) as recorder:
             yield recorder
         return
     identity = moekit_identity(model, layers)
-    recorder = Recorder(identity, logits, _recording_info("moekit", identity.dtype, mode))
+    recorder = Recorder(identity, logits, recording_info("moekit", identity.dtype, mode))
     recorder.entries = [[] for _ in layers]
     kinds = set()
     handles = [model.register_forward_pre_hook(_begin(recorder), with_kwargs=True)]

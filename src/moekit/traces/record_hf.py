@@ -18,7 +18,7 @@ import contextlib
 from torch import nn
 
 from .format import ModelIdentity
-from .record import BLOCK, Entry, Recorder, _recording_info
+from .recorder import BLOCK, Entry, Recorder, recording_info
 
 ROUTER_CLASS_SUFFIXES = ("TopKRouter", "TopkRouter")
 
@@ -66,7 +66,7 @@ def record_hf(model: nn.Module, logits: bool = True, mode: str = "forward"):
             f"modules (class names ending in {' or '.join(ROUTER_CLASS_SUFFIXES)})"
         )
     identity = hf_identity(model, routers)
-    recorder = Recorder(identity, logits, _recording_info("transformers", identity.dtype, mode))
+    recorder = Recorder(identity, logits, recording_info("transformers", identity.dtype, mode))
     recorder.recording["routing"] = "token choice: the router's top-k as the family computes it"
     recorder.entries = [[] for _ in routers]
 
