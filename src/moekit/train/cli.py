@@ -125,6 +125,21 @@ def train_main(argv: list[str]) -> int:
         default=300.0,
         help="seconds a rank waits in a collective before it stops with an error (default 300)",
     )
+    parser.add_argument(
+        "--routing.replay",
+        dest="routing_replay",
+        metavar="TRACE",
+        help="train on a routing trace's sequences, each token sent to the trace's experts "
+        "(moekit routing record; docs/traces.md); one run, eager",
+    )
+    parser.add_argument(
+        "--routing.replay_mode",
+        dest="routing_replay_mode",
+        choices=["ids", "ids+weights"],
+        default="ids",
+        help="ids: weights recomputed by the router (its gradient flows); ids+weights: both "
+        "from the trace (default ids)",
+    )
     args, extra = parser.parse_known_args(argv)
     if args.threads is not None:
         import torch
@@ -210,6 +225,8 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
         _print_result(result, out)
         return 0
     args.preset = args.preset or "tiny"
+    if args.routing_replay:
+        return _train_replayed(args, overrides, mesh)
     model_config, train_config = build_configs(args.preset, overrides)
     if args.no_compare:
         out = args.out = args.out or str(train.default_out_dir(args.preset))
@@ -240,6 +257,35 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
     )
     print(train.format_table(comparison))
     print(f"wrote {out}/comparison.json and {out}/loss.png")
+    return 0
+
+
+def _train_replayed(args: argparse.Namespace, overrides: dict, mesh) -> int:
+    """One run on a routing trace's sequences with its experts replayed (eager: the hooks
+    change every step)."""
+    from ..traces import load_trace
+    from ..traces.training import Replay, ReplayData
+    from .jobs import train_reporting
+    from .overrides import build_configs
+    from .trainer import Trainer
+
+    if args.data or args.seeds is not None or args.init_from:
+        raise ValueError(
+            "--routing.replay trains on the trace's tokens; drop --data, --seeds, --init-from"
+        )
+    if overrides.get("train.compile", "false") not in ("false", "auto"):
+        raise ValueError("--routing.replay runs eager; drop --train.compile")
+    overrides["train.compile"] = "false"
+    model_config, train_config = build_configs(args.preset, overrides)
+    trace = load_trace(args.routing_replay)
+    replay = Replay(trace, args.routing_replay_mode)
+    out = args.out = args.out or str(Path("runs") / f"replay-{Path(args.routing_replay).name}")
+    source = {"routing_replay": str(args.routing_replay), "mode": replay.mode}
+    trainer = Trainer(
+        model_config, train_config, out, data=ReplayData(trace), mesh=mesh,
+        show_progress=not args.no_progress, data_source=source, replay=replay,
+    )  # fmt: skip
+    _print_result(train_reporting(trainer), out)
     return 0
 
 

@@ -91,6 +91,8 @@ class Trainer:
         label: the progress bar's name (e.g. "moe" beside "dense" in a comparison).
         compile_decision: a CompileDecision shared with another trainer (a comparison's
             two models then compile, or not, alike); None makes one from train.compile.
+        replay: a routing replay (moekit.traces.training.Replay, with data its
+            ReplayData): every training forward takes the trace's experts.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Trainer:
         routing_stats_every: int = 10,
         label: str | None = None,
         compile_decision: CompileDecision | None = None,
+        replay=None,
     ):
         self.model_config, self.config = model_config, train_config
         self.run_dir = Path(run_dir)
@@ -133,6 +136,8 @@ class Trainer:
         self.label, self._bar = label, None
         self.optimizer = build_optimizer(self.model, train_config)
         self.loader = data.loader(train_config)
+        if replay is not None:
+            self.forward = replay.wrap(self.forward, self.model, self.loader)
         windows = data.eval_windows(train_config)
         self.eval_batches = [batch[:2] for batch in windows]
         log_dir = self.run_dir if self.is_main else self.run_dir / f"rank{self.run.rank}"
