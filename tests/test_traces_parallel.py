@@ -70,7 +70,7 @@ def layer_worker() -> None:
                     expected,
                     atol=1e-5,
                     rtol=1e-5,
-                    msg=lambda m, n=pname: f"{name} {mode} {n}: {m}",
+                    msg=lambda m, n=f"{name} {mode} {pname}": f"{n}: {m}",
                 )
 
 
