@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from helpers import HARD_LIMIT_S, torchrun
 from safetensors.torch import load_file
 
 from moekit.cli import main
@@ -31,7 +32,6 @@ MICRO = [
     "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
     "--train.eval_batches", "2", "--no-progress", "--threads", "1",
 ]  # fmt: skip
-HARD_LIMIT_S = 240
 
 
 def write_text(path):
@@ -43,14 +43,6 @@ def write_text(path):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("text") / "source.txt")
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "moekit", *args]  # fmt: skip
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=HARD_LIMIT_S, check=False
-    )
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 
 import pytest
 import torch
-from helpers import make_moe, tokens
+from helpers import ROUTER_SETTINGS, lm_batch, lm_config, make_moe, seeded_lm, tokens
 
 from moekit import MoEConfig, losses
-from moekit.models import ModelConfig, Transformer
+from moekit.models import Transformer
 from moekit.train.accumulation import (
-    IGNORE,
     count_step_routing,
     forward_backward,
     global_scope_layers,
@@ -31,48 +29,11 @@ from moekit.train.accumulation import (
 from moekit.train.config import TrainConfig
 from moekit.train.run import LOCAL_RUN
 
-ROWS, LENGTH, VOCAB = 8, 6, 40
-
-
-def model_config(**moe) -> ModelConfig:
-    settings = dict(d_model=16, d_hidden=12, num_experts=4, top_k=2) | moe
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return ModelConfig(
-            vocab_size=VOCAB,
-            d_model=16,
-            num_layers=2,
-            num_heads=2,
-            max_seq_len=LENGTH,
-            moe=MoEConfig(**settings),
-        )
-
-
-def build(config: ModelConfig, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():  # random router biases, so selection and scores disagree
-        for module in model.modules():
-            if hasattr(module, "bias") and isinstance(module.bias, torch.Tensor):
-                if module.bias.dim() == 1 and not isinstance(module.bias, torch.nn.Parameter):
-                    module.bias.normal_(0.0, 0.2)
-    return model
-
-
-def batch(seed: int = 1, ignore: bool = False):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randint(0, VOCAB, (ROWS, LENGTH), generator=generator)
-    targets = torch.randint(0, VOCAB, (ROWS, LENGTH), generator=generator)
-    if ignore:  # uneven counted targets per row: the micro-batches' shares differ
-        for row in range(ROWS):
-            targets[row, : row % 4 + (3 if row < ROWS // 2 else 0)] = IGNORE
-    return inputs, targets
-
 
 def step(model: Transformer, grad_accum: int, data=None):
     """One step's losses and gradients (the model's grads are cleared first)."""
     model.zero_grad(set_to_none=True)
-    batches = micro_batches(data or batch(), grad_accum)
+    batches = micro_batches(data or lm_batch(), grad_accum)
     out = forward_backward(model, model, batches, LOCAL_RUN, _no_autocast)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -91,12 +52,8 @@ def assert_same_step(a, b, atol=1e-6):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=atol, msg=name)
 
 
-ROUTERS = {
-    "softmax_topk": {},
-    "sigmoid_topk": dict(router="sigmoid_topk", num_groups=2, topk_groups=1, routed_scaling=2.5),
-    "switch": dict(router="switch", top_k=1, jitter_eps=0.0),
-    "top_p": dict(router="top_p", top_p=0.6),
-}
+ROUTERS = ROUTER_SETTINGS
+ROWS, LENGTH = 8, 6
 LOSSES = dict(balance_loss_coef=0.1, importance_loss_coef=0.05, z_loss_coef=0.01)
 
 
@@ -104,9 +61,9 @@ LOSSES = dict(balance_loss_coef=0.1, importance_loss_coef=0.05, z_loss_coef=0.01
 @pytest.mark.parametrize("router", list(ROUTERS))
 @pytest.mark.parametrize("grad_accum", [2, 4])
 def test_accumulation_equals_one_pass_dropless(router, scope, grad_accum):
-    config = model_config(**ROUTERS[router], **LOSSES, balance_scope=scope)
-    whole = step(build(config), 1)
-    accumulated = step(build(config), grad_accum)
+    config = lm_config(**ROUTERS[router], **LOSSES, balance_scope=scope)
+    whole = step(seeded_lm(config), 1)
+    accumulated = step(seeded_lm(config), grad_accum)
     assert_same_step(whole, accumulated)
     assert whole[0].aux_loss > 0
 
@@ -114,16 +71,16 @@ def test_accumulation_equals_one_pass_dropless(router, scope, grad_accum):
 def test_ignored_targets_are_weighted_by_their_count():
     """Micro-batches with different numbers of counted targets: the step's loss is still
     the mean over all counted targets (each micro-batch weighted by its share)."""
-    config = model_config(**LOSSES, balance_scope="global")
-    data = batch(ignore=True)
-    assert_same_step(step(build(config), 1, data), step(build(config), 2, data))
+    config = lm_config(**LOSSES, balance_scope="global")
+    data = lm_batch(ignore=True)
+    assert_same_step(step(seeded_lm(config), 1, data), step(seeded_lm(config), 2, data))
 
 
 def test_one_micro_batch_is_the_plain_step_bit_for_bit():
-    config = model_config(**LOSSES)
-    data = batch()
-    _, grads = step(build(config), 1, data)
-    plain = build(config)
+    config = lm_config(**LOSSES)
+    data = lm_batch()
+    _, grads = step(seeded_lm(config), 1, data)
+    plain = seeded_lm(config)
     plain_out = plain(*data)
     (plain_out.loss + plain_out.aux_loss + plain_out.mtp_loss).backward()
     for name, p in plain.named_parameters():
@@ -133,11 +90,11 @@ def test_one_micro_batch_is_the_plain_step_bit_for_bit():
 def test_micro_batch_scope_balances_each_micro_batch():
     """The default scope counts each forward's tokens: with 2 micro-batches the step's
     balance loss is the mean of the two halves' own losses, not the whole batch's."""
-    config = model_config(balance_loss_coef=0.1)
-    inputs, targets = batch()
-    whole, _ = step(build(config), 1, (inputs, targets))
-    accumulated, _ = step(build(config), 2, (inputs, targets))
-    model = build(config)
+    config = lm_config(balance_loss_coef=0.1)
+    inputs, targets = lm_batch()
+    whole, _ = step(seeded_lm(config), 1, (inputs, targets))
+    accumulated, _ = step(seeded_lm(config), 2, (inputs, targets))
+    model = seeded_lm(config)
     with torch.no_grad():
         halves = [
             model(inputs[rows], targets[rows]).aux_loss for rows in (slice(0, 4), slice(4, 8))
@@ -158,16 +115,16 @@ def test_micro_batch_scope_balances_each_micro_batch():
 def test_capacity_is_decided_per_micro_batch(settings):
     """With capacity, which tokens drop is decided per forward: the accumulated step equals
     the micro-batches run one by one (each weighted 1/2), and differs from one pass."""
-    config = model_config(**settings)
-    inputs, targets = batch()
-    accumulated = step(build(config), 2, (inputs, targets))
-    separate = build(config)
+    config = lm_config(**settings)
+    inputs, targets = lm_batch()
+    accumulated = step(seeded_lm(config), 2, (inputs, targets))
+    separate = seeded_lm(config)
     for rows in (slice(0, 4), slice(4, 8)):
         out = separate(inputs[rows], targets[rows])
         ((out.loss + out.aux_loss) / 2).backward()
     for name, p in separate.named_parameters():
         torch.testing.assert_close(accumulated[1][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
-    whole = step(build(config), 1, (inputs, targets))
+    whole = step(seeded_lm(config), 1, (inputs, targets))
     assert any(
         not torch.allclose(whole[1][name], accumulated[1][name], atol=1e-5) for name in whole[1]
     )
@@ -212,8 +169,8 @@ def test_sequence_scope_of_one_sequence_is_the_micro_batch_loss():
 
 
 def test_global_reference_holds_the_whole_steps_counts_and_means():
-    config = model_config(**LOSSES, balance_scope="global")
-    model, (inputs, targets) = build(config), batch()
+    config = lm_config(**LOSSES, balance_scope="global")
+    model, (inputs, targets) = seeded_lm(config), lm_batch()
     layers = global_scope_layers(model)
     count_step_routing(
         layers, model, model, micro_batches((inputs, targets), 4), LOCAL_RUN, _no_autocast
@@ -230,18 +187,22 @@ def test_global_reference_holds_the_whole_steps_counts_and_means():
 
 
 def test_counting_pass_leaves_rng_and_router_state_alone():
-    """The counting forwards draw the same noise the training forwards then draw, and the
-    sigmoid router's load count sees each token once."""
-    config = model_config(router="noisy_topk", balance_scope="global", **LOSSES)
-    noisy_whole = step(build(config), 1)
-    # noisy_topk's noise differs per micro-batch, so compare against itself: the counting
-    # pass must not shift the draws of the training forwards.
-    a = step(build(config), 2)
-    torch.manual_seed(123)
-    b = step(build(config), 2)
-    assert_same_step(a, b)
-    assert noisy_whole[0].loss > 0
-    sigmoid = build(model_config(**ROUTERS["sigmoid_topk"], balance_scope="global", **LOSSES))
+    """The counting forwards draw the noise the training forwards then draw (the RNG state
+    is put back), and the sigmoid router's load count sees each token once."""
+    config = lm_config(router="noisy_topk", balance_scope="global", **LOSSES)
+    model, (inputs, targets) = seeded_lm(config), lm_batch()
+    with torch.no_grad():  # large router noise: other draws would route differently
+        for layer in global_scope_layers(model):
+            layer.router.noise_weight.normal_(0.0, 2.0)
+    layers = global_scope_layers(model)
+    state = torch.get_rng_state()
+    count_step_routing(layers, model, model, [(inputs, targets)], LOCAL_RUN, _no_autocast)
+    assert torch.equal(torch.get_rng_state(), state)
+    out = model(inputs, targets)  # the training forward, same draws as the counting one
+    for layer, stats in zip(layers, [s for s in out.stats if s is not None], strict=True):
+        counts = stats.tokens_per_expert.float()
+        torch.testing.assert_close(layer.balance_reference[0], counts / counts.sum())
+    sigmoid = seeded_lm(lm_config(**ROUTERS["sigmoid_topk"], balance_scope="global", **LOSSES))
     step(sigmoid, 2)
     for layer in global_scope_layers(sigmoid):
         assert layer.router.load_since_update.sum().item() == ROWS * LENGTH * 2  # T * K once
@@ -256,19 +217,45 @@ def test_bad_values_are_refused_with_the_setting_named():
         MoEConfig(d_model=8, d_hidden=8, num_experts=4, balance_scope="per_token")
     for router in ("expert_choice", "soft", "dense"):
         config = dataclasses.replace(
-            model_config().moe, router=router, balance_scope="global", top_k=2
+            lm_config().moe, router=router, balance_scope="global", top_k=2
         )
         with pytest.raises(ValueError, match=f"the {router} router has no balance loss"):
-            Transformer(dataclasses.replace(model_config(), moe=config))
+            Transformer(dataclasses.replace(lm_config(), moe=config))
     with pytest.raises(ValueError, match="coef, load_loss_coef are all 0"):
         make_moe(router="sigmoid_topk", balance_scope="global", balance_loss_coef=0.0)
     with pytest.raises(ValueError, match=r"grad_accum \(3\) must divide"):
-        micro_batches(batch(), 3)
+        micro_batches(lm_batch(), 3)
 
 
 def test_config_json_round_trips_the_new_settings(tmp_path):
     from moekit.train.config import model_config_from_dict, model_config_to_dict
 
-    config = model_config(balance_scope="sequence")
+    config = lm_config(balance_scope="sequence")
     data = json.loads(json.dumps(model_config_to_dict(config)))
     assert model_config_from_dict(data) == config
+
+
+def test_task_loop_accumulates_like_one_pass():
+    """The task loop's step (tasks/loop.py) in 2 micro-batches: the same loss, prediction
+    and gradients as one pass (dropless top-2, no balance loss)."""
+    from moekit.models.classic import MoEClassifier
+    from moekit.tasks.data import TaskData
+    from moekit.tasks.loop import accumulate
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=generator), torch.randint(0, 3, (12,), generator=generator)
+    data = TaskData(x_train=x, y_train=y, x_val=x, y_val=y, labels=["a", "b", "c"])
+    steps = []
+    for grad_accum in (1, 2):
+        torch.manual_seed(0)
+        model = MoEClassifier(5, 3, d_model=8, router="softmax_topk", top_k=2, balance_loss_coef=0)
+        out = accumulate(
+            model, data, torch.arange(12), torch.nn.functional.cross_entropy, grad_accum
+        )
+        steps.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (one, one_grads), (two, two_grads) = steps
+    torch.testing.assert_close(two.loss, one.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(two.prediction, one.prediction)
+    assert one_grads.keys() == two_grads.keys()
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(two_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

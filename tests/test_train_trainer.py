@@ -261,3 +261,26 @@ def test_tensorboard_events_mirror_the_metrics_and_routing_logs(tmp_path, text_f
     assert [h.step for h in histogram] == [r["step"] for r in routing] == [2, 4]
     counts = routing[-1]["layers"][1]["tokens_per_expert"]
     assert list(histogram[-1].histogram_value.bucket) == counts
+
+
+def test_accumulated_steps_resume_bit_identical_and_log_the_whole_batch(tmp_path, text_file):
+    """grad_accum 2 with the global scope and noisy_topk (router noise, and the counting
+    pass that must leave the RNG where it found it): stopped at a step boundary and
+    resumed, the weights are bit-identical; the logs count optimizer steps and every
+    token of the batch."""
+    model = micro_model(router="noisy_topk", balance_scope="global", load_loss_coef=0.01)
+    straight = make_trainer(tmp_path / "a", text_file, model, grad_accum=2)
+    straight.train()
+    first = make_trainer(tmp_path / "b", text_file, model, grad_accum=2)
+    first.train(stop_at=3)
+    resumed = make_trainer(tmp_path / "b", text_file, model, resume=True, grad_accum=2)
+    resumed.train()
+    assert_bit_identical(weights(straight), weights(resumed))
+    assert read_metrics(tmp_path / "a", "val") == read_metrics(tmp_path / "b", "val")
+    routing = [json.loads(line) for line in (tmp_path / "a" / "routing.jsonl").open()]
+    train = [r for r in routing if r["split"] == "train"]
+    assert sum(r["steps"] for r in train) == 6
+    tokens_per_step = 4 * 32 * 2  # batch_size x seq_len x top_k, both micro-batches
+    for record in train:
+        for layer in record["layers"]:
+            assert sum(layer["tokens_per_expert"]) == tokens_per_step * record["steps"]

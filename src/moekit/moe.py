@@ -109,6 +109,8 @@ class MoE(nn.Module):
         self.register_buffer("balance_totals", torch.zeros(4, E), persistent=False)
         self.register_buffer("balance_tokens", torch.zeros(()), persistent=False)
         self.register_buffer("balance_reference", torch.zeros(4, E), persistent=False)
+        for buffer in (self.balance_totals, self.balance_tokens, self.balance_reference):
+            buffer.zero_()  # an initialiser a meta-device build records (parallel/meta.py)
         self.counting_balance = False
         self.balance_reference_on = False
 

@@ -17,10 +17,12 @@ updates) with its metrics record, and the progress bar are the language model tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,10 +31,12 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from .. import __version__
+from ..train.accumulation import global_balance, merge_stats
 from ..train.config import TrainConfig
 from ..train.console import progress_bar
 from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizer
+from ..train.run import LOCAL_RUN
 from ..train.step import optimizer_step, train_record
 from ..train.trainer import CONFIG_FILE, RUN_FORMAT
 from .data import TaskData
@@ -58,6 +62,40 @@ def regression_metrics(prediction: Tensor, target: Tensor) -> dict[str, float]:
 def regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """Sum over tasks of each task's mean squared error (the MMoE paper's joint loss)."""
     return (prediction - target).pow(2).mean(dim=0).sum()
+
+
+@dataclass
+class StepOutput:
+    """A task step over its micro-batches: the losses (weighted by the micro-batches' share
+    of the examples), the predictions in order, the per-layer stats merged."""
+
+    loss: Tensor
+    aux_loss: Tensor
+    prediction: Tensor
+    stats: list
+
+
+def accumulate(model: nn.Module, data: TaskData, index: Tensor, loss_fn, grad_accum: int):
+    """Forward and backward of the examples `index` in grad_accum micro-batches (the
+    losses are means over examples: each micro-batch weighted by its share), with the
+    global balance scope counted over all of them first (train/accumulation.py)."""
+    parts = [part for part in index.tensor_split(grad_accum) if len(part)]
+    batches = [(data.x_train[part], data.y_train[part]) for part in parts]
+    forward = lambda x, _targets: model(x)  # noqa: E731 (the counting pass's signature)
+    loss = aux = torch.zeros(())
+    predictions, stats = [], []
+    with global_balance(model, forward, batches, LOCAL_RUN, contextlib.nullcontext):
+        for x, y in batches:
+            out = model(x)
+            part_loss = loss_fn(out.prediction, y)
+            share = len(x) / len(index)
+            ((part_loss + out.aux_loss) * share).backward()
+            loss = loss + part_loss.detach() * share
+            aux = aux + out.aux_loss.detach() * share
+            predictions.append(out.prediction.detach())
+            stats.append(out.stats)
+    merged = stats[0] if len(stats) == 1 else merge_stats(stats)
+    return StepOutput(loss, aux, torch.cat(predictions), merged)
 
 
 def shuffled_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -123,9 +161,8 @@ def train_task(
         for step in range(1, config.steps + 1):
             start = time.perf_counter()
             index = next(batches)
-            out = model(data.x_train[index])
-            loss = loss_fn(out.prediction, data.y_train[index])
-            (loss + out.aux_loss).backward()
+            out = accumulate(model, data, index, loss_fn, config.grad_accum)
+            loss = out.loss
             lr, grad_norm = optimizer_step(model, optimizer, config, step - 1)
             seconds = time.perf_counter() - start
             train_seconds += seconds
@@ -139,7 +176,7 @@ def train_task(
                 stats=out.stats,
             )
             # The batch's accuracy (or per-task MSE), measured before this step's update.
-            batch_metrics = metrics_fn(out.prediction.detach(), data.y_train[index])
+            batch_metrics = metrics_fn(out.prediction, data.y_train[index])
             record |= {k: v / len(index) for k, v in batch_metrics.items() if k != "loss"}
             metrics.append(record)
             bar.update(1)
