@@ -113,3 +113,36 @@ def test_bad_input_is_one_error_line(folders, tmp_path):
         "--out", str(tmp_path / "o"),
     )  # fmt: skip
     assert code == 2 and "has no tokenizer; pass --tokens" in stderr
+
+
+def test_replaying_a_bf16_generation_in_fp32_takes_its_experts(folders, tmp_path):
+    """The worked example's commands: bf16 generation, fp32 forward over the same tokens,
+    the same forward replaying the generation's trace: no expert differs then."""
+    run = str(folders / "run")
+    _record(folders, tmp_path / "gen", run, "--dtype", "bf16", "--generate", "6")
+    code, _, stderr = run_cli(
+        "routing",
+        "record",
+        run,
+        "--from-trace",
+        str(tmp_path / "gen"),
+        "--out",
+        str(tmp_path / "fwd"),
+    )
+    assert code == 0, stderr
+    code, _, stderr = run_cli(
+        "routing", "record", run, "--from-trace", str(tmp_path / "gen"),
+        "--replay", str(tmp_path / "gen"), "--out", str(tmp_path / "replayed"),
+    )  # fmt: skip
+    assert code == 0, stderr
+    code, text, _ = run_cli(
+        "routing", "diff", str(tmp_path / "gen"), str(tmp_path / "replayed"), "--json"
+    )
+    layers = json.loads(text)["layers"]
+    assert all(d["set"] == 0.0 and d["top1"] == 0.0 and d["order"] == 0.0 for d in layers)
+    assert load_trace(tmp_path / "replayed").recording["replay"]["mode"] == "ids"
+    code, _, stderr = run_cli(
+        "routing", "record", run, "--tokens", str(folders / "tokens.txt"),
+        "--replay", str(tmp_path / "gen"), "--out", str(tmp_path / "bad"),
+    )  # fmt: skip
+    assert code == 2 and "pass --from-trace" in stderr

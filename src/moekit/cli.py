@@ -62,7 +62,7 @@ COMMANDS = {
     ),
     "routing": (
         "moekit.traces_cli:routing_main",
-        "record, diff, replay-check and convert routing traces (which experts each token took)",
+        "record, diff and convert routing traces: which experts each token took",
     ),
 }
 

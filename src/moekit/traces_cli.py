@@ -30,6 +30,7 @@ def routing_main(argv: list[str]) -> int:
     data = rec.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", help="a text file: each non-empty line is one sequence")
     data.add_argument("--tokens", help="a file of token ids: one sequence per line")
+    data.add_argument("--from-trace", help="the sequences of a trace (the same tokens again)")
     rec.add_argument("--out", required=True, help="the trace folder to write")
     rec.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="default fp32")
     rec.add_argument(
@@ -48,6 +49,14 @@ def routing_main(argv: list[str]) -> int:
         help="one padded batch (right, left) or one sequence at a time (none)",
     )
     rec.add_argument("--no-logits", action="store_true", help="leave the router logits out")
+    rec.add_argument(
+        "--replay",
+        metavar="TRACE",
+        help="record a forward that replays this trace (moekit models; its sequences)",
+    )
+    rec.add_argument(
+        "--replay-mode", choices=("ids", "ids+weights"), default="ids", help="default ids"
+    )
     diff = sub.add_parser("diff", help="compare trace B against trace A")
     diff.add_argument("a")
     diff.add_argument("b")
@@ -80,16 +89,40 @@ def _record(args) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model, tokenizer = load_source(args.source, args.engine)
     model = model.to(getattr(torch, DTYPES[args.dtype])).eval()
-    sequences = read_sequences(args, tokenizer)
-    if args.generate > 0:
-        trace = record_generation(model, sequences, args.generate, not args.no_logits)
+    if args.replay:
+        if args.generate > 0 or args.padding != "right":
+            raise ValueError(
+                "--replay records one right-padded forward; drop --generate, --padding"
+            )
+        trace = _record_replayed(model, args)
     else:
-        trace = record_forward(model, sequences, not args.no_logits, args.padding)
+        sequences = read_sequences(args, tokenizer)
+        if args.generate > 0:
+            trace = record_generation(model, sequences, args.generate, not args.no_logits)
+        else:
+            trace = record_forward(model, sequences, not args.no_logits, args.padding)
     trace.recording["source"] = str(args.source)
     path = save_trace(trace, args.out)
     print(f"wrote {path}: {trace.num_sequences} sequences, {trace.num_tokens} tokens, "
           f"{len(trace.model.layers)} MoE layers, top-{trace.model.top_k}, {args.dtype}")  # fmt: skip
     return 0
+
+
+def _record_replayed(model, args):
+    """The routing a moekit model takes while it replays --replay (the same sequences)."""
+    import torch
+
+    from .traces import load_trace, record_routing, replay_routing
+
+    trace = load_trace(args.replay)
+    if (args.tokens or args.data or args.from_trace) and args.from_trace != args.replay:
+        raise ValueError("--replay runs the trace's own sequences: pass --from-trace TRACE")
+    with replay_routing(model, trace, args.replay_mode) as batch, torch.no_grad():
+        with record_routing(model, not args.no_logits) as recorder:
+            model(batch.tokens_BN, attention_mask_BT=batch.attention_mask_BN)
+    recorded = recorder.trace(batch.tokens_BN, batch.rows_BN >= 0)
+    recorded.recording["replay"] = {"trace": str(args.replay), "mode": args.replay_mode}
+    return recorded
 
 
 def load_source(source: str, engine: str = "auto"):
@@ -146,7 +179,12 @@ def _hf_tokenizer(path: Path):
 
 
 def read_sequences(args, tokenizer) -> list[list[int]]:
-    """The sequences of --tokens (ids per line) or --data (text per line, tokenised)."""
+    """The sequences of --tokens (ids per line), --data (text per line, tokenised) or
+    --from-trace (a trace's sequences)."""
+    if args.from_trace:
+        from .traces import load_trace
+
+        return [s.tolist() for s in load_trace(args.from_trace).sequences()]
     path = Path(args.tokens or args.data)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
