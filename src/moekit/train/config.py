@@ -73,6 +73,10 @@ class TrainConfig:
     # Comma-separated fnmatch patterns of the parameter names to train, e.g. "*.router.*"
     # (Branch-Train-MiX stage 1); the others stay frozen. None trains every parameter.
     trainable: str | None = None
+    # A step whose loss or gradient is not finite: "error" stops the run before the
+    # optimizer step (the last checkpoint stays as it was), "skip" drops the batch and
+    # counts it (train/health.py).
+    on_nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,6 +121,8 @@ class TrainConfig:
             raise ValueError(
                 f"compile ({self.compile!r}) must be one of {', '.join(COMPILE_SETTINGS)}"
             )
+        if self.on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite ({self.on_nonfinite!r}) must be one of error, skip")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 

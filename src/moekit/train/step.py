@@ -8,6 +8,7 @@ task loop (tasks/loop.py): after the backward, the same six things in the same o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ def optimizer_step(
     config: TrainConfig,
     steps_done: int,
     run: Run = LOCAL_RUN,
+    skip: Callable[[float], bool] | None = None,
 ) -> tuple[float, float]:
     """Clip, set the scheduled learning rate, step, zero the gradients, update router biases.
 
@@ -33,6 +35,8 @@ def optimizer_step(
         config: grad_clip and the schedule (lr, steps, warmup_steps, min_lr_ratio).
         steps_done: optimizer steps taken before this one (the schedule's position).
         run: where the gradients are reduced across ranks before the clip.
+        skip: skip(grad_norm) -> True drops the step (no update, gradients zeroed): the
+            trainer's guard against non-finite steps (train/health.py), which may raise.
     Returns:
         (the learning rate used, the gradient norm before clipping).
     """
@@ -44,6 +48,9 @@ def optimizer_step(
         warmup_steps=config.warmup_steps,
         min_lr_ratio=config.min_lr_ratio,
     )
+    if skip is not None and skip(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -43,6 +44,7 @@ from .config import (
 from .console import deferred_interrupt, discard_line, open_progress_bar, print_line
 from .data import RunData
 from .evaluation import autocast, evaluate
+from .health import RoutingWatch, StepGuard
 from .metrics import MetricsLog, RoutingLog, read_metrics
 from .optim import build_optimizer
 from .run import run_on
@@ -143,6 +145,9 @@ class Trainer:
         log_dir = self.run_dir if self.is_main else self.run_dir / f"rank{self.run.rank}"
         self.metrics = MetricsLog(log_dir)
         self.routing = RoutingLog(log_dir, routing_stats_every if model_config.moe else 0)
+        log = print_line if self.is_main else discard_line  # non-finite steps, routing health
+        self.guard = StepGuard(train_config.on_nonfinite, self.run, log)
+        self.watch = RoutingWatch(model_config.moe.top_k if model_config.moe else 0, self.run, log)
         self.eval_domains = (data.domain_names, [domains_BL for *_, domains_BL in windows])
         self.step, self.train_seconds, self.exchange_seconds = 0, 0.0, 0.0
         # step -> validation loss, and each step's wall time (for per-segment tokens/s);
@@ -315,9 +320,19 @@ class Trainer:
         batches = micro_batches(self.run.shard(inputs_BL, targets_BL), self.config.grad_accum)
         # mtp_loss is 0 without MTP modules
         out = forward_backward(self.forward, self.model, batches, self.run, self._autocast)
-        lr, grad_norm = optimizer_step(self.model, self.optimizer, self.config, self.step, self.run)
+        loss = out.loss.item()
+        rerun = functools.partial(
+            forward_backward, self.forward, self.model, batches, self.run, self._autocast
+        )
+        skip = functools.partial(
+            self.guard.check, self.step + 1, loss, self.model, rerun, self.saved_step
+        )
+        lr, grad_norm = optimizer_step(
+            self.model, self.optimizer, self.config, self.step, self.run, skip
+        )
         self.step += 1
         self.routing.add(out.stats)
+        self.watch.add(out.stats)
         if self.step % max(self.routing.every, 1) == 0 or self.step == self.config.steps:
             routing_record = self.routing.flush(self.step)
             if self.tensorboard is not None:
@@ -327,13 +342,15 @@ class Trainer:
         self.step_seconds.append(seconds)
         record = train_record(
             step=self.step,
-            loss=self.run.mean(out.loss.item()),
+            loss=self.run.mean(loss),
             aux_loss=self.run.mean(out.aux_loss.item()),
             lr=lr,
             grad_norm=grad_norm,
             throughput=("tokens_per_s", num_tokens / seconds),
             stats=out.stats,
         )
+        if self.guard.skipped:  # train.on_nonfinite "skip": the batches dropped so far
+            record["skipped_steps"] = self.guard.skipped
         if self.model_config.mtp_depth:  # weighted, as trained; not in loss or aux_loss
             record["mtp_loss"] = self.run.mean(out.mtp_loss.item())
         exchanged = exchange_seconds(self.model)
@@ -376,6 +393,7 @@ class Trainer:
         with self._autocast(), torch.compiler.set_stance("force_eager"):
             loss = self.run.mean(evaluate(self.model, batches, observe=observe))
         self.routing.write_eval(self.step, names)
+        self.watch.check(self.step)  # dead experts, collapse: warned once each
         self.val_losses[self.step] = loss
         self._log(
             {"split": "val", "step": self.step, "loss": loss, "perplexity": _perplexity(loss)}
