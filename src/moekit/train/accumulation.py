@@ -105,7 +105,7 @@ def forward_backward(
         )
     shares = target_shares([targets_BL for _, targets_BL in batches])
     last = len(batches) - 1
-    totals, per_batch_stats = torch.zeros(3), []
+    parts, per_batch_stats = [], []
     with global_balance(model, forward, batches, run, autocast):
         for i, ((inputs_BL, targets_BL), share) in enumerate(zip(batches, shares, strict=True)):
             sync = run.no_sync() if i < last else contextlib.nullcontext()
@@ -114,16 +114,10 @@ def forward_backward(
                     out = forward(inputs_BL, targets_BL)
                 share = share.to(out.loss.device)
                 ((out.loss + out.mtp_loss) * share + out.aux_loss / len(batches)).backward()
-            parts = torch.stack(
-                [
-                    out.loss.detach() * share,
-                    out.aux_loss.detach() / len(batches),
-                    out.mtp_loss.detach() * share,
-                ]
-            )
-            totals = totals + parts.float().cpu()
+            weighted = (out.loss * share, out.aux_loss / len(batches), out.mtp_loss * share)
+            parts.append(torch.stack(weighted).detach().float())
             per_batch_stats.append(out.stats)
-    loss, aux_loss, mtp_loss = totals
+    loss, aux_loss, mtp_loss = torch.stack(parts).sum(dim=0)
     return StepLosses(loss, aux_loss, mtp_loss, merge_stats(per_batch_stats))
 
 
