@@ -101,6 +101,11 @@ def test_train_command_replays_a_trace(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == {"routing_replay": str(tmp_path / "trace"), "mode": "ids"}
     assert config["train"]["compile"] == "false"
+    code, stdout, stderr = run_cli(
+        "train", "--resume", "--out", str(tmp_path / "run"), "--no-progress"
+    )
+    assert code == 0, stderr  # a finished replayed run resumes with its saved trace
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
     other = [a for a in args]
     other[other.index("--model.num_experts") + 1] = "8"
     code, _, stderr = run_cli(

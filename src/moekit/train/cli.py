@@ -197,6 +197,8 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
             raise ValueError("--resume uses the settings saved in --out; drop the other settings")
         if args.init_from:
             raise ValueError("--resume continues --out; drop --init-from")
+        if _replay_source(args.out) is not None:
+            return _train_replayed(args, overrides, mesh, resume=True)
         result = train.resume_job(args.out, show_progress=progress, mesh=mesh)
         if isinstance(result, train.SeedsSummary):
             _print_summary(result, args.out)
@@ -260,29 +262,43 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
     return 0
 
 
-def _train_replayed(args: argparse.Namespace, overrides: dict, mesh) -> int:
+def _replay_source(out: str) -> dict | None:
+    """The saved {"routing_replay": TRACE, "mode": ...} of a replayed run in out, or None."""
+    config = Path(out) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text(encoding="utf-8")).get("data")
+    return data if isinstance(data, dict) and "routing_replay" in data else None
+
+
+def _train_replayed(args: argparse.Namespace, overrides: dict, mesh, resume: bool = False) -> int:
     """One run on a routing trace's sequences with its experts replayed (eager: the hooks
-    change every step)."""
+    change every step); resume continues such a run with its saved settings."""
     from ..traces import load_trace
     from ..traces.training import Replay, ReplayData
     from .jobs import train_reporting
     from .overrides import build_configs
-    from .trainer import Trainer
+    from .trainer import Trainer, run_configs
 
-    if args.data or args.seeds is not None or args.init_from:
-        raise ValueError(
-            "--routing.replay trains on the trace's tokens; drop --data, --seeds, --init-from"
-        )
-    if overrides.get("train.compile", "false") not in ("false", "auto"):
-        raise ValueError("--routing.replay runs eager; drop --train.compile")
-    overrides["train.compile"] = "false"
-    model_config, train_config = build_configs(args.preset, overrides)
-    trace = load_trace(args.routing_replay)
-    replay = Replay(trace, args.routing_replay_mode)
-    out = args.out = args.out or str(Path("runs") / f"replay-{Path(args.routing_replay).name}")
-    source = {"routing_replay": str(args.routing_replay), "mode": replay.mode}
+    if resume:
+        model_config, train_config, source = run_configs(args.out)
+        out = args.out
+    else:
+        if args.data or args.seeds is not None or args.init_from:
+            raise ValueError(
+                "--routing.replay trains on the trace's tokens; drop --data, --seeds, --init-from"
+            )
+        if overrides.get("train.compile", "false") not in ("false", "auto"):
+            raise ValueError("--routing.replay runs eager; drop --train.compile")
+        overrides["train.compile"] = "false"
+        model_config, train_config = build_configs(args.preset, overrides)
+        source = {"routing_replay": str(args.routing_replay), "mode": args.routing_replay_mode}
+        default = Path("runs") / f"replay-{Path(args.routing_replay).name}"
+        out = args.out = args.out or str(default)
+    trace = load_trace(source["routing_replay"])
+    replay = Replay(trace, source["mode"])
     trainer = Trainer(
-        model_config, train_config, out, data=ReplayData(trace), mesh=mesh,
+        model_config, train_config, out, data=ReplayData(trace), mesh=mesh, resume=resume,
         show_progress=not args.no_progress, data_source=source, replay=replay,
     )  # fmt: skip
     _print_result(train_reporting(trainer), out)
