@@ -113,3 +113,37 @@ def test_train_command_replays_a_trace(tmp_path):
         "--out", str(tmp_path / "run8"), *other,
     )  # fmt: skip
     assert code == 2 and "model.num_experts: the trace has 4, the model has 8" in stderr
+
+
+def test_finetune_replays_a_trace_recorded_from_its_base(tmp_path, text_file):
+    """The RL loop on the command line: a base run samples (bf16 generation, recorded);
+    `moekit finetune BASE --routing.replay TRACE` trains on the samples with their experts
+    and resumes with the saved trace."""
+    code, _, stderr = run_cli(
+        "train", "--no-compare", "--data", str(text_file), "--out", str(tmp_path / "base"), *MICRO
+    )
+    assert code == 0, stderr
+    (tmp_path / "prompts.txt").write_text("def load(\nclass Decoder:\nimport json\n")
+    code, _, stderr = run_cli(
+        "routing", "record", str(tmp_path / "base"), "--data", str(tmp_path / "prompts.txt"),
+        "--generate", "12", "--dtype", "bf16", "--out", str(tmp_path / "samples"),
+    )  # fmt: skip
+    assert code == 0, stderr
+    out = tmp_path / "ft"
+    code, stdout, stderr = run_cli(
+        "finetune", str(tmp_path / "base"), "--routing.replay", str(tmp_path / "samples"),
+        "--out", str(out), "--steps", "3", "--train.batch_size", "2", "--train.seq_len", "16",
+        "--train.eval_batches", "1", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "3 steps on 3 examples (3 cut to train.seq_len)" in stdout
+    assert (out / "checkpoint").is_dir() and (out / "tokenizer.json").is_file()
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert data["routing_replay"] == str(tmp_path / "samples") and data["mode"] == "ids"
+    code, _, stderr = run_cli("finetune", "--resume", "--out", str(out), "--no-progress")
+    assert code == 0, stderr
+    code, _, stderr = run_cli(
+        "finetune", str(tmp_path / "base"), "--routing.replay", str(tmp_path / "samples"),
+        "--data", str(text_file), "--out", str(tmp_path / "ft2"),
+    )  # fmt: skip
+    assert code == 2 and "drop --data" in stderr

@@ -50,6 +50,20 @@ def finetune_main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="demo: seeds (default 3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument(
+        "--routing.replay",
+        dest="routing_replay",
+        metavar="TRACE",
+        help="fine-tune on a routing trace's sequences (instead of --data), each token sent "
+        "to the trace's experts (docs/traces.md)",
+    )
+    parser.add_argument(
+        "--routing.replay_mode",
+        dest="routing_replay_mode",
+        choices=["ids", "ids+weights"],
+        default="ids",
+        help="ids: weights recomputed by the router; ids+weights: both from the trace",
+    )
     args, extra = parser.parse_known_args(argv)
     if args.threads is not None:
         import torch
@@ -90,12 +104,15 @@ def _demo_budget(extra: list[str]):
 def _finetune(args: argparse.Namespace, extra: list[str]) -> int:
     from ..train.overrides import parse_overrides
     from .job import finetune
+    from .replay import replay_source
 
     overrides = parse_overrides(extra)
     if args.steps is not None:
         overrides["train.steps"] = str(args.steps)
     if args.out is None:
         raise ValueError("--out DIR is required (the new run folder)")
+    if args.routing_replay or (args.resume and replay_source(args.out) is not None):
+        return _finetune_replayed(args, overrides)
     if args.resume:
         if overrides or args.base or args.data:
             raise ValueError("--resume uses the settings saved in --out; drop the other settings")
@@ -109,14 +126,38 @@ def _finetune(args: argparse.Namespace, extra: list[str]) -> int:
         resume=args.resume,
         show_progress=not args.no_progress,
     )
+    _print_finetune(result, args.out)
+    return 0
+
+
+def _finetune_replayed(args: argparse.Namespace, overrides: dict) -> int:
+    if args.resume and (overrides or args.base or args.data or args.routing_replay):
+        raise ValueError("--resume uses the settings saved in --out; drop the other settings")
+    if not args.resume and (args.base is None or args.data is not None):
+        raise ValueError("--routing.replay needs BASE and takes the trace's tokens: drop --data")
+    from .replay import finetune_replayed
+
+    result = finetune_replayed(
+        args.base,
+        args.routing_replay,
+        args.out,
+        overrides,
+        args.routing_replay_mode,
+        resume=args.resume,
+        show_progress=not args.no_progress,
+    )
+    _print_finetune(result, args.out)
+    return 0
+
+
+def _print_finetune(result, out) -> None:
     train = result.train
     print(
         f"{train.steps} steps on {result.num_train} examples ({result.num_truncated} cut to "
         f"train.seq_len), validation loss on the answers {train.final_val_loss:.4f} "
-        f"({result.num_validation} examples); run directory {args.out}"
+        f"({result.num_validation} examples); run directory {out}"
     )
     for name in result.exported:
-        print(f"wrote {args.out}/{name}")
+        print(f"wrote {out}/{name}")
     for note in result.notes:
         print(note)
-    return 0
