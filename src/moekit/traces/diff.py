@@ -136,7 +136,10 @@ def diff_traces(a: Trace, b: Trace, label_a: str = "a", label_b: str = "b") -> T
         w_a = None if a.weights is None else a.weights[both_T, i]
         w_b = None if b.weights is None else b.weights[both_T, i]
         if w_a is not None and w_b is not None:
-            diff.weight_mean, diff.weight_max = _weights(ids_a, ids_b, valid_a, valid_b, w_a, w_b)
+            E = a.model.num_experts
+            diff.weight_mean, diff.weight_max = _weights(
+                ids_a, ids_b, valid_a, valid_b, w_a, w_b, E
+            )
         flips_T = _set_flips(ids_a, ids_b, valid_a, valid_b, a.model.num_experts)
         if logits is not None and a.model.top_k < a.model.num_experts:
             sigma = None if sigma_L is None else float(sigma_L[i])
@@ -167,9 +170,9 @@ def _layer(name: str, ids_a, ids_b, valid_a, valid_b, E: int) -> LayerDiff:
     return LayerDiff(name, T, frac(top1_T), frac(set_T), frac(order_T), None, None)
 
 
-def _weights(ids_a, ids_b, valid_a, valid_b, w_a, w_b) -> tuple[float | None, float | None]:
+def _weights(ids_a, ids_b, valid_a, valid_b, w_a, w_b, E: int) -> tuple[float | None, float | None]:
     """Mean and max |w_a - w_b| over (token, expert) pairs both traces chose."""
-    E = int(max(ids_a.max(), ids_b.max())) + 1 if ids_a.numel() else 1
+    ids_a, ids_b = ids_a.masked_fill(~valid_a, 0), ids_b.masked_fill(~valid_b, 0)
     dense_a = torch.zeros(ids_a.shape[0], E).scatter_add_(1, ids_a, w_a * valid_a)
     dense_b = torch.zeros(ids_b.shape[0], E).scatter_add_(1, ids_b, w_b * valid_b)
     agree = _multi_hot(ids_a, valid_a, E) & _multi_hot(ids_b, valid_b, E)

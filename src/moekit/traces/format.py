@@ -196,7 +196,7 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model": {k: v for k, v in asdict(trace.model).items() if k != "STRUCTURE"},
+        "model": asdict(trace.model),
         "recording": trace.recording,
         "num_tokens": trace.num_tokens,
         "num_sequences": trace.num_sequences,
