@@ -64,6 +64,10 @@ COMMANDS = {
         "moekit.traces_cli:routing_main",
         "record, diff and convert routing traces: which experts each token took",
     ),
+    "doctor": (
+        "moekit.doctor.cli:doctor_main",
+        "find the silent MoE failures of a checkpoint, run or adapter, with evidence",
+    ),
 }
 
 
