@@ -92,12 +92,17 @@ def _add(seen: LayerRouting, decision: TokenChoice, top_k: int, eps: float) -> N
     seen.entropy += float(-(probs_TE * probs_TE.clamp_min(1e-30).log()).sum())
     seen.tokens += ids_TK.shape[0]
     rank_TE = decision.rank_TE.float()
-    if rank_TE.shape[1] > top_k:
-        top = rank_TE.topk(top_k + 1, dim=1).values
-        kth, nxt = top[:, top_k - 1], top[:, top_k]
-        both = torch.isfinite(kth) & torch.isfinite(nxt)
-        rounding = eps * torch.maximum(kth.abs(), nxt.abs())
-        seen.close += int(((kth - nxt) <= rounding)[both].sum())
+    if rank_TE.shape[1] <= top_k:
+        return
+    values, ids = rank_TE.topk(top_k + 1, dim=1)
+    kth, nxt = values[:, top_k - 1], values[:, top_k]
+    # A logit rounded by eps * |z| moves its gate g (softmax probability or sigmoid score,
+    # which the ranking follows) by about g (1 - g) eps |z|.
+    ends = ids[:, top_k - 1 :]
+    z, g = decision.logits_TE.float().gather(1, ends), decision.gate_TE.float().gather(1, ends)
+    moved = (g * (1 - g) * eps * z.abs()).sum(1)
+    both = torch.isfinite(kth) & torch.isfinite(nxt)
+    seen.close += int(((kth - nxt) <= moved)[both].sum())
 
 
 def check_routing(seen: dict[int, LayerRouting], top_k: int) -> list[Finding]:
