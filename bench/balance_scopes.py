@@ -3,6 +3,7 @@ expert mutual information and load CV, mean +- std over seeds.
 
     python bench/balance_scopes.py --out runs/scopes              # 3 seeds, every variant
     python bench/balance_scopes.py --out runs/scopes --only sequence --seeds 2
+    python bench/balance_scopes.py --out runs/scopes --only default,global_x4:1  # seed 0 only
 
 The dense twins and the default scope come from one `moekit train --seeds N` job
 (OUT/default/); every other variant trains the MoE alone (`--no-compare`) with the same
@@ -74,15 +75,18 @@ def variant_dirs(out: Path, name: str, seeds: list[int]) -> dict[int, Path]:
     return {seed: out / name / f"seed{seed}" for seed in seeds}
 
 
-def measure(out: Path, names: list[str], seeds: list[int], steps: int | None) -> dict:
+def measure(out: Path, names: dict[str, list[int]], seeds: list[int], steps: int | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     budget = ["--steps", str(steps)] if steps else []
     if not (out / "default" / "summary.json").exists():
-        run(["--seeds", str(len(seeds)), "--out", str(out / "default"), *budget], out / "default.log")
+        run(
+            ["--seeds", str(len(seeds)), "--out", str(out / "default"), *budget],
+            out / "default.log",
+        )
     table = {}
-    for name in names:
+    for name, variant_seeds in names.items():
         scope, grad_accum = VARIANTS[name]
-        for seed, folder in variant_dirs(out, name, seeds).items():
+        for seed, folder in variant_dirs(out, name, variant_seeds).items():
             if name != "default" and not (folder / "checkpoint").exists():
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 run(
@@ -92,7 +96,7 @@ def measure(out: Path, names: list[str], seeds: list[int], steps: int | None) ->
                     folder.parent / f"seed{seed}.log",
                 )  # fmt: skip
         rows = []
-        for seed, folder in variant_dirs(out, name, seeds).items():
+        for seed, folder in variant_dirs(out, name, variant_seeds).items():
             dense = final_val_loss(out / "default" / f"seed{seed}" / "dense")
             loss = final_val_loss(folder)
             mi, cv = routing_figures(folder)
@@ -112,9 +116,16 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="default: the job's budget")
-    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    parser.add_argument(
+        "--only",
+        default=",".join(VARIANTS),
+        help="comma-separated variants, each NAME or NAME:N (its first N seeds only)",
+    )
     args = parser.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    names = {}
+    for item in filter(None, (n.strip() for n in args.only.split(","))):
+        name, _, count = item.partition(":")
+        names[name] = list(range(int(count) if count else args.seeds))
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
@@ -125,12 +136,12 @@ def main() -> int:
     print(f"cpu: {platform.processor() or platform.machine()}, flags {' '.join(flags)}")
     table = measure(args.out, names, list(range(args.seeds)), args.steps)
     (args.out / "scopes.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
-    print(f"\n{'variant':16s} {'scope':12s} {'accum':>5s}  {'val loss':>17s}  "
+    print(f"\n{'variant':16s} {'scope':12s} {'accum':>5s} {'seeds':>5s}  {'val loss':>17s}  "
           f"{'gap to dense (nats)':>19s}  {'I(domain;expert) bits':>21s}  {'load CV':>17s}")  # fmt: skip
     for name, rows in table.items():
         scope, grad_accum = VARIANTS[name]
         cols = [mean_std([r[k] for r in rows]) for k in ("val_loss", "gap", "mi", "cv")]
-        print(f"{name:16s} {scope:12s} {grad_accum:5d}  {cols[0]:>17s}  {cols[1]:>19s}  "
+        print(f"{name:16s} {scope:12s} {grad_accum:5d} {len(rows):5d}  {cols[0]:>17s}  {cols[1]:>19s}  "
               f"{cols[2]:>21s}  {cols[3]:>17s}")  # fmt: skip
     print(f"wrote {args.out / 'scopes.json'}")
     return 0
