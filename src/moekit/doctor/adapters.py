@@ -195,7 +195,7 @@ def _shapes(modules: dict, adapter: Adapter) -> list[Finding]:
             elif rank and a[0] != rank and not adapter.config.get("rank_pattern"):
                 wrong.append(f"{module}: rank {a[0]} but adapter_config.json says r = {rank}")
             continue
-        params = [s for n, s in shapes.items() if n.startswith(plain + ".") and len(s) == 3]
+        params = expert_shapes(shapes, plain)
         if not any(_fits_3d(a, b, s) for s in params):
             found = f"the base's {params}" if params else "no such module in the base"
             wrong.append(f"{module}: lora_A {a}, lora_B {b} fit none of {found}")
@@ -212,6 +212,23 @@ def _shapes(modules: dict, adapter: Adapter) -> list[Finding]:
             evidence={"modules": wrong[:20]},
         )
     ]
+
+
+def expert_shapes(shapes: dict[str, tuple], module: str) -> list[tuple]:
+    """The (E, X, Y) shapes of a routed-experts module's parameters in the base: its 3-D
+    tensors, or for a per-expert layout (experts.{e}.w1.weight) each projection stacked
+    over the experts, and two same-shaped projections fused as gate and up are."""
+    found = [s for n, s in shapes.items() if n.startswith(module + ".") and len(s) == 3]
+    per_expert: dict[str, list[tuple]] = {}
+    pattern = re.compile(re.escape(module) + r"\.(\d+)\.(\w+)\.weight$")
+    for name, shape in shapes.items():
+        match = pattern.match(name)
+        if match and len(shape) == 2:
+            per_expert.setdefault(match.group(2), []).append(shape)
+    stacked = {p: (len(s), *s[0]) for p, s in per_expert.items() if len(set(s)) == 1}
+    found += list(stacked.values())
+    found += [(E, 2 * out, cols) for E, out, cols in stacked.values()]
+    return found
 
 
 def _fits_3d(a: tuple, b: tuple, base: tuple) -> bool:
