@@ -15,7 +15,7 @@ from ..errors import command_error
 from .adapters import check_adapter
 from .findings import Report
 from .routing import calibration_ids, check_routing, observe
-from .runs import check_run
+from .runs import check_hf_config, check_run
 from .target import Target, read_target
 from .text import CALIBRATION_TEXT
 from .weights import check_weights, moe_layers
@@ -86,6 +86,8 @@ def examine(target: Target, text: str | None = None, num_tokens: int = 2048) -> 
     if layers:
         report.checks.append("routing")
         report.add(_routing(model, target, text, num_tokens, report))
+    if target.kind == "hf":
+        report.add(check_hf_config(target.hf_config, model))
     if target.kind == "run":
         report.checks.append("run")
         report.add(check_run(target.path, model, target.run_config, report.facts))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..models.expert_ids import tap_routers
 from ..report.stats import entropy_bits, mutual_information
 from ..routing.base import TokenChoice
-from ..train.health import routing_health
+from ..train.health import MIN_EXPECTED_ASSIGNMENTS, routing_health
 from .findings import Finding
 from .weights import moe_layers
 
@@ -55,8 +55,7 @@ def calibration_ids(encode, text: str | None, num_tokens: int, vocab_size: int, 
     ids = torch.tensor(encode(text), dtype=torch.long)
     if len(ids) == 0:
         raise ValueError("the calibration text encodes to no tokens")
-    repeats = math.ceil(num_tokens / len(ids)) if len(ids) < num_tokens // 4 else 1
-    ids = ids.repeat(repeats)[:num_tokens].clamp_max(vocab_size - 1)
+    ids = ids[:num_tokens].clamp_max(vocab_size - 1)
     return ids, f"{len(ids)} tokens"
 
 
@@ -111,6 +110,7 @@ def check_routing(seen: dict[int, LayerRouting], top_k: int) -> list[Finding]:
     for layer, routing in seen.items():
         for issue in routing_health(routing.counts_E, top_k, layer):
             findings.append(_from_issue(issue, routing))
+    findings += _too_few(seen, top_k)
     findings += _alike(seen)
     findings += _margins(seen)
     return findings
@@ -147,6 +147,28 @@ def _from_issue(issue, routing: LayerRouting) -> Finding:
         experts=issue.experts,
         evidence=evidence,
     )
+
+
+def _too_few(seen: dict[int, LayerRouting], top_k: int) -> list[Finding]:
+    """A note when the tokens are too few to call any expert dead or starved."""
+    if not seen:
+        return []
+    routing = next(iter(seen.values()))
+    num_experts = len(routing.counts_E)
+    uniform = float(routing.counts_E.sum()) / num_experts
+    if uniform >= MIN_EXPECTED_ASSIGNMENTS:
+        return []
+    needed = math.ceil(MIN_EXPECTED_ASSIGNMENTS * num_experts / top_k)
+    return [
+        Finding(
+            "note",
+            "routing.too_few_tokens",
+            f"{routing.tokens} calibration tokens give each expert {uniform:.1f} assignments "
+            f"under uniform routing: too few to call an expert dead or starved",
+            f"give at least {needed} tokens of text (--data, --tokens)",
+            evidence={"tokens": routing.tokens, "needed": needed},
+        )
+    ]
 
 
 def _alike(seen: dict[int, LayerRouting]) -> list[Finding]:

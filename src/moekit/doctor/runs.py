@@ -234,3 +234,40 @@ def _stale_experts(run_dir: Path, model: nn.Module) -> list[Finding]:
                     )
                 )
     return findings
+
+
+def check_hf_config(hf: dict, model: nn.Module) -> list[Finding]:
+    """What a Hugging Face folder's config leaves silent in fine-tuning."""
+    findings = []
+    coef = hf.get("router_aux_loss_coef") or 0
+    if coef > 0 and not hf.get("output_router_logits", False):
+        findings.append(
+            Finding(
+                "note",
+                "config.balance_loss_off",
+                f"router_aux_loss_coef is {coef:g} but output_router_logits is false: "
+                "transformers adds the balance loss to the training loss only when the "
+                "router logits are output",
+                "set output_router_logits=True before fine-tuning in transformers (moekit "
+                "finetune keeps its balance loss on)",
+                evidence={"router_aux_loss_coef": coef},
+            )
+        )
+    zero = [
+        layer
+        for layer, moe in moe_layers(model)
+        if isinstance(getattr(moe.router, "bias", None), torch.Tensor) and not moe.router.bias.any()
+    ]
+    if zero:
+        findings.append(
+            Finding(
+                "note",
+                "config.bias_zero",
+                f"the bias-balancing biases (e_score_correction_bias) are all zero in layers "
+                f"{zero}: they were never updated, or not saved",
+                "if the source was trained with bias balancing, its biases were lost in "
+                "conversion; update them while fine-tuning (moekit does)",
+                layer=zero[0],
+            )
+        )
+    return findings
