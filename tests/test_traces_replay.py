@@ -259,3 +259,17 @@ def test_bad_traces_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="mode must be one of"):
         with replay_rows(moe, trace, rows, "weights"):
             pass
+
+
+def test_unused_slots_with_filler_ids_replay_as_unused():
+    """top_p: a trace's unused slot may hold an id out of range; it stays unused."""
+    moe = make_moe(router="top_p", num_experts=6, top_k=3, top_p=0.6)
+    x = tokens(8)
+    own = moe.route(x, None)
+    assert not own.valid_TK.all()  # the case has unused slots
+    filler = own.ids_TK.masked_fill(~own.valid_TK, 99)
+    use = torch.ones(8, dtype=torch.bool)
+    moe.routing_hook = LayerReplay("moe", "ids", filler, use, own.valid_TK, num_experts=6)
+    replayed = moe(x).hidden
+    moe.routing_hook = None
+    torch.testing.assert_close(replayed, moe(x).hidden, rtol=1e-6, atol=1e-7)

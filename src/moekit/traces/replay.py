@@ -74,11 +74,17 @@ class LayerReplay:
         name: the layer's name (for errors).
         ids_TK: (T, K) trace ids; use_T: (T,) bool, rows the trace routed.
         valid_TK: (T, K) used slots or None; weights_TK: (T, K) for "ids+weights".
+        num_experts: ids outside [0, num_experts) (in unused slots) become expert 0.
     """
 
-    def __init__(self, name, mode, ids_TK, use_T, valid_TK=None, weights_TK=None):
+    def __init__(self, name, mode, ids_TK, use_T, valid_TK=None, weights_TK=None, num_experts=None):
         self.name, self.mode = name, mode
         self.ids_TK = ids_TK.long()
+        if num_experts is not None:
+            # An unused slot may hold any id (an engine's filler): expert 0 keeps the
+            # gathers in range, and the slot stays unused.
+            outside_TK = (self.ids_TK < 0) | (self.ids_TK >= num_experts)
+            self.ids_TK = self.ids_TK.masked_fill(outside_TK, 0)
         self.use_T1 = use_T.bool().unsqueeze(1)
         self.valid_TK = valid_TK
         self.weights_TK = None if weights_TK is None else weights_TK.float()
@@ -182,7 +188,8 @@ def replay_rows(model: nn.Module, trace: Trace, rows_T: Tensor, mode: str = "ids
     for i, (name, _, moe) in enumerate(layers):
         valid = None if trace.valid is None else trace.valid[index_T, i]
         weights = None if trace.weights is None else trace.weights[index_T, i]
-        hook = LayerReplay(name, mode, trace.ids[index_T, i], routed_T, valid, weights)
+        ids = trace.ids[index_T, i]
+        hook = LayerReplay(name, mode, ids, routed_T, valid, weights, moe.config.num_experts)
         handles.append((moe, moe.routing_hook))
         moe.routing_hook = hook
     try:
