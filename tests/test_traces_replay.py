@@ -273,3 +273,31 @@ def test_unused_slots_with_filler_ids_replay_as_unused():
     replayed = moe(x).hidden
     moe.routing_hook = None
     torch.testing.assert_close(replayed, moe(x).hidden, rtol=1e-6, atol=1e-7)
+
+
+def test_a_trace_of_another_model_is_refused_naming_the_field():
+    def model(num_layers=2, vocab_size=64, first_dense_layers=0):
+        torch.manual_seed(0)
+        return Transformer(
+            ModelConfig(
+                vocab_size=vocab_size, d_model=16, num_layers=num_layers, num_heads=2,
+                max_seq_len=16, first_dense_layers=first_dense_layers,
+                moe=MoEConfig(d_model=16, d_hidden=16, num_experts=4, top_k=2),
+            )
+        )  # fmt: skip
+
+    base = model()
+    with record_routing(base) as recorder:
+        base(torch.zeros(1, 4, dtype=torch.long))
+    trace = recorder.trace(torch.zeros(1, 4, dtype=torch.long))
+    for other, message in [
+        (model(num_layers=3), "model.layers: the trace has 2 MoE layers, the model has 3"),
+        (
+            model(num_layers=3, first_dense_layers=1),
+            "model.num_blocks: the trace has 2, the model has 3",
+        ),
+        (model(vocab_size=80), "model.vocab_size: the trace has 64, the model has 80"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            with replay_routing(other, trace):
+                pass

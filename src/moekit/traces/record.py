@@ -88,7 +88,7 @@ def decision_entry(decision, num_tokens: int, num_experts: int) -> tuple[Entry, 
     if isinstance(decision, SoftAssignment):
         combine_TS = decision.combine_BNS.flatten(0, 1)
         weights_TE = combine_TS.reshape(combine_TS.shape[0], num_experts, -1).sum(dim=-1)
-        ids_TE = torch.arange(E, device=weights_TE.device).expand_as(weights_TE)
+        ids_TE = torch.arange(num_experts, device=weights_TE.device).expand_as(weights_TE)
         return Entry(ids_TE, weights_TE, None, None), "soft"
     raise TypeError(f"cannot record a routing decision of type {type(decision).__name__}")
 

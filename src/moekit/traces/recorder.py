@@ -115,7 +115,9 @@ def detach_entry(entry: Entry, keep_logits: bool) -> Entry:
         ids=entry.ids.detach().to(torch.int32).cpu(),
         weights=entry.weights.detach().float().cpu(),
         valid=None if entry.valid is None else entry.valid.detach().bool().cpu(),
-        logits=entry.logits.detach().float().cpu() if keep_logits else None,
+        logits=entry.logits.detach().float().cpu()
+        if keep_logits and entry.logits is not None
+        else None,
     )
 
 
