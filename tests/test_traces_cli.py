@@ -98,6 +98,24 @@ def test_export_and_import_the_engines_layouts(folders, tmp_path):
         assert back.weights is None  # the engines return ids only
 
 
+def test_a_preset_records_with_seeded_random_weights(folders, tmp_path):
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        _record(folders, tmp_path / name, "tiny", "--seed", str(seed))
+    a, b, c = (load_trace(tmp_path / n) for n in "abc")
+    assert a.model.architecture == "moekit:softmax_topk" and len(a.model.layers) == 4
+    assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
+    code, _, stderr = run_cli(
+        "routing",
+        "record",
+        "nonsense",
+        "--tokens",
+        str(folders / "tokens.txt"),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert code == 2 and "is neither a folder" in stderr and "tiny" in stderr
+
+
 def test_bad_input_is_one_error_line(folders, tmp_path):
     code, _, stderr = run_cli("routing", "show", str(tmp_path))
     assert code == 2 and stderr.startswith("moekit routing show: error:")

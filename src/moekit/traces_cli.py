@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from .errors import command_error
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -26,7 +28,11 @@ def routing_main(argv: list[str]) -> int:
     )
     sub = parser.add_subparsers(dest="action", required=True)
     rec = sub.add_parser("record", help="record a model's routing over a text or token file")
-    rec.add_argument("source", help="a moekit run (or comparison) folder or a Hugging Face folder")
+    rec.add_argument(
+        "source",
+        help="a moekit run (or comparison) folder, a Hugging Face folder, or a preset name "
+        "(random weights, --seed)",
+    )
     data = rec.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", help="a text file: each non-empty line is one sequence")
     data.add_argument("--tokens", help="a file of token ids: one sequence per line")
@@ -49,6 +55,7 @@ def routing_main(argv: list[str]) -> int:
         help="one padded batch (right, left) or one sequence at a time (none)",
     )
     rec.add_argument("--no-logits", action="store_true", help="leave the router logits out")
+    rec.add_argument("--seed", type=int, default=0, help="a preset's weights (default 0)")
     rec.add_argument(
         "--replay",
         metavar="TRACE",
@@ -81,13 +88,11 @@ def routing_main(argv: list[str]) -> int:
 
 
 def _record(args) -> int:
-    import torch
-
     from .traces import save_trace
     from .traces.run import record_forward, record_generation
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    model, tokenizer = load_source(args.source, args.engine)
+    model, tokenizer = load_source(args.source, args.engine, args.seed)
     model = model.to(getattr(torch, DTYPES[args.dtype])).eval()
     if args.replay:
         if args.generate > 0 or args.padding != "right":
@@ -110,8 +115,6 @@ def _record(args) -> int:
 
 def _record_replayed(model, args):
     """The routing a moekit model takes while it replays --replay (the same sequences)."""
-    import torch
-
     from .traces import load_trace, record_routing, replay_routing
 
     trace = load_trace(args.replay)
@@ -125,11 +128,22 @@ def _record_replayed(model, args):
     return recorded
 
 
-def load_source(source: str, engine: str = "auto"):
-    """(model in eval mode, tokenizer or None) of a moekit run or a Hugging Face folder."""
+def load_source(source: str, engine: str = "auto", seed: int = 0):
+    """(model in eval mode, tokenizer or None) of a moekit run, a Hugging Face folder or a
+    preset (random weights from seed)."""
+    from .models import PRESETS, Transformer
+
     path = Path(source)
+    if not path.is_dir() and source in PRESETS:
+        if engine == "transformers":
+            raise ValueError(f"--engine transformers needs a Hugging Face folder, not {source!r}")
+        torch.manual_seed(seed)
+        return Transformer(PRESETS[source]()).eval(), _MoekitTokens(None)
     if not path.is_dir():
-        raise ValueError(f"{source!r} is not a folder (a moekit run or a Hugging Face model)")
+        raise ValueError(
+            f"{source!r} is neither a folder (a moekit run or a Hugging Face model) nor a "
+            f"preset ({', '.join(PRESETS)})"
+        )
     from .train.compare import comparison_runs
 
     runs = comparison_runs(path)
@@ -165,7 +179,7 @@ class _MoekitTokens:
 
     def __call__(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("the run has no tokenizer.json; pass --tokens")
+            raise ValueError("the model has no tokenizer; pass --tokens")
         return self.tokenizer.encode_prompt(text)
 
 
