@@ -9,7 +9,7 @@ import json
 import pytest
 import test_interop_hf as hf
 import torch
-from helpers import run_cli
+from helpers import MICRO, run_cli
 
 from moekit.traces import load_trace
 
@@ -68,6 +68,30 @@ def test_record_diff_show_from_a_folder_and_a_run(folders, tmp_path):
     code, text, _ = run_cli("routing", "show", str(tmp_path / "hf16"))
     assert code == 0 and "transformers:mixtral, 3 MoE layers" in text
     assert "recording.dtype: bfloat16" in text
+
+
+def test_a_saved_diff_is_a_section_of_the_runs_report(tmp_path, text_file):
+    run = tmp_path / "run"
+    code, _, stderr = run_cli(
+        "train", "--no-compare", "--data", str(text_file), "--out", str(run), *MICRO
+    )
+    assert code == 0, stderr
+    (tmp_path / "text.txt").write_text("def load(s):\n    return json.loads(s)\n")
+    for dtype in ("fp32", "bf16"):
+        code, _, stderr = run_cli(
+            "routing", "record", str(run), "--data", str(tmp_path / "text.txt"),
+            "--dtype", dtype, "--out", str(tmp_path / dtype),
+        )  # fmt: skip
+        assert code == 0, stderr
+    code, _, stderr = run_cli(
+        "routing", "diff", str(tmp_path / "fp32"), str(tmp_path / "bf16"), "--save", str(run)
+    )
+    assert code == 0, stderr
+    code, _, stderr = run_cli("report", str(run), "--tokens-per-domain", "64")
+    assert code == 0, stderr
+    report = (run / "report.html").read_text()
+    assert report.count('<section id="routing-diff">') == 1 and '<section id="summary">' in report
+    assert "layers.1.ffn" in report
 
 
 def test_generate_records_prompt_and_continuation(folders, tmp_path):

@@ -69,6 +69,9 @@ def routing_main(argv: list[str]) -> int:
     diff.add_argument("b")
     diff.add_argument("--json", action="store_true", help="print JSON instead of a table")
     diff.add_argument("--html", help="also write an HTML page with the diff section")
+    diff.add_argument(
+        "--save", metavar="RUN", help="also save it in RUN, whose `moekit report` then shows it"
+    )
     show = sub.add_parser("show", help="print a trace's model, recording and size")
     show.add_argument("trace")
     imp = sub.add_parser("import", help="read a vLLM or SGLang JSON output into a trace")
@@ -221,6 +224,14 @@ def _diff(args) -> int:
         from .report.trace_diff import write_diff_page
 
         print(f"wrote {write_diff_page(diff, args.html)}", file=sys.stderr)
+    if args.save:
+        from .report.trace_diff import DIFF_FILE
+
+        if not Path(args.save).is_dir():
+            raise ValueError(f"--save {args.save!r} is not a folder")
+        path = Path(args.save) / DIFF_FILE
+        path.write_text(json.dumps(diff.to_json(), indent=1), encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(diff.to_json(), indent=1) if args.json else diff.table())
     return 0
 

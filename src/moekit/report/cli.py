@@ -51,11 +51,13 @@ def report_main(argv: list[str]) -> int:
             )
     _one_thread()
     from .html import write_report
+    from .trace_diff import saved_diff_sections
 
     try:
         path = write_report(
             args.run_dir,
             args.out,
+            extra_sections=saved_diff_sections(args.run_dir),
             tokens_per_domain=args.tokens_per_domain,
             sample_tokens=args.sample_tokens,
         )

@@ -57,29 +57,39 @@ def expert_colour(expert: int, num_experts: int) -> str:
     return f"hsl({hue:.0f}, 70%, {lightness}%)"
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, **gather_options) -> Path:
+def write_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    extra_sections: tuple[str, ...] = (),
+    **gather_options,
+) -> Path:
     """Write the report of a run or comparison directory.
 
     Args:
         run_dir: the directory (see moekit.report.gather).
         out: the HTML file (default RUN_DIR/report.html).
+        extra_sections: more sections' HTML, after the others (the routing diff).
         gather_options: tokens_per_domain, sample_tokens (see gather).
     Returns:
         The path written.
     """
     data = gather(run_dir, **gather_options)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
-    text = render(data)
+    text = render(data, extra_sections)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
 
 
-def render(data: ReportData) -> str:
-    """The whole page for the gathered data."""
+def render(data: ReportData, extra_sections: tuple[str, ...] = ()) -> str:
+    """The whole page for the gathered data (and any extra sections' HTML)."""
     body = "\n".join(
-        _section(name, title, builder(data)) for name, (title, builder) in SECTION_BUILDERS.items()
+        [
+            _section(name, title, builder(data))
+            for name, (title, builder) in SECTION_BUILDERS.items()
+        ]
+        + list(extra_sections)
     )
     title = f"moekit report: {data.run_dir.name}"
     return (

@@ -1,9 +1,12 @@
 """The routing-diff section: how two engines' traces of the same tokens differ
-(moekit.traces.diff), as HTML in the report's style; `moekit routing diff --html`."""
+(moekit.traces.diff), as HTML in the report's style: a page of its own (`moekit routing
+diff --html`), or a section of a run's report.html when the run holds routing-diff.json
+(`moekit routing diff --save RUN`)."""
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 from ..traces import TraceDiff
@@ -63,6 +66,22 @@ def diff_section(diff: TraceDiff) -> str:
         ),
     ]
     return _section("routing-diff", "Routing diff", "\n".join(parts))
+
+
+DIFF_FILE = "routing-diff.json"
+
+
+def saved_diff_sections(run_dir: str | Path) -> tuple[str, ...]:
+    """The routing-diff section of RUN/routing-diff.json (`moekit routing diff A B --save
+    RUN`), or nothing when the run has none."""
+    path = Path(run_dir) / DIFF_FILE
+    if not path.is_file():
+        return ()
+    try:
+        diff = TraceDiff.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a routing diff: {error}") from None
+    return (diff_section(diff),)
 
 
 def write_diff_page(diff: TraceDiff, path: str | Path) -> Path:

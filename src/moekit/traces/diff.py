@@ -70,6 +70,10 @@ class TraceDiff:
     def to_json(self) -> dict:
         return {"a": self.a, "b": self.b, "layers": [asdict(d) for d in self.layers]}
 
+    @classmethod
+    def from_json(cls, data: dict) -> TraceDiff:
+        return cls(data["a"], data["b"], [LayerDiff(**layer) for layer in data["layers"]])
+
     def table(self) -> str:
         """A terminal table: one row per layer, then the mean over layers."""
         head = f"{'layer':28s} {'tokens':>7s} {'top1':>7s} {'set':>7s} {'order':>7s} "
