@@ -22,13 +22,32 @@ COMMON = dict(
     pad_token_id=None,
 )
 ARCHS = ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss")
+# every family moekit converts (the false-positive measurement, bench/doctor_false_positives.py)
+ALL_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 
 
-def build(arch: str):
+def build(arch: str, seed: int = 0):
     """A tiny random model of arch with 8 experts, top-2 (weights std 0.1, routers 0.3)."""
     import transformers as t
 
-    if arch == "mixtral":
+    if arch in ("qwen3_moe", "olmoe"):
+        config = (t.Qwen3MoeConfig if arch == "qwen3_moe" else t.OlmoeConfig)(
+            **COMMON, intermediate_size=40, moe_intermediate_size=16, num_experts=8,
+            num_experts_per_tok=2,
+        )  # fmt: skip
+        if arch == "olmoe":
+            config.intermediate_size = 16
+        cls = t.Qwen3MoeForCausalLM if arch == "qwen3_moe" else t.OlmoeForCausalLM
+    elif arch == "deepseek_v2":
+        settings = COMMON | dict(intermediate_size=48, moe_intermediate_size=16)
+        settings.pop("num_key_value_heads")
+        config = t.DeepseekV2Config(
+            **settings, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
+            kv_lora_rank=12, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+            v_head_dim=6, n_shared_experts=1, topk_method="greedy",
+        )  # fmt: skip
+        cls = t.DeepseekV2ForCausalLM
+    elif arch == "mixtral":
         config = t.MixtralConfig(
             **COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2
         )
@@ -71,7 +90,7 @@ def build(arch: str):
         )
         config._attn_implementation = "eager"
         cls = t.GptOssForCausalLM
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -112,6 +112,18 @@ def test_diverging_command_exits_non_zero_without_a_checkpoint(tmp_path, text_fi
     assert not (out / "checkpoint").exists()
 
 
+def test_skip_lets_a_diverging_command_finish_with_finite_weights(tmp_path, text_file):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(
+        "train", "--preset", "tiny", "--no-compare", *MICRO, "--steps", "12",
+        "--train.lr", "50", "--train.on_nonfinite", "skip", "--data", str(text_file),
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 0 and "batch skipped" in stdout
+    skipped = [r.get("skipped_steps", 0) for r in read_metrics(out, split="train")]
+    assert skipped[-1] > 0 and skipped == sorted(skipped)
+
+
 def test_routing_health_names_dead_and_starved_experts():
     counts = torch.tensor([300.0, 290.0, 0.0, 310.0, 5.0, 295.0])
     issues = {i.kind: i for i in routing_health(counts, top_k=2, layer=3)}

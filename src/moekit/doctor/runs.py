@@ -50,7 +50,8 @@ def check_run(run_dir: Path, model: nn.Module, run_config: dict, facts: dict) ->
     findings += _losses(model_config.moe, train, routing)
     findings += _drops(model_config.moe, train)
     if run_config.get("converted_from") is None:
-        findings += _unmoved(model, model_config, train_config.seed, model_config.moe)
+        unequal = _unequal_loads(routing)
+        findings += _unmoved(model, model_config, train_config.seed, unequal)
     findings += _stale_experts(run_dir, model)
     return findings
 
@@ -143,7 +144,18 @@ def _drops(moe, train: list[dict]) -> list[Finding]:
     ]
 
 
-def _unmoved(model: nn.Module, model_config, seed: int, moe) -> list[Finding]:
+def _unequal_loads(routing: list[dict]) -> set[int]:
+    """Layers whose logged expert loads were ever unequal: their balancing bias must move
+    (the update is rate * sign(mean load - load), 0 for a perfectly even layer)."""
+    return {
+        layer["layer"]
+        for record in routing
+        for layer in record["layers"]
+        if len(set(layer["tokens_per_expert"])) > 1
+    }
+
+
+def _unmoved(model: nn.Module, model_config, seed: int, unequal: set[int]) -> list[Finding]:
     """Compare with the run's initialisation, rebuilt as the trainer built it."""
     torch.manual_seed(seed)
     init = Transformer(model_config)
@@ -156,8 +168,8 @@ def _unmoved(model: nn.Module, model_config, seed: int, moe) -> list[Finding]:
                 _frozen(layer, "router", "the router never moved from its initialisation")
             )
         bias = getattr(trained.router, "bias", None)
-        if isinstance(bias, torch.Tensor) and moe.bias_update_rate > 0:
-            if torch.equal(bias, start.router.bias):
+        if isinstance(bias, torch.Tensor) and model_config.moe.bias_update_rate > 0:
+            if layer in unequal and torch.equal(bias, start.router.bias):
                 findings.append(
                     _frozen(layer, "bias", "the bias-balancing bias is still at its initial value")
                 )
