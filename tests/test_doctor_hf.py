@@ -153,6 +153,9 @@ def test_bad_targets_are_one_clear_error(tmp_path):
     (unknown / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
     code, _, err = run_cli("doctor", str(unknown))
     assert code == 2 and "unsupported architecture 'llama'" in err
+    (unknown / "config.json").write_text("[1, 2]", encoding="utf-8")
+    code, _, err = run_cli("doctor", str(unknown))
+    assert code == 2 and "moekit doctor: error:" in err
     truncated = _folder(tmp_path, "mixtral")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])

@@ -83,7 +83,15 @@ def read_target(path: str | Path, base: str | Path | None = None) -> Target:
             return _run(path)
         if (path / "config.json").is_file():
             return _hf(path)
-    except (OSError, SafetensorError, json.JSONDecodeError, KeyError, RuntimeError) as error:
+    except (
+        OSError,
+        SafetensorError,
+        json.JSONDecodeError,
+        KeyError,
+        RuntimeError,
+        AttributeError,  # a config.json that is not an object
+        TypeError,
+    ) as error:
         raise TargetError(f"cannot read {str(path)!r}: {error}") from None
     raise TargetError(
         f"{str(path)!r} is not a moekit run (config.json of the run format), a Hugging Face "
