@@ -96,7 +96,7 @@ def test_healthy_run_has_no_error_or_warning_and_is_left_unchanged(runs, name):
     report = json.loads(out)
     assert code == 0 and report["counts"]["warning"] == 0, out
     assert set(report["checks"]) == {"weights", "routing", "run"}
-    assert "tokens (built-in text)" in report["facts"]["calibration"]
+    assert "tokens (the run's validation split)" in report["facts"]["calibration"]
     assert _digest(runs / name) == before
 
 
@@ -112,7 +112,7 @@ def test_copied_expert_in_a_checkpoint_is_found(runs, tmp_path):
     assert found.layer == 1 and found.experts == [0, 3]
 
 
-def test_a_dead_expert_in_a_checkpoint_is_found_on_its_own_tokenizer(runs, tmp_path):
+def test_a_dead_expert_in_a_checkpoint_is_found_on_its_own_validation_text(runs, tmp_path):
     run = _copy(runs, "softmax", tmp_path)
 
     def edit(tensors):  # channel 0 large for every token, read only by layer 0's expert 2

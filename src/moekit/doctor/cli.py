@@ -14,7 +14,7 @@ import torch
 from ..errors import command_error
 from .adapters import check_adapter
 from .findings import Report
-from .routing import calibration_ids, check_routing, observe
+from .routing import calibration_ids, check_routing, observe, spread_tokens
 from .runs import check_hf_config, check_run
 from .target import Target, read_target
 from .text import CALIBRATION_TEXT
@@ -36,8 +36,8 @@ def doctor_main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--data",
-        help="a text file of calibration text (default: built-in text of many kinds, in the "
-        "model's own tokenizer)",
+        help="a text file of calibration text (default: a run's validation split, else "
+        "built-in text of many kinds in the model's own tokenizer)",
     )
     parser.add_argument(
         "--tokens", type=int, default=2048, help="calibration tokens at most (default 2048)"
@@ -97,11 +97,15 @@ def examine(target: Target, text: str | None = None, num_tokens: int = 2048) -> 
 def _routing(model, target: Target, text: str | None, num_tokens: int, report: Report):
     if text is not None and target.encode is None:
         raise ValueError(f"--data: {str(target.path)!r} has no tokenizer.json to encode it with")
-    source = "--data" if text is not None else "built-in text"
-    ids, what = calibration_ids(
-        target.encode, text or CALIBRATION_TEXT, num_tokens, model.config.vocab_size
-    )
-    report.facts["calibration"] = f"{what} ({source})" if target.encode else what
+    if text is None and target.own_tokens is not None:
+        ids = spread_tokens(target.own_tokens, num_tokens)
+        report.facts["calibration"] = f"{len(ids)} tokens (the run's validation split)"
+    else:
+        source = "--data" if text is not None else "built-in text"
+        ids, what = calibration_ids(
+            target.encode, text or CALIBRATION_TEXT, num_tokens, model.config.vocab_size
+        )
+        report.facts["calibration"] = f"{what} ({source})" if target.encode else what
     with torch.inference_mode():
         seen = observe(model.float(), ids, target.dtype)
     return check_routing(seen, moe_layers(model)[0][1].config.top_k)

@@ -59,6 +59,17 @@ def calibration_ids(encode, text: str | None, num_tokens: int, vocab_size: int, 
     return ids, f"{len(ids)} tokens"
 
 
+def spread_tokens(tokens_N, num_tokens: int) -> Tensor:
+    """At most num_tokens of a long (numpy) stream, in SEQUENCE-token windows spread evenly
+    over it; only those windows are read."""
+    length = min(SEQUENCE, num_tokens, len(tokens_N))
+    windows = max(min(num_tokens, len(tokens_N)) // length, 1)
+    starts = np.linspace(0, len(tokens_N) - length, windows).astype(np.int64).tolist()
+    return torch.cat(
+        [torch.from_numpy(np.asarray(tokens_N[s : s + length], dtype=np.int64)) for s in starts]
+    )
+
+
 @torch.no_grad()
 def observe(model: nn.Module, ids: Tensor, dtype: torch.dtype) -> dict[int, LayerRouting]:
     """Run the tokens through model in rows of SEQUENCE and gather each MoE layer's routing."""

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..data.stream import load_stream
 from ..interop.convert import is_run_dir
 from ..interop.hf import load_hf, read_hf_config, weight_files
 from ..interop.hf_config import model_type_of
@@ -57,6 +58,7 @@ class Target:
     model: Transformer | None = None
     encode: object = None
     dtype: torch.dtype = torch.float32
+    own_tokens: object = None  # a run's validation tokens, a read-only numpy memmap
     hf_config: dict | None = None
     run_config: dict | None = None
     adapter: Adapter | None = None
@@ -105,6 +107,9 @@ def _run(path: Path) -> Target:
     target.model = load_trained_model(path)
     target.dtype = next(target.model.parameters()).dtype
     target.encode = _tokenizer(path)
+    val = path / "data" / "val.bin"
+    if val.is_file():
+        target.own_tokens = load_stream(val).tokens_N
     return target
 
 
