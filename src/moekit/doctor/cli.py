@@ -14,7 +14,14 @@ import torch
 from ..errors import command_error
 from .adapters import check_adapter
 from .findings import Report
-from .routing import calibration_ids, check_routing, observe, spread_tokens
+from .routing import (
+    SEQUENCE,
+    WINDOW,
+    calibration_ids,
+    check_routing,
+    observe,
+    spread_tokens,
+)
 from .runs import check_hf_config, check_run
 from .target import Target, read_target
 from .text import CALIBRATION_TEXT
@@ -40,7 +47,7 @@ def doctor_main(argv: list[str]) -> int:
         "built-in text of many kinds in the model's own tokenizer)",
     )
     parser.add_argument(
-        "--tokens", type=int, default=2048, help="calibration tokens at most (default 2048)"
+        "--tokens", type=int, default=4096, help="calibration tokens at most (default 4096)"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
@@ -64,7 +71,7 @@ def _read_text(path: str | None) -> str | None:
         raise ValueError(f"--data {path!r}: {error}") from None
 
 
-def examine(target: Target, text: str | None = None, num_tokens: int = 2048) -> Report:
+def examine(target: Target, text: str | None = None, num_tokens: int = 4096) -> Report:
     """Every check that applies to the target, in one Report."""
     report = Report(str(target.path), target.kind)
     report.facts["architecture"] = target.architecture
@@ -97,8 +104,9 @@ def examine(target: Target, text: str | None = None, num_tokens: int = 2048) -> 
 def _routing(model, target: Target, text: str | None, num_tokens: int, report: Report):
     if text is not None and target.encode is None:
         raise ValueError(f"--data: {str(target.path)!r} has no tokenizer.json to encode it with")
+    row = SEQUENCE
     if text is None and target.own_tokens is not None:
-        ids = spread_tokens(target.own_tokens, num_tokens)
+        ids, row = spread_tokens(target.own_tokens, num_tokens), WINDOW
         report.facts["calibration"] = f"{len(ids)} tokens (the run's validation split)"
     else:
         source = "--data" if text is not None else "built-in text"
@@ -107,5 +115,5 @@ def _routing(model, target: Target, text: str | None, num_tokens: int, report: R
         )
         report.facts["calibration"] = f"{what} ({source})" if target.encode else what
     with torch.inference_mode():
-        seen = observe(model.float(), ids, target.dtype)
+        seen = observe(model.float(), ids, target.dtype, row)
     return check_routing(seen, moe_layers(model)[0][1].config.top_k)

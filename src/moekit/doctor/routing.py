@@ -30,8 +30,11 @@ LAYERS_ALIKE = 0.9
 # MARGIN_NOTE on (each such token may route differently in another engine), a warning from
 # MARGIN_WARNING on.
 MARGIN_NOTE = 0.01
-MARGIN_WARNING = 0.25
+MARGIN_WARNING = 0.5
 SEQUENCE = 256  # calibration tokens per row
+# A run's own text is read in many short windows, so that every domain of its validation
+# split is seen (routing needs little context).
+WINDOW = 64
 
 
 @dataclass
@@ -60,9 +63,9 @@ def calibration_ids(encode, text: str | None, num_tokens: int, vocab_size: int, 
 
 
 def spread_tokens(tokens_N, num_tokens: int) -> Tensor:
-    """At most num_tokens of a long (numpy) stream, in SEQUENCE-token windows spread evenly
+    """At most num_tokens of a long (numpy) stream, in WINDOW-token windows spread evenly
     over it; only those windows are read."""
-    length = min(SEQUENCE, num_tokens, len(tokens_N))
+    length = min(WINDOW, num_tokens, len(tokens_N))
     windows = max(min(num_tokens, len(tokens_N)) // length, 1)
     starts = np.linspace(0, len(tokens_N) - length, windows).astype(np.int64).tolist()
     return torch.cat(
@@ -71,13 +74,17 @@ def spread_tokens(tokens_N, num_tokens: int) -> Tensor:
 
 
 @torch.no_grad()
-def observe(model: nn.Module, ids: Tensor, dtype: torch.dtype) -> dict[int, LayerRouting]:
-    """Run the tokens through model in rows of SEQUENCE and gather each MoE layer's routing."""
+def observe(
+    model: nn.Module, ids: Tensor, dtype: torch.dtype, row: int = SEQUENCE
+) -> dict[int, LayerRouting]:
+    """Run the tokens through model in rows of `row` tokens and gather each MoE layer's
+    routing."""
     layers = {i: None for i, _ in moe_layers(model)}
     num_experts = {i: m.router.weight.shape[0] for i, m in moe_layers(model)}
     top_k = {i: m.config.top_k for i, m in moe_layers(model)}
-    eps = max(torch.finfo(torch.bfloat16).eps, torch.finfo(dtype).eps)
-    length = min(SEQUENCE, model.config.max_seq_len)
+    # the unit roundoff (half the spacing of the floats, relative) of bf16 or coarser
+    eps = max(torch.finfo(torch.bfloat16).eps, torch.finfo(dtype).eps) / 2
+    length = min(row, model.config.max_seq_len)
     for row in ids.split(length):
         with tap_routers(model.layers) as decisions:
             model(row[None])
@@ -106,7 +113,7 @@ def _add(seen: LayerRouting, decision: TokenChoice, top_k: int, eps: float) -> N
         return
     values, ids = rank_TE.topk(top_k + 1, dim=1)
     kth, nxt = values[:, top_k - 1], values[:, top_k]
-    # A logit rounded by eps * |z| moves its gate g (softmax probability or sigmoid score,
+    # A logit rounded by at most eps * |z| moves its gate g (softmax probability or sigmoid score,
     # which the ranking follows) by about g (1 - g) eps |z|.
     ends = ids[:, top_k - 1 :]
     z, g = decision.logits_TE.float().gather(1, ends), decision.gate_TE.float().gather(1, ends)
