@@ -18,7 +18,9 @@ Compilation is off (train.compile false) so every variant runs the same kernels.
 figures come from the runs' files: the final validation loss (metrics.jsonl), and the
 last evaluation's domain x expert counts (routing.jsonl), per MoE layer: the mutual
 information I(domain; expert) in bits and the load CV of the expert totals, averaged over
-the layers. Finished runs are read back, so a stopped measurement continues.
+the layers; and the median training step's tokens/s over the seeds (a timing: compare
+it only between variants that ran with the cores otherwise idle). Finished runs are read
+back, so a stopped measurement continues.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def run(args: list[str], log: Path) -> None:
 def final_val_loss(run_dir: Path) -> float:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     return [r for r in records if r.get("split") == "val"][-1]["loss"]
+
+
+def median_tokens_per_s(run_dir: Path) -> float:
+    """The median training step's tokens/s (metrics.jsonl; the whole batch per step)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return statistics.median(r["tokens_per_s"] for r in records if r.get("split") == "train")
 
 
 def routing_figures(run_dir: Path) -> tuple[float, float]:
@@ -100,7 +108,10 @@ def measure(out: Path, names: dict[str, list[int]], seeds: list[int], steps: int
             dense = final_val_loss(out / "default" / f"seed{seed}" / "dense")
             loss = final_val_loss(folder)
             mi, cv = routing_figures(folder)
-            rows.append({"seed": seed, "val_loss": loss, "gap": dense - loss, "mi": mi, "cv": cv})
+            rows.append(
+                {"seed": seed, "val_loss": loss, "gap": dense - loss, "mi": mi, "cv": cv,
+                 "tokens_per_s": median_tokens_per_s(folder)}
+            )  # fmt: skip
         table[name] = rows
     return table
 
@@ -137,12 +148,14 @@ def main() -> int:
     table = measure(args.out, names, list(range(args.seeds)), args.steps)
     (args.out / "scopes.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
     print(f"\n{'variant':16s} {'scope':12s} {'accum':>5s} {'seeds':>5s}  {'val loss':>17s}  "
-          f"{'gap to dense (nats)':>19s}  {'I(domain;expert) bits':>21s}  {'load CV':>17s}")  # fmt: skip
+          f"{'gap to dense (nats)':>19s}  {'I(domain;expert) bits':>21s}  {'load CV':>17s}  "
+          f"{'tokens/s':>8s}")  # fmt: skip
     for name, rows in table.items():
         scope, grad_accum = VARIANTS[name]
         cols = [mean_std([r[k] for r in rows]) for k in ("val_loss", "gap", "mi", "cv")]
+        speed = statistics.median(r["tokens_per_s"] for r in rows)
         print(f"{name:16s} {scope:12s} {grad_accum:5d} {len(rows):5d}  {cols[0]:>17s}  {cols[1]:>19s}  "
-              f"{cols[2]:>21s}  {cols[3]:>17s}")  # fmt: skip
+              f"{cols[2]:>21s}  {cols[3]:>17s}  {speed:8,.0f}")  # fmt: skip
     print(f"wrote {args.out / 'scopes.json'}")
     return 0
 

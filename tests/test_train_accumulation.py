@@ -26,7 +26,7 @@ from moekit.train.accumulation import (
     global_scope_layers,
     micro_batches,
 )
-from moekit.train.config import TrainConfig
+from moekit.train.config import TrainConfig, model_config_from_dict, model_config_to_dict
 from moekit.train.run import LOCAL_RUN
 
 
@@ -227,9 +227,7 @@ def test_bad_values_are_refused_with_the_setting_named():
         micro_batches(lm_batch(), 3)
 
 
-def test_config_json_round_trips_the_new_settings(tmp_path):
-    from moekit.train.config import model_config_from_dict, model_config_to_dict
-
+def test_config_json_round_trips_the_new_settings():
     config = lm_config(balance_scope="sequence")
     data = json.loads(json.dumps(model_config_to_dict(config)))
     assert model_config_from_dict(data) == config

@@ -47,10 +47,7 @@ def cv_squared(values: Tensor) -> Tensor:
 
 def importance_loss(weights_TK: Tensor, ids_TK: Tensor, num_experts: int) -> Tensor:
     """Shazeer et al. 2017 eq. (6): CV^2 of importance, the per-expert sum of gate values."""
-    importance_E = weights_TK.new_zeros(num_experts).index_add(
-        0, ids_TK.flatten(), weights_TK.flatten()
-    )
-    return cv_squared(importance_E)
+    return cv_squared(_importance(weights_TK, ids_TK, num_experts))
 
 
 def load_loss(load_E: Tensor) -> Tensor:
@@ -163,6 +160,7 @@ def cv_squared_rows(values_BE: Tensor) -> Tensor:
 
 
 def _importance(weights_TK: Tensor, ids_TK: Tensor, num_experts: int) -> Tensor:
+    """(E,) the sum of each expert's combine weights over the tokens."""
     return weights_TK.new_zeros(num_experts).index_add(0, ids_TK.flatten(), weights_TK.flatten())
 
 

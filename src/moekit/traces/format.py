@@ -30,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..files import fsync_file, write_text_synced
+
 FORMAT = "moekit.routing-trace"
 VERSION = 1
 TENSORS_FILE = "routing.safetensors"
@@ -201,8 +203,8 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
         "num_tokens": trace.num_tokens,
         "num_sequences": trace.num_sequences,
     }
-    _write_synced(tmp / META_FILE, json.dumps(meta, indent=1))
-    _fsync(tmp / TENSORS_FILE)
+    write_text_synced(tmp / META_FILE, json.dumps(meta, indent=1))
+    fsync_file(tmp / TENSORS_FILE)
     old = path.with_name(path.name + ".old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -243,15 +245,3 @@ def load_trace(path: str | Path) -> Trace:
         valid=tensors.get("valid"), routed=tensors.get("routed"),
         positions=tensors.get("positions"), recording=meta.get("recording", {}),
     )  # fmt: skip
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from .. import __version__
+from ..files import fsync_file, write_text_synced
 from ..parallel import ParallelMesh
 from ..parallel.sharded import file_hashes, read_shards, sha256_file, write_shards
 
@@ -84,7 +85,7 @@ def save_checkpoint(
         optimizer = optimizer_tensors(model, optimizer)
     save_file(optimizer, str(tmp / OPTIMIZER_FILE))
     for name in (MODEL_FILE, OPTIMIZER_FILE):
-        _fsync(tmp / name)  # on disk before the rename makes them the checkpoint
+        fsync_file(tmp / name)  # on disk before the rename makes them the checkpoint
     hashes = {name: _sha256(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE)}
     return _commit(run_dir, tmp, state, hashes, "consolidated")
 
@@ -139,7 +140,7 @@ def _commit(run_dir: str | Path, tmp: Path, state: dict, hashes: dict, layout: s
         "rng": {"torch": _encode(torch.get_rng_state())},
         "sha256": hashes,
     }
-    _write_synced(tmp / STATE_FILE, json.dumps(full_state, indent=1))
+    write_text_synced(tmp / STATE_FILE, json.dumps(full_state, indent=1))
     # Swap folders: checkpoint -> checkpoint.prev, checkpoint.tmp -> checkpoint.
     if final.exists():
         shutil.rmtree(prev, ignore_errors=True)
@@ -306,15 +307,3 @@ def _decode(text: str) -> torch.Tensor:
 
 def _sha256(path: Path) -> str:
     return sha256_file(path).hex()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())

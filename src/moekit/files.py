@@ -1,0 +1,21 @@
+"""Durable file writes: what an atomic save (write beside, fsync, rename) needs on disk
+before the rename makes it visible (train/checkpoint.py, traces/format.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's contents to disk."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def write_text_synced(path: Path, text: str) -> None:
+    """Write UTF-8 text and flush it to disk before returning."""
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
