@@ -9,7 +9,8 @@ gradients. Everything is computed in the dtype of x (the tests pass float64).
 
 Randomness. In eval mode nothing is random. In training mode noisy_topk draws its noise as
 one float32 (T, E) standard normal tensor and switch its jitter as one float32 (T, D)
-uniform tensor from the global generator, in the order the layer draws them; so call
+uniform tensor from the global generator, in the order the layer draws them (sparsemixer:
+a float32 (T, K, E) Exponential(1) tensor, then a float32 (T, K) uniform one); so call
 torch.manual_seed(s) before the layer and again before the reference, and give the layer
 float32 input.
 """
@@ -173,9 +174,12 @@ def route_token(
 ) -> TokenRoute:
     """One token through the configured router, from the paper's definition.
 
-    uniform: the gshard router's U(0, 1) draw in training (None: keep both experts)."""
+    uniform: the gshard router's U(0, 1) draw in training (None: keep both experts); for
+    sparsemixer noise_E is its (K, E) exponential draws and uniform its (K,) coins."""
     cfg = moe.config
     E, K = cfg.num_experts, cfg.top_k
+    if cfg.router == "sparsemixer":
+        return _route_sparsemixer(cfg, router_logits(moe, x_D), noise_E, uniform)
 
     if cfg.router == "switch":
         # Switch Transformer: router input *= U(1 - eps, 1 + eps) in training; top-1 of the
@@ -248,6 +252,39 @@ def _route_softmax_groups(cfg, p: Tensor, logits: Tensor) -> TokenRoute:
         weights = [w / total for w in weights]
     weights = [w * cfg.routed_scaling for w in weights]
     return TokenRoute(list(zip(chosen, weights)), p * cfg.routed_scaling, rank, p, logits)
+
+
+def _route_sparsemixer(
+    cfg, logits: Tensor, exponential_KE: Tensor | None, coin_K: Tensor | None
+) -> TokenRoute:
+    """GRIN (arXiv:2409.12136) / Phi-3.5-MoE, one expert per stage: the free experts within
+    (max - s) / max(|s|, max) <= 2 eps of the best free one, softmax over those; evaluation
+    takes the best, training the Gumbel-max sample (gumbel = -log exponential), whose weight
+    is m * factor (1 if best or coin > 0.75, else 0.3333) with the gradient of m alone."""
+    E, K, eps = cfg.num_experts, cfg.top_k, cfg.jitter_eps
+    values = logits.tolist()
+    free, picks = list(range(E)), []
+    for k in range(K):
+        best = max(free, key=lambda e: (values[e], -e))  # ties: the lower index
+        top = values[best]
+        # 0 / 0 (every logit 0) keeps the expert, as NaN > 2 eps is False
+        kept = [e for e in free if not 0 < max(abs(values[e]), top) * 2 * eps < top - values[e]]
+        masked = logits.masked_fill(torch.tensor([e not in kept for e in range(E)]), -math.inf)
+        p = softmax(masked)
+        if exponential_KE is None:
+            picks.append((best, p[best]))
+        else:
+            gumbel = [-math.log(v) for v in exponential_KE[k].double().tolist()]
+            pick = max(kept, key=lambda e: (values[e] + gumbel[e], -e))
+            factor = 1.0 if pick == best or coin_K[k].item() > 0.75 else 0.3333
+            picks.append((pick, p[pick] + (factor - 1.0) * p[pick].detach()))
+        free.remove(picks[-1][0])
+    probs = softmax(logits)
+    rank = probs.tolist()
+    if exponential_KE is not None:
+        for k, (e, _) in enumerate(picks):  # sampled picks are lifted to the top, in order
+            rank[e] = float(K + 1 - k)
+    return TokenRoute(picks, probs, rank, probs, logits)
 
 
 def _noisy_load(noisy: Tensor, clean: Tensor, noise_std: Tensor, k: int) -> Tensor:
@@ -401,6 +438,9 @@ def _token_choice(moe, x_TD: Tensor) -> ReferenceOutput:
         eps = cfg.jitter_eps
         jitter_TD = torch.empty(T, cfg.d_model, dtype=torch.float32).uniform_(1 - eps, 1 + eps)
     uniform_T = torch.rand(T) if moe.training and cfg.router == "gshard" else None
+    if moe.training and cfg.router == "sparsemixer":
+        noise_TE = torch.empty(T, cfg.top_k, E, dtype=torch.float32).exponential_()
+        uniform_T = torch.rand(T, cfg.top_k)
 
     routes = [
         route_token(

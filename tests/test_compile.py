@@ -14,7 +14,7 @@ from moekit import MoE, MoEConfig
 from moekit.config import ROUTERS
 
 # Routers whose training forward draws random numbers (compiled RNG differs from eager).
-RANDOM_IN_TRAINING = ("noisy_topk", "switch", "gshard")
+RANDOM_IN_TRAINING = ("noisy_topk", "switch", "gshard", "sparsemixer")
 CASES = [dict(router=r) for r in ROUTERS] + [
     dict(router="softmax_topk", capacity_factor=1.0, overflow="drop"),
     dict(router="softmax_topk", capacity_factor=1.0, overflow="reroute"),

@@ -10,7 +10,15 @@ import torch
 from moekit import MoE, MoEConfig, MoEStats
 from moekit.models import ModelConfig, Transformer, count_parameters
 
-TOKEN_CHOICE_ROUTERS = ["softmax_topk", "noisy_topk", "switch", "sigmoid_topk", "top_p", "dense"]
+TOKEN_CHOICE_ROUTERS = [
+    "softmax_topk",
+    "noisy_topk",
+    "switch",
+    "sigmoid_topk",
+    "top_p",
+    "dense",
+    "sparsemixer",
+]
 
 
 def make_config(**overrides) -> ModelConfig:

@@ -64,6 +64,7 @@ PER_TOKEN_ROUTERS = {
     "sigmoid_topk": dict(router="sigmoid_topk", num_experts=8, num_groups=4, topk_groups=2),
     "top_p": dict(router="top_p", top_k=3, top_p=0.7),
     "dense": dict(router="dense"),
+    "sparsemixer": dict(router="sparsemixer", jitter_eps=0.2),
 }
 
 

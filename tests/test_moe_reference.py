@@ -1,8 +1,8 @@
 """The fast MoE layer equals the slow per-token reference: forward, aux loss, every gradient.
 
 The layer runs in float32, the reference in float64 on a copy of the same module; they must
-agree to 1e-5. Training mode for noisy_topk and switch is compared by seeding the global
-generator identically before each (see reference_moe.py).
+agree to 1e-5. Training mode for noisy_topk, switch, gshard and sparsemixer is compared by
+seeding the global generator identically before each (see reference_moe.py).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ TOKEN_CHOICE = {
     ),
     "top_p": dict(router="top_p", num_experts=6, top_k=3, top_p=0.6),
     "gshard": dict(router="gshard", top_k=2),
+    # GRIN / Phi-3.5-MoE; a wide threshold so the masks keep several experts
+    "sparsemixer": dict(router="sparsemixer", jitter_eps=0.2),
+    "sparsemixer_top3": dict(router="sparsemixer", num_experts=6, top_k=3, jitter_eps=0.3),
     # gpt-oss: biased router and experts, clamped SwiGLU (a small limit so the clamps act)
     "gpt_oss": dict(
         router="softmax_topk",
@@ -219,6 +222,8 @@ def layer_configs(draw):
     num_experts = max(num_experts, 2) if router == "gshard" else num_experts
     top_k = {"switch": 1, "gshard": 2}.get(router) or draw(st.integers(1, num_experts))
     settings = dict(router=router, num_experts=num_experts, top_k=top_k)
+    if router == "sparsemixer":
+        settings["jitter_eps"] = draw(st.sampled_from([0.01, 0.2]))
     settings["capacity_factor"] = draw(st.sampled_from([None, 0.25, 0.5, 1.0, 1.5]))
     settings["overflow"] = draw(st.sampled_from(["drop", "reroute"]))
     settings["batch_priority"] = draw(st.booleans())

@@ -29,7 +29,15 @@ from moekit.parallel.launch import spawn_local
 from moekit.routing import ROUTER_CLASSES
 
 pytestmark = pytest.mark.distributed
-TOKEN_CHOICE = ("softmax_topk", "noisy_topk", "switch", "gshard", "sigmoid_topk", "top_p")
+TOKEN_CHOICE = (
+    "softmax_topk",
+    "noisy_topk",
+    "switch",
+    "gshard",
+    "sigmoid_topk",
+    "top_p",
+    "sparsemixer",
+)
 
 
 @dataclasses.dataclass

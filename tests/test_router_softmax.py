@@ -7,7 +7,9 @@ The router weight is set to the identity so the logits are the input itself.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 from helpers import make_moe
 
@@ -93,3 +95,43 @@ def test_group_limited_worked_example():
     with torch.no_grad():
         plain.router.weight.copy_(torch.eye(8))
     assert plain.router(logits).ids_TK.tolist() == [[0, 2, 4]]
+
+
+def test_selection_bias_equals_transformers_ernie4_5_router():
+    # ERNIE 4.5: top-k of softmax + e_score_correction_bias, weights the unbiased
+    # probabilities of the chosen experts, renormalised.
+    ernie = pytest.importorskip("transformers.models.ernie4_5_moe.modeling_ernie4_5_moe")
+    settings = SimpleNamespace(num_experts=8, hidden_size=16, num_experts_per_tok=3)
+    theirs = ernie.Ernie4_5_MoeTopKRouter(SimpleNamespace(**vars(settings), moe_norm_min=1e-12))
+    ours = make_moe(d_model=16, num_experts=8, top_k=3, selection_bias=True).router
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight)
+        bias = torch.randn(8, generator=generator) * 0.2
+        theirs.moe_statics.e_score_correction_bias.copy_(bias[None])
+        ours.bias.copy_(bias)
+    x = torch.randn(64, 16, generator=generator)
+    _, weights, ids = theirs(x)
+    routing = ours(x)
+    assert torch.equal(routing.ids_TK, ids)
+    torch.testing.assert_close(routing.weights_TK, weights, rtol=1e-6, atol=1e-7)
+    # The bias changes the selection of some tokens (else this test proves little).
+    assert not torch.equal(routing.ids_TK, routing.probs_TE.topk(3, dim=-1).indices)
+
+
+def test_selection_bias_is_a_zero_buffer_and_at_zero_is_plain_softmax_topk():
+    plain = make_moe(d_model=16, num_experts=8, top_k=3).router
+    biased = make_moe(d_model=16, num_experts=8, top_k=3, selection_bias=True).router
+    assert "bias" not in dict(plain.named_buffers())
+    assert "bias" in biased.state_dict() and "bias" not in dict(biased.named_parameters())
+    assert biased.bias.dtype == torch.float32
+    biased.reset_parameters()
+    assert torch.equal(biased.bias, torch.zeros(8))
+    with torch.no_grad():
+        biased.weight.copy_(plain.weight)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    a, b = plain(x), biased(x)
+    assert torch.equal(a.ids_TK, b.ids_TK) and torch.equal(a.weights_TK, b.weights_TK)
+    # The bias never gets a gradient: the weights are the unbiased probabilities.
+    b.weights_TK.sum().backward()
+    assert biased.bias.grad is None

@@ -22,6 +22,7 @@ ROUTERS = {
     "expert_choice": dict(router="expert_choice"),
     "soft": dict(router="soft"),
     "dense": dict(router="dense"),
+    "sparsemixer": dict(router="sparsemixer", jitter_eps=0.2, capacity_factor=0.75),
 }
 
 
@@ -59,7 +60,7 @@ def test_stats_are_detached_and_aux_loss_is_their_weighted_sum(router):
     assert stats.z_loss > 0
 
 
-@pytest.mark.parametrize("router", ["softmax_topk", "noisy_topk", "switch", "top_p"])
+@pytest.mark.parametrize("router", ["softmax_topk", "noisy_topk", "switch", "top_p", "sparsemixer"])
 def test_tokens_per_expert_and_dropped_fraction(router):
     moe = layer(router).eval()
     x = tokens(16)

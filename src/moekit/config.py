@@ -17,6 +17,7 @@ ROUTERS = (
     "expert_choice",
     "soft",
     "dense",
+    "sparsemixer",
 )
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "swiglu_clamped")
 # Activations whose up projection has two halves (gate, up); see MoEConfig.gated.
@@ -31,6 +32,8 @@ EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 _NO_CAPACITY_ROUTERS = ("soft", "dense")
 # Routers with DeepSeek's group-limited selection and routed_scaling.
 _GROUP_ROUTERS = ("sigmoid_topk", "softmax_topk")
+# Routers that can keep a selection-only `bias` buffer for MoEConfig.selection_bias.
+_SELECTION_BIAS_ROUTERS = ("softmax_topk",)
 
 _warned: set[str] = set()
 
@@ -71,11 +74,16 @@ class MoEConfig:
     # Router options (each is used by the routers named in its comment).
     router_bias: bool = False  # every router but soft: a learned bias on the logits (gpt-oss)
     renormalize: bool = True  # softmax_topk, noisy_topk, sigmoid_topk, top_p: weights sum to 1
-    jitter_eps: float = 0.01  # switch: input *= U(1 - eps, 1 + eps) in training
+    # switch: input *= U(1 - eps, 1 + eps) in training; sparsemixer: an expert is masked
+    # when its logit is more than 2 * eps (relative) below the best (Phi-3.5: 0.01)
+    jitter_eps: float = 0.01
     top_p: float = 0.5  # top_p: smallest expert set whose probabilities reach p (max top_k)
     num_groups: int = 1  # sigmoid_topk, softmax_topk: experts split into groups (n_group)
     topk_groups: int = 1  # sigmoid_topk, softmax_topk: groups each token may use (topk_group)
     routed_scaling: float = 1.0  # sigmoid_topk, softmax_topk: routed output scale (V3: 2.5)
+    # softmax_topk: a `bias` buffer (E,) added to the probabilities for selection only
+    # (ERNIE 4.5's e_score_correction_bias); not trained by gradient
+    selection_bias: bool = False
     bias_update_rate: float = 1e-3  # sigmoid_topk: aux-loss-free balancing step size
     slots_per_expert: int = 1  # soft: slots each expert processes per sequence
 
@@ -122,6 +130,17 @@ class MoEConfig:
             raise ValueError(f"the switch router is top-1; got top_k ({self.top_k})")
         if self.router == "gshard" and self.top_k != 2:
             raise ValueError(f"the gshard router is top-2; got top_k ({self.top_k})")
+        if self.router == "sparsemixer" and self.jitter_eps == 0:
+            raise ValueError(
+                f"the sparsemixer router needs jitter_eps > 0, got jitter_eps ({self.jitter_eps}):"
+                " its mask keeps the experts within 2 * jitter_eps of the best, so 0 keeps the"
+                " best alone, at weight 1, and the router gets no gradient"
+            )
+        if self.selection_bias and self.router not in _SELECTION_BIAS_ROUTERS:
+            raise ValueError(
+                f"selection_bias is not supported by the {self.router} router (only by "
+                f"{', '.join(_SELECTION_BIAS_ROUTERS)}; sigmoid_topk always has its bias)"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k ({self.top_k!r}) must be >= 1")
         if self.top_k > self.num_experts:

@@ -11,6 +11,7 @@ from .noisy import NoisyTopK
 from .sigmoid import SigmoidTopK
 from .soft import SoftRouter
 from .softmax import Dense, GShardTop2, SoftmaxTopK, Switch, TopP
+from .sparsemixer import SparseMixer
 
 ROUTER_CLASSES: dict[str, type[nn.Module]] = {
     "softmax_topk": SoftmaxTopK,
@@ -22,6 +23,7 @@ ROUTER_CLASSES: dict[str, type[nn.Module]] = {
     "expert_choice": ExpertChoiceRouter,
     "soft": SoftRouter,
     "dense": Dense,
+    "sparsemixer": SparseMixer,
 }
 
 
@@ -73,6 +75,7 @@ __all__ = [
     "SoftAssignment",
     "SoftRouter",
     "SoftmaxTopK",
+    "SparseMixer",
     "Switch",
     "TokenChoice",
     "TopP",

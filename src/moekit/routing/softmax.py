@@ -22,7 +22,17 @@ class SoftmaxTopK(Router):
     "group_limited_greedy"): with num_groups > 1 a token picks its top_k experts inside
     the topk_groups groups holding its best probabilities (group score = the group's
     best probability; routing/groups.py); the weights are then times routed_scaling.
+
+    With config.selection_bias (ERNIE 4.5's e_score_correction_bias), a float32 `bias`
+    buffer (E,) is added to the probabilities to choose the experts, never to the
+    weights (they stay the unbiased probabilities, renormalised when renormalize). It is
+    a buffer, saved with the model and not trained by gradient; nothing here updates it.
     """
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if config.selection_bias:
+            self.register_buffer("bias", torch.zeros(config.num_experts), persistent=True)
 
     @classmethod
     def weights_not_summing_to_one(cls, config) -> str | None:
@@ -35,7 +45,8 @@ class SoftmaxTopK(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         cfg = self.config
-        rank_TE = group_limited(probs_TE, cfg.num_groups, cfg.topk_groups, group_max)
+        select_TE = probs_TE.detach() + self.bias if cfg.selection_bias else probs_TE
+        rank_TE = group_limited(select_TE, cfg.num_groups, cfg.topk_groups, group_max)
         ids_TK = rank_TE.topk(self.top_k, dim=-1).indices
         weights_TK = self.renormalize(probs_TE.gather(1, ids_TK))
         gate_TE = probs_TE
