@@ -55,6 +55,12 @@ def routing_main(argv: list[str]) -> int:
         help="one padded batch (right, left) or one sequence at a time (none)",
     )
     rec.add_argument("--no-logits", action="store_true", help="leave the router logits out")
+    rec.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="--data's tokenizer: a tokenizer.json, or a folder holding one (default: the "
+        "source's own; needed for a run converted without one; not copied)",
+    )
     rec.add_argument("--seed", type=int, default=0, help="a preset's weights (default 0)")
     rec.add_argument(
         "--replay",
@@ -95,7 +101,8 @@ def _record(args) -> int:
     from .traces.run import record_forward, record_generation
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    model, tokenizer = load_source(args.source, args.engine, args.seed)
+    text = bool(args.data) and not args.replay
+    model, tokenizer = load_source(args.source, args.engine, args.seed, args.tokenizer, text)
     model = model.to(getattr(torch, DTYPES[args.dtype])).eval()
     if args.replay:
         if args.generate > 0 or args.padding != "right":
@@ -131,9 +138,18 @@ def _record_replayed(model, args):
     return recorded
 
 
-def load_source(source: str, engine: str = "auto", seed: int = 0):
+def load_source(
+    source: str,
+    engine: str = "auto",
+    seed: int = 0,
+    tokenizer: str | None = None,
+    text: bool = False,
+):
     """(model in eval mode, tokenizer or None) of a moekit run, a Hugging Face folder or a
-    preset (random weights from seed)."""
+    preset (random weights from seed). tokenizer: a tokenizer.json (or a folder holding
+    one) instead of the source's own; text: the caller encodes text, so a run converted
+    without a tokenizer is refused here, before its weights are read (run_tokenizer)."""
+    from .data.tokenizer import check_vocabulary, load_tokenizer_arg
     from .models import PRESETS, Transformer
 
     path = Path(source)
@@ -141,7 +157,11 @@ def load_source(source: str, engine: str = "auto", seed: int = 0):
         if engine == "transformers":
             raise ValueError(f"--engine transformers needs a Hugging Face folder, not {source!r}")
         torch.manual_seed(seed)
-        return Transformer(PRESETS[source]()).eval(), _MoekitTokens(None)
+        model = Transformer(PRESETS[source]()).eval()
+        explicit = load_tokenizer_arg(tokenizer) if tokenizer else None
+        if explicit is not None:
+            check_vocabulary(explicit, model.config.vocab_size, tokenizer)
+        return model, _MoekitTokens(explicit)
     if not path.is_dir():
         raise ValueError(
             f"{source!r} is neither a folder (a moekit run or a Hugging Face model) nor a "
@@ -161,19 +181,29 @@ def load_source(source: str, engine: str = "auto", seed: int = 0):
             raise ValueError(
                 f"--engine transformers needs a Hugging Face folder; {source!r} is not"
             )
-        from .data import Tokenizer
+        from .data.tokenizer import run_tokenizer
         from .train.trainer import load_trained_model
 
-        tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
-        return load_trained_model(path), _MoekitTokens(tokenizer)
+        has_own = (path / "tokenizer.json").is_file()
+        found = (
+            run_tokenizer(path, tokenizer, may_build=True) if tokenizer or has_own or text else None
+        )
+        return load_trained_model(path), _MoekitTokens(found)
     if engine == "moekit":
         from .interop import load_hf
 
-        return load_hf(path), _hf_tokenizer(path)
-    import transformers
+        model = load_hf(path)
+    else:
+        import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-    return model.eval(), _hf_tokenizer(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation="eager"
+        ).eval()
+    if tokenizer is None:
+        return model, _hf_tokenizer(path)
+    explicit = load_tokenizer_arg(tokenizer)
+    check_vocabulary(explicit, model.config.vocab_size, tokenizer)
+    return model, explicit.encode_prompt
 
 
 class _MoekitTokens:
@@ -212,7 +242,9 @@ def read_sequences(args, tokenizer) -> list[list[int]]:
         except ValueError:
             raise ValueError(f"--tokens {path}: each line must be token ids") from None
     if tokenizer is None:
-        raise ValueError(f"{args.source} has no tokenizer; pass --tokens with token ids")
+        raise ValueError(
+            f"{args.source} has no tokenizer; pass --tokens with token ids (or --tokenizer PATH)"
+        )
     return [tokenizer(line) for line in lines]
 
 

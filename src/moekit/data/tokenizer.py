@@ -8,6 +8,7 @@ the 256 byte values and there is no normaliser.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -207,6 +208,81 @@ def copy_tokenizer(source: str | Path, directory: str | Path) -> Tokenizer:
     else:
         (directory / SPECIAL_TOKENS_FILE).unlink(missing_ok=True)
     return tokenizer
+
+
+TOKENIZER_HELP = (
+    "a tokenizer.json, or a folder holding one (the Hugging Face folder a converted run "
+    "came from, say); default: the run's own tokenizer.json"
+)
+
+
+def run_tokenizer(
+    run_dir: str | Path, tokenizer: str | Path | None = None, *, may_build: bool = False
+) -> Tokenizer | None:
+    """The tokenizer every command that reads or writes a run's text uses.
+
+    `tokenizer` (--tokenizer PATH) wins; else the run's own tokenizer.json. A run `moekit
+    convert` wrote without one (config.json names "converted_from") is refused: its token
+    ids belong to a tokenizer moekit does not have, and one trained here would read its
+    text as noise. Nothing is written into run_dir.
+
+    Args:
+        run_dir: a run directory (its config.json gives the model's vocab_size).
+        tokenizer: a tokenizer.json, or a folder holding one; None = the run's own.
+        may_build: a run moekit trained that has no tokenizer.json yet gives None (its
+            data source builds one: train/data.py); otherwise Tokenizer.load's error.
+    Returns:
+        The tokenizer, or None (may_build only).
+    Raises:
+        ValueError: a converted run without a tokenizer; a tokenizer whose vocabulary is
+            larger than the model's (its ids would be out of range); no tokenizer file.
+    """
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    if tokenizer is None and not (run_dir / TOKENIZER_FILE).is_file():
+        source = config.get("converted_from")
+        if source is not None:
+            raise ValueError(
+                f"{str(run_dir)!r} has no tokenizer (converted from {source!r} without "
+                f"{TOKENIZER_FILE}); pass --tokenizer PATH (a {TOKENIZER_FILE} or the Hugging "
+                "Face folder it came from)"
+            )
+        if may_build:
+            return None
+    if tokenizer is None:
+        loaded = Tokenizer.load(run_dir)
+    else:
+        loaded = load_tokenizer_arg(tokenizer)
+    vocab_size = (config.get("model") or {}).get("vocab_size")
+    if vocab_size is not None:
+        check_vocabulary(loaded, vocab_size, str(tokenizer or run_dir / TOKENIZER_FILE))
+    return loaded
+
+
+def load_tokenizer_arg(path: str | Path) -> Tokenizer:
+    """Tokenizer.load of a --tokenizer PATH, its errors naming the flag."""
+    try:
+        return Tokenizer.load(path)
+    except Exception as error:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"--tokenizer {str(path)!r}: {error}") from None
+
+
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding rows (ValueError)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer {where!r} has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size ({vocab_size}): its ids would be out of range"
+        )
+
+
+def _run_config(run_dir: Path) -> dict:
+    """run_dir's config.json as a dict ({} when it has none or it is not an object)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096) -> Tokenizer:

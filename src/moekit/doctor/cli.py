@@ -49,13 +49,19 @@ def doctor_main(argv: list[str]) -> int:
     parser.add_argument(
         "--tokens", type=int, default=4096, help="calibration tokens at most (default 4096)"
     )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="a tokenizer.json, or a folder holding one, that encodes the calibration text "
+        "(default: the target's own; without one, random token ids; not copied)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     try:
         if args.tokens < 1:
             raise ValueError(f"--tokens ({args.tokens}) must be a positive integer")
         text = _read_text(args.data)
-        report = examine(read_target(args.target, args.base), text, args.tokens)
+        report = examine(read_target(args.target, args.base, args.tokenizer), text, args.tokens)
     except ValueError as error:
         return command_error("doctor", error)
     print(report.dumps() if args.json else report.text())
@@ -103,7 +109,10 @@ def examine(target: Target, text: str | None = None, num_tokens: int = 4096) -> 
 
 def _routing(model, target: Target, text: str | None, num_tokens: int, report: Report):
     if text is not None and target.encode is None:
-        raise ValueError(f"--data: {str(target.path)!r} has no tokenizer.json to encode it with")
+        raise ValueError(
+            f"--data: {str(target.path)!r} has no tokenizer.json to encode it with; pass "
+            "--tokenizer PATH"
+        )
     row = SEQUENCE
     if text is None and target.own_tokens is not None:
         ids, row = spread_tokens(target.own_tokens, num_tokens), WINDOW

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..data.stream import load_stream
+from ..data.tokenizer import check_vocabulary, load_tokenizer_arg
 from ..interop.convert import is_run_dir
 from ..interop.hf import load_hf, read_hf_config, weight_files
 from ..interop.hf_config import model_type_of
@@ -65,8 +66,12 @@ class Target:
     load_findings: list[Finding] = field(default_factory=list)
 
 
-def read_target(path: str | Path, base: str | Path | None = None) -> Target:
-    """Read a target; TargetError (one line naming the path) when it is none of the three."""
+def read_target(
+    path: str | Path, base: str | Path | None = None, tokenizer: str | Path | None = None
+) -> Target:
+    """Read a target; TargetError (one line naming the path) when it is none of the three.
+    tokenizer: a tokenizer.json (or a folder holding one) that encodes text instead of the
+    target's own."""
     path = Path(path)
     if not path.exists():
         raise TargetError(f"{str(path)!r} does not exist")
@@ -82,9 +87,9 @@ def read_target(path: str | Path, base: str | Path | None = None) -> Target:
         if runs is not None:
             path = runs["moe"]
         if is_run_dir(path):
-            return _run(path)
+            return _run(path, tokenizer)
         if (path / "config.json").is_file():
-            return _hf(path)
+            return _hf(path, tokenizer)
     except (
         OSError,
         SafetensorError,
@@ -101,19 +106,19 @@ def read_target(path: str | Path, base: str | Path | None = None) -> Target:
     )
 
 
-def _run(path: Path) -> Target:
+def _run(path: Path, tokenizer: str | Path | None) -> Target:
     config = read_run_config(path)
     target = Target(path, "run", "moekit", run_config=config)
     target.model = load_trained_model(path)
     target.dtype = next(target.model.parameters()).dtype
-    target.encode = _tokenizer(path)
+    target.encode = _tokenizer(path, tokenizer, target.model.config.vocab_size)
     val = path / "data" / "val.bin"
     if val.is_file():
         target.own_tokens = load_stream(val).tokens_N
     return target
 
 
-def _hf(path: Path) -> Target:
+def _hf(path: Path, tokenizer: str | Path | None) -> Target:
     hf = read_hf_config(path)
     target = Target(path, "hf", model_type_of(hf), hf_config=hf)
     weight_files(path)  # no weights at all is a bad target, not a finding
@@ -133,15 +138,21 @@ def _hf(path: Path) -> Target:
         )
         return target
     target.dtype = next(target.model.parameters()).dtype
-    target.encode = _tokenizer(path)
+    target.encode = _tokenizer(path, tokenizer, target.model.config.vocab_size)
     return target
 
 
-def _tokenizer(folder: Path):
-    """encode(text) -> ids with the folder's tokenizer.json, or None."""
-    if not (folder / TOKENIZER_FILE).is_file():
+def _tokenizer(folder: Path, tokenizer: str | Path | None, vocab_size: int):
+    """encode(text) -> ids with --tokenizer (checked against vocab_size) or the folder's
+    tokenizer.json, or None."""
+    if tokenizer is not None:
+        loaded = load_tokenizer_arg(tokenizer)
+        check_vocabulary(loaded, vocab_size, str(tokenizer))
+        backend = loaded.backend
+    elif (folder / TOKENIZER_FILE).is_file():
+        backend = HFTokenizer.from_file(str(folder / TOKENIZER_FILE))
+    else:
         return None
-    backend = HFTokenizer.from_file(str(folder / TOKENIZER_FILE))
     return lambda text: backend.encode(text).ids
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.tokenizer import TOKENIZER_HELP
 from ..errors import command_error
 
 DESCRIPTION = """\
@@ -13,7 +14,9 @@ losses kept, the run resumable, then exported for transformers (OUT/hf with the 
 template in tokenizer_config.json) and, with adapters, for PEFT (OUT/adapter, OUT/merged).
 
 BASE is a moekit run (e.g. runs/compare-.../moe) or a Hugging Face folder moekit loads,
-with its tokenizer.json. --data is jsonl, one example a line:
+with its tokenizer.json (or --tokenizer PATH: a run converted from a folder without one).
+The exports are checked before the first step: one the base cannot express stops the run
+there, saying why (--no-export fine-tunes without them). --data is jsonl, one example a line:
   {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
   {"prompt": ..., "response": ...}
 
@@ -50,6 +53,16 @@ def finetune_main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="demo: seeds (default 3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help=TOKENIZER_HELP + " (copied into OUT, as the base's own is)",
+    )
+    parser.add_argument(
+        "--no-export",
+        action="store_true",
+        help="write no Hugging Face export (OUT/hf, adapter, merged), and do not check it",
+    )
     parser.add_argument(
         "--routing.replay",
         dest="routing_replay",
@@ -114,7 +127,7 @@ def _finetune(args: argparse.Namespace, extra: list[str]) -> int:
     if args.routing_replay or (args.resume and replay_source(args.out) is not None):
         return _finetune_replayed(args, overrides)
     if args.resume:
-        if overrides or args.base or args.data:
+        if overrides or args.base or args.data or args.tokenizer:
             raise ValueError("--resume uses the settings saved in --out; drop the other settings")
     elif args.base is None or args.data is None:
         raise ValueError("give BASE and --data FILE.jsonl (or --resume, or --demo)")
@@ -125,13 +138,17 @@ def _finetune(args: argparse.Namespace, extra: list[str]) -> int:
         overrides,
         resume=args.resume,
         show_progress=not args.no_progress,
+        tokenizer=args.tokenizer,
+        export=not args.no_export,
     )
     _print_finetune(result, args.out)
     return 0
 
 
 def _finetune_replayed(args: argparse.Namespace, overrides: dict) -> int:
-    if args.resume and (overrides or args.base or args.data or args.routing_replay):
+    if args.resume and (
+        overrides or args.base or args.data or args.routing_replay or args.tokenizer
+    ):
         raise ValueError("--resume uses the settings saved in --out; drop the other settings")
     if not args.resume and (args.base is None or args.data is not None):
         raise ValueError("--routing.replay needs BASE and takes the trace's tokens: drop --data")
@@ -145,6 +162,8 @@ def _finetune_replayed(args: argparse.Namespace, overrides: dict) -> int:
         args.routing_replay_mode,
         resume=args.resume,
         show_progress=not args.no_progress,
+        tokenizer=args.tokenizer,
+        export=not args.no_export,
     )
     _print_finetune(result, args.out)
     return 0

@@ -7,8 +7,9 @@ checkpoint/, resumable) plus:
     hf/        the model as a Hugging Face folder (the base, for LoRA), with the tokenizer
     adapter/   LoRA only: the adapters in PEFT's format, for hf/
     merged/    LoRA only: hf/ with the adapters folded into the weights
-Exports that the base's settings cannot express in Hugging Face form are skipped, with the
-reason in FinetuneResult.notes.
+Before the first step, the exports are tried on the model to train (its Hugging Face
+config, and with adapters their PEFT names): one the base's settings cannot express stops
+the run there, naming why, unless it was asked for none (export=False, --no-export).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from pathlib import Path
 import torch
 
 from ..data import Tokenizer
-from ..data.tokenizer import TOKENIZER_FILE
-from ..interop import load_hf, save_hf
+from ..data.tokenizer import TOKENIZER_FILE, check_vocabulary, load_tokenizer_arg, run_tokenizer
+from ..interop import hf_config, load_hf, save_hf
 from ..interop.convert import GENERATION_CONFIG_FILE, hf_tokenizer_files
-from ..interop.peft import save_peft
+from ..interop.peft import peft_tensors, save_peft
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora, remove_lora
 from ..train import TrainConfig, Trainer, TrainResult, load_trained_model
@@ -92,11 +93,18 @@ class FinetuneResult:
     notes: list[str] = field(default_factory=list)
 
 
-def load_base(path: str | Path) -> tuple[Transformer, Tokenizer]:
+def load_base(
+    path: str | Path, tokenizer: str | Path | None = None
+) -> tuple[Transformer, Tokenizer]:
     """A fine-tuning base and its tokenizer: a moekit run or a Hugging Face folder.
 
+    Args:
+        path: the base.
+        tokenizer: a tokenizer.json or a folder holding one, instead of the base's own
+            (see data.tokenizer.run_tokenizer).
     Raises:
-        ValueError: naming the path and why it cannot be loaded.
+        ValueError: naming the path and why it cannot be loaded (a converted run without
+            a tokenizer and no `tokenizer` among them, before the weights are read).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -105,13 +113,15 @@ def load_base(path: str | Path) -> tuple[Transformer, Tokenizer]:
     try:
         saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if "format" in saved and "model" in saved:
+            base_tokenizer = run_tokenizer(path, tokenizer)
             model = load_trained_model(path)
         else:
             model = load_hf(path)
-        tokenizer = Tokenizer.load(path)
+            base_tokenizer = load_tokenizer_arg(tokenizer) if tokenizer else Tokenizer.load(path)
+            check_vocabulary(base_tokenizer, model.config.vocab_size, str(tokenizer or path))
     except (ValueError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot load base {str(path)!r}: {error}") from None
-    return model, tokenizer
+    return model, base_tokenizer
 
 
 def split_overrides(overrides: dict[str, str]) -> tuple[dict, LoRAConfig, FinetuneConfig]:
@@ -190,6 +200,8 @@ def finetune(
     resume: bool = False,
     show_progress: bool = True,
     stop_at: int | None = None,
+    tokenizer: str | Path | None = None,
+    export: bool = True,
 ) -> FinetuneResult:
     """`moekit finetune BASE --data FILE --out DIR`: fine-tune, then export.
 
@@ -200,6 +212,9 @@ def finetune(
         overrides: dotted overrides (model.*, train.*, lora.*, finetune.*).
         resume: continue the run in out with the settings saved there.
         stop_at: stop (with a checkpoint, no export) after this many steps.
+        tokenizer: a tokenizer.json or a folder holding one, instead of the base's own
+            (load_base); it is saved into out like any base's.
+        export: False skips the Hugging Face export (and its check before training).
     """
     out = Path(out)
     if resume:
@@ -207,17 +222,20 @@ def finetune(
         if not isinstance(saved, dict) or "base" not in saved:
             raise ValueError(f"--resume: {str(out)!r} is not a fine-tuning run")
         base_path, data_path, overrides = saved["base"], saved["data"], saved["overrides"]
+        tokenizer = saved.get("tokenizer")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "a run; resume it" if checkpoint_dir(out) is not None else "files"
         raise ValueError(f"--out {str(out)!r} already holds {what} or choose a new folder")
     rest, lora, config = split_overrides(overrides)
-    base, tokenizer = load_base(base_path)
+    base, base_tokenizer = load_base(base_path, tokenizer)
     conversations = read_conversations(data_path)
     train, validation = split_examples(conversations, config.eval_fraction)
     source = {"base": str(base_path), "data": str(data_path), "overrides": overrides}
+    if tokenizer is not None:
+        source["tokenizer"] = str(tokenizer)
     return run_finetune(
         base,
-        tokenizer,
+        base_tokenizer,
         train,
         validation,
         out,
@@ -228,6 +246,7 @@ def finetune(
         resume=resume,
         show_progress=show_progress,
         stop_at=stop_at,
+        export=export,
     )
 
 
@@ -272,6 +291,8 @@ def run_finetune(
             raise ValueError(f"finetune.template: {error}") from None
     template = ChatTemplate(template_text, tokenizer)
     model, train_config = prepare_model(base, overrides, lora, config)
+    if export:
+        check_export(model, lora)
     max_tokens = train_config.seq_len + 1
     train_examples, truncated = encode_all(train, template, max_tokens)
     val_examples, _ = encode_all(validation, template, max_tokens)
@@ -300,6 +321,23 @@ def run_finetune(
     if export and train_result.steps == train_config.steps:
         export_run(trainer.model, lora, out, result)
     return result
+
+
+def check_export(model: Transformer, lora: LoRAConfig) -> None:
+    """Raise before training when export_run could not write the model (or its adapters).
+
+    Raises:
+        ValueError: the export is impossible, why, and how to fine-tune without it.
+    """
+    try:
+        hf_config(model.config)
+        if lora.rank:
+            peft_tensors(model)
+    except ValueError as error:
+        raise ValueError(
+            f"the Hugging Face export after fine-tuning is impossible: {error}; add "
+            "--no-export to fine-tune without it"
+        ) from None
 
 
 def export_run(model: Transformer, lora: LoRAConfig, out: Path, result: FinetuneResult) -> None:

@@ -23,6 +23,7 @@ from .chat import DEFAULT_TEMPLATE, tokenizer_config
 from .job import (
     TOKENIZER_CONFIG,
     FinetuneResult,
+    check_export,
     export_run,
     load_base,
     prepare_model,
@@ -48,8 +49,11 @@ def finetune_replayed(
     resume: bool = False,
     show_progress: bool = True,
     stop_at: int | None = None,
+    tokenizer: str | Path | None = None,
+    export: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune base on the trace's sequences with its routing replayed, then export."""
+    """Fine-tune base on the trace's sequences with its routing replayed, then export
+    (tokenizer and export as in job.finetune)."""
     out = Path(out)
     if resume:
         saved = replay_source(out)
@@ -57,6 +61,7 @@ def finetune_replayed(
             raise ValueError(f"--resume: {str(out)!r} is not a routing-replay fine-tuning run")
         base_path, trace_path = saved["base"], saved["routing_replay"]
         overrides, mode = saved["overrides"], saved["mode"]
+        tokenizer = saved.get("tokenizer")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "a run; resume it" if checkpoint_dir(out) is not None else "files"
         raise ValueError(f"--out {str(out)!r} already holds {what} or choose a new folder")
@@ -64,8 +69,10 @@ def finetune_replayed(
         raise ValueError("--routing.replay runs eager; drop --train.compile")
     overrides = overrides | {"train.compile": "false"}
     rest, lora, config = split_overrides(overrides)
-    base, tokenizer = load_base(base_path)
+    base, base_tokenizer = load_base(base_path, tokenizer)
     model, train_config = prepare_model(base, rest, lora, config)
+    if export:
+        check_export(model, lora)
     trace = load_trace(trace_path)
     replay = Replay(trace, mode)
     source = {
@@ -75,20 +82,21 @@ def finetune_replayed(
         "overrides": overrides,
         "lora": dataclasses.asdict(lora),
         "finetune": dataclasses.asdict(config),
-    }
+    } | ({"tokenizer": str(tokenizer)} if tokenizer is not None else {})
     trainer = Trainer(
         model.config, train_config, out, data=ReplayData(trace), model=model, resume=resume,
         show_progress=show_progress, data_source=source, replay=replay,
     )  # fmt: skip
-    tokenizer.save(out)
+    base_tokenizer.save(out)
     (out / TOKENIZER_CONFIG).write_text(
-        json.dumps(tokenizer_config(DEFAULT_TEMPLATE, tokenizer), indent=2), encoding="utf-8"
+        json.dumps(tokenizer_config(DEFAULT_TEMPLATE, base_tokenizer), indent=2),
+        encoding="utf-8",
     )
     train_result = trainer.train(stop_at=stop_at)
     lengths = (trace.offsets[1:] - trace.offsets[:-1]).tolist()
     truncated = sum(n > train_config.seq_len + 1 for n in lengths)
     evaluated = min(trace.num_sequences, train_config.eval_batches * train_config.batch_size)
     result = FinetuneResult(train_result, trace.num_sequences, evaluated, truncated)
-    if train_result.steps == train_config.steps:
+    if export and train_result.steps == train_config.steps:
         export_run(trainer.model, lora, out, result)
     return result

@@ -95,7 +95,8 @@ def convert_main(argv: list[str]) -> int:
         description="Convert a Hugging Face folder (config.json + safetensors) into a moekit run "
         "directory that `moekit eval` / `moekit generate` read, or a trained run directory into "
         "a Hugging Face folder that transformers' from_pretrained reads. The direction follows "
-        "SRC's config.json.",
+        "SRC's config.json. A source without tokenizer.json still converts (with a note); "
+        "the run's text commands then need --tokenizer PATH.",
     )
     parser.add_argument("src", help="a Hugging Face model folder or a moekit run directory")
     parser.add_argument("dst", help="the folder to create (must not exist, or be empty)")
@@ -119,4 +120,9 @@ def convert_main(argv: list[str]) -> int:
         return command_error("convert", error)
     what = "moekit run directory" if direction == "hf-to-run" else "Hugging Face folder"
     print(f"wrote {what} {Path(args.dst)}")
+    if direction == "hf-to-run" and not (Path(args.src) / "tokenizer.json").is_file():
+        print(
+            f"note: {args.src} has no tokenizer.json: eval/generate on {args.dst} need "
+            "--tokenizer PATH"
+        )
     return 0

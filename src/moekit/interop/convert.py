@@ -3,7 +3,9 @@
 A converted run directory is what `moekit eval` and `moekit generate` read: config.json
 in the run format (the model config, default train settings, no data source) and a
 checkpoint/ (weights in safetensors, an empty optimizer state, step 0). tokenizer.json is
-copied either way when the source has one, byte for byte.
+copied either way when the source has one, byte for byte. A run converted without one
+records only "converted_from": the commands that read its text refuse it until given
+--tokenizer PATH (data/tokenizer.py run_tokenizer), never train a tokenizer of their own.
 
 Hugging Face -> run: the tokenizer's special ids (end of sequence, beginning, padding,
 whether text starts with bos) are read from the folder's tokenizer_config.json,

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..data.tokenizer import TOKENIZER_HELP
 from ..errors import command_error
 
 
@@ -42,6 +43,7 @@ def report_main(argv: list[str]) -> int:
         default=64,
         help="tokens of each domain's coloured sample (default 64)",
     )
+    parser.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (not copied)")
     args = parser.parse_args(argv)
     for flag in ("tokens_per_domain", "sample_tokens"):
         if getattr(args, flag) < 1:
@@ -60,6 +62,7 @@ def report_main(argv: list[str]) -> int:
             extra_sections=saved_diff_sections(args.run_dir),
             tokens_per_domain=args.tokens_per_domain,
             sample_tokens=args.sample_tokens,
+            tokenizer=args.tokenizer,
         )
     except ValueError as error:
         return command_error("report", error)
@@ -88,6 +91,7 @@ def route_main(argv: list[str]) -> int:
         default="auto",
         help="auto: colours on a terminal unless NO_COLOR is set (default)",
     )
+    parser.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (not copied)")
     args = parser.parse_args(argv)
     _one_thread()
     from pathlib import Path
@@ -97,7 +101,7 @@ def route_main(argv: list[str]) -> int:
     comparison = comparison_runs(args.run_dir)
     run_dir = Path(args.run_dir) if comparison is None else comparison["moe"]
     try:
-        text = _route(run_dir, args.text, args.layer, _use_colour(args.color))
+        text = _route(run_dir, args.text, args.layer, _use_colour(args.color), args.tokenizer)
     except ValueError as error:
         return command_error("route", error)
     print(text)
@@ -110,12 +114,13 @@ def _use_colour(choice: str) -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def _route(run_dir, text: str, layers: list[int] | None, colour: bool) -> str:
-    from ..data import Tokenizer
+def _route(run_dir, text: str, layers: list[int] | None, colour: bool, tokenizer_path) -> str:
+    from ..data.tokenizer import run_tokenizer
     from ..train.trainer import load_trained_model
     from .routing import moe_layers, route_tokens
     from .terminal import format_routing
 
+    tokenizer = run_tokenizer(run_dir, tokenizer_path)
     model = load_trained_model(run_dir)
     available = moe_layers(model)
     if not available:
@@ -125,7 +130,6 @@ def _route(run_dir, text: str, layers: list[int] | None, colour: bool) -> str:
     for layer in layers or []:
         if layer not in available:
             raise ValueError(f"--layer {layer} is not an MoE layer; choose from {available}")
-    tokenizer = Tokenizer.load(run_dir)
     # As the model reads text: with the bos token first when its tokenizer adds one.
     ids = tokenizer.encode_prompt(text) if text else []
     routing = route_tokens(model, tokenizer, ids)

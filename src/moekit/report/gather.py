@@ -69,7 +69,11 @@ class ReportData:
 
 
 def gather(
-    run_dir: str | Path, *, tokens_per_domain: int = 4096, sample_tokens: int = 64
+    run_dir: str | Path,
+    *,
+    tokens_per_domain: int = 4096,
+    sample_tokens: int = 64,
+    tokenizer: str | Path | None = None,
 ) -> ReportData:
     """Read a comparison, language-model or task run directory into ReportData.
 
@@ -77,13 +81,16 @@ def gather(
         run_dir: the directory.
         tokens_per_domain: validation tokens per domain routed for the domain x expert table.
         sample_tokens: at most this many tokens of each domain's sample text.
+        tokenizer: a tokenizer.json or a folder holding one, instead of the run's own
+            (data.tokenizer.run_tokenizer); the validation split is then tokenised with it
+            in memory, nothing written into the run.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{str(run_dir)!r} is not a directory")
     runs = comparison_runs(run_dir)
     if runs is not None and runs["dense"].is_dir():
-        data = _language(runs["moe"], tokens_per_domain, sample_tokens)
+        data = _language(runs["moe"], tokens_per_domain, sample_tokens, tokenizer)
         data.run_dir, data.kind = run_dir, "comparison"
         data.twin_metrics = _metrics(runs["dense"])
         data.params.append(("dense twin", *_param_counts(runs["dense"])))
@@ -93,7 +100,7 @@ def gather(
     config = _config(run_dir)
     if "task" in config:
         return _task(run_dir, config)
-    return _language(run_dir, tokens_per_domain, sample_tokens)
+    return _language(run_dir, tokens_per_domain, sample_tokens, tokenizer)
 
 
 def _config(run_dir: Path) -> dict:
@@ -117,12 +124,16 @@ def _param_counts(run_dir: Path) -> tuple[int, int]:
     return tuple(count_parameters(run_configs(run_dir)[0]))
 
 
-def _language(run_dir: Path, tokens_per_domain: int, sample_tokens: int) -> ReportData:
-    from ..data import Tokenizer
-    from ..train import CheckpointError, prepare_run_data
+def _language(
+    run_dir: Path, tokens_per_domain: int, sample_tokens: int, tokenizer: str | Path | None
+) -> ReportData:
+    from ..data.tokenizer import run_tokenizer
+    from ..train import CheckpointError
+    from ..train.data import evaluation_data
     from ..train.trainer import load_trained_model, read_run_config
 
     config = read_run_config(run_dir)
+    text_tokenizer = run_tokenizer(run_dir, tokenizer, may_build=True)
     data = ReportData(run_dir=run_dir, kind="language", config=config, metrics=_metrics(run_dir))
     routing_path = run_dir / ROUTING_FILE
     data.routing = read_metrics(routing_path) if routing_path.exists() else []
@@ -135,10 +146,10 @@ def _language(run_dir: Path, tokens_per_domain: int, sample_tokens: int) -> Repo
     layers = moe_layers(model)
     if not layers:
         return data
-    tokenizer = Tokenizer.load(run_dir)
-    validation = prepare_run_data(
-        run_dir, data=config["data"], vocab_size=model.config.vocab_size
-    ).validation
+    run_data = evaluation_data(
+        run_dir, data=config["data"], vocab_size=model.config.vocab_size, tokenizer=text_tokenizer
+    )
+    validation, tokenizer = run_data.validation, run_data.tokenizer
     per_domain = domain_tokens(validation)
     seq_len = min(config["train"]["seq_len"], model.config.max_seq_len)
     counts = domain_expert_counts(

@@ -69,7 +69,7 @@ def write_report(
         run_dir: the directory (see moekit.report.gather).
         out: the HTML file (default RUN_DIR/report.html).
         extra_sections: more sections' HTML, after the others (the routing diff).
-        gather_options: tokens_per_domain, sample_tokens (see gather).
+        gather_options: tokens_per_domain, sample_tokens, tokenizer (see gather).
     Returns:
         The path written.
     """

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..data.tokenizer import TOKENIZER_HELP
 from ..errors import command_error
 
 # What `moekit train --task` may pick; tasks/cli.py dispatches, and trains all but "lm".
@@ -365,6 +366,7 @@ def eval_main(argv: list[str]) -> int:
         "validation split (builtin:packages) instead",
     )
     parser.add_argument("--max-batches", type=int, help="evaluate only the first batches")
+    parser.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (not copied)")
     args = parser.parse_args(argv)
     from .compare import comparison_runs
     from .inference import evaluate_run
@@ -381,7 +383,9 @@ def eval_main(argv: list[str]) -> int:
         runs += [folder] if comparison is None else list(comparison.values())
     try:
         for run in runs:
-            result = evaluate_run(run, data=args.data, max_batches=args.max_batches)
+            result = evaluate_run(
+                run, data=args.data, max_batches=args.max_batches, tokenizer=args.tokenizer
+            )
             where = "the run's validation batches" if result.run_batches else args.data
             print(
                 f"{run}: validation loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
@@ -422,11 +426,14 @@ def generate_main(argv: list[str]) -> int:
         action="store_true",
         help="compile the decode step with torch.compile (a one-time cost; faster per token)",
     )
+    parser.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (not copied)")
     args = parser.parse_args(argv)
+    from ..data.tokenizer import run_tokenizer
     from .inference import generate_text
 
     pieces = []
     try:
+        tokenizer = run_tokenizer(args.run_dir, args.tokenizer)  # refused before the prompt
         print(args.prompt, end="", flush=True)
         for piece in generate_text(
             args.run_dir,
@@ -438,6 +445,7 @@ def generate_main(argv: list[str]) -> int:
             seed=args.seed,
             show_experts=args.show_experts,
             compile=args.compile,
+            tokenizer=tokenizer,
         ):
             print(piece.text, end="", flush=True)
             pieces.append(piece)
@@ -445,14 +453,11 @@ def generate_main(argv: list[str]) -> int:
     except ValueError as error:
         return command_error("generate", error)
     if args.show_experts:
-        _print_experts(pieces, args.run_dir)
+        _print_experts(pieces, tokenizer)
     return 0
 
 
-def _print_experts(pieces, run_dir) -> None:
-    from ..data import Tokenizer
-
-    tokenizer = Tokenizer.load(run_dir)
+def _print_experts(pieces, tokenizer) -> None:
     print("\ntoken            experts per MoE layer")
     for piece in pieces:
         layers = [

@@ -40,6 +40,7 @@ from ..data import (
     read_stream_meta,
     sequential_batches,
     split_documents,
+    tokenize_documents,
     train_tokenizer,
 )
 from ..data.tokenizer import TOKENIZER_FILE
@@ -149,6 +150,27 @@ def _prepare_run_data(
         if not has_tokenizer:
             tokenizer.save(run_dir)
     return _load(run_dir / TOKENIZER_FILE, stream_dir / TRAIN_FILE, stream_dir / VAL_FILE)
+
+
+def evaluation_data(
+    run_dir: str | Path, *, data: str | Path | None, vocab_size: int, tokenizer: Tokenizer | None
+) -> RunData:
+    """The data a run is evaluated (or reported) on, in the tokenizer a command was given.
+
+    tokenizer None, or the run's own: prepare_run_data's (the streams in run_dir, made
+    once). Another tokenizer (--tokenizer): the validation split of `data` tokenised with
+    it in memory, nothing written into run_dir; its train stream is that same stream,
+    since nothing trains on it.
+    """
+    run_dir = Path(run_dir)
+    own = (run_dir / TOKENIZER_FILE).is_file()
+    if tokenizer is None or (own and Tokenizer.load(run_dir) == tokenizer):
+        return prepare_run_data(run_dir, data=data, vocab_size=vocab_size)
+    if data is not None and Path(data).suffix == ".bin":
+        validation = load_stream(Path(data).parent / VAL_FILE, tokenizer=tokenizer)
+    else:
+        validation = tokenize_documents(_documents(data, None)[1], tokenizer)
+    return RunData(tokenizer=tokenizer, train=validation, validation=validation)
 
 
 def record_corpus(corpus: Corpus, stream_dir: str | Path) -> str:

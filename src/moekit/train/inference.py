@@ -18,8 +18,9 @@ from ..data import (
     sequential_batches,
     tokenize_documents,
 )
+from ..data.tokenizer import run_tokenizer
 from ..generate import stream
-from .data import prepare_run_data
+from .data import evaluation_data
 from .evaluation import autocast, evaluate, fixed_eval_batches
 from .trainer import load_trained_model, run_configs
 
@@ -43,6 +44,7 @@ def evaluate_run(
     *,
     data: str | Path | None = None,
     max_batches: int | None = None,
+    tokenizer: str | Path | None = None,
 ) -> EvalResult:
     """Validation loss of a run's checkpoint, in sequences of the run's seq_len.
 
@@ -60,23 +62,31 @@ def evaluate_run(
             (all of it, tokenised with the run's tokenizer); or a prepared .bin made with
             that tokenizer (RUN/data/val.bin: every window of the validation split).
         max_batches: evaluate only the first batches (None = all of them).
+        tokenizer: a tokenizer.json or a folder holding one, instead of the run's own
+            (run_tokenizer); with data None the run's data source is then tokenised in
+            memory (its validation split), nothing written into run_dir.
     Returns:
         The EvalResult.
+    Raises:
+        ValueError: see run_tokenizer (before any data is read).
     """
+    text_tokenizer = run_tokenizer(run_dir, tokenizer, may_build=data is None)
     model = load_trained_model(run_dir)
     model_config, train_config, data_source = run_configs(run_dir)
     if data is None:
-        run_data = prepare_run_data(run_dir, data=data_source, vocab_size=model_config.vocab_size)
+        run_data = evaluation_data(
+            run_dir, data=data_source, vocab_size=model_config.vocab_size, tokenizer=text_tokenizer
+        )
         batches = fixed_eval_batches(run_data, train_config)
     else:
         builtin = builtin_corpus_name(data)
         if builtin is not None:  # a built-in corpus: its validation split, all of it
             documents = build_builtin_corpus(builtin).validation
-            stream = tokenize_documents(documents, Tokenizer.load(run_dir))
+            stream = tokenize_documents(documents, text_tokenizer)
         elif Path(data).suffix == ".bin":
-            stream = load_stream(data, tokenizer=Tokenizer.load(run_dir))
+            stream = load_stream(data, tokenizer=text_tokenizer)
         else:
-            stream = tokenize_documents(load_documents(data), Tokenizer.load(run_dir))
+            stream = tokenize_documents(load_documents(data), text_tokenizer)
         batches = sequential_batches(
             stream, batch_size=train_config.batch_size, seq_len=train_config.seq_len
         )
@@ -112,6 +122,7 @@ def generate_text(
     seed: int = 0,
     show_experts: bool = False,
     compile: bool = False,
+    tokenizer: Tokenizer | str | Path | None = None,
 ) -> Iterator[TextPiece]:
     """Stream text from a run's checkpoint with moekit.generate.stream.
 
@@ -131,11 +142,14 @@ def generate_text(
         seed: seed of the sampling generator.
         show_experts: fill TextPiece.expert_ids.
         compile: run the decode step through torch.compile (pays off for long outputs).
+        tokenizer: a Tokenizer, or a tokenizer.json (or a folder holding one) instead of
+            the run's own (run_tokenizer).
     Yields:
         TextPiece per generated token.
     """
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = run_tokenizer(run_dir, tokenizer)
     model = load_trained_model(run_dir)
-    tokenizer = Tokenizer.load(run_dir)
     prompt_ids = tokenizer.encode_prompt(prompt)
     eos_ids = tokenizer.eos_ids
     room = model.config.max_seq_len - len(prompt_ids)
