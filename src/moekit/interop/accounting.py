@@ -169,7 +169,7 @@ def config_from_file(path: str | Path) -> tuple[ModelConfig, str]:
         (config, kind) with kind "moekit run" or "Hugging Face <model_type>".
     """
     from ..train.config import model_config_from_dict
-    from .hf_config import model_config_from_hf
+    from .architectures import model_config_from_hf
 
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path

@@ -15,18 +15,21 @@ meta device (nothing is allocated), and the KV cache's bytes per token (bf16). T
   a published MoE: {famous}
   a moekit preset: {presets}
   a moekit run directory or its config.json, or a Hugging Face config.json
-  (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss).
+  ({architectures}).
 """
 
 
 def inspect_main(argv: list[str]) -> int:
     from ..models import PRESETS
+    from .architectures import ARCHITECTURES
     from .famous import FAMOUS
 
     parser = argparse.ArgumentParser(
         prog="moekit inspect",
         description=INSPECT_DESCRIPTION.format(
-            famous=", ".join(FAMOUS), presets=", ".join(PRESETS)
+            famous=", ".join(FAMOUS),
+            presets=", ".join(PRESETS),
+            architectures=", ".join(ARCHITECTURES),
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -88,7 +91,7 @@ def format_report(report: dict) -> str:
 
 
 def convert_main(argv: list[str]) -> int:
-    from .hf_config import ARCHITECTURES
+    from .architectures import ARCHITECTURES
 
     parser = argparse.ArgumentParser(
         prog="moekit convert",

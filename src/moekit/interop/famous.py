@@ -12,10 +12,9 @@ and the notes say so.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..models import published
-from ..models.published import (
+from ..models.published import (  # the configs, for callers that count one themselves
     deepseek_v2,
     gpt_oss_20b,
     gpt_oss_120b,
@@ -26,6 +25,7 @@ from ..models.published import (
     qwen1_5_moe_a2_7b,
 )
 from .accounting import PARTS, Accounting, count_by_part
+from .architectures import ARCHITECTURES, Published
 
 __all__ = [
     "FAMOUS",
@@ -43,18 +43,6 @@ __all__ = [
     "qwen1_5_moe_a2_7b",
     "switch_transformer",
 ]
-
-
-@dataclass(frozen=True)
-class Published:
-    """Figures as a source states them: total and active parameters per token (None where
-    the source gives none). active_without_input_embedding: the source's active figure
-    leaves out the input-embedding table (a lookup, not a matmul)."""
-
-    total: float | None
-    active: float | None
-    source: str
-    active_without_input_embedding: bool = False
 
 
 def deepseek_v3() -> Accounting:
@@ -173,51 +161,31 @@ def _with_grok_norms(accounting: Accounting) -> Accounting:
     return accounting
 
 
+def _counted(name: str, build) -> Callable[[], Accounting]:
+    return lambda: count_by_part(build(), name)
+
+
+# The Hugging Face families' flagships (each architecture's file names them and their
+# published figures), then the models moekit counts here.
 FAMOUS: dict[str, Callable[[], Accounting]] = {
-    "mixtral_8x7b": lambda: count_by_part(mixtral_8x7b(), "mixtral_8x7b"),
-    "mixtral_8x22b": lambda: count_by_part(mixtral_8x22b(), "mixtral_8x22b"),
+    name: _counted(name, build)
+    for arch in ARCHITECTURES.values()
+    for name, build in arch.flagships.items()
+}
+FAMOUS |= {
     "deepseek_v3": deepseek_v3,
-    "deepseek_v2": lambda: count_by_part(deepseek_v2(), "deepseek_v2"),
-    "qwen1_5_moe_a2_7b": lambda: count_by_part(qwen1_5_moe_a2_7b(), "qwen1_5_moe_a2_7b"),
-    "olmoe_1b_7b": lambda: count_by_part(olmoe_1b_7b(), "olmoe_1b_7b"),
     "grok_1": lambda: _with_grok_norms(count_by_part(grok_1(), "grok_1")),
     "switch_base_8": lambda: switch_transformer(8),
     "switch_base_128": lambda: switch_transformer(128),
     "gpt4_rumoured": gpt4_rumoured,
-    "gpt_oss_120b": lambda: count_by_part(gpt_oss_120b(), "gpt_oss_120b"),
-    "gpt_oss_20b": lambda: count_by_part(gpt_oss_20b(), "gpt_oss_20b"),
 }
-# The gpt-oss model card's Table 1 lists total and active parameters; its active count
-# leaves out the input embedding (it counts the unembedding): 5.13B = 4.55B of active
-# transformer blocks + 0.58B of output head.
-_GPT_OSS = "OpenAI, 'gpt-oss-120b & gpt-oss-20b Model Card' (arXiv:2508.10925), Table 1"
-
 _SWITCH = (
     "Fedus et al. 2022, Switch Transformers (JMLR), distillation tables: T5-Base 223M; Switch-Base"
 )
 PUBLISHED: dict[str, Published] = {
-    "mixtral_8x7b": Published(46.7e9, 12.9e9, "Mistral AI, 'Mixtral of experts' (11 Dec 2023)"),
-    "mixtral_8x22b": Published(
-        141e9, 39e9, "Mistral AI, 'Cheaper, Better, Faster, Stronger' (17 Apr 2024)"
-    ),
-    "deepseek_v3": Published(
-        671e9,
-        37e9,
-        "DeepSeek-AI, DeepSeek-V3 Technical Report (arXiv:2412.19437), abstract",
-        active_without_input_embedding=True,
-    ),
-    "deepseek_v2": Published(
-        236e9,
-        21e9,
-        "DeepSeek-AI, DeepSeek-V2 (arXiv:2405.04434), abstract",
-        active_without_input_embedding=True,
-    ),
-    "qwen1_5_moe_a2_7b": Published(
-        14.3e9,
-        2.7e9,
-        "Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated Parameters' (28 Mar 2024)",
-    ),
-    "olmoe_1b_7b": Published(6.9e9, 1.3e9, "Muennighoff et al. 2024, OLMoE (arXiv:2409.02060)"),
+    name: figures for arch in ARCHITECTURES.values() for name, figures in arch.published.items()
+}
+PUBLISHED |= {
     # xAI states the active share only as "25% of the weights": top_k / E = 2 / 8 of the experts.
     "grok_1": Published(314e9, None, "xAI, 'Open Release of Grok-1' (17 Mar 2024)"),
     "switch_base_8": Published(None, 223e6, f"{_SWITCH} FLOP-matched to T5-Base"),
@@ -228,6 +196,4 @@ PUBLISHED: dict[str, Published] = {
         280e9,
         "Patel & Wong, SemiAnalysis, 'GPT-4 Architecture, Infrastructure, ...' (10 Jul 2023)",
     ),
-    "gpt_oss_120b": Published(116.83e9, 5.13e9, _GPT_OSS, active_without_input_embedding=True),
-    "gpt_oss_20b": Published(20.91e9, 3.61e9, _GPT_OSS, active_without_input_embedding=True),
 }

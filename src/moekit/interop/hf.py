@@ -8,7 +8,6 @@ memory is spent on an initialisation that is thrown away.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -22,22 +21,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..models import Transformer, meta_model
+from .architectures import get, hf_config, of_hf
+from .architectures.rules import Mapping, expand
 from .fp8 import fp8_block_size, fp8_reader
-from .hf_config import (
-    choose_architecture,
-    hf_config,
-    model_config_from_hf,
-    model_type_of,
-)
-from .hf_deepseek import (
-    DEEPSEEK_ARCHITECTURES,
-    deepseek_tables,
-    mtp_rules,
-    rope_interleaved,
-    unloaded_prefixes,
-)
-from .hf_gpt_oss import checkpoint_layout
-from .keys import FUSED_MARKER, TABLES, WRITTEN_LAYOUT, Mapping, expand
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -76,18 +62,13 @@ def mappings_for(
 ) -> list[Mapping]:
     """The key table made concrete for model; ValueError naming the tensors it cannot place.
 
-    hf: the checkpoint's config.json (DeepSeek's tables depend on its rotary layout)."""
+    hf: the checkpoint's config.json (a table may depend on it, e.g. DeepSeek's rotary
+    layout)."""
     names = set(model.state_dict())
     if model.config.tied_embeddings:
         names.discard("lm_head.weight")  # one tensor, stored as the embedding
     num_experts = model.config.moe.num_experts if model.config.moe else 0
-    if architecture in DEEPSEEK_ARCHITECTURES:
-        interleaved = rope_interleaved(architecture, hf or {})
-        rules = deepseek_tables(model.config, interleaved)[layout]
-        if architecture == "deepseek_v3":  # its MTP modules, stored as the layers after L
-            rules = mtp_rules(model.config, rules) + rules
-    else:
-        rules = TABLES[architecture][layout]
+    rules = get(architecture).tables(model.config, hf or {})[layout]
     mappings = expand(rules, names, model.config.num_layers, num_experts)
     unmapped = sorted(names - {m.moekit for m in mappings})
     if unmapped:
@@ -120,26 +101,15 @@ def load_hf(
             quantization_config moekit does not read.
     """
     hf = read_hf_config(path)
-    architecture = model_type_of(hf)
-    config = model_config_from_hf(hf)
-    if mtp:
-        if architecture != "deepseek_v3":
-            raise ValueError(f"mtp=True: {architecture} checkpoints have no MTP layers")
-        config = dataclasses.replace(config, mtp_depth=hf.get("num_nextn_predict_layers") or 0)
+    arch = of_hf(hf)
+    config = arch.load_options(arch.to_moekit(hf), hf, mtp=mtp)
     files = weight_files(path)
-    layout = "fused" if any(name.endswith(FUSED_MARKER) for name in files) else "per_expert"
-    block = None  # FP8 weight blocks, DeepSeek's
-    if architecture == "gpt_oss":
-        layout = checkpoint_layout(hf)  # MXFP4 experts or not, by its quantization_config
-    elif hf.get("quantization_config") is not None:
-        if architecture not in DEEPSEEK_ARCHITECTURES:
-            raise ValueError(
-                f"{architecture} checkpoints with a quantization_config "
-                f"({hf['quantization_config']!r}) are not supported"
-            )
-        block = fp8_block_size(hf["quantization_config"])
+    layout = arch.stored_layout(hf, files)
+    # FP8 weight blocks (DeepSeek's); other quantizations are a layout of their own
+    fp8 = arch.quantization(hf) == "fp8_blocks"
+    block = fp8_block_size(hf["quantization_config"]) if fp8 else None
     model = meta_model(config)
-    mappings = mappings_for(model, architecture, layout, hf)
+    mappings = mappings_for(model, arch.name, layout, hf)
     with ExitStack() as stack:
         handles = {
             f: stack.enter_context(safe_open(f, framework="pt")) for f in set(files.values())
@@ -156,7 +126,7 @@ def load_hf(
         else:
             dequantized = dtype or torch.float32
         tensors, read = fp8_reader(files, stored_dtype, raw, block, dequantized)
-        skipped = () if mtp else unloaded_prefixes(architecture, hf)  # DeepSeek-V3's MTP
+        skipped = () if mtp else arch.unloaded_prefixes(hf)  # DeepSeek-V3's MTP layers
         _check_names(mappings, tensors, read, config.tied_embeddings, skipped)
         state = {m.moekit: _convert(m, read) for m in mappings}
     as_stored = dtype is None
@@ -246,11 +216,10 @@ def save_hf(
     Args:
         model: the moekit Transformer.
         path: the folder to create (it must not exist, or be empty).
-        architecture: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 or
-            gpt_oss; None chooses from the config (MLA: deepseek_v3 with sigmoid routing,
-            else deepseek_v2; attention sinks: gpt_oss; q/k norm per head: qwen3_moe, over
-            the projection: olmoe, a shared expert: qwen2_moe, else mixtral). gpt_oss is
-            written unquantized, in the weights' dtype, without a quantization_config.
+        architecture: a registered architecture (interop/architectures/); None chooses
+            the first in priority order that expresses the config (choose_architecture).
+            gpt_oss is written unquantized, in the weights' dtype, without a
+            quantization_config.
         max_shard_bytes: above this, tensors go into several shards plus an index.
         config_extra: keys merged into config.json (token ids, say).
         extra_files: {file name: text} written beside the weights (a tokenizer, say).
@@ -262,15 +231,14 @@ def save_hf(
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"{str(path)!r} exists and is not an empty folder")
-    architecture = architecture or choose_architecture(model.config)
     state = model.state_dict()
     dtype = state["tok_embed.weight"].dtype
     config = hf_config(model.config, architecture, dtype=str(dtype).removeprefix("torch.")) | (
         config_extra or {}
     )
+    architecture = config["model_type"]  # the chosen one when None was given
     tensors: dict[str, Tensor] = {}
-    written = WRITTEN_LAYOUT.get(architecture, "per_expert")
-    for m in mappings_for(model, architecture, written, config):
+    for m in mappings_for(model, architecture, get(architecture).written_layout, config):
         for name, tensor in zip(m.hf, m.op.to_hf(state[m.moekit].detach().cpu())):
             # an owned, contiguous copy: safetensors refuses views that share storage
             tensors[name] = tensor.clone(memory_format=torch.contiguous_format)

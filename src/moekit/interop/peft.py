@@ -51,48 +51,43 @@ from torch import Tensor
 
 from ..models import Transformer
 from ..models.lora import LoRAConfig, lora_state_dict
-from .hf_config import hf_config
-from .hf_deepseek import DEEPSEEK_ARCHITECTURES, deepseek_tables, rope_interleaved
-from .keys import COPY, DEINTERLEAVE_GLU, TensorOp
+from .architectures import get, hf_config
+from .architectures.rules import COPY, LAYER, Rule
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers"
-_ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-_MLA = {
-    "wq": "q_proj",
-    "wq_down": "q_a_proj",
-    "wq_up": "q_b_proj",
-    "wkv_down": "kv_a_proj_with_mqa",
-    "wkv_up": "kv_b_proj",
-    "wo": "o_proj",
-}
-# PEFT nests the two ParamWrappers of one experts module in the order the module registers
-# its parameters: gate_up_proj's wrapper holds the module, down_proj's wraps that wrapper,
-# so gate_up_proj's factors sit one `base_layer` deeper.
-_EXPERT_PARAMS = {"up": ("gate_up_proj", ".base_layer"), "down": ("down_proj", "")}
+
+
+def _module(rule: Rule, index: int = 0) -> str:
+    """The module path of a rule's Hugging Face tensor inside a layer: `self_attn.q_proj`
+    for model.layers.{i}.self_attn.q_proj.weight."""
+    return rule.hf[index].removeprefix(f"{LAYER}.").rsplit(".", 1)[0]
 
 
 class _Names:
-    """Where one architecture keeps what moekit adapts, and how the output rows of each
-    attention projection are reordered on save (the weight's row permutation)."""
+    """Where one architecture keeps what moekit adapts, read from its key table (the
+    `fused` layout: transformers' in-memory names, which PEFT adapts), and how the output
+    rows of each attention projection are reordered on save (the weight's row op)."""
 
     def __init__(self, model: Transformer, architecture: str | None):
         config = hf_config(model.config, architecture)  # ValueError naming what it cannot express
-        self.arch = arch = config["model_type"]
-        self.attention = _MLA if model.config.attention == "mla" else _ATTENTION
-        self.shared = "shared_experts" if arch in DEEPSEEK_ARCHITECTURES else "shared_expert"
-        self.shared_as_parameters = arch in DEEPSEEK_ARCHITECTURES  # see the module doc
-        self.router = "mlp.router" if arch == "gpt_oss" else "mlp.gate"
-        self.rows: dict[str, TensorOp] = {}
-        if arch in DEEPSEEK_ARCHITECTURES:
-            rules = deepseek_tables(model.config, rope_interleaved(arch, config))["fused"]
-            ops = {rule.moekit: rule.op for rule in rules}
-            self.rows = {ours: ops[f"layers.{{i}}.attn.{ours}.weight"] for ours in _MLA}
+        self.arch = get(config["model_type"])
+        table = self.arch.tables(model.config, config)["fused"]
+        self.rules = {rule.moekit: rule for rule in table}
 
-    def output_rows(self, projection: str, lora_B: Tensor) -> Tensor:
+    def rule(self, moekit: str, adapter: str) -> Rule:
+        if moekit not in self.rules:
+            raise ValueError(f"PEFT cannot express the adapter {adapter!r} ({self.arch.name})")
+        return self.rules[moekit]
+
+    def attention(self, projection: str, adapter: str) -> tuple[str, Rule]:
+        rule = self.rule(f"layers.{{i}}.attn.{projection}.weight", adapter)
+        return _module(rule), rule
+
+    def output_rows(self, rule: Rule, lora_B: Tensor) -> Tensor:
         """lora_B (out, r) with its rows in the order save_hf writes the weight's rows."""
-        return self.rows.get(projection, COPY).to_hf(lora_B)[0]
+        return rule.op.to_hf(lora_B)[0] if rule.op is not COPY else lora_B
 
 
 def peft_tensors(
@@ -111,64 +106,70 @@ def peft_tensors(
     tensors: dict[str, Tensor] = {}
     modules: set[str] = set()
     parameters: set[str] = set()
-    adapters = lora_state_dict(model)
-    for name, tensor in adapters.items():
+    for name, tensor in lora_state_dict(model).items():
         parts = name.split(".")
-        if parts[0] != "layers":
+        if parts[0] != "layers" or len(parts) < 5:
             raise ValueError(f"PEFT cannot express the adapter {name!r}")
         layer, where = parts[1], ".".join(parts[2:])
         prefix = f"{_PREFIX}.{layer}"
-        if parts[2] == "attn" and parts[3] in names.attention and len(parts) == 5:
-            target = f"self_attn.{names.attention[parts[3]]}"
+        if parts[2] == "attn" and len(parts) == 5:
+            target, rule = names.attention(parts[3], name)
             if parts[4] == "lora_B":
-                tensor = names.output_rows(parts[3], tensor)
+                tensor = names.output_rows(rule, tensor)
             tensors[f"{prefix}.{target}.{parts[4]}.weight"] = tensor.contiguous()
             modules.add(target)
         elif where.startswith("ffn.shared.") and len(parts) == 6:
+            rule = names.rule(f"layers.{{i}}.ffn.shared.{parts[4]}.weight", name)
             # DeepSeek's as parameters, naming the weight (see the module doc)
-            targets, suffix = (
-                (parameters, ".weight") if names.shared_as_parameters else (modules, "")
-            )
-            base = f"{prefix}.mlp.{names.shared}"
-            _shared(tensors, targets, suffix, base, parts[4], parts[5], tensor)
+            as_parameters = names.arch.shared_as_parameters
+            targets, suffix = (parameters, ".weight") if as_parameters else (modules, "")
+            _shared(tensors, targets, suffix, prefix, rule, parts[5], tensor)
         elif where.startswith("ffn.experts.lora_"):
-            if parts[4] == "lora_B_up" and names.arch == "gpt_oss":
-                tensor = DEINTERLEAVE_GLU.to_hf(tensor)[0]  # halves -> gate/up interleaved
-            _experts(tensors, parameters, prefix, parts[4], tensor)
+            if parts[4] == "lora_B_up":
+                tensor = names.arch.peft_expert_columns(tensor)
+            which = "up" if parts[4].endswith("_up") else "down"
+            rule = names.rule(f"layers.{{i}}.ffn.experts.w_{which}", name)
+            _experts(tensors, parameters, prefix, parts[4], tensor, _module(rule), rule.hf[0])
         elif where.startswith("ffn.router.parametrizations.weight.0.lora_"):
-            tensors[f"{prefix}.{names.router}.{parts[-1]}.weight"] = tensor
-            parameters.add(f"{names.router}.weight")
+            router = _module(names.rule("layers.{i}.ffn.router.weight", name))
+            tensors[f"{prefix}.{router}.{parts[-1]}.weight"] = tensor
+            parameters.add(f"{router}.weight")
         else:
             raise ValueError(f"PEFT cannot express the adapter {name!r}")
     return tensors, sorted(modules), sorted(parameters)
 
 
 def _shared(
-    tensors, targets, suffix: str, base: str, which: str, factor: str, tensor: Tensor
+    tensors, targets, suffix: str, prefix: str, rule: Rule, factor: str, tensor: Tensor
 ) -> None:
-    """One shared-expert factor under base; its target + suffix goes to targets."""
-    block = base.rsplit(".", 1)[-1]  # shared_expert (Qwen2-MoE), shared_experts (DeepSeek)
-    if which == "down":
-        tensors[f"{base}.down_proj.{factor}.weight"] = tensor
-        targets.add(f"{block}.down_proj{suffix}")
-        return
-    # moekit's up is [gate; up] stacked on the output axis: A is shared, B splits in halves.
-    gate_part, up_part = (tensor, tensor) if factor == "lora_A" else tensor.chunk(2, dim=0)
-    tensors[f"{base}.gate_proj.{factor}.weight"] = gate_part.clone()  # owned: no shared storage
-    tensors[f"{base}.up_proj.{factor}.weight"] = up_part.clone()
-    targets.update((f"{block}.gate_proj{suffix}", f"{block}.up_proj{suffix}"))
+    """One shared-expert factor; its targets + suffix go to targets. moekit's up is
+    [gate; up] stacked on the output axis: stored as two projections (FUSE_GLU), A is
+    shared and B splits in halves; stored as one, both go as they are."""
+    paths = [_module(rule, k) for k in range(len(rule.hf))]
+    pieces = [tensor] if len(paths) == 1 else [tensor] * 2
+    if len(paths) == 2 and factor == "lora_B":
+        pieces = list(tensor.chunk(2, dim=0))
+    for path, piece in zip(paths, pieces):
+        tensors[f"{prefix}.{path}.{factor}.weight"] = piece.clone()  # owned: no shared storage
+        targets.add(f"{path.rsplit('.', 2)[-2]}.{path.rsplit('.', 1)[-1]}{suffix}")
 
 
-def _experts(tensors, parameters, prefix: str, factor_name: str, tensor: Tensor) -> None:
+def _experts(
+    tensors, parameters, prefix: str, factor_name: str, tensor: Tensor, module: str, param: str
+) -> None:
+    """One routed-experts factor as PEFT's ParamWrapper holds it. PEFT nests the two
+    wrappers of one experts module in the order the module registers its parameters: the
+    up projection's wrapper holds the module, the down projection's wraps that wrapper, so
+    the up projection's factors sit one `base_layer` deeper."""
     factor, which = factor_name.removeprefix("lora_").split("_")  # "A_up" -> ("A", "up")
-    param, nesting = _EXPERT_PARAMS[which]
+    nesting = ".base_layer" if which == "up" else ""
     E, rows, cols = tensor.shape
     if factor == "A":  # (E, in, r) -> (E*r, in), expert-major rows
         peft = tensor.transpose(1, 2).reshape(E * cols, rows)
     else:  # (E, r, out) -> (out, r*E), rank-major columns
         peft = tensor.permute(2, 1, 0).reshape(cols, rows * E)
-    tensors[f"{prefix}.mlp.experts{nesting}.lora_{factor}.weight"] = peft.contiguous()
-    parameters.add(f"mlp.experts.{param}")
+    tensors[f"{prefix}.{module}{nesting}.lora_{factor}.weight"] = peft.contiguous()
+    parameters.add(param.removeprefix(f"{LAYER}."))
 
 
 def save_peft(

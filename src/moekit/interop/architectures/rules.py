@@ -1,5 +1,6 @@
-"""Hugging Face <-> moekit weight names: one declarative table per architecture, plus a few
-named tensor operations, each with its inverse.
+"""The vocabulary of the key tables: named tensor operations (each with its inverse), rules
+pairing a moekit tensor with the Hugging Face tensors it is made of, and the rule sets most
+architectures share. Each architecture's file composes its table from these.
 
 # E experts, D model, F expert hidden (moekit keeps gate and up side by side: 2F), L layers
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from ..mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 
 @dataclass(frozen=True)
@@ -106,34 +107,36 @@ class Rule:
     op: TensorOp = COPY
 
 
-_L = "model.layers.{i}"
-_COMMON = (
+LAYER = "model.layers.{i}"
+# the decoder around the FFN: embeddings, norms, grouped-query attention, dense FFN layers
+DECODER = (
     Rule("tok_embed.weight", ("model.embed_tokens.weight",)),
     Rule("norm.weight", ("model.norm.weight",)),
     Rule("lm_head.weight", ("lm_head.weight",)),
-    Rule("layers.{i}.attn_norm.weight", (f"{_L}.input_layernorm.weight",)),
-    Rule("layers.{i}.ffn_norm.weight", (f"{_L}.post_attention_layernorm.weight",)),
+    Rule("layers.{i}.attn_norm.weight", (f"{LAYER}.input_layernorm.weight",)),
+    Rule("layers.{i}.ffn_norm.weight", (f"{LAYER}.post_attention_layernorm.weight",)),
     *(
-        Rule(f"layers.{{i}}.attn.{ours}.{kind}", (f"{_L}.self_attn.{theirs}.{kind}",))
+        Rule(f"layers.{{i}}.attn.{ours}.{kind}", (f"{LAYER}.self_attn.{theirs}.{kind}",))
         for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
         for kind in ("weight", "bias")
     ),
-    Rule("layers.{i}.attn.q_norm.weight", (f"{_L}.self_attn.q_norm.weight",)),
-    Rule("layers.{i}.attn.k_norm.weight", (f"{_L}.self_attn.k_norm.weight",)),
+    Rule("layers.{i}.attn.q_norm.weight", (f"{LAYER}.self_attn.q_norm.weight",)),
+    Rule("layers.{i}.attn.k_norm.weight", (f"{LAYER}.self_attn.k_norm.weight",)),
     # dense FFN layers (Qwen-MoE's mlp_only_layers / decoder_sparse_step)
     Rule(
         "layers.{i}.ffn.up.weight",
-        (f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"),
+        (f"{LAYER}.mlp.gate_proj.weight", f"{LAYER}.mlp.up_proj.weight"),
         FUSE_GLU,
     ),
-    Rule("layers.{i}.ffn.down.weight", (f"{_L}.mlp.down_proj.weight",)),
+    Rule("layers.{i}.ffn.down.weight", (f"{LAYER}.mlp.down_proj.weight",)),
 )
 
 
-def _per_expert(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
-    experts = f"{_L}.{block}.experts.{{e}}"
+def per_expert(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
+    """Router and experts stored one expert at a time (save_pretrained's on-disk layout)."""
+    experts = f"{LAYER}.{block}.experts.{{e}}"
     return (
-        Rule("layers.{i}.ffn.router.weight", (f"{_L}.{block}.gate.weight",)),
+        Rule("layers.{i}.ffn.router.weight", (f"{LAYER}.{block}.gate.weight",)),
         Rule(
             "layers.{i}.ffn.experts.w_up",
             (f"{experts}.{gate}.weight", f"{experts}.{up}.weight"),
@@ -143,69 +146,64 @@ def _per_expert(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
     )
 
 
-_FUSED = (
-    Rule("layers.{i}.ffn.router.weight", (f"{_L}.mlp.gate.weight",)),
-    Rule("layers.{i}.ffn.experts.w_up", (f"{_L}.mlp.experts.gate_up_proj",), TRANSPOSE_EXPERTS),
-    Rule("layers.{i}.ffn.experts.w_down", (f"{_L}.mlp.experts.down_proj",), TRANSPOSE_EXPERTS),
+# transformers' in-memory names: the experts as two 3-D tensors
+FUSED_EXPERTS = (
+    Rule("layers.{i}.ffn.router.weight", (f"{LAYER}.mlp.gate.weight",)),
+    Rule("layers.{i}.ffn.experts.w_up", (f"{LAYER}.mlp.experts.gate_up_proj",), TRANSPOSE_EXPERTS),
+    Rule("layers.{i}.ffn.experts.w_down", (f"{LAYER}.mlp.experts.down_proj",), TRANSPOSE_EXPERTS),
 )
-_SHARED = (
+# one shared expert (Qwen2-MoE), a SwiGLU MLP, and its sigmoid gate
+SHARED_EXPERT = (
     Rule(
         "layers.{i}.ffn.shared.up.weight",
-        (f"{_L}.mlp.shared_expert.gate_proj.weight", f"{_L}.mlp.shared_expert.up_proj.weight"),
+        (
+            f"{LAYER}.mlp.shared_expert.gate_proj.weight",
+            f"{LAYER}.mlp.shared_expert.up_proj.weight",
+        ),
         FUSE_GLU,
     ),
-    Rule("layers.{i}.ffn.shared.down.weight", (f"{_L}.mlp.shared_expert.down_proj.weight",)),
-    Rule("layers.{i}.ffn.shared_gate.weight", (f"{_L}.mlp.shared_expert_gate.weight",)),
+    Rule("layers.{i}.ffn.shared.down.weight", (f"{LAYER}.mlp.shared_expert.down_proj.weight",)),
+    Rule("layers.{i}.ffn.shared_gate.weight", (f"{LAYER}.mlp.shared_expert_gate.weight",)),
 )
-_QWEN_EXPERTS = _per_expert("mlp", "gate_proj", "up_proj", "down_proj")
-_GPT_OSS = _COMMON + (
-    Rule("layers.{i}.attn.sinks", (f"{_L}.self_attn.sinks",)),
-    Rule("layers.{i}.ffn.router.weight", (f"{_L}.mlp.router.weight",)),
-    Rule("layers.{i}.ffn.router.logit_bias", (f"{_L}.mlp.router.bias",)),
-    Rule("layers.{i}.ffn.experts.b_up", (f"{_L}.mlp.experts.gate_up_proj_bias",), DEINTERLEAVE_GLU),
-    Rule("layers.{i}.ffn.experts.b_down", (f"{_L}.mlp.experts.down_proj_bias",)),
-)
-_GPT_OSS_MXFP4 = (
-    Rule(
-        "layers.{i}.ffn.experts.w_up",
-        (f"{_L}.mlp.experts.gate_up_proj_blocks", f"{_L}.mlp.experts.gate_up_proj_scales"),
-        MXFP4_GLU_EXPERTS,
-    ),
-    Rule(
-        "layers.{i}.ffn.experts.w_down",
-        (f"{_L}.mlp.experts.down_proj_blocks", f"{_L}.mlp.experts.down_proj_scales"),
-        MXFP4_EXPERTS,
-    ),
-)
-
-# (architecture, layout) -> rules. Layouts: "per_expert" (written by save_pretrained) and
-# "fused" (transformers' in-memory names, which it also reads from disk); gpt-oss: "fused"
-# and "mxfp4" (the experts quantized, as published).
-TABLES: dict[str, dict[str, tuple[Rule, ...]]] = {
-    "mixtral": {
-        "per_expert": _COMMON + _per_expert("block_sparse_moe", "w1", "w3", "w2"),
-        "fused": _COMMON + _FUSED,
-    },
-    "qwen2_moe": {
-        "per_expert": _COMMON + _QWEN_EXPERTS + _SHARED,
-        "fused": _COMMON + _FUSED + _SHARED,
-    },
-    "qwen3_moe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
-    "olmoe": {"per_expert": _COMMON + _QWEN_EXPERTS, "fused": _COMMON + _FUSED},
-    "gpt_oss": {
-        "fused": _GPT_OSS
-        + (
-            Rule(
-                "layers.{i}.ffn.experts.w_up", (f"{_L}.mlp.experts.gate_up_proj",), DEINTERLEAVE_GLU
-            ),
-            Rule("layers.{i}.ffn.experts.w_down", (f"{_L}.mlp.experts.down_proj",)),
-        ),
-        "mxfp4": _GPT_OSS + _GPT_OSS_MXFP4,
-    },
-}
-# The layout save_hf writes: per_expert, except where an architecture has none.
-WRITTEN_LAYOUT = {"gpt_oss": "fused"}
+PER_EXPERT = per_expert("mlp", "gate_proj", "up_proj", "down_proj")
+# where a checkpoint stores its experts fused (transformers' in-memory layout)
 FUSED_MARKER = ".mlp.experts.gate_up_proj"
+
+
+# ---------------------------------------------------------------- rotary rows
+
+
+def _to_rotate_half(t: Tensor, rows: int, start: int, width: int) -> Tensor:
+    """Reorder the rotary rows of every block of `rows` rows: interleaved -> halves."""
+    blocks = t.reshape(-1, rows, *t.shape[1:])
+    rotary = blocks[:, start : start + width]
+    reordered = torch.cat((rotary[:, 0::2], rotary[:, 1::2]), dim=1)
+    return torch.cat((blocks[:, :start], reordered, blocks[:, start + width :]), dim=1).reshape(
+        t.shape
+    )
+
+
+def _to_interleaved(t: Tensor, rows: int, start: int, width: int) -> Tensor:
+    """The inverse of _to_rotate_half: halves -> interleaved pairs."""
+    blocks = t.reshape(-1, rows, *t.shape[1:]).clone()
+    rotary = blocks[:, start : start + width].clone()
+    blocks[:, start : start + width : 2] = rotary[:, : width // 2]
+    blocks[:, start + 1 : start + width : 2] = rotary[:, width // 2 :]
+    return blocks.reshape(t.shape)
+
+
+def rope_rows(name: str, rows: int, start: int, width: int) -> TensorOp:
+    """A projection whose output rows come in blocks of `rows` (one head), rows start ..
+    start + width of each rotated in interleaved pairs (x0, x1), (x2, x3), ... on the
+    Hugging Face side and as halves (x_i, x_{i + width/2}) in moekit. Both rotate the same
+    pairs by the same angles, so moving the even rows first, then the odd, is exact; the
+    inverse is written back, so a round trip is bit-exact. Works on weights (rows, in) and
+    biases (rows,)."""
+    return TensorOp(
+        name,
+        lambda hf: _to_rotate_half(hf[0], rows, start, width),
+        lambda t: [_to_interleaved(t, rows, start, width)],
+    )
 
 
 @dataclass(frozen=True)
