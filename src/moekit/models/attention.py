@@ -42,7 +42,8 @@ class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads and rotary positions.
 
     Args:
-        config: the model config (d_model, num_heads, num_kv_heads).
+        config: the model config (d_model, num_heads, num_kv_heads; rotary_dim, the width
+            of each head that rotates; attention_multiplier, the softmax scale).
         layer: this layer's index, its slot in a KV cache.
     """
 
@@ -60,6 +61,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
         self.wo = nn.Linear(q_width, config.d_model, bias=config.attn_out_bias)
         self.qk_norm = config.qk_norm
+        # None: SDPA's own 1 / sqrt(Dh); Granite sets its attention_multiplier instead
+        self.scale = config.attention_multiplier
         if config.qk_norm is not None:
             per_head = config.qk_norm == "head"
             self.q_norm = RMSNorm(config.head_dim if per_head else q_width, config.norm_eps)
@@ -67,8 +70,8 @@ class Attention(nn.Module):
 
     @staticmethod
     def rotary_dim(config) -> int:
-        """The width the rotary tables cover: the whole head."""
-        return config.head_dim
+        """The width the rotary tables cover: rotary_dim, or the whole head when None."""
+        return config.head_dim if config.rotary_dim is None else config.rotary_dim
 
     @staticmethod
     def cache_widths(config) -> tuple[int, int, int]:
@@ -103,13 +106,19 @@ class Attention(nn.Module):
 
     def attend(self, q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, where: Placement) -> Tensor:
         """Step 3 on the rotated heads (a subclass may change how heads attend). Returns y_BHTDh."""
-        return grouped_query_attention(q_BHTDh, k_BGSDh, v_BGSDh, where.mask_B1TS)
+        return grouped_query_attention(q_BHTDh, k_BGSDh, v_BGSDh, where.mask_B1TS, self.scale)
 
 
 def grouped_query_attention(
-    q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, mask_B1TS: Tensor | None
+    q_BHTDh: Tensor,
+    k_BGSDh: Tensor,
+    v_BGSDh: Tensor,
+    mask_B1TS: Tensor | None,
+    scale: float | None = None,
 ) -> Tensor:
     """SDPA with G key/value heads for H query heads; causal when mask_B1TS is None.
+
+    scale is the softmax scale (None = SDPA's 1 / sqrt(Dh)).
 
     With a mask (a cache or padding), the query heads of one key/value head are folded
     into its rows, (B, G, H/G * T, Dh), so the cached keys and values are read as they are,
@@ -123,10 +132,14 @@ def grouped_query_attention(
         if groups > 1:
             k_BGSDh = k_BGSDh.repeat_interleave(groups, dim=1)
             v_BGSDh = v_BGSDh.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q_BHTDh, k_BGSDh, v_BGSDh, is_causal=T > 1)
+        return F.scaled_dot_product_attention(
+            q_BHTDh, k_BGSDh, v_BGSDh, is_causal=T > 1, scale=scale
+        )
     # Query head h uses key/value head h // groups (repeat_interleave's order), so the
     # reshape puts row j * T + t of head g at query head g * groups + j, position t.
     q_BGMDh = q_BHTDh.reshape(B, -1, groups * T, Dh)
     mask_B1MS = mask_B1TS.repeat(1, 1, groups, 1)
-    y_BGMDh = F.scaled_dot_product_attention(q_BGMDh, k_BGSDh, v_BGSDh, attn_mask=mask_B1MS)
+    y_BGMDh = F.scaled_dot_product_attention(
+        q_BGMDh, k_BGSDh, v_BGSDh, attn_mask=mask_B1MS, scale=scale
+    )
     return y_BGMDh.reshape(B, H, T, Dh)

@@ -30,6 +30,7 @@ and the KV cache are the main model's alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,8 +99,8 @@ def multi_token_prediction(
     tokens_BT: Tensor,
     targets_BT: Tensor,
     where: Placement,
-    embed: nn.Module,
-    head: nn.Module,
+    embed: Callable[[Tensor], Tensor],
+    head: Callable[[Tensor], Tensor],
     weight: float,
     attention_mask_BT: Tensor | None = None,
 ) -> MTPOutput:
@@ -110,7 +111,8 @@ def multi_token_prediction(
         h_BTD: h^0, the main model's last hidden state (before its final norm).
         tokens_BT: the input tokens t_i; targets_BT: the next tokens t_{i+1} (-100 = ignore).
         where: the main forward's positions and mask (the modules see the same sequence).
-        embed, head: the main model's embedding and output head (shared).
+        embed, head: the main model's embedding and output head (shared; Transformer.embed
+            and Transformer.head, with the decoder's multipliers and logits scaling).
         weight: lambda.
         attention_mask_BT: the main forward's (1 real, 0 padding) or None. A padding
             position predicts nothing, even where the token k + 1 ahead is real (left

@@ -103,11 +103,18 @@ def rope_tables(
 
 
 def apply_rope(x_BHTDh: Tensor, cos_TP: Tensor, sin_TP: Tensor) -> Tensor:
-    """Rotate each (first half, second half) pair of x by the position's angle.
+    """Rotate each (first half, second half) pair of x's first 2P dims by the position's angle.
 
     The "rotate half" layout of GPT-NeoX and Hugging Face LLaMA/Mixtral, so their q/k
-    weights load without the permutation the interleaved layout would need.
+    weights load without the permutation the interleaved layout would need. When the
+    tables are narrower than the head (2P < Dh: ModelConfig.rotary_dim, GLM-4.5's
+    partial_rotary_factor), x[..., :P] pairs with x[..., P:2P] and the dims from 2P on
+    pass through unchanged, as transformers' GPT-NeoX/GLM apply_rotary_pos_emb does.
     """
+    rotary = 2 * cos_TP.shape[-1]
+    if rotary < x_BHTDh.shape[-1]:
+        rotated = apply_rope(x_BHTDh[..., :rotary], cos_TP, sin_TP)
+        return torch.cat((rotated, x_BHTDh[..., rotary:]), dim=-1)
     x1, x2 = x_BHTDh.float().chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos_TP - x2 * sin_TP, x2 * cos_TP + x1 * sin_TP), dim=-1)
     return rotated.to(x_BHTDh.dtype)

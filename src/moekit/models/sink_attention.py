@@ -79,5 +79,26 @@ class SinkAttention(Attention):
         k_BGS1Dh = torch.cat([k_BGSDh, zero_BG1Dh], dim=2)
         v_BGS1Dh = torch.cat([v_BGSDh, zero_BG1Dh], dim=2)
         q_BGMDh = q_BHTDh.reshape(B, G, groups * T, Dh)
-        y_BGMDh = F.scaled_dot_product_attention(q_BGMDh, k_BGS1Dh, v_BGS1Dh, attn_mask=mask_BGMS1)
+        y_BGMDh = F.scaled_dot_product_attention(
+            q_BGMDh, k_BGS1Dh, v_BGS1Dh, attn_mask=mask_BGMS1, scale=self.scale
+        )
         return y_BGMDh.reshape(B, H, T, Dh)
+
+
+def check_window(config) -> None:
+    """Raise ValueError naming a bad sliding_window or sliding_layers of a ModelConfig."""
+    window = config.sliding_window
+    if window is None:
+        if config.sliding_layers is not None:
+            raise ValueError(f"sliding_layers ({config.sliding_layers}) needs a sliding_window")
+        return
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"sliding_window ({window!r}) must be a positive integer or None")
+    if config.attention != "sinks":
+        raise ValueError(
+            f"sliding_window needs attention 'sinks' (got attention {config.attention!r})"
+        )
+    layers = config.sliding_layers or []
+    bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < config.num_layers)]
+    if bad:
+        raise ValueError(f"sliding_layers {bad} are not layer indices in [0, {config.num_layers})")

@@ -6,8 +6,9 @@
 Read top to bottom: ModelConfig, Block, Transformer. The attention kinds are beside it
 (attention.py: grouped-query; mla.py: DeepSeek's multi-head latent attention), as are
 RMSNorm (norm.py) and the rotary tables (rope.py). One block is pre-norm:
-    x = x + Attention(RMSNorm(x));  x = x + FFN(RMSNorm(x))
-where FFN is a dense SwiGLU `MLP` or a `MoE` layer (see `ModelConfig.is_moe_layer`).
+    x = x + m * Attention(Norm(x));  x = x + m * FFN(Norm(x))
+where FFN is a dense SwiGLU `MLP` or a `MoE` layer (see `ModelConfig.is_moe_layer`), Norm
+is RMSNorm (or LayerNorm, ModelConfig.norm) and m is residual_multiplier (1 but in Granite).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from .expert_ids import tap_routers
 from .kv_cache import KVCache, padded_positions
 from .mla import MLA_FIELDS, MultiHeadLatentAttention, check_mla_fields
 from .mtp import MTPModule, multi_token_prediction
-from .norm import RMSNorm
+from .norm import RMSNorm, block_norm
+from .options import check_options
 from .rope import check_rope_scaling, rope_tables
-from .sink_attention import SinkAttention
+from .sink_attention import SinkAttention, check_window
 from .skip_init import skipped_initialisers
 
 QK_NORMS = (None, "head", "full")
@@ -72,6 +74,13 @@ class ModelConfig:
     sliding_window W makes each query see itself and the W - 1 tokens before it, in the
     layers sliding_layers lists (None = every layer); see models/sink_attention.py.
 
+    Decoder options of further families (defaults: today's decoder; see models/options.py):
+    rotary_dim R rotates only the first R dims of each q/k head (None = all; GLM-4.5);
+    norm "layer" makes the block and final norms LayerNorms with biases (Phi-3.5-MoE);
+    embedding_multiplier, residual_multiplier, attention_multiplier (the softmax scale,
+    None = 1 / sqrt(head_dim)) and logits_scaling are IBM Granite's; lm_head_bias adds a
+    bias to the output head, its own parameter lm_head.bias even with tied embeddings.
+
     mtp_depth D > 0 adds DeepSeek-V3's multi-token prediction (models/mtp.py): D modules,
     each a block built like the last layer (its attention kind, and MoE when the last layer
     is), trained with mtp_loss_weight (lambda) / D times the sum of their cross entropies.
@@ -100,6 +109,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tied_embeddings: bool = True
     init_std: float = 0.02
+
+    # Decoder options of further families (see the class docstring).
+    rotary_dim: int | None = None  # None = the whole head
+    norm: str = "rms"  # "rms" or "layer"
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None  # None = 1 / sqrt(head_dim)
+    logits_scaling: float = 1.0
+    lm_head_bias: bool = False
 
     # Dense FFN layers. d_hidden None = 8/3 * d_model rounded up to 64 (LLaMA's SwiGLU
     # width, which keeps the parameter count of a 4x non-gated MLP).
@@ -146,6 +164,7 @@ class ModelConfig:
         if not self.init_std > 0:
             raise ValueError(f"init_std ({self.init_std}) must be > 0")
         self._check_moe()
+        check_options(self)
         depth, weight = self.mtp_depth, self.mtp_loss_weight
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
             raise ValueError(f"mtp_depth ({depth!r}) must be an integer >= 0")
@@ -182,30 +201,11 @@ class ModelConfig:
             )
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; choose one of {QK_NORMS}")
-        self._check_window()
+        check_window(self)
         kv = self.num_kv_heads
         if not isinstance(kv, int) or kv < 1 or self.num_heads % kv:
             raise ValueError(
                 f"num_kv_heads ({kv!r}) must be >= 1 and divide num_heads ({self.num_heads})"
-            )
-
-    def _check_window(self) -> None:
-        window = self.sliding_window
-        if window is None:
-            if self.sliding_layers is not None:
-                raise ValueError(f"sliding_layers ({self.sliding_layers}) needs a sliding_window")
-            return
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"sliding_window ({window!r}) must be a positive integer or None")
-        if self.attention != "sinks":
-            raise ValueError(
-                f"sliding_window needs attention 'sinks' (got attention {self.attention!r})"
-            )
-        layers = self.sliding_layers or []
-        bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < self.num_layers)]
-        if bad:
-            raise ValueError(
-                f"sliding_layers {bad} are not layer indices in [0, {self.num_layers})"
             )
 
     def _check_moe(self) -> None:
@@ -243,13 +243,15 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: attention, then a dense or MoE FFN, each residual."""
+    """Pre-norm transformer block: attention, then a dense or MoE FFN, each residual
+    (scaled by residual_multiplier)."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.residual_multiplier = config.residual_multiplier
+        self.attn_norm = block_norm(config.norm, config.d_model, config.norm_eps)
         self.attn = ATTENTION_KINDS[config.attention](config, layer)
-        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn_norm = block_norm(config.norm, config.d_model, config.norm_eps)
         if config.is_moe_layer(layer):
             self.ffn: nn.Module = MoE(config.moe)
         else:
@@ -259,11 +261,17 @@ class Block(nn.Module):
         self, x_BTD: Tensor, where: Placement, kv_cache: KVCache | None
     ) -> tuple[Tensor, MoEOutput | None]:
         """Returns the new x_BTD and the MoE layer's output (None for a dense FFN)."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), where, kv_cache)
+        x_BTD = self.residual(x_BTD, self.attn(self.attn_norm(x_BTD), where, kv_cache))
         out = self.ffn(self.ffn_norm(x_BTD))
         if isinstance(out, MoEOutput):
-            return x_BTD + out.hidden, out
-        return x_BTD + out, None
+            return self.residual(x_BTD, out.hidden), out
+        return self.residual(x_BTD, out), None
+
+    def residual(self, x_BTD: Tensor, y_BTD: Tensor) -> Tensor:
+        """x + residual_multiplier * y, as Granite's x + y * m (no multiply when it is 1)."""
+        if self.residual_multiplier == 1.0:
+            return x_BTD + y_BTD
+        return x_BTD + y_BTD * self.residual_multiplier
 
 
 @dataclass
@@ -309,8 +317,9 @@ class Transformer(nn.Module):
         self.config = config
         self.tok_embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.norm = block_norm(config.norm, config.d_model, config.norm_eps)
+        # with tied embeddings a bias stays the head's own parameter, lm_head.bias
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         # Not persistent: recomputed from the config, never stored in checkpoints.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -354,8 +363,10 @@ class Transformer(nn.Module):
                 elif isinstance(module, GroupedExperts):
                     nn.init.normal_(module.w_up, std=std)
                     nn.init.normal_(module.w_down, std=residual_std)
-                elif isinstance(module, RMSNorm):
+                elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                     nn.init.ones_(module.weight)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
                 elif isinstance(module, MoE):
                     module.router.reset_parameters(std)
                     if getattr(module.experts, "b_up", None) is not None:
@@ -409,7 +420,7 @@ class Transformer(nn.Module):
         where = self.place(tokens_BT, kv_cache, attention_mask_BT)
 
         # 1. embed, 2. blocks (collecting the MoE layers' losses and stats), 3. norm and head
-        x_BTD = self.tok_embed(tokens_BT)
+        x_BTD = self.embed(tokens_BT)
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats | None] = []
         with tap_routers(self.layers, enabled=return_expert_ids) as routings:
@@ -421,7 +432,7 @@ class Transformer(nn.Module):
         mtp_loss, mtp_stats = aux_loss.new_zeros(()), []
         if len(self.mtp) and targets is not None and kv_cache is None:
             mtp = multi_token_prediction(
-                self.mtp, x_BTD, tokens_BT, targets, where, self.tok_embed, self.lm_head,
+                self.mtp, x_BTD, tokens_BT, targets, where, self.embed, self.head,
                 self.config.mtp_loss_weight, attention_mask_BT,
             )  # fmt: skip
             aux_loss, mtp_loss, mtp_stats = aux_loss + mtp.aux_loss, mtp.loss, mtp.stats
@@ -429,7 +440,7 @@ class Transformer(nn.Module):
             if targets is not None:
                 raise ValueError("num_logits leaves out logits the loss needs; pass one of them")
             x_BTD = x_BTD[:, -num_logits:]
-        logits_BTV = self.lm_head(self.norm(x_BTD))
+        logits_BTV = self.head(self.norm(x_BTD))
 
         # 4. loss in fp32 (a bf16 log-softmax over V loses precision)
         loss = None
@@ -444,6 +455,18 @@ class Transformer(nn.Module):
             logits=logits_BTV, loss=loss, aux_loss=aux_loss, stats=stats, expert_ids=expert_ids,
             mtp_loss=mtp_loss, mtp_stats=mtp_stats,
         )  # fmt: skip
+
+    def embed(self, tokens_BT: Tensor) -> Tensor:
+        """Token embeddings (B, T, D), times embedding_multiplier (Granite's)."""
+        x_BTD = self.tok_embed(tokens_BT)
+        multiplier = self.config.embedding_multiplier
+        return x_BTD if multiplier == 1.0 else x_BTD * multiplier
+
+    def head(self, x_BTD: Tensor) -> Tensor:
+        """Logits (B, T, V) of final-normed hidden states, divided by logits_scaling (Granite's)."""
+        logits_BTV = self.lm_head(x_BTD)
+        scaling = self.config.logits_scaling
+        return logits_BTV if scaling == 1.0 else logits_BTV / scaling
 
     def place(
         self, tokens_BT: Tensor, kv_cache: KVCache | None, attention_mask_BT: Tensor | None
