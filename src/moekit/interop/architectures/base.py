@@ -287,6 +287,36 @@ def refuse_common(hf: HFConfig) -> None:
         hf.refuse(f"attention_dropout {hf['attention_dropout']}")
 
 
+def decoder_options(
+    config: ModelConfig,
+    *,
+    rotary_dim: bool = False,
+    norm: str = "rms",
+    multipliers: bool = False,
+    lm_head_bias: bool = False,
+) -> list[str]:
+    """The decoder options only some architectures hold (ModelConfig.rotary_dim, norm,
+    Granite's multipliers, lm_head_bias): the problems of those the caller's lacks."""
+    problems = []
+    if config.rotary_dim not in (None, config.head_dim) and not rotary_dim:
+        problems.append(f"rotary_dim {config.rotary_dim} (partial rotary)")
+    if config.norm != norm:
+        problems.append(f"norm {config.norm!r} (this architecture has {norm!r})")
+    scales = {
+        "embedding_multiplier": config.embedding_multiplier,
+        "residual_multiplier": config.residual_multiplier,
+        "logits_scaling": config.logits_scaling,
+    }
+    changed = [f"{key} {value}" for key, value in scales.items() if value != 1.0]
+    if config.attention_multiplier is not None:
+        changed.append(f"attention_multiplier {config.attention_multiplier}")
+    if changed and not multipliers:
+        problems.append(f"{', '.join(changed)} (Granite's multipliers)")
+    if config.lm_head_bias and not lm_head_bias:
+        problems.append("lm_head_bias true")
+    return problems
+
+
 def expect(
     config: ModelConfig,
     arch: str,
@@ -294,16 +324,22 @@ def expect(
     attention: str = "gqa",
     router: str = "softmax_topk",
     activation: str = "swiglu",
+    selection_bias: bool = False,
+    **options,
 ) -> list[str]:
     """The problems every architecture checks: attention kind, router, dropless experts,
-    activations, no rope scaling but YaRN."""
-    moe, problems = config.moe, []
+    activations, no rope scaling but YaRN, a softmax selection bias (ERNIE's) unless
+    selection_bias, and the decoder options (decoder_options; pass its keywords for those
+    the architecture holds)."""
+    moe, problems = config.moe, decoder_options(config, **options)
     if config.attention != attention:
         problems.append(f"attention {config.attention!r} ({arch} has {attention!r})")
     if router_class(moe.router) is not router_class(router):
         problems.append(f"router {moe.router!r} ({arch} has {router})")
     if moe.capacity_factor is not None:
         problems.append(f"capacity_factor {moe.capacity_factor} (Hugging Face MoEs are dropless)")
+    if getattr(moe, "selection_bias", False) and not selection_bias:
+        problems.append(f"selection_bias true ({arch}'s {router} router has none)")
     if moe.activation != activation:
         problems.append(f"expert activation {moe.activation!r} ({arch} has {activation})")
     if dense_layer_indices(config) and config.activation != "swiglu":
@@ -369,12 +405,12 @@ def gqa_model_config(hf: HFConfig, moe: MoEConfig, rope_theta: float, **fields) 
 
 
 def gqa_problems(
-    config: ModelConfig, arch: str, *, qk_norm: str | None = None, yarn: bool = False
+    config: ModelConfig, arch: str, *, qk_norm: str | None = None, yarn: bool = False, **expected
 ) -> list[str]:
-    """`expect` plus what a plain grouped-query family cannot write: router or expert
-    biases, rope scaling (unless yarn), a q/k norm other than its own."""
+    """`expect` (given `expected`) plus what a plain grouped-query family cannot write:
+    router or expert biases, rope scaling (unless yarn), a q/k norm other than its own."""
     moe = config.moe
-    problems = expect(config, arch)
+    problems = expect(config, arch, **expected)
     if moe.router_bias or moe.expert_bias:
         problems.append(f"router_bias {moe.router_bias}, expert_bias {moe.expert_bias}")
     if config.rope_scaling is not None and not yarn:

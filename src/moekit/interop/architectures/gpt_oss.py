@@ -29,6 +29,7 @@ from .base import (
     Architecture,
     HFConfig,
     Published,
+    decoder_options,
     dense_layer_indices,
     moe_config,
     no_shared_expert,
@@ -182,7 +183,7 @@ class GptOss(Architecture):
         )
 
     def inexpressible(self, config: ModelConfig) -> list[str]:
-        moe, problems = config.moe, []
+        moe, problems = config.moe, decoder_options(config)
         if config.attention != "sinks":
             problems.append(f"attention {config.attention!r} (gpt_oss has 'sinks')")
         problems += one_attention_bias(config)
