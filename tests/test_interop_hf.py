@@ -266,7 +266,7 @@ def test_settings_no_architecture_expresses_are_named(tmp_path):
     with pytest.raises(
         ValueError, match=r"qwen2_moe architecture cannot express: .*shared_expert_gate False"
     ):
-        save_hf(tiny, tmp_path / "out")
+        save_hf(tiny, tmp_path / "out", architecture="qwen2_moe")
     with pytest.raises(
         ValueError, match=r"mixtral architecture cannot express: num_shared_experts 1"
     ):

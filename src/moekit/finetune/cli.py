@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ..data.tokenizer import TOKENIZER_HELP
 from ..errors import command_error
@@ -177,6 +179,11 @@ def _print_finetune(result, out) -> None:
         f"({result.num_validation} examples); run directory {out}"
     )
     for name in result.exported:
-        print(f"wrote {out}/{name}")
+        config = Path(out) / name / "config.json"
+        if config.is_file():  # a Hugging Face folder: name its architecture
+            model_type = json.loads(config.read_text(encoding="utf-8"))["model_type"]
+            print(f"wrote {out}/{name} (architecture {model_type})")
+        else:
+            print(f"wrote {out}/{name}")
     for note in result.notes:
         print(note)

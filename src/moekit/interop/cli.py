@@ -121,8 +121,15 @@ def convert_main(argv: list[str]) -> int:
         direction = convert(args.src, args.dst, architecture=args.architecture, mtp=args.mtp)
     except ValueError as error:
         return command_error("convert", error)
-    what = "moekit run directory" if direction == "hf-to-run" else "Hugging Face folder"
-    print(f"wrote {what} {Path(args.dst)}")
+    if direction == "hf-to-run":
+        print(f"wrote moekit run directory {Path(args.dst)}")
+    else:
+        written = json.loads((Path(args.dst) / "config.json").read_text(encoding="utf-8"))
+        chosen = "" if args.architecture else ", the closest to the model's config"
+        print(
+            f"wrote Hugging Face folder {Path(args.dst)} "
+            f"(architecture {written['model_type']}{chosen})"
+        )
     if direction == "hf-to-run" and not (Path(args.src) / "tokenizer.json").is_file():
         print(
             f"note: {args.src} has no tokenizer.json: eval/generate on {args.dst} need "

@@ -12,7 +12,7 @@ computes the adapted model. How each moekit adapter is written:
   for multi-head latent attention (DeepSeek) wq -> q_proj, wq_down -> q_a_proj,
   wq_up -> q_b_proj, wkv_down -> kv_a_proj_with_mqa, wkv_up -> kv_b_proj, wo -> o_proj.
   save_hf reorders the rotary output rows of q_proj / q_b_proj and kv_a_proj_with_mqa
-  (moekit's halves -> DeepSeek's interleaved pairs, interop/hf_deepseek.py): lora_B's rows
+  (moekit's halves -> DeepSeek's interleaved pairs, rules.rope_rows): lora_B's rows
   are those outputs, so they get the same reordering; lora_A (the inputs) is unchanged.
 - shared experts: moekit's fused up (2F, D) is transformers' gate_proj and up_proj, so its
   lora_A goes to both and lora_B's halves to each; down to down_proj. For DeepSeek they are
