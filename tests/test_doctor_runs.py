@@ -145,7 +145,7 @@ def test_an_expert_that_never_moved_is_named(runs, tmp_path):
     run = _copy(runs, "softmax", tmp_path)
     torch.manual_seed(0)  # the trainer's seed: its initial weights, rebuilt
     from moekit.models import Transformer
-    from moekit.train.trainer import run_configs
+    from moekit.train.rundir import run_configs
 
     init = Transformer(run_configs(run)[0]).state_dict()
 

@@ -13,7 +13,7 @@ from moekit.cli import main
 from moekit.data import Tokenizer, train_tokenizer
 from moekit.interop.convert import write_run
 from moekit.models import ModelConfig, Transformer
-from moekit.train.trainer import load_trained_model
+from moekit.train.rundir import load_trained_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,7 +21,7 @@ from moekit.cli import main
 from moekit.generate import generate
 from moekit.interop import load_hf, model_config_from_hf, save_hf
 from moekit.interop.mxfp4 import dequantize_mxfp4, quantize_mxfp4
-from moekit.train.trainer import load_trained_model
+from moekit.train.rundir import load_trained_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -182,7 +182,7 @@ def load_source(
                 f"--engine transformers needs a Hugging Face folder; {source!r} is not"
             )
         from .data.tokenizer import run_tokenizer
-        from .train.trainer import load_trained_model
+        from .train.rundir import load_trained_model
 
         has_own = (path / "tokenizer.json").is_file()
         found = (

@@ -17,12 +17,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..data.stream import load_stream
 from ..data.tokenizer import check_vocabulary, load_tokenizer_arg
 from ..interop.architectures import model_type_of
-from ..interop.convert import is_run_dir
 from ..interop.hf import load_hf, read_hf_config, weight_files
 from ..interop.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..models import Transformer
 from ..train.compare import comparison_runs
-from ..train.trainer import load_trained_model, read_run_config
+from ..train.rundir import is_run_dir, load_trained_model, read_run_config
 from .findings import Finding
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -32,9 +32,8 @@ from ..interop.peft import peft_tensors, save_peft
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora, remove_lora
 from ..train import TrainConfig, Trainer, TrainResult, load_trained_model
-from ..train.checkpoint import checkpoint_dir
 from ..train.overrides import apply_overrides, parse_setting
-from ..train.trainer import read_run_config
+from ..train.rundir import checkpoint_dir, read_run_config
 from .chat import (
     DEFAULT_TEMPLATE,
     ChatTemplate,

@@ -17,8 +17,7 @@ from pathlib import Path
 from ..traces import load_trace
 from ..traces.training import Replay, ReplayData
 from ..train import Trainer
-from ..train.checkpoint import checkpoint_dir
-from ..train.trainer import read_run_config
+from ..train.rundir import checkpoint_dir, read_run_config
 from .chat import DEFAULT_TEMPLATE, tokenizer_config
 from .job import (
     TOKENIZER_CONFIG,

@@ -26,25 +26,21 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, copy_tokenizer
 from ..models import Transformer
-from ..train.checkpoint import checkpoint_dir, save_checkpoint
+from ..train.checkpoint import save_checkpoint
 from ..train.config import TrainConfig, model_config_to_dict
-from ..train.trainer import CONFIG_FILE, RUN_FORMAT, load_trained_model
+from ..train.rundir import (
+    checkpoint_dir,
+    is_run_dir,
+    load_trained_model,
+    new_run_config,
+    write_run_config,
+)
 from .hf import load_hf, save_hf
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-
-
-def is_run_dir(path: str | Path) -> bool:
-    """True for a moekit run directory (a run-format config.json), False for anything else."""
-    try:
-        config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and "model" in config and "format" in config
 
 
 def convert(
@@ -91,20 +87,16 @@ def hf_to_run(src: str | Path, dst: str | Path, *, mtp: bool = False) -> Path:
 
 def write_run(model: Transformer, run_dir: Path, *, source: str) -> None:
     """A run directory holding model at step 0: config.json and an atomic checkpoint."""
-    run_config = {
-        "format": RUN_FORMAT,
-        "moekit_version": __version__,
-        "model": model_config_to_dict(model.config),
+    run_config = new_run_config(
+        model=model_config_to_dict(model.config),
         # eval reads its sequence length from here: no longer than the model's context
-        "train": dataclasses.asdict(
+        train=dataclasses.asdict(
             TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))
         ),
-        "data": None,
-        "converted_from": source,
-    }
-    tmp = run_dir / f"{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(run_config, indent=1), encoding="utf-8")
-    tmp.replace(run_dir / CONFIG_FILE)
+        data=None,
+        converted_from=source,
+    )
+    write_run_config(run_dir, run_config)
     # No optimizer moments yet: an AdamW that has not stepped holds no state.
     optimizer = torch.optim.AdamW(model.parameters())
     state = {"step": 0, "train_seconds": 0.0, "loader": None, "config": run_config}

@@ -116,7 +116,7 @@ def _use_colour(choice: str) -> bool:
 
 def _route(run_dir, text: str, layers: list[int] | None, colour: bool, tokenizer_path) -> str:
     from ..data.tokenizer import run_tokenizer
-    from ..train.trainer import load_trained_model
+    from ..train.rundir import load_trained_model
     from .routing import moe_layers, route_tokens
     from .terminal import format_routing
 

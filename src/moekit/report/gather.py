@@ -130,7 +130,7 @@ def _language(
     from ..data.tokenizer import run_tokenizer
     from ..train import CheckpointError
     from ..train.data import evaluation_data
-    from ..train.trainer import load_trained_model, read_run_config
+    from ..train.rundir import load_trained_model, read_run_config
 
     config = read_run_config(run_dir)
     text_tokenizer = run_tokenizer(run_dir, tokenizer, may_build=True)

@@ -22,8 +22,8 @@ from ..train import (
     prepare_run_data,
     run_configs,
 )
-from ..train.checkpoint import checkpoint_dir
 from ..train.data import DATA_DIR, TRAIN_FILE, VAL_FILE, RunData, copy_run_data
+from ..train.rundir import checkpoint_dir
 from .add_experts import add_experts, default_method
 from .upcycle import upcycle, upcycle_config
 

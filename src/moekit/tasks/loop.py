@@ -30,15 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from .. import __version__
 from ..train.accumulation import global_balance, merge_stats
 from ..train.config import TrainConfig
 from ..train.console import progress_bar
 from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizer
 from ..train.run import LOCAL_RUN
+from ..train.rundir import new_run_config, write_run_config
 from ..train.step import optimizer_step, train_record
-from ..train.trainer import CONFIG_FILE, RUN_FORMAT
 from .data import TaskData
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -239,15 +238,9 @@ def write_json(path: Path, data: dict) -> None:
 def start_run(run_dir: Path, task: str, model: dict, train: TrainConfig, data: dict) -> None:
     """Create the run directory and write its config.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "format": RUN_FORMAT,
-        "moekit_version": __version__,
-        "task": task,
-        "model": model,
-        "train": {key: getattr(train, key) for key in TRAIN_KEYS},
-        "data": data,
-    }
-    write_json(run_dir / CONFIG_FILE, config)
+    train_settings = {key: getattr(train, key) for key in TRAIN_KEYS}
+    config = new_run_config(task=task, model=model, train=train_settings, data=data)
+    write_run_config(run_dir, config)
 
 
 TRAIN_KEYS = ("steps", "batch_size", "seed", "lr", "weight_decay", "beta1", "beta2", "eps",

@@ -14,10 +14,11 @@ from .inference import EvalResult, TextPiece, evaluate_run, generate_text
 from .jobs import default_out_dir, resume_job, train_from, train_one
 from .metrics import MetricsLog, read_metrics
 from .run import DistributedRun, LocalRun, Run, run_on
+from .rundir import load_trained_model, read_run_config, run_configs
 from .schedule import lr_at
 from .seeds import SeedsSummary, compare_seeds, format_summary
 from .step import optimizer_step, train_record
-from .trainer import Trainer, TrainResult, load_trained_model, run_configs
+from .trainer import Trainer, TrainResult
 
 __all__ = [
     "CheckpointError",
@@ -47,6 +48,7 @@ __all__ = [
     "optimizer_step",
     "prepare_run_data",
     "read_metrics",
+    "read_run_config",
     "resume_job",
     "run_configs",
     "run_on",

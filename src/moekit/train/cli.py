@@ -279,7 +279,8 @@ def _train_replayed(args: argparse.Namespace, overrides: dict, mesh, resume: boo
     from ..traces.training import Replay, ReplayData
     from .jobs import train_reporting
     from .overrides import build_configs
-    from .trainer import Trainer, run_configs
+    from .rundir import run_configs
+    from .trainer import Trainer
 
     if resume:
         model_config, train_config, source = run_configs(args.out)

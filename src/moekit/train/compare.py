@@ -26,14 +26,14 @@ from pathlib import Path
 from ..data import CorpusConfig
 from ..models import ModelConfig, count_parameters, dense_twin
 from ..parallel import ParallelMesh
-from .checkpoint import checkpoint_dir
 from .compiling import CompileDecision
 from .config import TrainConfig, for_dense_twin
 from .console import discard_line, print_line
 from .data import copy_run_data, prepare_run_data
 from .lockstep import train_in_lockstep
 from .run import run_on
-from .trainer import CONFIG_FILE, Trainer, TrainResult
+from .rundir import CONFIG_FILE, checkpoint_dir
+from .trainer import Trainer, TrainResult
 
 COMPARISON_FILE = "comparison.json"
 PLOT_FILE = "loss.png"

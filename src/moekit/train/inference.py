@@ -22,7 +22,7 @@ from ..data.tokenizer import run_tokenizer
 from ..generate import stream
 from .data import evaluation_data
 from .evaluation import autocast, evaluate, fixed_eval_batches
-from .trainer import load_trained_model, run_configs
+from .rundir import load_trained_model, run_configs
 
 
 @dataclass

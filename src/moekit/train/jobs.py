@@ -10,7 +10,6 @@ from ..data import copy_tokenizer
 from ..data.tokenizer import TOKENIZER_FILE
 from ..models import ModelConfig
 from ..parallel import ParallelMesh
-from .checkpoint import checkpoint_dir
 from .compare import Comparison, compare, comparison_runs
 from .config import TrainConfig
 from .console import print_line
@@ -18,8 +17,9 @@ from .data import prepare_run_data
 from .lockstep import train_in_lockstep
 from .overrides import apply_overrides
 from .run import run_on
+from .rundir import CONFIG_FILE, checkpoint_dir, load_trained_model, run_configs
 from .seeds import SEEDS_FILE, SeedsSummary, resume_seeds
-from .trainer import CONFIG_FILE, Trainer, TrainResult, load_trained_model, run_configs
+from .trainer import Trainer, TrainResult
 
 # The one model setting a run started from another may change (a loss weight, not a weight).
 _LOSS_WEIGHT = "model.mtp_loss_weight"

@@ -1,11 +1,6 @@
 """The training loop: AdamW, warmup + cosine, clipping, aux losses, bias updates, evals.
 
-One Trainer trains one model in one run directory:
-    RUN/config.json          model and train config, data source, versions
-    RUN/tokenizer.json, RUN/data/   the token streams (see train/data.py)
-    RUN/metrics.jsonl        one line per step and per evaluation
-    RUN/routing.jsonl        per-layer routing statistics of MoE runs (train/metrics.py)
-    RUN/checkpoint/          weights and trainer state (see train/checkpoint.py)
+One Trainer trains one model in one run directory (its layout: train/rundir.py).
 Everything the next step depends on (weights, AdamW moments, step, loader position,
 torch RNG) is in the checkpoint, so a resumed run ends with bit-identical weights.
 
@@ -20,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,12 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..models import ModelConfig, Transformer
-from ..models.lora import LoRAConfig, add_lora, merge_lora
 from ..parallel import ParallelMesh, exchange_seconds
 from .accumulation import forward_backward, micro_batches
-from .checkpoint import checkpoint_dir, load_checkpoint
 from .compiling import PROBE_STEPS, CompileDecision, compile_blocks, uncompile_blocks
 from .config import (
     TrainConfig,
@@ -48,11 +39,9 @@ from .health import RoutingWatch, StepGuard
 from .metrics import MetricsLog, RoutingLog, read_metrics
 from .optim import build_optimizer
 from .run import run_on
+from .rundir import checkpoint_dir, new_run_config, read_run_config, write_run_config
 from .step import optimizer_step, train_record
 from .tensorboard import TensorBoardLog
-
-CONFIG_FILE = "config.json"
-RUN_FORMAT = 1
 
 
 @dataclass
@@ -167,13 +156,11 @@ class Trainer:
             self.tensorboard = TensorBoardLog(log_dir, purge_step=self.step + 1 if resume else None)
 
     def _start(self, resume: bool, data_source: str | dict | None) -> None:
-        run_config = {
-            "format": RUN_FORMAT,
-            "moekit_version": __version__,
-            "model": model_config_to_dict(self.model_config),
-            "train": _asdict(self.config),
-            "data": data_source,
-        }
+        run_config = new_run_config(
+            model=model_config_to_dict(self.model_config),
+            train=_asdict(self.config),
+            data=data_source,
+        )
         if resume:
             saved = read_run_config(self.run_dir)
             # Through the dataclasses and back: a run saved before a setting existed
@@ -197,9 +184,7 @@ class Trainer:
             )
         self.metrics.path.parent.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(
-                json.dumps(run_config, indent=1), encoding="utf-8"
-            )
+            write_run_config(self.run_dir, run_config)
         self.metrics.path.unlink(missing_ok=True)
         self.routing.path.unlink(missing_ok=True)
 
@@ -435,48 +420,6 @@ class Trainer:
 
     def _autocast(self):
         return autocast(self.config.dtype)
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """The run's config.json; ValueError when missing, unreadable or of another format."""
-    path = Path(run_dir) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{str(run_dir)!r} is not a moekit run directory ({CONFIG_FILE}: {error})"
-        ) from None
-    if config.get("format") != RUN_FORMAT:
-        raise ValueError(
-            f"run {str(run_dir)!r} has format {config.get('format')!r} (moekit "
-            f"{config.get('moekit_version', '?')}); moekit {__version__} reads format {RUN_FORMAT}"
-        )
-    return config
-
-
-def run_configs(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, str | None]:
-    """The model config, train config and data source saved in a run directory."""
-    saved = read_run_config(run_dir)
-    return (
-        model_config_from_dict(saved["model"]),
-        train_config_from_dict(saved["train"]),
-        saved["data"],
-    )
-
-
-def load_trained_model(run_dir: str | Path) -> Transformer:
-    """The run's model with its checkpoint's weights, in eval mode.
-
-    A LoRA fine-tuning run (its config.json's data names a "lora" rank) comes back with
-    the adapters merged into the weights.
-    """
-    model_config, _, source = run_configs(run_dir)
-    model = Transformer(model_config)
-    lora = source.get("lora") if isinstance(source, dict) else None
-    if lora and lora.get("rank"):
-        add_lora(model, LoRAConfig(**lora))
-    load_checkpoint(run_dir, model)
-    return (merge_lora(model) if lora and lora.get("rank") else model).eval()
 
 
 def _perplexity(loss: float) -> float:
