@@ -325,11 +325,12 @@ def expect(
     router: str = "softmax_topk",
     activation: str = "swiglu",
     selection_bias: bool = False,
+    groups: bool = False,
     **options,
 ) -> list[str]:
     """The problems every architecture checks: attention kind, router, dropless experts,
-    activations, no rope scaling but YaRN, a softmax selection bias (ERNIE's) unless
-    selection_bias, and the decoder options (decoder_options; pass its keywords for those
+    activations, no rope scaling but YaRN, group-limited routing or routed scaling unless
+    groups, a softmax selection bias (ERNIE's) unless selection_bias, and the decoder options (decoder_options; pass its keywords for those
     the architecture holds)."""
     moe, problems = config.moe, decoder_options(config, **options)
     if config.attention != attention:
@@ -338,6 +339,11 @@ def expect(
         problems.append(f"router {moe.router!r} ({arch} has {router})")
     if moe.capacity_factor is not None:
         problems.append(f"capacity_factor {moe.capacity_factor} (Hugging Face MoEs are dropless)")
+    if not groups and (moe.num_groups != 1 or moe.routed_scaling != 1.0):
+        problems.append(
+            f"num_groups {moe.num_groups}, routed_scaling {moe.routed_scaling} ({arch} has "
+            "no group-limited routing or routed scaling)"
+        )
     if getattr(moe, "selection_bias", False) and not selection_bias:
         problems.append(f"selection_bias true ({arch}'s {router} router has none)")
     if moe.activation != activation:

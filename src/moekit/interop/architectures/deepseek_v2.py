@@ -169,7 +169,7 @@ class DeepseekV2(Architecture):
 
     def inexpressible(self, config: ModelConfig) -> list[str]:
         moe = config.moe
-        problems = expect(config, self.name, attention="mla", router=self.router)
+        problems = expect(config, self.name, attention="mla", router=self.router, groups=True)
         expected = list(range(config.first_dense_layers, config.num_layers))
         if config.moe_layers != expected:
             problems.append(
