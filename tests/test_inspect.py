@@ -59,6 +59,8 @@ def test_parts_of_a_small_config_by_hand():
 #   Grok-1 314B                  xAI, "Open Release of Grok-1" (Mar 2024)
 #   Switch-Base-128 7.4B, T5-Base 223M   Fedus et al. 2022 (JMLR), distillation tables
 #   GPT-4 (rumoured) 16 x 111B + 55B, ~280B per token   SemiAnalysis (Jul 2023)
+#   MiniMax-M2 230B              MiniMax-M2 model card, Hugging Face Hub (Oct 2025); its
+#                                10B active is two digits (10.42B counted: tests/test_interop_minimax_m2.py)
 WITHIN_1_PERCENT = [
     ("mixtral_8x7b", "total"),
     ("mixtral_8x7b", "active"),
@@ -80,6 +82,7 @@ WITHIN_1_PERCENT = [
     ("gpt_oss_120b", "active"),
     ("gpt_oss_20b", "total"),
     ("gpt_oss_20b", "active"),
+    ("minimax_m2", "total"),
 ]
 
 
