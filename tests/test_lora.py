@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moekit.config import MoEConfig
-from moekit.experts import GroupedExperts, activate
+from moekit.experts import GroupedExperts
 from moekit.models import ModelConfig, Transformer
 from moekit.models.lora import (
     LoRAConfig,
@@ -85,7 +85,7 @@ def _reference(experts: LoRAGroupedExperts, x_RD, counts_E):
         w_down = experts.w_down[e] + s * experts.lora_A_down[e] @ experts.lora_B_down[e]
         h = x_RD[start : start + count] @ w_up
         h = h if experts.b_up is None else h + experts.b_up[e]
-        y = activate(h, experts.activation) @ w_down
+        y = experts.activation(h) @ w_down
         outputs.append(y if experts.b_down is None else y + experts.b_down[e])
         start += count
     return torch.cat(outputs)

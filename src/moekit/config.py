@@ -7,6 +7,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
+from .activations import ACTIVATION_CLASSES
+
 ROUTERS = (
     "softmax_topk",
     "noisy_topk",
@@ -19,9 +21,8 @@ ROUTERS = (
     "dense",
     "sparsemixer",
 )
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu", "swiglu_clamped")
-# Activations whose up projection has two halves (gate, up); see MoEConfig.gated.
-GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
+# The activations' names (activations.ACTIVATION_CLASSES: each says whether it is gated).
+ACTIVATIONS = tuple(ACTIVATION_CLASSES)
 OVERFLOW_POLICIES = ("drop", "reroute")
 # Over which tokens the balancing losses count the experts' load (MoEConfig.balance_scope).
 BALANCE_SCOPES = ("micro_batch", "sequence", "global")
@@ -224,7 +225,7 @@ class MoEConfig:
     @property
     def gated(self) -> bool:
         """True for GLU activations, whose up projection has two halves (gate, up)."""
-        return self.activation in GATED_ACTIVATIONS
+        return ACTIVATION_CLASSES[self.activation].gated
 
     @property
     def shared_hidden(self) -> int:

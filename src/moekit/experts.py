@@ -19,28 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import ClampedSwiGLU, is_gated, resolve_activation
+from .activations import Activation, resolve_activation
 from .config import EXPERT_BACKENDS
-
-
-def activate(h_RH: Tensor, activation: str | ClampedSwiGLU) -> Tensor:
-    """The expert nonlinearity; GLU variants split h into (gate, up) halves. The experts
-    hold "swiglu_clamped" as a ClampedSwiGLU (resolve_activation)."""
-    if isinstance(activation, ClampedSwiGLU):
-        return activation(h_RH)
-    if activation == "swiglu":
-        gate, up = h_RH.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "geglu":
-        gate, up = h_RH.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
-    if activation == "gelu":
-        return F.gelu(h_RH, approximate="tanh")
-    if activation == "relu":
-        return F.relu(h_RH)
-    if activation == "silu":
-        return F.silu(h_RH)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -48,47 +28,6 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return t.dtype
-
-
-def _swiglu_backward(h_RH: Tensor, grad_a_RF: Tensor) -> Tensor:
-    """d(silu(gate) * up) by hand, written straight into the two halves of grad_h.
-
-    Four elementwise passes (silu, two products, torch's fused silu backward) instead of the
-    eight of a sigmoid-based formula: this backward is memory-bound.
-    """
-    gate_RF, up_RF = h_RH.chunk(2, dim=-1)
-    grad_h_RH = torch.empty_like(h_RH)
-    grad_gate_RF, grad_up_RF = grad_h_RH.chunk(2, dim=-1)
-    torch.mul(grad_a_RF, F.silu(gate_RF), out=grad_up_RF)
-    torch.ops.aten.silu_backward.grad_input(grad_a_RF * up_RF, gate_RF, grad_input=grad_gate_RF)
-    return grad_h_RH
-
-
-def _activation_backward(
-    h_RH: Tensor, grad_a_RF: Tensor, activation: str | ClampedSwiGLU
-) -> Tensor:
-    """d activate(h) / dh by hand (torch's fused backward kernels), for every activation."""
-    if isinstance(activation, ClampedSwiGLU):
-        return activation.backward(h_RH, grad_a_RF)
-    if activation == "swiglu" and not torch.compiler.is_compiling():
-        return _swiglu_backward(h_RH, grad_a_RF)  # writes in place: eager only
-    aten = torch.ops.aten
-    if activation in ("swiglu", "geglu"):
-        gate_RF, up_RF = h_RH.chunk(2, dim=-1)
-        if activation == "swiglu":
-            grad_gate_RF = aten.silu_backward(grad_a_RF * up_RF, gate_RF)
-            grad_up_RF = grad_a_RF * F.silu(gate_RF)
-        else:
-            grad_gate_RF = aten.gelu_backward(grad_a_RF * up_RF, gate_RF, approximate="tanh")
-            grad_up_RF = grad_a_RF * F.gelu(gate_RF, approximate="tanh")
-        return torch.cat([grad_gate_RF, grad_up_RF], dim=-1)
-    if activation == "gelu":
-        return aten.gelu_backward(grad_a_RF, h_RH, approximate="tanh")
-    if activation == "relu":
-        return aten.threshold_backward(grad_a_RF, h_RH, 0)
-    if activation == "silu":
-        return aten.silu_backward(grad_a_RF, h_RH)
-    raise ValueError(f"unknown activation {activation!r}")
 
 
 # Without avx512_bf16/AMX, torch's CPU bf16 GEMM falls back to a kernel whose
@@ -210,7 +149,7 @@ class _GroupedMLP(torch.autograd.Function):
             experts_R = _row_experts(offsets_E, x_RD.shape[0])
             bias_rows_R = experts_R.clamp(max=offsets_E.shape[0] - 1)  # padding: any expert
             h_RH = h_RH + b_up.to(dtype).index_select(0, bias_rows_R)
-        a_RF = activate(h_RH, activation)
+        a_RF = activation(h_RH)
         y_RD = groups.mm(a_RF, w_down)
         if b_down is not None:
             y_RD = y_RD + b_down.to(dtype).index_select(0, bias_rows_R)
@@ -231,7 +170,7 @@ class _GroupedMLP(torch.autograd.Function):
         # every dtype. 1. through w_down, 2. the activation, 3. through w_up.
         grad_a_RF = groups.mm(grad_y_RD, w_down.transpose(1, 2))
         grad_w_down = groups.weight_grad(a_RF, grad_y_RD)
-        grad_h_RH = _activation_backward(h_RH, grad_a_RF, ctx.activation)
+        grad_h_RH = ctx.activation.backward(h_RH, grad_a_RF)
         grad_x_RD = groups.mm(grad_h_RH, w_up.transpose(1, 2))
         grad_w_up = groups.weight_grad(x_RD, grad_h_RH)
         up_dtype, down_dtype = ctx.param_dtypes
@@ -291,8 +230,9 @@ class GroupedExperts(nn.Module):
 
     Args:
         num_experts, d_model, d_hidden: E, D, F.
-        activation: swiglu (default, as Mixtral), geglu, gelu, relu, silu, or a
-            ClampedSwiGLU (gpt-oss; "swiglu_clamped" takes its default alpha and limit).
+        activation: an activations.Activation, or its name: swiglu (default, as Mixtral),
+            geglu, gelu, relu, silu, swiglu_clamped (gpt-oss; the name alone takes the
+            default alpha and limit). Resolved here, once.
         backend: "auto" (grouped_mm where supported, else the loop), "grouped_mm" (torch's
             grouped GEMM; falls back to the loop where unsupported) or "loop" (one torch.mm
             per expert after reading the counts on the host).
@@ -304,7 +244,7 @@ class GroupedExperts(nn.Module):
         num_experts: int,
         d_model: int,
         d_hidden: int,
-        activation: str | ClampedSwiGLU = "swiglu",
+        activation: str | Activation = "swiglu",
         backend: str = "auto",
         bias: bool = False,
     ):
@@ -315,7 +255,7 @@ class GroupedExperts(nn.Module):
             )
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.activation, self.backend = resolve_activation(activation), backend
-        H = d_hidden * (2 if is_gated(activation) else 1)
+        H = d_hidden * (2 if self.activation.gated else 1)
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, H))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.b_up = nn.Parameter(torch.empty(num_experts, H)) if bias else None
@@ -380,7 +320,7 @@ class GroupedExperts(nn.Module):
             h_A1H = torch.bmm(x_A1D, self.w_up.index_select(0, ids_A))
             if self.b_up is not None:
                 h_A1H = h_A1H + self.b_up.index_select(0, ids_A).unsqueeze(1).to(h_A1H.dtype)
-            a_A1F = activate(h_A1H, self.activation)
+            a_A1F = self.activation(h_A1H)
             y_AD = torch.bmm(a_A1F, self.w_down.index_select(0, ids_A)).squeeze(1)
             if self.b_down is not None:
                 y_AD = y_AD + self.b_down.index_select(0, ids_A).to(y_AD.dtype)
@@ -392,7 +332,7 @@ class GroupedExperts(nn.Module):
             for expert, slots in slots_of_expert.items():
                 slots_R = torch.tensor(slots, device=x_TD.device)
                 h_RH = self._up(x_TD.index_select(0, slots_R // K), expert)
-                y_AD[slots_R] = self._down(activate(h_RH, self.activation), expert)
+                y_AD[slots_R] = self._down(self.activation(h_RH), expert)
         w_T1K = weights_TK.to(y_AD.dtype).unsqueeze(1)
         return torch.bmm(w_T1K, y_AD.view(T, K, -1)).squeeze(1)
 
@@ -401,7 +341,7 @@ class GroupedExperts(nn.Module):
         outputs, start = [], 0
         for e, count in enumerate(counts_E.tolist()):
             h = self._up(x_RD[start : start + count], e)
-            outputs.append(self._down(activate(h, self.activation), e))
+            outputs.append(self._down(self.activation(h), e))
             start += count
         return torch.cat(outputs) if outputs else x_RD[:0]
 
@@ -425,14 +365,14 @@ class GroupedExperts(nn.Module):
 class MLP(nn.Module):
     """A dense feed-forward block with the experts' activation (the shared experts)."""
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str | ClampedSwiGLU = "swiglu"):
+    def __init__(self, d_model: int, d_hidden: int, activation: str | Activation = "swiglu"):
         super().__init__()
         self.activation = resolve_activation(activation)
-        self.up = nn.Linear(d_model, d_hidden * (2 if is_gated(activation) else 1), bias=False)
+        self.up = nn.Linear(d_model, d_hidden * (2 if self.activation.gated else 1), bias=False)
         self.down = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(activate(self.up(x), self.activation))
+        return self.down(self.activation(self.up(x)))
 
 
 class ModuleExperts(nn.Module):

@@ -77,6 +77,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = build_router(config)
+        # resolved once, shared by the routed and the shared experts
         activation = resolve_activation(config.activation, config.swiglu_alpha, config.swiglu_limit)
         self.experts = GroupedExperts(
             config.num_experts,

@@ -38,7 +38,6 @@ from ..experts import (
     _compute_dtype,
     _Groups,
     _row_experts,
-    activate,
     choose_backend,
 )
 from ..moe import MoE
@@ -184,7 +183,7 @@ class LoRAGroupedExperts(GroupedExperts):
             # each row's expert; padding rows past the last group take any expert's bias
             rows_R = _row_experts(groups.offsets_E, x_RD.shape[0]).clamp(max=self.num_experts - 1)
             h_RH = h_RH + self.b_up.to(dtype).index_select(0, rows_R)
-        a_RF = activate(h_RH, self.activation)
+        a_RF = self.activation(h_RH)
         y_RD = adapted(a_RF, self.w_down, self.lora_A_down, self.lora_B_down)
         if self.b_down is not None:
             y_RD = y_RD + self.b_down.to(dtype).index_select(0, rows_R)
@@ -203,7 +202,7 @@ class LoRAGroupedExperts(GroupedExperts):
         for e, count in enumerate(counts_E.tolist()):
             h = x_RD[start : start + count] @ w_up[e]
             h = h if self.b_up is None else h + self.b_up[e]
-            y = activate(h, self.activation) @ w_down[e]
+            y = self.activation(h) @ w_down[e]
             outputs.append(y if self.b_down is None else y + self.b_down[e])
             start += count
         return torch.cat(outputs) if outputs else x_RD[:0]
