@@ -59,6 +59,7 @@ def test_parts_of_a_small_config_by_hand():
 #   Grok-1 314B                  xAI, "Open Release of Grok-1" (Mar 2024)
 #   Switch-Base-128 7.4B, T5-Base 223M   Fedus et al. 2022 (JMLR), distillation tables
 #   GPT-4 (rumoured) 16 x 111B + 55B, ~280B per token   SemiAnalysis (Jul 2023)
+#   Phi-3.5-MoE 41.9B / 6.6B      Phi-3 Technical Report, arXiv:2404.14219; the Hub's count
 #   MiniMax-M2 230B              MiniMax-M2 model card, Hugging Face Hub (Oct 2025); its
 #                                10B active is two digits (10.42B counted: tests/test_interop_minimax_m2.py)
 WITHIN_1_PERCENT = [
@@ -82,6 +83,8 @@ WITHIN_1_PERCENT = [
     ("gpt_oss_120b", "active"),
     ("gpt_oss_20b", "total"),
     ("gpt_oss_20b", "active"),
+    ("phi_3_5_moe", "total"),
+    ("phi_3_5_moe", "active"),
     ("minimax_m2", "total"),
 ]
 
