@@ -164,6 +164,7 @@ def test_a_config_outside_the_architecture_names_every_setting():
         router="softmax_topk",
         num_shared_experts=1,
         routed_scaling=2.0,
+        renormalize=False,
     )
     config = ModelConfig(
         vocab_size=VOCAB,
@@ -185,6 +186,7 @@ def test_a_config_outside_the_architecture_names_every_setting():
         "dense layers [0]",
         "attention biases",
         "routed_scaling 2.0",
+        "renormalize false",
         "norm 'layer'",
         "lm_head_bias",
     ):
@@ -198,7 +200,7 @@ def test_a_config_outside_the_architecture_names_every_setting():
         lm_head_bias=False,
         rotary_dim=8,
         moe=dataclasses.replace(
-            moe, router="sigmoid_topk", num_shared_experts=0, routed_scaling=1.0
+            moe, router="sigmoid_topk", num_shared_experts=0, routed_scaling=1.0, renormalize=True
         ),
     )
     assert get("minimax_m2").inexpressible(fits) == []
