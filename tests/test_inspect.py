@@ -60,6 +60,7 @@ def test_parts_of_a_small_config_by_hand():
 #   Switch-Base-128 7.4B, T5-Base 223M   Fedus et al. 2022 (JMLR), distillation tables
 #   GPT-4 (rumoured) 16 x 111B + 55B, ~280B per token   SemiAnalysis (Jul 2023)
 #   Phi-3.5-MoE 41.9B / 6.6B      Phi-3 Technical Report, arXiv:2404.14219; the Hub's count
+#   GLM-4.5 355B, GLM-4.5-Air 106B   arXiv:2508.06471; the Air model card (MTP layer excluded)
 #   MiniMax-M2 230B              MiniMax-M2 model card, Hugging Face Hub (Oct 2025); its
 #                                10B active is two digits (10.42B counted: tests/test_interop_minimax_m2.py)
 WITHIN_1_PERCENT = [
@@ -86,6 +87,8 @@ WITHIN_1_PERCENT = [
     ("phi_3_5_moe", "total"),
     ("phi_3_5_moe", "active"),
     ("minimax_m2", "total"),
+    ("glm_4_5", "total"),
+    ("glm_4_5_air", "total"),
 ]
 
 
