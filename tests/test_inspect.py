@@ -63,6 +63,8 @@ def test_parts_of_a_small_config_by_hand():
 #   GLM-4.5 355B, GLM-4.5-Air 106B   arXiv:2508.06471; the Air model card (MTP layer excluded)
 #   MiniMax-M2 230B              MiniMax-M2 model card, Hugging Face Hub (Oct 2025); its
 #                                10B active is two digits (10.42B counted: tests/test_interop_minimax_m2.py)
+#   ERNIE-4.5-300B-A47B 300B / 47B  Baidu, ERNIE 4.5 Technical Report (Jun 2025); 47B leaves
+#                                out the input table (tests/test_interop_ernie4_5_moe.py)
 WITHIN_1_PERCENT = [
     ("mixtral_8x7b", "total"),
     ("mixtral_8x7b", "active"),
@@ -87,6 +89,8 @@ WITHIN_1_PERCENT = [
     ("phi_3_5_moe", "total"),
     ("phi_3_5_moe", "active"),
     ("minimax_m2", "total"),
+    ("ernie_4_5_300b_a47b", "total"),
+    ("ernie_4_5_300b_a47b", "active"),
     ("glm_4_5", "total"),
     ("glm_4_5_air", "total"),
 ]
