@@ -47,7 +47,9 @@ from .base import (
 from .deepseek_v3 import mtp_rules
 from .rules import DECODER, FUSE_GLU, FUSED_EXPERTS, LAYER, PER_EXPERT, Rule
 
-# zai-org/GLM-4.5's config.json (Hugging Face Hub, July 2025), the keys moekit reads.
+# GLM-4.5's config.json, the keys moekit reads: the structural sizes as NVIDIA's Megatron-Bridge
+# GLM 4.5 page gives them; head_dim, partial_rotary_factor, attention_bias and rope_theta as
+# in the identically shaped GLM-4.7 config.json on the Hugging Face Hub.
 GLM_4_5 = {
     "model_type": "glm4_moe",
     "vocab_size": 151552,
@@ -75,7 +77,8 @@ GLM_4_5 = {
     "rms_norm_eps": 1e-05,
     "tie_word_embeddings": False,
 }
-# zai-org/GLM-4.5-Air's config.json: narrower and half as deep, no q/k norm.
+# GLM-4.5-Air's config.json (sources as above; the remaining keys as in Air-shaped fine-tunes
+# on the Hub, e.g. PrimeIntellect/INTELLECT-3-Base): narrower and half as deep, no q/k norm.
 GLM_4_5_AIR = GLM_4_5 | {
     "hidden_size": 4096,
     "intermediate_size": 10944,
