@@ -87,11 +87,19 @@ def test_an_upcycled_model_leaves(tmp_path):
     _reloads_with_equal_logits(moe, tmp_path / "hf")
 
 
+def _sigmoid_ungrouped():
+    """deepseek_v3_tiny with one group: what `offset` adds experts to exactly."""
+    config = presets.deepseek_v3_tiny()
+    moe = dataclasses.replace(config.moe, num_groups=1, topk_groups=1)
+    return dataclasses.replace(config, moe=moe)
+
+
 @pytest.mark.parametrize(
-    ("preset", "method"), [("tiny", "split"), ("tiny", "grow"), ("deepseek_v3_tiny", "offset")]
+    ("build", "method"),
+    [(presets.tiny, "split"), (presets.tiny, "grow"), (_sigmoid_ungrouped, "offset")],
 )
-def test_a_model_with_added_experts_leaves(tmp_path, preset, method):
-    model = add_experts(_model(presets.PRESETS[preset]()), 16, method).eval()
+def test_a_model_with_added_experts_leaves(tmp_path, build, method):
+    model = add_experts(_model(build()), 16, method).eval()
     _reloads_with_equal_logits(model, tmp_path / "hf")
 
 
@@ -118,7 +126,7 @@ def test_a_model_no_architecture_expresses_names_the_closest():
 MICRO_TINY = [
     "--preset", "tiny", "--no-compare", "--model.vocab_size", "320", "--model.d_model", "32",
     "--model.num_layers", "2", "--model.num_heads", "2", "--model.num_kv_heads", "1",
-    "--model.max_seq_len", "32", "--model.moe.d_model", "32", "--model.moe.d_hidden", "16",
+    "--model.max_seq_len", "128", "--model.moe.d_model", "32", "--model.moe.d_hidden", "16",
     "--model.moe.d_shared_hidden", "32", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
     "--no-progress",
 ]  # fmt: skip
@@ -144,7 +152,8 @@ def test_finetune_of_a_tiny_run_writes_a_peft_adapter_with_the_runs_logits(tmp_p
     out = tmp_path / "sft"
     code, stdout, stderr = run_cli(
         "finetune", str(tmp_path / "run"), "--data", str(chats), "--out", str(out),
-        "--steps", "2", "--train.batch_size", "2", "--lora.rank", "4", "--no-progress",
+        "--steps", "2", "--train.batch_size", "2", "--train.seq_len", "128", "--lora.rank", "4",
+        "--no-progress",
     )  # fmt: skip
     assert code == 0, stderr
     tokens_BT = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
