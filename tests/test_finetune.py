@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from moekit.checkpoint import read_checkpoint_state
 from moekit.cli import main
 from moekit.config import MoEConfig
 from moekit.data import train_tokenizer
@@ -25,7 +26,6 @@ from moekit.finetune.job import finetune, load_base
 from moekit.interop import load_hf, save_hf
 from moekit.models import ModelConfig, Transformer
 from moekit.train import load_trained_model
-from moekit.train.checkpoint import read_checkpoint_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = "What is two plus two? It is four. Hello there, how are you? I am fine, thanks.\n" * 20

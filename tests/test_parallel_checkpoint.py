@@ -17,10 +17,10 @@ from test_parallel_equality import cases, check_case
 from test_parallel_train import resume_worker, write_text
 
 from moekit import MoEConfig
+from moekit.checkpoint import load_checkpoint
 from moekit.models import ModelConfig, Transformer
 from moekit.parallel import build_mesh, parallelize
 from moekit.parallel.launch import spawn_local
-from moekit.train.checkpoint import load_checkpoint
 from moekit.train.run import DistributedRun
 
 pytestmark = pytest.mark.distributed

@@ -201,8 +201,8 @@ def trainer_worker(folder: str, text: str, ep: int, router: str, checkpoint_form
     checkpoint resumed in one process (another layout) ending at the same weights."""
     import dataclasses
 
+    from moekit.checkpoint import saved_layout
     from moekit.parallel import init_parallel
-    from moekit.train.checkpoint import saved_layout
 
     mesh = init_parallel(ep, timeout_s=120, device=torch.device("cpu"), fsdp=True)
     mesh = dataclasses.replace(mesh, checkpoint_format=checkpoint_format)

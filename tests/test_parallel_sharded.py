@@ -24,17 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moekit import MoEConfig
-from moekit.models import ModelConfig, Transformer
-from moekit.parallel import build_mesh, parallelize
-from moekit.parallel.fsdp import full_optimizer_state, full_state, reduce_and_clip_sharded
-from moekit.parallel.launch import spawn_local
-from moekit.parallel.meta import sharded_transformer
-from moekit.train.checkpoint import (
+from moekit.checkpoint import (
     CheckpointError,
     load_checkpoint,
     optimizer_tensors,
     save_sharded_checkpoint,
 )
+from moekit.models import ModelConfig, Transformer
+from moekit.parallel import build_mesh, parallelize
+from moekit.parallel.fsdp import full_optimizer_state, full_state, reduce_and_clip_sharded
+from moekit.parallel.launch import spawn_local
+from moekit.parallel.meta import sharded_transformer
 
 pytestmark = pytest.mark.distributed
 
@@ -146,8 +146,8 @@ _KILLED_SAVE = textwrap.dedent(
     import os, signal, sys
     import torch
     from safetensors.torch import save_file
-    import moekit.parallel.sharded as sharded
-    from moekit.train.checkpoint import save_sharded_checkpoint
+    import moekit.checkpoint.sharded as sharded
+    from moekit.checkpoint import save_sharded_checkpoint
     sys.path.insert(0, {tests!r})
     from test_parallel_sharded import _config
     from moekit.models import Transformer
@@ -195,7 +195,7 @@ def _killed_rank_worker(folder: str) -> None:
     once its shard is on disk, before rank 0 could rename anything."""
     import os
 
-    from moekit.parallel import sharded
+    from moekit.checkpoint import sharded
 
     mesh = build_mesh(1, timeout=timedelta(seconds=10), device=torch.device("cpu"), fsdp=True)
     torch.manual_seed(0)

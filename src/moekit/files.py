@@ -1,5 +1,5 @@
 """Durable file writes: what an atomic save (write beside, fsync, rename) needs on disk
-before the rename makes it visible (train/checkpoint.py, traces/format.py)."""
+before the rename makes it visible (moekit.checkpoint, train/rundir.py, traces/format.py)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..checkpoint import CHECKPOINT_DIR, OPTIMIZER_FILE, read_checkpoint_state
 from ..models import Transformer
-from ..train.checkpoint import OPTIMIZER_FILE, read_checkpoint_state
 from ..train.config import model_config_from_dict, train_config_from_dict
 from ..train.metrics import ROUTING_FILE, read_metrics
 from .findings import Finding
@@ -213,7 +213,7 @@ def _frozen(layer: int, what: str, text: str, experts: list[int] | None = None) 
 
 
 def _stale_experts(run_dir: Path, model: nn.Module) -> list[Finding]:
-    path = run_dir / "checkpoint" / OPTIMIZER_FILE
+    path = run_dir / CHECKPOINT_DIR / OPTIMIZER_FILE
     if not path.is_file():
         return []
     findings = []

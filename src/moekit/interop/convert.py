@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import save_checkpoint
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, copy_tokenizer
 from ..models import Transformer
-from ..train.checkpoint import save_checkpoint
 from ..train.config import TrainConfig, model_config_to_dict
 from ..train.rundir import (
     checkpoint_dir,

@@ -18,7 +18,7 @@ from .apply import (
     parallelize,
     sync_gradients,
 )
-from .checkpoint import consolidated, full_optimizer_tensors, shard_optimizer_tensors
+from .gather import consolidated, full_optimizer_tensors, shard_optimizer_tensors
 from .mesh import (
     ParallelMesh,
     backend_for,

@@ -110,7 +110,7 @@ def sharded_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     return {"parameters": params, "gradients": grads, "optimizer": state}
 
 
-# Checkpoints: the consolidated format of parallel/checkpoint.py (every tensor whole, as
+# Checkpoints: the consolidated layout (moekit.checkpoint.gathered: every tensor whole, as
 # one process writes it), so a run saved under FSDP x EP resumes at any layout, one process
 # included. Saving gathers each tensor (FSDP shards, then the EP group's expert slices) on
 # every rank for the moment of the save; loading keeps this rank's shard of each.
@@ -189,7 +189,7 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 @torch.no_grad()
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """AdamW moments whole, named "{param}.{exp_avg|exp_avg_sq|step}" (train.checkpoint's)."""
+    """AdamW moments whole, named "{param}.{exp_avg|exp_avg_sq|step}" (moekit.checkpoint's)."""
     reshard(model)
     owners = _ep_owner(model)
     tensors = {}

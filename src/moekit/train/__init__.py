@@ -5,7 +5,7 @@ trainer = Trainer(presets.tiny(), TrainConfig(steps=300), "runs/tiny", data=data
 result = trainer.train()                               # metrics.jsonl, checkpoint/
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .compare import Comparison, compare, format_table, steps_to_reach
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, write_prepared

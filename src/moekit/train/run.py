@@ -30,7 +30,7 @@ model with FSDP2 on top of it):
   (parallel/overlap.py; sync_gradients' result), then the global-norm clip.
 - checkpoints: consolidated (unsharded) files written by rank 0, or with
   mesh.checkpoint_format "sharded" (the default under FSDP) torch.distributed.checkpoint
-  shards written by every rank; both load at any layout (train/checkpoint.py).
+  shards written by every rank; both load at any layout (moekit.checkpoint).
 """
 
 from __future__ import annotations
@@ -42,42 +42,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..checkpoint import load_checkpoint, load_on_mesh, save_checkpoint, save_on_mesh
 from ..models import Transformer
-from ..parallel import (
-    ParallelMesh,
-    all_reduce_router_loads,
-    clip_grad_norm,
-    consolidated,
-    full_optimizer_tensors,
-    parallelize,
-    shard_optimizer_tensors,
-)
-from ..parallel.fsdp import (
-    full_optimizer_state,
-    full_state,
-    fully_shard_model,
-    load_full_optimizer_state,
-    load_full_state,
-    reduce_and_clip_sharded,
-    reshard,
-    sharded_bytes,
-)
+from ..parallel import ParallelMesh, all_reduce_router_loads, clip_grad_norm, parallelize
+from ..parallel.fsdp import fully_shard_model, reduce_and_clip_sharded, sharded_bytes
 from ..parallel.meta import sharded_transformer
 from ..parallel.overlap import BucketedReducer
-from .checkpoint import (
-    OPTIMIZER_FILE,
-    checkpoint_dir,
-    load_checkpoint,
-    load_optimizer_tensors,
-    optimizer_tensors,
-    restore_rng_state,
-    save_checkpoint,
-    save_sharded_checkpoint,
-    saved_layout,
-)
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
@@ -140,7 +112,6 @@ class DistributedRun:
         self.mesh = mesh
         self.rank, self.world_size = mesh.rank, mesh.world_size
         self.is_main = mesh.rank == 0
-        self.sharded_checkpoints = mesh.checkpoint_format == "sharded"
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Shard the experts over the EP group; replicas start from rank 0's weights; the
@@ -211,29 +182,14 @@ class DistributedRun:
         return norm
 
     def save(self, run_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
-        """Sharded: every rank writes its own shards. Consolidated: gather the experts and
-        their moments; rank 0 writes the checkpoint."""
-        if self.sharded_checkpoints:
-            return save_sharded_checkpoint(run_dir, model, optimizer, state, self.mesh)
-        moments = full_optimizer_tensors(optimizer_tensors(model, optimizer), model)
-        with consolidated(model):
-            if self.is_main:
-                save_checkpoint(run_dir, model, moments, state)
-        dist.barrier(group=self.mesh.world_group)  # nobody reads the folder while rank 0 swaps it
-        return Path(run_dir) / "checkpoint"
+        """Sharded: every rank writes its own shards. Consolidated: the experts and their
+        moments (under FSDP every shard) gathered; rank 0 writes the checkpoint."""
+        return save_on_mesh(run_dir, model, optimizer, state, self.mesh)
 
     def load(self, run_dir: str | Path, model: nn.Module, optimizer) -> dict:
         """Sharded: every rank reads its own chunks. Consolidated: every rank reads the full
-        checkpoint and keeps its experts' slice."""
-        if saved_layout(run_dir) == "sharded":
-            return load_checkpoint(run_dir, model, optimizer, mesh=self.mesh)
-        with consolidated(model):
-            state = load_checkpoint(run_dir, model)  # weights (and the file hashes checked)
-        # The moments load outside the block: the optimizer holds the sharded parameters.
-        saved = load_file(str(checkpoint_dir(run_dir) / OPTIMIZER_FILE))
-        load_optimizer_tensors(model, optimizer, shard_optimizer_tensors(saved, model))
-        restore_rng_state(state)
-        return state
+        checkpoint and keeps its part of each tensor."""
+        return load_on_mesh(run_dir, model, optimizer, self.mesh)
 
     @contextlib.contextmanager
     def main_first(self):
@@ -272,30 +228,6 @@ class FSDPRun(DistributedRun):
         norm = reduce_and_clip_sharded(model, max_norm, self.mesh)
         all_reduce_router_loads(model, self.mesh)
         return norm
-
-    def save(self, run_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
-        if self.sharded_checkpoints:
-            reshard(model)  # after an evaluation the root holds its gathered weights
-            return save_sharded_checkpoint(run_dir, model, optimizer, state, self.mesh)
-        weights, moments = full_state(model), full_optimizer_state(model, optimizer)
-        if self.is_main:
-            whole = Transformer(model.config)
-            whole.load_state_dict(weights)
-            save_checkpoint(run_dir, whole, moments, state)
-        dist.barrier(group=self.mesh.world_group)
-        return Path(run_dir) / "checkpoint"
-
-    def load(self, run_dir: str | Path, model: nn.Module, optimizer) -> dict:
-        if saved_layout(run_dir) == "sharded":
-            reshard(model)
-            return load_checkpoint(run_dir, model, optimizer, mesh=self.mesh)
-        whole = Transformer(model.config)
-        state = load_checkpoint(run_dir, whole)  # the file hashes checked
-        load_full_state(model, whole.state_dict())
-        saved = load_file(str(checkpoint_dir(run_dir) / OPTIMIZER_FILE))
-        load_full_optimizer_state(model, optimizer, saved)
-        restore_rng_state(state)
-        return state
 
 
 Run = LocalRun | DistributedRun | FSDPRun

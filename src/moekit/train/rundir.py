@@ -8,8 +8,9 @@ One Trainer trains one model in one run directory:
     RUN/checkpoint/          weights and trainer state (the checkpoint package)
 A converted run (interop/convert.py) and a task run (tasks/loop.py) write the same
 config.json through write_run_config. The checkpoint folder's own layout and its atomic
-swap belong to moekit.checkpoint, which sits below train; checkpoint_dir is its answer to
-"where is this run's checkpoint".
+swap belong to moekit.checkpoint, a floor below train; checkpoint_dir (which falls back to
+checkpoint.prev/ when a save stopped between its renames) is its answer to "where is this
+run's checkpoint", and every caller above asks it here.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoint import checkpoint_dir, load_checkpoint
 from ..files import write_text_synced
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora
-from .checkpoint import checkpoint_dir, load_checkpoint
 from .config import TrainConfig, model_config_from_dict, train_config_from_dict
 
 CONFIG_FILE = "config.json"

@@ -1,10 +1,11 @@
-"""Consolidated checkpoints under expert parallelism: one unsharded model on disk.
+"""Whole experts from their expert-parallel shards, and back: what a consolidated
+checkpoint under expert parallelism needs (moekit.checkpoint.gathered writes and reads it).
 
-A checkpoint written at EP size n holds every expert (E, ...) exactly as a single process
-would write it, so it loads at any EP size, 1 included. Saving all-gathers each layer's
-expert slices over the EP group (every rank then holds the full model for the moment of
-the save; fine for the model sizes moekit trains, a sharded format would be the next step
-for larger ones); loading reads the full tensors and keeps this rank's slice.
+A consolidated checkpoint written at EP size n holds every expert (E, ...) exactly as a
+single process would write it, so it loads at any EP size, 1 included. Saving all-gathers
+each layer's expert slices over the EP group (every rank then holds the full model for the
+moment of the save; the sharded layout avoids that for larger models); loading reads the
+full tensors and keeps this rank's slice.
 """
 
 from __future__ import annotations
