@@ -14,6 +14,7 @@ backward in that fill). `forward_reference` is the plain loop, kept as the oracl
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,11 @@ def _(a_RK: Tensor, grad_RN: Tensor, offsets_E: Tensor) -> Tensor:
     return a_RK.new_empty(offsets_E.shape[0], a_RK.shape[-1], grad_RN.shape[-1])
 
 
-class _Groups:
+class ExpertGroups:
     """Where each expert's rows are: offsets on the device, and (loop only) Python ranges.
+
+    What the seams of GroupedExperts (`run_experts`, `project`) receive: `grouped_linear`
+    multiplies rows by per-expert weights over these groups.
 
     offsets_E: int32 end row of each expert's group (cumsum of counts), as grouped_mm takes
     them; rows past offsets_E[-1] (capacity padding) are never computed and hold garbage.
@@ -103,6 +107,11 @@ class _Groups:
             out_RN.zero_()
         return out_RN
 
+    def row_experts(self, num_rows: int) -> Tensor:
+        """The expert of each of num_rows rows, (R,) long; padding rows past the last group
+        take the last expert (a bias added there is never read)."""
+        return _row_experts(self.offsets_E, num_rows).clamp(max=self.num_experts - 1)
+
     def weight_grad(self, a_RK: Tensor, grad_RN: Tensor) -> Tensor:
         """grad_w[e] = a_RK[rows of e].T @ grad_RN[rows of e], in one (E, K, N) buffer.
 
@@ -140,7 +149,7 @@ class _GroupedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD, w_up_EDH, w_down_EFD, offsets_E, ranges, activation, b_up, b_down):
-        groups = _Groups(offsets_E, ranges)
+        groups = ExpertGroups(offsets_E, ranges)
         dtype = _compute_dtype(x_RD)
         x_RD, w_up, w_down = x_RD.to(dtype), w_up_EDH.to(dtype), w_down_EFD.to(dtype)
         h_RH = groups.mm(x_RD, w_up)
@@ -191,6 +200,39 @@ class _GroupedMLP(torch.autograd.Function):
         )
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """out[rows of e] = x_RK[rows of e] @ w_EKN[e]: one grouped GEMM, one autograd node."""
+
+    @staticmethod
+    def forward(ctx, x_RK, w_EKN, groups):
+        ctx.save_for_backward(x_RK, w_EKN)
+        ctx.groups = groups
+        return groups.mm(x_RK, w_EKN)
+
+    @staticmethod
+    def backward(ctx, grad_RN):
+        x_RK, w_EKN = ctx.saved_tensors
+        grad_RN = grad_RN.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.groups.mm(grad_RN, w_EKN.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_w = ctx.groups.weight_grad(x_RK, grad_RN)
+        return grad_x, grad_w, None
+
+
+def grouped_linear(a_RK: Tensor, w_EKN: Tensor, groups: ExpertGroups) -> Tensor:
+    """out_RN[rows of e] = a_RK[rows of e] @ w_EKN[e] (w cast to a's dtype), one autograd
+    node; a weight that needs no gradient (frozen) gets none computed.
+
+    Args:
+        a_RK: rows grouped by expert; w_EKN: (E, K, N) per-expert weights.
+    Returns:
+        out_RN; rows past the last group are unset (grouped_mm) or zero (loop).
+    """
+    return _GroupedLinear.apply(a_RK, w_EKN.to(a_RK.dtype), groups)
+
+
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
     """Whether torch's grouped_mm runs this compute dtype and these row widths on device.
 
@@ -237,7 +279,21 @@ class GroupedExperts(nn.Module):
             grouped GEMM; falls back to the loop where unsupported) or "loop" (one torch.mm
             per expert after reading the counts on the host).
         bias: biases b_up (E, H) and b_down (E, D) after the two projections (gpt-oss).
+
+    Seams for subclasses that compute differently (LoRA's adapters, a low-precision
+    variant): set `fused = False`, and forward runs `run_experts(x_RD, groups)`, whose two
+    projections go through `project(a_RK, projection, groups)`; override either, and
+    `gemm_widths()` when the GEMMs take other row widths. `plain_weights` says whether
+    code outside may read w_up, w_down (and the biases) as the experts' whole function.
     """
+
+    # True: forward runs the fused MLP, one autograd node whose backward is written by hand
+    # (_GroupedMLP). False: forward runs run_experts, one autograd node per GEMM.
+    fused: ClassVar[bool] = True
+    # True: the experts are exactly w_up, w_down (b_up, b_down) through the activation, all
+    # num_experts of them, so the small-batch path (forward_gathered, MoE.gathers_experts)
+    # and expert parallelism (parallel.apply slices them) may use the weights directly.
+    plain_weights: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -282,11 +338,11 @@ class GroupedExperts(nn.Module):
             y_RD: (R, D); padding rows are zero for the loop, unspecified for grouped_mm
             (the plans never read them).
         """
-        backend = choose_backend(
-            self.backend, x_RD, self.d_model, self.w_up.shape[-1], self.d_hidden
-        )
-        ranges = _Groups.host_ranges(counts_E) if backend == "loop" else None
+        backend = choose_backend(self.backend, x_RD, *self.gemm_widths())
+        ranges = ExpertGroups.host_ranges(counts_E) if backend == "loop" else None
         offsets_E = counts_E.cumsum(0).to(torch.int32)
+        if not self.fused:
+            return self.run_experts(x_RD, ExpertGroups(offsets_E, ranges))
         return _GroupedMLP.apply(
             x_RD,
             self.w_up,
@@ -297,6 +353,46 @@ class GroupedExperts(nn.Module):
             self.b_up,
             self.b_down,
         )
+
+    def gemm_widths(self) -> tuple[int, ...]:
+        """Seam: the row widths of every GEMM forward runs (grouped_mm needs each row on a
+        16-byte boundary; choose_backend falls back to the loop otherwise)."""
+        return (self.d_model, self.w_up.shape[-1], self.d_hidden)
+
+    def run_experts(self, x_RD: Tensor, groups: ExpertGroups) -> Tensor:
+        """Seam: each expert's MLP on its rows, composed of autograd ops (fused = False).
+
+        up projection, + b_up, activation, down projection, + b_down; the projections go
+        through `project`. Computes in the compute dtype (autocast's, else x's).
+
+        Args:
+            x_RD: rows grouped by expert; groups: where each expert's rows are.
+        Returns:
+            y_RD: (R, D); padding rows unspecified (as forward).
+        """
+        dtype = _compute_dtype(x_RD)
+        x_RD = x_RD.to(dtype)
+        h_RH = self.project(x_RD, "up", groups)
+        if self.b_up is not None:
+            rows_R = groups.row_experts(x_RD.shape[0])
+            h_RH = h_RH + self.b_up.to(dtype).index_select(0, rows_R)
+        y_RD = self.project(self.activation(h_RH), "down", groups)
+        if self.b_down is not None:
+            y_RD = y_RD + self.b_down.to(dtype).index_select(0, rows_R)
+        return y_RD
+
+    def project(self, a_RK: Tensor, projection: str, groups: ExpertGroups) -> Tensor:
+        """Seam: one projection's grouped matmul, a_RK @ w_{projection}[e] for each expert's
+        rows (no bias), in a_RK's dtype.
+
+        Args:
+            a_RK: rows grouped by expert (x_RD for "up", the activations a_RF for "down").
+            projection: "up" (w_up, K = D) or "down" (w_down, K = F).
+            groups: where each expert's rows are.
+        Returns:
+            (R, N): H for "up", D for "down".
+        """
+        return grouped_linear(a_RK, getattr(self, f"w_{projection}"), groups)
 
     def forward_gathered(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
         """Each token through its own K experts, without sorting or grouping the T*K slots.
@@ -380,6 +476,8 @@ class ModuleExperts(nn.Module):
 
     Slower than GroupedExperts (a Python loop), but each expert may differ in width or kind.
     """
+
+    plain_weights: ClassVar[bool] = False  # no 3-D weights (GroupedExperts.plain_weights)
 
     def __init__(self, experts: list[nn.Module]):
         super().__init__()

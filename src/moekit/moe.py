@@ -193,15 +193,16 @@ class MoE(nn.Module):
         """Whether a call of num_tokens takes the small-batch path (`forward_gathered`).
 
         Only in inference (no autograd), for dropless, causal routers (token choice: a
-        token's experts depend on that token alone) and plain GroupedExperts (subclasses
-        such as LoRA's compute differently, and heterogeneous `ModuleExperts` have no 3-D
-        weights: both keep the general path), and only for a few assignment rows:
-        below SMALL_BATCH_ROWS, sorting T*K slots costs more than the rows themselves.
+        token's experts depend on that token alone) and experts that declare
+        `plain_weights` (GroupedExperts; LoRA's adapters compute differently, and
+        heterogeneous `ModuleExperts` have no 3-D weights: both keep the general path), and
+        only for a few assignment rows: below SMALL_BATCH_ROWS, sorting T*K slots costs
+        more than the rows themselves.
         """
         cfg = self.config
         return (
             not torch.is_grad_enabled()
-            and type(self.experts) is GroupedExperts
+            and getattr(self.experts, "plain_weights", False)
             and self.router.causal
             and cfg.capacity(num_tokens) is None
             and num_tokens * cfg.top_k <= SMALL_BATCH_ROWS

@@ -27,19 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..experts import (
-    GroupedExperts,
-    _compute_dtype,
-    _Groups,
-    _row_experts,
-    choose_backend,
-)
+from ..experts import ExpertGroups, GroupedExperts, grouped_linear
 from ..moe import MoE
 from .attention import Attention
 from .mla import MultiHeadLatentAttention
@@ -119,29 +114,15 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """out[rows of e] = x_RK[rows of e] @ w_EKN[e]: one grouped GEMM, one autograd node."""
-
-    @staticmethod
-    def forward(ctx, x_RK, w_EKN, groups):
-        ctx.save_for_backward(x_RK, w_EKN)
-        ctx.groups = groups
-        return groups.mm(x_RK, w_EKN)
-
-    @staticmethod
-    def backward(ctx, grad_RN):
-        x_RK, w_EKN = ctx.saved_tensors
-        grad_RN = grad_RN.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ctx.groups.mm(grad_RN, w_EKN.transpose(1, 2))
-        if ctx.needs_input_grad[1]:
-            grad_w = ctx.groups.weight_grad(x_RK, grad_RN)
-        return grad_x, grad_w, None
-
-
 class LoRAGroupedExperts(GroupedExperts):
-    """GroupedExperts (same w_up, w_down) with per-expert low-rank adapters on both."""
+    """GroupedExperts (same w_up, w_down) with per-expert low-rank adapters on both.
+
+    Overrides GroupedExperts' seams: `project` adds the low-rank update to each projection,
+    `gemm_widths` adds the rank; the rows run through GroupedExperts.run_experts.
+    """
+
+    fused: ClassVar[bool] = False  # the adapters' GEMMs are autograd nodes of their own
+    plain_weights: ClassVar[bool] = False  # w_up, w_down alone are not the function
 
     def __init__(self, base: GroupedExperts, config: LoRAConfig):
         nn.Module.__init__(self)
@@ -163,31 +144,15 @@ class LoRAGroupedExperts(GroupedExperts):
         )
         self.lora_B_down = nn.Parameter(like.new_zeros(E, self.rank, D))
 
-    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
-        """Each expert's adapted MLP on its rows (GroupedExperts.forward's contract)."""
-        dtype = _compute_dtype(x_RD)
-        widths = (self.d_model, self.w_up.shape[-1], self.d_hidden, self.rank)
-        backend = choose_backend(self.backend, x_RD, *widths)
-        ranges = _Groups.host_ranges(counts_E) if backend == "loop" else None
-        groups = _Groups(counts_E.cumsum(0).to(torch.int32), ranges)
+    def gemm_widths(self) -> tuple[int, ...]:
+        return (*super().gemm_widths(), self.rank)
 
-        def mm(a: Tensor, w: Tensor) -> Tensor:
-            return _GroupedLinear.apply(a, w.to(dtype), groups)
-
-        def adapted(a: Tensor, w: Tensor, lora_A: Tensor, lora_B: Tensor) -> Tensor:
-            return mm(a, w) + self.scaling * mm(mm(self.dropout(a), lora_A), lora_B)
-
-        x_RD = x_RD.to(dtype)
-        h_RH = adapted(x_RD, self.w_up, self.lora_A_up, self.lora_B_up)
-        if self.b_up is not None:
-            # each row's expert; padding rows past the last group take any expert's bias
-            rows_R = _row_experts(groups.offsets_E, x_RD.shape[0]).clamp(max=self.num_experts - 1)
-            h_RH = h_RH + self.b_up.to(dtype).index_select(0, rows_R)
-        a_RF = self.activation(h_RH)
-        y_RD = adapted(a_RF, self.w_down, self.lora_A_down, self.lora_B_down)
-        if self.b_down is not None:
-            y_RD = y_RD + self.b_down.to(dtype).index_select(0, rows_R)
-        return y_RD
+    def project(self, a_RK: Tensor, projection: str, groups: ExpertGroups) -> Tensor:
+        """a_RK @ w[e] + s * (dropout(a_RK) @ lora_A[e]) @ lora_B[e], each a grouped GEMM."""
+        lora_A = getattr(self, f"lora_A_{projection}")
+        lora_B = getattr(self, f"lora_B_{projection}")
+        update = grouped_linear(grouped_linear(self.dropout(a_RK), lora_A, groups), lora_B, groups)
+        return super().project(a_RK, projection, groups) + self.scaling * update
 
     def merged_weights(self) -> tuple[Tensor, Tensor]:
         """w_up + s * A_up @ B_up and w_down + s * A_down @ B_down, per expert."""

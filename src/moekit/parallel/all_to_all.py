@@ -15,6 +15,7 @@ takes part in both directions even with zero rows (no rank waits on a missing pe
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -113,6 +114,8 @@ class ExpertParallelExperts(GroupedExperts):
         experts: the full module (E experts), whose slice this rank keeps.
         ep_group: the expert-parallel process group; E must divide by its size.
     """
+
+    plain_weights: ClassVar[bool] = False  # a slice of the experts, fed by an all-to-all
 
     def __init__(self, experts: GroupedExperts, ep_group):
         ep, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)

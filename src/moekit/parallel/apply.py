@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..experts import GroupedExperts
 from ..moe import MoE
 from .all_to_all import ExpertParallelExperts
 from .mesh import ParallelMesh, mesh_from_device_mesh
@@ -48,7 +47,7 @@ def parallelize(model: nn.Module, mesh) -> nn.Module:
     for name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
-        if type(module.experts) is not GroupedExperts:
+        if not getattr(module.experts, "plain_weights", False):
             raise ValueError(
                 f"{name}: expert parallelism needs GroupedExperts, not "
                 f"{type(module.experts).__name__}"
