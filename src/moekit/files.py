@@ -4,6 +4,7 @@ before the rename makes it visible (moekit.checkpoint, train/rundir.py, traces/f
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -19,3 +20,13 @@ def write_text_synced(path: Path, text: str) -> None:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
+
+
+def replace_folder(tmp: Path, final: Path, prev: Path) -> None:
+    """Make the written folder tmp the folder final by renames: an existing final moves to
+    prev first and prev is removed last, so a crash leaves final or prev whole."""
+    if final.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(final, prev)
+    os.replace(tmp, final)
+    shutil.rmtree(prev, ignore_errors=True)

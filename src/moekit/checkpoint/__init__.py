@@ -27,30 +27,14 @@ from .consolidated import (
     optimizer_tensors,
     save_checkpoint,
 )
-from .folder import (
-    CHECKPOINT_DIR,
-    CHECKPOINT_FORMAT,
-    LAYOUTS,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    SHARDS_DIR,
-    STATE_FILE,
-    CheckpointError,
-    checkpoint_dir,
-    restore_rng_state,
-)
+from .folder import CHECKPOINT_DIR, OPTIMIZER_FILE, CheckpointError, checkpoint_dir
 from .gathered import load_on_mesh, save_on_mesh
 from .load import checkpoint_layout, load_checkpoint, read_checkpoint_state, saved_layout
 from .sharded import save_sharded_checkpoint
 
 __all__ = [
     "CHECKPOINT_DIR",
-    "CHECKPOINT_FORMAT",
-    "LAYOUTS",
-    "MODEL_FILE",
     "OPTIMIZER_FILE",
-    "SHARDS_DIR",
-    "STATE_FILE",
     "CheckpointError",
     "checkpoint_dir",
     "checkpoint_layout",
@@ -59,7 +43,6 @@ __all__ = [
     "load_optimizer_tensors",
     "optimizer_tensors",
     "read_checkpoint_state",
-    "restore_rng_state",
     "save_checkpoint",
     "save_on_mesh",
     "save_sharded_checkpoint",

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..files import write_text_synced
+from ..files import replace_folder, write_text_synced
 from ..parallel import ParallelMesh
 
 CHECKPOINT_FORMAT = 1
@@ -86,11 +85,7 @@ def commit(run_dir: str | Path, tmp: Path, state: dict, hashes: dict, layout: st
     }
     write_text_synced(tmp / STATE_FILE, json.dumps(full_state, indent=1))
     # Swap folders: checkpoint -> checkpoint.prev, checkpoint.tmp -> checkpoint.
-    if final.exists():
-        shutil.rmtree(prev, ignore_errors=True)
-        os.replace(final, prev)
-    os.replace(tmp, final)
-    shutil.rmtree(prev, ignore_errors=True)
+    replace_folder(tmp, final, prev)
     return final
 
 

@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .all_to_all import ExpertParallelExperts
+from .global_view import expert_owners
 from .mesh import ParallelMesh
 
 
@@ -116,15 +117,6 @@ def sharded_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
 # every rank for the moment of the save; loading keeps this rank's shard of each.
 
 
-def _ep_owner(model: nn.Module) -> dict[str, ExpertParallelExperts]:
-    return {
-        f"{name}.{param}": module
-        for name, module in model.named_modules()
-        if isinstance(module, ExpertParallelExperts)
-        for param in module.sharded_names
-    }
-
-
 def _gather(t: Tensor, owner: ExpertParallelExperts | None) -> Tensor:
     """A sharded tensor made whole: FSDP's shards, then the EP group's expert slices."""
     if hasattr(t, "full_tensor"):
@@ -164,7 +156,7 @@ def reshard(model: nn.Module) -> None:
 def full_state(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter whole (collective), and the persistent buffers."""
     reshard(model)
-    owners = _ep_owner(model)
+    owners = expert_owners(model)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     state = {name: _gather(p, owners.get(name)) for name, p in params.items()}
     for name, value in model.state_dict().items():
@@ -177,7 +169,7 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
 def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy whole tensors (full_state's, or a one-process checkpoint's) into the shards."""
     reshard(model)
-    owners = _ep_owner(model)
+    owners = expert_owners(model)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied names too
     for name, value in state.items():
         if name in params:
@@ -191,7 +183,7 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     """AdamW moments whole, named "{param}.{exp_avg|exp_avg_sq|step}" (moekit.checkpoint's)."""
     reshard(model)
-    owners = _ep_owner(model)
+    owners = expert_owners(model)
     tensors = {}
     for name, param in model.named_parameters():
         for key, value in optimizer.state.get(param, {}).items():
@@ -206,7 +198,7 @@ def load_full_optimizer_state(
 ) -> None:
     """Inverse of full_optimizer_state: each parameter's moments as its own shards."""
     reshard(model)
-    owners = _ep_owner(model)
+    owners = expert_owners(model)
     params = dict(model.named_parameters())
     unknown = sorted({key.rsplit(".", 1)[0] for key in tensors} - set(params))
     if unknown:

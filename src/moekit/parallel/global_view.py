@@ -25,7 +25,8 @@ from .all_to_all import ExpertParallelExperts
 from .mesh import ParallelMesh
 
 
-def _experts(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+def expert_owners(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    """{"{module}.{w_up|...}": its expert-parallel module} for every sharded expert tensor."""
     return {
         f"{name}.{param}": module
         for name, module in model.named_modules()
@@ -60,7 +61,7 @@ class GlobalView:
     """
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh | None):
-        self.owners = _experts(model)
+        self.owners = expert_owners(model)
         self.ep_dp = _ep_dp_mesh(mesh) if mesh is not None and self.owners else None
 
     def __call__(self, name: str, t: Tensor) -> Tensor:

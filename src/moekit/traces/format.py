@@ -20,7 +20,6 @@ offsets[s]:offsets[s+1]; positions count from 0 within each sequence.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..files import fsync_file, write_text_synced
+from ..files import fsync_file, replace_folder, write_text_synced
 
 FORMAT = "moekit.routing-trace"
 VERSION = 1
@@ -205,12 +204,7 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
     }
     write_text_synced(tmp / META_FILE, json.dumps(meta, indent=1))
     fsync_file(tmp / TENSORS_FILE)
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, path, path.with_name(path.name + ".old"))
     return path
 
 
