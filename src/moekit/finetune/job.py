@@ -31,7 +31,8 @@ from ..interop.convert import GENERATION_CONFIG_FILE, hf_tokenizer_files
 from ..interop.peft import peft_tensors, save_peft
 from ..models import ModelConfig, Transformer
 from ..models.lora import LoRAConfig, add_lora, merge_lora, remove_lora
-from ..train import TrainConfig, Trainer, TrainResult, load_trained_model
+from ..train import TrainConfig, TrainResult, load_trained_model
+from ..train.builder import build_job
 from ..train.overrides import apply_overrides, parse_setting
 from ..train.rundir import checkpoint_dir, read_run_config
 from .chat import (
@@ -301,16 +302,15 @@ def run_finetune(
         )
     data = InstructionData(tokenizer, train_examples, val_examples)
     source = source | {"lora": dataclasses.asdict(lora), "finetune": dataclasses.asdict(config)}
-    trainer = Trainer(
-        model.config,
+    trainer = build_job(
+        model,
         train_config,
         out,
-        data=data,
-        model=model,
+        prepared=data,
+        data_source=source,
         resume=resume,
         show_progress=show_progress,
-        data_source=source,
-    )
+    ).trainer
     tokenizer.save(out)
     (out / TOKENIZER_CONFIG).write_text(
         json.dumps(tokenizer_config(template_text, tokenizer), indent=2), encoding="utf-8"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..traces import load_trace
 from ..traces.training import Replay, ReplayData
-from ..train import Trainer
+from ..train.builder import build_job
 from ..train.rundir import checkpoint_dir, read_run_config
 from .chat import DEFAULT_TEMPLATE, tokenizer_config
 from .job import (
@@ -82,10 +82,10 @@ def finetune_replayed(
         "lora": dataclasses.asdict(lora),
         "finetune": dataclasses.asdict(config),
     } | ({"tokenizer": str(tokenizer)} if tokenizer is not None else {})
-    trainer = Trainer(
-        model.config, train_config, out, data=ReplayData(trace), model=model, resume=resume,
-        show_progress=show_progress, data_source=source, replay=replay,
-    )  # fmt: skip
+    trainer = build_job(
+        model, train_config, out, prepared=ReplayData(trace), data_source=source,
+        resume=resume, show_progress=show_progress, replay=replay,
+    ).trainer  # fmt: skip
     base_tokenizer.save(out)
     (out / TOKENIZER_CONFIG).write_text(
         json.dumps(tokenizer_config(DEFAULT_TEMPLATE, base_tokenizer), indent=2),

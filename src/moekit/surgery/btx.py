@@ -28,11 +28,11 @@ from ..models import ModelConfig, Transformer
 from ..models.expert_ids import label_expert_counts
 from ..train import (
     TrainConfig,
-    Trainer,
     load_trained_model,
     prepare_run_data,
     run_configs,
 )
+from ..train.builder import build_job
 from .merge import ROUTERS_ONLY, merge_dense_models
 from .runs import derived_run, domain_run_data, start_run
 
@@ -174,11 +174,15 @@ def branch_train_mix(
     out = Path(out)
     parent_dir = out / "parent"
     log(f"parent: {settings.parent_steps} steps on all domains")
-    data = prepare_run_data(
-        parent_dir, vocab_size=model_config.vocab_size, corpus_config=corpus_config
-    )
     parent_train = dataclasses.replace(train_config, steps=settings.parent_steps, warmup_steps=None)
-    Trainer(model_config, parent_train, parent_dir, data=data, show_progress=show_progress).train()
+    job = build_job(
+        model_config,
+        parent_train,
+        parent_dir,
+        corpus_config=corpus_config,
+        show_progress=show_progress,
+    )
+    job.trainer.train()
     parent = load_trained_model(parent_dir)
     branch_dirs = [out / f"branch-{domain}" for domain in settings.domains]
     branch_train = dataclasses.replace(parent_train, steps=settings.branch_steps, warmup_steps=None)
@@ -186,7 +190,7 @@ def branch_train_mix(
         log(f"branch {domain}: {settings.branch_steps} steps")
         domain_data = domain_run_data(parent_dir, branch_dir, domain, corpus_config)
         source = f"default corpus, {domain} documents"
-        start_run(parent, branch_train, branch_dir, data=domain_data, data_source=source,
+        start_run(parent, branch_train, branch_dir, prepared=domain_data, data_source=source,
                   show_progress=show_progress).train()  # fmt: skip
     log(f"merge; stage 1 (routers) {settings.router_steps} steps, stage 2 {settings.joint_steps}")
     mix_dir = merge_runs(

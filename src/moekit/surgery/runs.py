@@ -22,6 +22,7 @@ from ..train import (
     prepare_run_data,
     run_configs,
 )
+from ..train.builder import build_job
 from ..train.data import DATA_DIR, TRAIN_FILE, VAL_FILE, RunData, copy_run_data
 from ..train.rundir import checkpoint_dir
 from .add_experts import add_experts, default_method
@@ -33,8 +34,9 @@ def start_run(
     train_config: TrainConfig,
     run_dir: str | Path,
     *,
-    data: RunData,
-    data_source: str | None,
+    data: str | Path | None = None,
+    prepared: RunData | None = None,
+    data_source: str | None = None,
     show_progress: bool = True,
 ) -> Trainer:
     """Write run_dir as a run at step 0 whose weights are model's; returns its Trainer.
@@ -43,21 +45,23 @@ def start_run(
         model: the starting weights (its config becomes the run's model config).
         train_config: the run's training settings.
         run_dir: a new run directory (holding the data already, or not).
-        data: the run's tokenizer and streams.
-        data_source: recorded in config.json.
+        data: the source of the run's streams, tokenised into run_dir if not there yet.
+        prepared: the run's tokenizer and streams, already prepared (instead of data).
+        data_source: recorded in config.json (None: data's).
         show_progress: a tqdm bar when the Trainer trains.
     """
-    trainer = Trainer(
+    job = build_job(
         model.config,
         train_config,
         run_dir,
         data=data,
+        prepared=prepared,
         data_source=data_source,
+        init_weights=model,
         show_progress=show_progress,
     )
-    trainer.model.load_state_dict(model.state_dict(), strict=True)
-    trainer.save()
-    return trainer
+    job.trainer.save()
+    return job.trainer
 
 
 def derived_run(
@@ -92,15 +96,7 @@ def derived_run(
     train_config = dataclasses.replace(train_config, **changes)
     _claim(run_dir)
     copy_run_data(source_run, run_dir)
-    data = prepare_run_data(run_dir, data=data_source, vocab_size=model.config.vocab_size)
-    trainer = start_run(
-        model,
-        train_config,
-        run_dir,
-        data=data,
-        data_source=data_source,
-        show_progress=show_progress,
-    )
+    trainer = start_run(model, train_config, run_dir, data=data_source, show_progress=show_progress)
     return trainer, (trainer.train() if steps is not None else None)
 
 

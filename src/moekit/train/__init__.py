@@ -6,6 +6,7 @@ result = trainer.train()                               # metrics.jsonl, checkpoi
 """
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .builder import Job, build_job
 from .compare import Comparison, compare, format_table, steps_to_reach
 from .config import TrainConfig
 from .data import RunData, prepare_run_data, write_prepared
@@ -25,6 +26,7 @@ __all__ = [
     "Comparison",
     "DistributedRun",
     "EvalResult",
+    "Job",
     "LocalRun",
     "MetricsLog",
     "Run",
@@ -34,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "build_job",
     "compare",
     "compare_seeds",
     "default_out_dir",

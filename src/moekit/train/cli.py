@@ -277,10 +277,10 @@ def _train_replayed(args: argparse.Namespace, overrides: dict, mesh, resume: boo
     change every step); resume continues such a run with its saved settings."""
     from ..traces import load_trace
     from ..traces.training import Replay, ReplayData
+    from .builder import build_job
     from .jobs import train_reporting
     from .overrides import build_configs
     from .rundir import run_configs
-    from .trainer import Trainer
 
     if resume:
         model_config, train_config, source = run_configs(args.out)
@@ -299,11 +299,11 @@ def _train_replayed(args: argparse.Namespace, overrides: dict, mesh, resume: boo
         out = args.out = args.out or str(default)
     trace = load_trace(source["routing_replay"])
     replay = Replay(trace, source["mode"])
-    trainer = Trainer(
-        model_config, train_config, out, data=ReplayData(trace), mesh=mesh, resume=resume,
-        show_progress=not args.no_progress, data_source=source, replay=replay,
+    job = build_job(
+        model_config, train_config, out, prepared=ReplayData(trace), data_source=source,
+        mesh=mesh, resume=resume, show_progress=not args.no_progress, replay=replay,
     )  # fmt: skip
-    _print_result(train_reporting(trainer), out)
+    _print_result(train_reporting(job.trainer), out)
     return 0
 
 

@@ -26,14 +26,15 @@ from pathlib import Path
 from ..data import CorpusConfig
 from ..models import ModelConfig, count_parameters, dense_twin
 from ..parallel import ParallelMesh
+from .builder import build_job
 from .compiling import CompileDecision
 from .config import TrainConfig, for_dense_twin
 from .console import discard_line, print_line
-from .data import copy_run_data, prepare_run_data
+from .data import copy_run_data
 from .lockstep import train_in_lockstep
 from .run import run_on
 from .rundir import CONFIG_FILE, checkpoint_dir
-from .trainer import Trainer, TrainResult
+from .trainer import TrainResult
 
 COMPARISON_FILE = "comparison.json"
 PLOT_FILE = "loss.png"
@@ -134,25 +135,19 @@ def compare(
             run_dir.mkdir(parents=True, exist_ok=True)
             if run.is_main:  # same tokens, no second tokenizer training
                 copy_run_data(out_dir / moe_name, run_dir)
-        run_data = prepare_run_data(
-            run_dir,
-            data=data,
-            vocab_size=moe_config.vocab_size,
-            corpus_config=corpus_config,
-            mesh=mesh,
-        )
-        trainers[name] = Trainer(
+        job = build_job(
             model_config,
             train_configs[name],
             run_dir,
-            data=run_data,
+            data=data,
+            corpus_config=corpus_config,
             mesh=mesh,
             resume=resume and checkpoint_dir(run_dir) is not None,
             show_progress=show_progress,
-            data_source=None if data is None else str(data),
             label=name,
             compile_decision=compile_decision,
         )
+        trainers[name] = job.trainer
     if run.is_main:
         log(
             f"training {moe_name} in {out_dir / moe_name} and {dense_name} in "

@@ -10,10 +10,10 @@ from ..data import copy_tokenizer
 from ..data.tokenizer import TOKENIZER_FILE
 from ..models import ModelConfig
 from ..parallel import ParallelMesh
+from .builder import build_job
 from .compare import Comparison, compare, comparison_runs
 from .config import TrainConfig
 from .console import print_line
-from .data import prepare_run_data
 from .lockstep import train_in_lockstep
 from .overrides import apply_overrides
 from .run import run_on
@@ -53,18 +53,16 @@ def train_one(
     Returns:
         The TrainResult.
     """
-    run_data = prepare_run_data(run_dir, data=data, vocab_size=model_config.vocab_size, mesh=mesh)
-    trainer = Trainer(
+    job = build_job(
         model_config,
         train_config,
         run_dir,
-        data=run_data,
+        data=data,
         mesh=mesh,
         resume=resume,
         show_progress=show_progress,
-        data_source=None if data is None else str(data),
     )
-    return train_reporting(trainer)
+    return train_reporting(job.trainer)
 
 
 def train_reporting(trainer: Trainer) -> TrainResult:
@@ -166,15 +164,5 @@ def train_from(
     with run_on(mesh).main_first():
         if not (run_dir / TOKENIZER_FILE).exists():
             copy_tokenizer(source, run_dir)
-    run_data = prepare_run_data(run_dir, data=data, vocab_size=model_config.vocab_size, mesh=mesh)
-    trainer = Trainer(
-        model_config,
-        train_config,
-        run_dir,
-        data=run_data,
-        model=model,
-        mesh=mesh,
-        show_progress=show_progress,
-        data_source=None if data is None else str(data),
-    )
-    return train_reporting(trainer)
+    job = build_job(model, train_config, run_dir, data=data, mesh=mesh, show_progress=show_progress)
+    return train_reporting(job.trainer)
