@@ -207,9 +207,9 @@ def test_switch_formula_matches_transformers_switch_transformers():
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_hf_config_counts_equal_transformers_model(arch, tmp_path):
     pytest.importorskip("transformers")
-    from test_interop_hf import _build
+    from builders import hf_model
 
-    model = _build(arch)
+    model = hf_model(arch)
     model.config.save_pretrained(tmp_path)
     assert inspect_main([str(tmp_path / "config.json"), "--json"]) == 0
     from moekit.interop.inspect import inspect_target

@@ -2,9 +2,8 @@
 over the registry (interop/architectures/): a family gets these tests by being registered.
 
 For each, a tiny random model built with transformers' own classes from the family's
-`tiny` settings (offline, seeded, fp32, three layers, eager attention), its weights drawn
-wide (std 0.3; attention sinks std 1; selection biases std 0.1) so that routing, norms and
-biases all matter:
+`tiny` settings (tests/builders.py: offline, seeded, fp32, three layers, weights drawn
+wide so that routing, norms and biases all matter):
     - load_hf gives transformers' logits;
     - save_hf of that model reloads in transformers with the same logits;
     - HF -> moekit -> HF is bit-exact, tensor by tensor;
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import VOCAB, hf_model
 
 from moekit.generate import generate
 from moekit.interop import ARCHITECTURES, hf_config, load_hf, save_hf
@@ -29,36 +29,8 @@ from moekit.models.lora import LoRAConfig, add_lora, remove_lora
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 96
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
 NAMES = tuple(ARCHITECTURES)
 TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-def build(name: str):
-    """The family's tiny random transformers model, in eval mode."""
-    config = transformers.AutoConfig.for_model(name, **(COMMON | ARCHITECTURES[name].tiny))
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            param.normal_(0.0, 1.0 if param_name.endswith("sinks") else 0.3)
-        for buffer_name, buffer in model.named_buffers():
-            if buffer_name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.1)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +38,7 @@ def hf_folders(tmp_path_factory):
     """{name: (transformers model, the folder it was saved to)}."""
     folders = {}
     for name in NAMES:
-        model = build(name)
+        model = hf_model(name)
         folder = tmp_path_factory.mktemp(name)
         model.save_pretrained(folder)
         folders[name] = (model, folder)

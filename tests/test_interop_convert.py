@@ -129,17 +129,16 @@ def test_run_to_hf_to_run(run_dir, tmp_path, capsys):
 
 
 def test_hf_folder_to_run_keeps_transformers_logits(tmp_path):
-    from test_interop_hf import TOKENS_BT, _build
+    from builders import hf_model
 
-    hf_model = _build("qwen3_moe")
-    hf_model.save_pretrained(tmp_path / "hf")
+    tokens_BT = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    hf = hf_model("qwen3_moe")
+    hf.save_pretrained(tmp_path / "hf")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["qk_norm"] == "head" and saved["model"]["head_dim"] == 12
     ours = load_trained_model(tmp_path / "run")
-    torch.testing.assert_close(
-        _logits(ours, TOKENS_BT), _logits(hf_model, TOKENS_BT), atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(_logits(ours, tokens_BT), _logits(hf, tokens_BT), atol=1e-4, rtol=0)
 
 
 def test_convert_errors_are_one_line(run_dir, tmp_path, capsys):

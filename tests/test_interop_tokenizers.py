@@ -24,6 +24,7 @@ import json
 
 import pytest
 import torch
+from builders import hf_model
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -163,21 +164,8 @@ def _greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
 
 
 def _tiny_model(arch: str, **overrides):
-    """A tiny random transformers model of arch (the interop tests' shapes)."""
-    if arch == "deepseek_v3":
-        import test_interop_deepseek as ds
-
-        config = transformers.DeepseekV3Config(
-            **(ds.COMMON | dict(q_lora_rank=16, n_group=4, topk_group=2) | overrides)
-        )
-        return transformers.DeepseekV3ForCausalLM(config).eval()
-    if arch == "gpt_oss":
-        import test_interop_gpt_oss as oss
-
-        return oss._build(num_hidden_layers=2, **overrides)
-    from test_interop_hf import _build
-
-    return _build(arch, **overrides)
+    """A tiny random transformers model of arch (tests/builders.py, the contract's shapes)."""
+    return hf_model(arch, **overrides)
 
 
 def make_checkpoint(arch: str, folder) -> dict:
@@ -367,11 +355,9 @@ def test_finetune_a_converted_run_ends_turns_and_pads_with_its_tokens(converted,
 
 def _no_end_token_run(root) -> None:
     """A converted run whose tokenizer and files name no end-of-sequence token."""
-    from test_interop_hf import _build
-
     backend = _backend({"trained": ["<unk>"]})
     (root / "hf").mkdir(parents=True)
-    _build("mixtral", vocab_size=backend.get_vocab_size()).save_pretrained(root / "hf")
+    hf_model("mixtral", vocab_size=backend.get_vocab_size()).save_pretrained(root / "hf")
     backend.save(str(root / "hf" / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}
     (root / "hf" / "tokenizer_config.json").write_text(json.dumps(config))
