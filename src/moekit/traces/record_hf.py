@@ -2,8 +2,8 @@
 
 # T tokens of one call, K top_k, E experts
 
-Every family moekit converts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3,
-gpt-oss) routes through one router module per MoE layer whose forward returns
+Every family moekit converts (interop/architectures/; the tests run each) routes through
+one router module per MoE layer whose forward returns
 `(router_logits (T, E), top-k weights (T, K), top-k indices (T, K))`: the weights are the
 ones the experts' outputs are mixed with (renormalised, scaled or softmaxed over the top-k
 as the family does). The hook keeps those three, so nothing is recomputed and the model is
