@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .activations import ACTIVATION_CLASSES
 
@@ -29,14 +31,17 @@ BALANCE_SCOPES = ("micro_batch", "sequence", "global")
 # How the routed experts run: torch's grouped_mm where supported (auto), or one torch.mm
 # per expert (loop, which reads the counts on the host). See experts.choose_backend.
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
-# Routers where every token goes to a fixed set of slots and capacity does not apply.
-_NO_CAPACITY_ROUTERS = ("soft", "dense")
-# Routers with DeepSeek's group-limited selection and routed_scaling.
-_GROUP_ROUTERS = ("sigmoid_topk", "softmax_topk")
-# Routers that can keep a selection-only `bias` buffer for MoEConfig.selection_bias.
-_SELECTION_BIAS_ROUTERS = ("softmax_topk",)
+# Each router's class by name: its traits and the rules of its settings (routing/base.py,
+# RouterRules). routing/ sits above this module, so it registers them here when imported
+# (moekit's __init__ imports it); this module names no router.
+_ROUTER_RULES: dict[str, Any] = {}
 
 _warned: set[str] = set()
+
+
+def register_routers(classes: Mapping[str, Any]) -> None:
+    """Make the router classes (routing.ROUTER_CLASSES) the rules MoEConfig checks."""
+    _ROUTER_RULES.update(classes)
 
 
 def warn_once(message: str) -> None:
@@ -117,31 +122,16 @@ class MoEConfig:
             raise ValueError(
                 f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
             )
-        if self.router_bias and self.router == "soft":
-            raise ValueError("router_bias is not supported by the soft router (it scores slots)")
         if not (self.swiglu_alpha > 0 and self.swiglu_limit > 0):
             raise ValueError(
                 f"swiglu_alpha ({self.swiglu_alpha}) and swiglu_limit ({self.swiglu_limit}) "
                 "must be > 0"
             )
-        if self.router == "dense":
-            # The classic form runs every expert; top_k is fixed by the definition.
-            self.top_k = self.num_experts
-        if self.router == "switch" and self.top_k != 1:
-            raise ValueError(f"the switch router is top-1; got top_k ({self.top_k})")
-        if self.router == "gshard" and self.top_k != 2:
-            raise ValueError(f"the gshard router is top-2; got top_k ({self.top_k})")
-        if self.router == "sparsemixer" and self.jitter_eps == 0:
-            raise ValueError(
-                f"the sparsemixer router needs jitter_eps > 0, got jitter_eps ({self.jitter_eps}):"
-                " its mask keeps the experts within 2 * jitter_eps of the best, so 0 keeps the"
-                " best alone, at weight 1, and the router gets no gradient"
-            )
-        if self.selection_bias and self.router not in _SELECTION_BIAS_ROUTERS:
-            raise ValueError(
-                f"selection_bias is not supported by the {self.router} router (only by "
-                f"{', '.join(_SELECTION_BIAS_ROUTERS)}; sigmoid_topk always has its bias)"
-            )
+        rules = self.router_rules
+        fixed_top_k = rules.fixed_top_k(self)
+        if fixed_top_k is not None:
+            self.top_k = fixed_top_k
+        rules.check(self)  # the router's own rules (switch is top-1, ...)
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k ({self.top_k!r}) must be >= 1")
         if self.top_k > self.num_experts:
@@ -188,39 +178,31 @@ class MoEConfig:
             raise ValueError(
                 f"topk_groups ({self.topk_groups}) must be in [1, num_groups ({self.num_groups})]"
             )
-        # Only these limit a token to its groups; other routers just warn (below).
+        # Only group-limited routers limit a token to its groups; others just warn (below).
         experts_reachable = self.topk_groups * (self.num_experts // self.num_groups)
-        if self.router in _GROUP_ROUTERS and self.top_k > experts_reachable:
+        if self.router_rules.group_limited and self.top_k > experts_reachable:
             raise ValueError(
                 f"top_k ({self.top_k}) exceeds the experts in topk_groups ({self.topk_groups}) "
                 f"groups of {self.num_experts // self.num_groups}"
             )
 
     def _warn_settings_without_effect(self) -> None:
-        if self.capacity_factor is not None and self.router in _NO_CAPACITY_ROUTERS:
-            warn_once(f"capacity_factor has no effect with the {self.router!r} router")
+        self.router_rules.warn_settings_without_effect(self)
         if self.capacity_factor is None and (self.overflow != "drop" or self.batch_priority):
             warn_once("overflow and batch_priority have no effect when capacity_factor is None")
-        if self.router == "expert_choice" and (self.overflow != "drop" or self.batch_priority):
-            warn_once("overflow and batch_priority have no effect with expert_choice routing")
-        if self.num_groups > 1 and self.router not in _GROUP_ROUTERS:
-            warn_once(
-                "num_groups/topk_groups only apply to the sigmoid_topk and softmax_topk routers"
-            )
         clamp_changed = (self.swiglu_alpha, self.swiglu_limit) != (1.702, 7.0)
         if clamp_changed and self.activation != "swiglu_clamped":
             warn_once("swiglu_alpha/swiglu_limit only apply to the swiglu_clamped activation")
-        if self.routed_scaling != 1.0 and self.router not in _GROUP_ROUTERS:
-            warn_once("routed_scaling only applies to the sigmoid_topk and softmax_topk routers")
         if self.num_shared_experts == 0 and (
             self.shared_expert_gate or self.d_shared_hidden is not None
         ):
             warn_once("shared_expert_gate/d_shared_hidden have no effect without shared experts")
-        if self.load_loss_coef > 0 and self.router != "noisy_topk":
-            warn_once(
-                "load_loss_coef: the load of non-noisy routers is a hard count with no "
-                "gradient; the load loss only trains the noisy_topk router"
-            )
+
+    @property
+    def router_rules(self) -> Any:
+        """The class of the router named by self.router (routing/base.py, RouterRules)."""
+        assert self.router in _ROUTER_RULES, "moekit.routing registers every router on import"
+        return _ROUTER_RULES[self.router]
 
     @property
     def gated(self) -> bool:
@@ -251,10 +233,8 @@ class MoEConfig:
 
     def capacity(self, num_tokens: int) -> int | None:
         """Slots per expert for a batch of num_tokens: ceil(cf * T * top_k / E), None = no limit."""
-        factor = self.capacity_factor
-        if self.router == "expert_choice":
-            factor = 1.0 if factor is None else factor
-        elif factor is None or self.router in _NO_CAPACITY_ROUTERS:
+        factor = self.router_rules.capacity_factor(self)
+        if factor is None:
             return None
         if num_tokens == 0:
             return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import MoEConfig
+from ..config import MoEConfig, register_routers
 from .base import ExpertChoice, LossParts, Router, SoftAssignment, TokenChoice
 from .expert_choice import ExpertChoiceRouter
 from .noisy import NoisyTopK
@@ -25,6 +25,8 @@ ROUTER_CLASSES: dict[str, type[nn.Module]] = {
     "dense": Dense,
     "sparsemixer": SparseMixer,
 }
+
+register_routers(ROUTER_CLASSES)  # MoEConfig checks each router's settings by its class
 
 
 def router_class(name: str) -> type[nn.Module]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses
-from ..config import MoEConfig
+from ..config import MoEConfig, warn_once
 
 
 @dataclass
@@ -186,8 +186,8 @@ class SoftAssignment:
         return None
 
 
-class Router(nn.Module):
-    """Linear gate D -> E in fp32; subclasses turn logits into a routing decision.
+class RouterRules:
+    """What a router class is, and the rules of its settings (every router derives from it).
 
     Class attributes say what a router is, so code outside routing/ never compares names:
         causal: a token's routing depends on that token alone (usable in a decoder).
@@ -196,11 +196,20 @@ class Router(nn.Module):
         mixes_tokens: an expert's input mixes several tokens (Soft MoE), so no token has
             expert ids and no example can be routed alone.
         has_selection_bias: a `bias` buffer shifts selection only (DeepSeek-V3).
+        optional_selection_bias: MoEConfig.selection_bias adds such a buffer (ERNIE 4.5).
+        group_limited: a token picks inside its topk_groups best of num_groups expert
+            groups, and the weights are times routed_scaling (DeepSeek-V2/V3).
+        smooth_load: the router gives a differentiable load estimate, which the load loss
+            trains (noisy top-k); other loads are hard counts.
         renormalizes: with config.renormalize, a token's weights sum to one.
         splits_exactly: an expert split into parts keeps the layer's function (its score
             can be shared by the parts; see moekit.surgery.add_experts).
         balances: the balance, importance and load losses apply (a token-choice decision
             whose load can be uneven), so MoEConfig.balance_scope can choose their tokens.
+
+    MoEConfig.__post_init__ asks the class of config.router (routing registers them with
+    config.register_routers): fixed_top_k, check, then warn_settings_without_effect; and
+    MoEConfig.capacity asks capacity_factor.
     """
 
     causal: ClassVar[bool] = True
@@ -208,9 +217,55 @@ class Router(nn.Module):
     sparse: ClassVar[bool] = True
     mixes_tokens: ClassVar[bool] = False
     has_selection_bias: ClassVar[bool] = False
+    optional_selection_bias: ClassVar[bool] = False
+    group_limited: ClassVar[bool] = False
+    smooth_load: ClassVar[bool] = False
     renormalizes: ClassVar[bool] = True
     splits_exactly: ClassVar[bool] = True
     balances: ClassVar[bool] = True
+
+    @classmethod
+    def fixed_top_k(cls, config: MoEConfig) -> int | None:
+        """The top_k this router's definition fixes (set before top_k is checked), or None."""
+        return None
+
+    @classmethod
+    def check(cls, config: MoEConfig) -> None:
+        """ValueError for a setting this router cannot use, naming it (subclasses extend)."""
+        if config.selection_bias and not cls.optional_selection_bias:
+            raise ValueError(
+                f"selection_bias is not supported by the {config.router} router (only by "
+                "softmax_topk; sigmoid_topk always has its bias)"
+            )
+
+    @classmethod
+    def capacity_factor(cls, config: MoEConfig) -> float | None:
+        """The capacity factor this router applies (None: no capacity limit)."""
+        return config.capacity_factor if cls.uses_capacity else None
+
+    @classmethod
+    def warn_settings_without_effect(cls, config: MoEConfig) -> None:
+        """Warn once for each setting of config this router ignores."""
+        if config.capacity_factor is not None and not cls.uses_capacity:
+            warn_once(f"capacity_factor has no effect with the {config.router!r} router")
+        if config.num_groups > 1 and not cls.group_limited:
+            warn_once(
+                "num_groups/topk_groups only apply to the sigmoid_topk and softmax_topk routers"
+            )
+        if config.routed_scaling != 1.0 and not cls.group_limited:
+            warn_once("routed_scaling only applies to the sigmoid_topk and softmax_topk routers")
+        if config.load_loss_coef > 0 and not cls.smooth_load:
+            warn_once(
+                "load_loss_coef: the load of non-noisy routers is a hard count with no "
+                "gradient; the load loss only trains the noisy_topk router"
+            )
+
+
+class Router(RouterRules, nn.Module):
+    """Linear gate D -> E in fp32; subclasses turn logits into a routing decision.
+
+    What a router is and the rules of its settings: RouterRules.
+    """
 
     @classmethod
     def active_fraction(cls, config: MoEConfig) -> float:

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..config import MoEConfig
+from ..config import MoEConfig, warn_once
 from .base import ExpertChoice, Router
 
 
@@ -30,11 +30,21 @@ class ExpertChoiceRouter(Router):
     balances: ClassVar[bool] = False  # every expert takes exactly C tokens
 
     @classmethod
+    def capacity_factor(cls, config: MoEConfig) -> float:
+        """capacity_factor, 1 when None: every expert takes C tokens."""
+        return 1.0 if config.capacity_factor is None else config.capacity_factor
+
+    @classmethod
+    def warn_settings_without_effect(cls, config: MoEConfig) -> None:
+        super().warn_settings_without_effect(config)
+        if config.overflow != "drop" or config.batch_priority:
+            warn_once("overflow and batch_priority have no effect with expert_choice routing")
+
+    @classmethod
     def active_fraction(cls, config: MoEConfig) -> float:
         """Each expert takes C = cf * T * top_k / E tokens, so a token is processed by
         cf * top_k experts on average (cf None means 1)."""
-        factor = 1.0 if config.capacity_factor is None else config.capacity_factor
-        return min(1.0, factor * config.top_k / config.num_experts)
+        return min(1.0, cls.capacity_factor(config) * config.top_k / config.num_experts)
 
     @classmethod
     def weights_not_summing_to_one(cls, config: MoEConfig) -> str | None:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +23,8 @@ class NoisyTopK(Router):
     Noise is added in training only. In training the router also returns the smooth load
     estimate of the paper's appendix A (eq. 8-10), which the load loss needs.
     """
+
+    smooth_load: ClassVar[bool] = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)

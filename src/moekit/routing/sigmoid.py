@@ -30,6 +30,7 @@ class SigmoidTopK(Router):
     """
 
     has_selection_bias: ClassVar[bool] = True
+    group_limited: ClassVar[bool] = True
 
     @classmethod
     def weights_not_summing_to_one(cls, config: MoEConfig) -> str | None:

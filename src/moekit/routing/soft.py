@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from .base import SoftAssignment
+from .base import RouterRules, SoftAssignment
 
 
-class SoftRouter(nn.Module):
+class SoftRouter(RouterRules, nn.Module):
     """Soft MoE (Puigcerver et al. 2023): slots mix all tokens of a sequence; not causal.
 
     Slot parameters Phi (D, S); dispatch = softmax over tokens, combine = over slots.
@@ -34,6 +34,12 @@ class SoftRouter(nn.Module):
     renormalizes: ClassVar[bool] = False
     splits_exactly: ClassVar[bool] = False
     balances: ClassVar[bool] = False  # every expert gets the same slots
+
+    @classmethod
+    def check(cls, config: MoEConfig) -> None:
+        if config.router_bias:
+            raise ValueError("router_bias is not supported by the soft router (it scores slots)")
+        super().check(config)
 
     @classmethod
     def active_fraction(cls, config: MoEConfig) -> float:

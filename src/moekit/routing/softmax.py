@@ -29,6 +29,9 @@ class SoftmaxTopK(Router):
     a buffer, saved with the model and not trained by gradient; nothing here updates it.
     """
 
+    optional_selection_bias: ClassVar[bool] = True
+    group_limited: ClassVar[bool] = True
+
     def __init__(self, config) -> None:
         super().__init__(config)
         if config.selection_bias:
@@ -80,6 +83,12 @@ class Switch(Router):
     splits_exactly: ClassVar[bool] = False
 
     @classmethod
+    def check(cls, config) -> None:
+        if config.top_k != 1:
+            raise ValueError(f"the switch router is top-1; got top_k ({config.top_k})")
+        super().check(config)
+
+    @classmethod
     def weights_not_summing_to_one(cls, config) -> str | None:
         return "the switch router scales each token by its top-1 probability (below one)"
 
@@ -115,6 +124,12 @@ class GShardTop2(Router):
     """
 
     splits_exactly: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, config) -> None:
+        if config.top_k != 2:
+            raise ValueError(f"the gshard router is top-2; got top_k ({config.top_k})")
+        super().check(config)
 
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)
@@ -182,6 +197,11 @@ class Dense(Router):
     sparse: ClassVar[bool] = False
     renormalizes: ClassVar[bool] = False  # the full softmax already sums to one
     balances: ClassVar[bool] = False  # every expert runs for every token
+
+    @classmethod
+    def fixed_top_k(cls, config) -> int:
+        """Every expert: top_k is fixed by the definition."""
+        return config.num_experts
 
     def forward(self, x_TD: Tensor) -> TokenChoice:
         logits_TE = self.logits(x_TD)

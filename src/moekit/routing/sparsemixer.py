@@ -89,6 +89,16 @@ class SparseMixer(Router):
     splits_exactly: ClassVar[bool] = False  # a split expert changes the threshold masks
 
     @classmethod
+    def check(cls, config: MoEConfig) -> None:
+        if config.jitter_eps == 0:
+            raise ValueError(
+                f"the sparsemixer router needs jitter_eps > 0, got jitter_eps ({config.jitter_eps}):"
+                " its mask keeps the experts within 2 * jitter_eps of the best, so 0 keeps the"
+                " best alone, at weight 1, and the router gets no gradient"
+            )
+        super().check(config)
+
+    @classmethod
     def weights_not_summing_to_one(cls, config: MoEConfig) -> str | None:
         return "sparsemixer weights each expert by its own stage's masked softmax probability"
 
