@@ -98,7 +98,7 @@ def test_an_adapter_peft_cannot_place_is_refused(tmp_path):
 
 def test_adapters_of_a_base_without_a_hugging_face_form_are_refused(tmp_path):
     model = _adapted(True, "experts")
-    model.config.moe.shared_expert_gate = False  # qwen2_moe's shared expert is always gated
-    with pytest.raises(ValueError, match="cannot express.*shared_expert_gate False"):
+    model.config.moe.capacity_factor = 1.25  # every Hugging Face MoE is dropless
+    with pytest.raises(ValueError, match="cannot express.*capacity_factor 1.25"):
         save_peft(model, tmp_path / "adapter", LoRAConfig(rank=4))
     assert not (tmp_path / "adapter").exists()
