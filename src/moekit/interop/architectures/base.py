@@ -159,6 +159,7 @@ class Architecture:
     (docs/interop.md, "Adding a family"). Class attributes:
 
     name: config.json's model_type. hf_class: its architectures entry.
+    defaults, aliases, none_is_missing: how `read` reads its config.json (HFConfig).
     priority: among the architectures that express a moekit config without a problem,
         the lowest is written by default (the seven original families first, in the
         order they were added).
@@ -173,6 +174,9 @@ class Architecture:
     name: ClassVar[str]
     hf_class: ClassVar[str]
     priority: ClassVar[int] = 100
+    defaults: ClassVar[dict] = {}
+    aliases: ClassVar[dict] = {}
+    none_is_missing: ClassVar[bool] = True
     written_layout: ClassVar[str] = "per_expert"
     shared_as_parameters: ClassVar[bool] = False
     tiny: ClassVar[dict] = {}
@@ -180,6 +184,10 @@ class Architecture:
     published: ClassVar[dict[str, Published]] = {}
 
     # ------------------------------------------------------------ config.json
+
+    def read(self, hf: dict) -> HFConfig:
+        """hf read with this family's defaults and aliases (transformers' attribute_map)."""
+        return HFConfig(self.name, hf, self.defaults, self.aliases, self.none_is_missing)
 
     def to_moekit(self, hf: dict) -> ModelConfig:
         """The ModelConfig of a config.json of this model_type.

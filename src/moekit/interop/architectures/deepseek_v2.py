@@ -51,6 +51,8 @@ class DeepseekV2(Architecture):
     hf_class = "DeepseekV2ForCausalLM"
     priority = 4
     router = "softmax_topk"
+    aliases = {"n_routed_experts": "num_local_experts"}
+    none_is_missing = False  # a null q_lora_rank is a full query projection
     defaults = dict(
         rope_theta=1e4,
         rms_norm_eps=1e-6,
@@ -95,13 +97,7 @@ class DeepseekV2(Architecture):
     # ------------------------------------------------------------ config.json
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(
-            self.name,
-            hf,
-            self.defaults,
-            {"n_routed_experts": "num_local_experts"},
-            none_is_missing=False,
-        )
+        hf = self.read(hf)
         hf.require(STRUCTURE)
         refuse_common(hf)
         for key in ("attention_bias", "mlp_bias"):

@@ -47,7 +47,6 @@ import torch
 from ...models import ModelConfig
 from .base import (
     Architecture,
-    HFConfig,
     Published,
     common_keys,
     gqa_model_config,
@@ -248,7 +247,7 @@ class Ernie4_5Moe(Architecture):
     # ------------------------------------------------------------ config.json
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, self.aliases)
+        hf = self.read(hf)
         hf.require(REQUIRED)
         refuse_gqa_options(hf)
         if hf.get("use_bias"):

@@ -37,7 +37,6 @@ from ...models import ModelConfig
 from .base import (
     STRUCTURE,
     Architecture,
-    HFConfig,
     Published,
     common_keys,
     expect,
@@ -112,6 +111,10 @@ class Glm4Moe(Architecture):
     hf_class = "Glm4MoeForCausalLM"
     priority = 9
     shared_as_parameters = True  # PEFT: transformers converts glm4_moe as DeepSeek's
+    aliases = {
+        "n_routed_experts": "num_local_experts",
+        "num_nextn_predict_layers": "num_mtp_layers",
+    }
     # transformers' Glm4MoeConfig defaults
     defaults = dict(
         rope_theta=1e4,
@@ -164,12 +167,7 @@ class Glm4Moe(Architecture):
     # ------------------------------------------------------------ config.json
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(
-            self.name,
-            hf,
-            self.defaults,
-            {"n_routed_experts": "num_local_experts", "num_nextn_predict_layers": "num_mtp_layers"},
-        )
+        hf = self.read(hf)
         hf.require((*STRUCTURE, "intermediate_size", "moe_intermediate_size"))
         refuse_common(hf)
         for key, value in ORIGINAL_CODE.items():

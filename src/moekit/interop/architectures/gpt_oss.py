@@ -27,7 +27,6 @@ from ...models.published import gpt_oss_20b, gpt_oss_120b
 from ...routing import SoftmaxTopK, router_class
 from .base import (
     Architecture,
-    HFConfig,
     Published,
     decoder_options,
     dense_layer_indices,
@@ -91,6 +90,7 @@ TABLES = {
 class GptOss(Architecture):
     name = "gpt_oss"
     hf_class = "GptOssForCausalLM"
+    aliases = {"num_local_experts": "num_experts"}
     priority = 6
     written_layout = "fused"
     defaults = dict(
@@ -121,7 +121,7 @@ class GptOss(Architecture):
     }
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, {"num_local_experts": "num_experts"})
+        hf = self.read(hf)
         hf.require(
             (
                 "vocab_size",

@@ -42,7 +42,6 @@ from ...routing import SoftmaxTopK, router_class
 from .base import (
     STRUCTURE,
     Architecture,
-    HFConfig,
     dense_layer_indices,
     gqa_model_config,
     gqa_problems,
@@ -117,7 +116,7 @@ class GraniteMoeShared(Architecture):
     )
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults)
+        hf = self.read(hf)
         hf.require(STRUCTURE)
         refuse_gqa_options(hf)
         rope_theta, _ = hf.rope()

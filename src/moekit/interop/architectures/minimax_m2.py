@@ -92,6 +92,7 @@ def minimax_m2() -> ModelConfig:
 class MiniMaxM2(Architecture):
     name = "minimax_m2"
     hf_class = "MiniMaxM2ForCausalLM"
+    aliases = {"num_local_experts": "num_experts"}
     priority = 10
     # transformers' MiniMaxM2Config defaults for the keys a config.json may leave out
     defaults = dict(
@@ -130,7 +131,7 @@ class MiniMaxM2(Architecture):
     # ------------------------------------------------------------ config.json
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, {"num_local_experts": "num_experts"})
+        hf = self.read(hf)
         hf.require((*STRUCTURE, "intermediate_size", "num_local_experts"))
         refuse_common(hf)
         self._refuse_options(hf)

@@ -13,7 +13,6 @@ from ...models.published import mixtral_8x7b, mixtral_8x22b
 from .base import (
     STRUCTURE,
     Architecture,
-    HFConfig,
     Published,
     dense_layer_indices,
     gqa_model_config,
@@ -28,6 +27,7 @@ from .rules import DECODER, FUSED_EXPERTS, per_expert
 class Mixtral(Architecture):
     name = "mixtral"
     hf_class = "MixtralForCausalLM"
+    aliases = {"num_local_experts": "num_experts"}
     priority = 0
     defaults = dict(rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072)
     tiny = dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
@@ -40,7 +40,7 @@ class Mixtral(Architecture):
     }
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, {"num_local_experts": "num_experts"})
+        hf = self.read(hf)
         hf.require((*STRUCTURE, "intermediate_size", "num_local_experts"))
         refuse_gqa_options(hf)
         window = hf.get("sliding_window")

@@ -12,7 +12,6 @@ from ...models.published import olmoe_1b_7b
 from .base import (
     STRUCTURE,
     Architecture,
-    HFConfig,
     Published,
     dense_layer_indices,
     gqa_model_config,
@@ -28,6 +27,7 @@ from .rules import DECODER, FUSED_EXPERTS, PER_EXPERT
 class Olmoe(Architecture):
     name = "olmoe"
     hf_class = "OlmoeForCausalLM"
+    aliases = {"num_experts": "num_local_experts"}
     priority = 3
     defaults = dict(rope_theta=1e4, rms_norm_eps=1e-5, max_position_embeddings=4096)
     tiny = dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)
@@ -37,7 +37,7 @@ class Olmoe(Architecture):
     }
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, {"num_experts": "num_local_experts"})
+        hf = self.read(hf)
         hf.require((*STRUCTURE, "intermediate_size", "num_experts"))
         refuse_gqa_options(hf)
         head_dim = hf.get("head_dim")

@@ -31,7 +31,6 @@ from ...routing import SparseMixer, router_class
 from .base import (
     STRUCTURE,
     Architecture,
-    HFConfig,
     Published,
     dense_layer_indices,
     gqa_model_config,
@@ -119,6 +118,7 @@ TABLES = {
 class Phimoe(Architecture):
     name = "phimoe"
     hf_class = "PhimoeForCausalLM"
+    aliases = {"num_local_experts": "num_experts"}
     priority = 11
     # transformers 5.25's PhimoeConfig defaults (default_theta 1e6)
     defaults = dict(
@@ -158,7 +158,7 @@ class Phimoe(Architecture):
     }
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, {"num_local_experts": "num_experts"})
+        hf = self.read(hf)
         hf.require((*STRUCTURE, "intermediate_size", "num_local_experts"))
         refuse_common(hf)
         hf.refuse_set("input_jitter_noise")

@@ -70,6 +70,7 @@ def qwen_layer_keys(config: ModelConfig) -> dict:
 class Qwen2Moe(Architecture):
     name = "qwen2_moe"
     hf_class = "Qwen2MoeForCausalLM"
+    aliases = {"num_experts": "num_local_experts"}
     priority = 1
     defaults = dict(rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=32768, qkv_bias=True)
     # layer 1 dense (mlp_only_layers); no renormalisation of the top-k weights
@@ -93,7 +94,7 @@ class Qwen2Moe(Architecture):
     }
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, {"num_experts": "num_local_experts"})
+        hf = self.read(hf)
         rope_theta, fields = read_qwen(
             hf,
             ("shared_expert_intermediate_size",),

@@ -10,7 +10,6 @@ from __future__ import annotations
 from ...models import ModelConfig
 from .base import (
     Architecture,
-    HFConfig,
     gqa_model_config,
     gqa_problems,
     no_shared_expert,
@@ -23,6 +22,7 @@ from .rules import DECODER, FUSED_EXPERTS, PER_EXPERT
 class Qwen3Moe(Architecture):
     name = "qwen3_moe"
     hf_class = "Qwen3MoeForCausalLM"
+    aliases = {"num_experts": "num_local_experts"}
     priority = 2
     defaults = dict(rope_theta=1e4, rms_norm_eps=1e-6, max_position_embeddings=32768)
     # head_dim 12 != hidden / heads; the top-k weights renormalised
@@ -36,7 +36,7 @@ class Qwen3Moe(Architecture):
     )
 
     def to_moekit(self, hf: dict) -> ModelConfig:
-        hf = HFConfig(self.name, hf, self.defaults, {"num_experts": "num_local_experts"})
+        hf = self.read(hf)
         rope_theta, fields = read_qwen(hf)
         bias = bool(hf.get("attention_bias", False))
         return gqa_model_config(
