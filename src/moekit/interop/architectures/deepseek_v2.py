@@ -46,6 +46,29 @@ STRUCTURE = (
 )
 
 
+def ffn_layout_problems(config: ModelConfig, arch: str) -> list[str]:
+    """DeepSeek's FFN layout (GLM-4.5's too): every layer after the dense prefix MoE, with at
+    least one ungated shared expert as wide as a routed one."""
+    moe, problems = config.moe, []
+    expected = list(range(config.first_dense_layers, config.num_layers))
+    if config.moe_layers != expected:
+        problems.append(
+            f"MoE layers {config.moe_layers} ({arch} makes every layer after "
+            f"first_k_dense_replace MoE: {expected})"
+        )
+    if moe.num_shared_experts < 1 or moe.shared_expert_gate:
+        problems.append(
+            f"num_shared_experts {moe.num_shared_experts} with shared_expert_gate "
+            f"{moe.shared_expert_gate} ({arch} has at least one ungated shared expert)"
+        )
+    if moe.d_shared_hidden not in (None, moe.d_hidden):
+        problems.append(
+            f"d_shared_hidden {moe.d_shared_hidden} ({arch}'s shared experts are "
+            f"moe_intermediate_size ({moe.d_hidden}) wide)"
+        )
+    return problems
+
+
 class DeepseekV2(Architecture):
     name = "deepseek_v2"
     hf_class = "DeepseekV2ForCausalLM"
@@ -166,22 +189,7 @@ class DeepseekV2(Architecture):
     def inexpressible(self, config: ModelConfig) -> list[str]:
         moe = config.moe
         problems = expect(config, self.name, attention="mla", router=self.router, groups=True)
-        expected = list(range(config.first_dense_layers, config.num_layers))
-        if config.moe_layers != expected:
-            problems.append(
-                f"MoE layers {config.moe_layers} ({self.name} makes every layer after "
-                f"first_k_dense_replace MoE: {expected})"
-            )
-        if moe.num_shared_experts < 1 or moe.shared_expert_gate:
-            problems.append(
-                f"num_shared_experts {moe.num_shared_experts} with shared_expert_gate "
-                f"{moe.shared_expert_gate} ({self.name} has at least one ungated shared expert)"
-            )
-        if moe.d_shared_hidden not in (None, moe.d_hidden):
-            problems.append(
-                f"d_shared_hidden {moe.d_shared_hidden} ({self.name}'s shared experts are "
-                f"moe_intermediate_size ({moe.d_hidden}) wide)"
-            )
+        problems += ffn_layout_problems(config, self.name)
         if moe.router_bias or moe.expert_bias:
             problems.append(f"router_bias {moe.router_bias}, expert_bias {moe.expert_bias}")
         return problems + self.routing_problems(config)

@@ -43,6 +43,7 @@ from .base import (
     moe_config,
     refuse_common,
 )
+from .deepseek_v2 import ffn_layout_problems
 from .deepseek_v3 import mtp_rules
 from .rules import DECODER, FUSE_GLU, FUSED_EXPERTS, LAYER, PER_EXPERT, Rule
 
@@ -236,22 +237,7 @@ class Glm4Moe(Architecture):
             problems.append(f"attn_out_bias true ({self.name} has q/k/v biases only)")
         if moe.router_bias or moe.expert_bias:
             problems.append(f"router_bias {moe.router_bias}, expert_bias {moe.expert_bias}")
-        expected = list(range(config.first_dense_layers, config.num_layers))
-        if config.moe_layers != expected:
-            problems.append(
-                f"MoE layers {config.moe_layers} ({self.name} makes every layer after "
-                f"first_k_dense_replace MoE: {expected})"
-            )
-        if moe.num_shared_experts < 1 or moe.shared_expert_gate:
-            problems.append(
-                f"num_shared_experts {moe.num_shared_experts} with shared_expert_gate "
-                f"{moe.shared_expert_gate} ({self.name} has at least one ungated shared expert)"
-            )
-        if moe.d_shared_hidden not in (None, moe.d_hidden):
-            problems.append(
-                f"d_shared_hidden {moe.d_shared_hidden} ({self.name}'s shared experts are "
-                f"moe_intermediate_size ({moe.d_hidden}) wide)"
-            )
+        problems += ffn_layout_problems(config, self.name)
         if moe.num_experts // moe.num_groups < 2:
             problems.append(f"num_groups {moe.num_groups} (groups of one expert cannot be scored)")
         rotary = config.rotary_dim or config.head_dim
