@@ -19,6 +19,14 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def routing_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return ACTIONS[args.action](args)
+    except (ValueError, OSError) as error:
+        return command_error(f"routing {args.action}", error)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit routing",
         description="Routing traces: which experts every token took. record: from a moekit "
@@ -27,7 +35,14 @@ def routing_main(argv: list[str]) -> int:
         "import/export: vLLM's and SGLang's routed-expert layouts. docs/traces.md.",
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    rec = sub.add_parser("record", help="record a model's routing over a text or token file")
+    _record_parser(
+        sub.add_parser("record", help="record a model's routing over a text or token file")
+    )
+    _trace_parsers(sub)
+    return parser
+
+
+def _record_parser(rec: argparse.ArgumentParser) -> None:
     rec.add_argument(
         "source",
         help="a moekit run (or comparison) folder, a Hugging Face folder, or a preset name "
@@ -70,6 +85,10 @@ def routing_main(argv: list[str]) -> int:
     rec.add_argument(
         "--replay-mode", choices=("ids", "ids+weights"), default="ids", help="default ids"
     )
+
+
+def _trace_parsers(sub) -> None:
+    """diff, show, import and export: the actions on recorded traces."""
     diff = sub.add_parser("diff", help="compare trace B against trace A")
     diff.add_argument("a")
     diff.add_argument("b")
@@ -89,11 +108,6 @@ def routing_main(argv: list[str]) -> int:
     exp.add_argument("engine", choices=("vllm", "sglang"))
     exp.add_argument("trace")
     exp.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    try:
-        return ACTIONS[args.action](args)
-    except (ValueError, OSError) as error:
-        return command_error(f"routing {args.action}", error)
 
 
 def _record(args) -> int:
@@ -149,19 +163,11 @@ def load_source(
     preset (random weights from seed). tokenizer: a tokenizer.json (or a folder holding
     one) instead of the source's own; text: the caller encodes text, so a run converted
     without a tokenizer is refused here, before its weights are read (run_tokenizer)."""
-    from .data.tokenizer import check_vocabulary, load_tokenizer_arg
-    from .models import PRESETS, Transformer
+    from .models import PRESETS
 
     path = Path(source)
     if not path.is_dir() and source in PRESETS:
-        if engine == "transformers":
-            raise ValueError(f"--engine transformers needs a Hugging Face folder, not {source!r}")
-        torch.manual_seed(seed)
-        model = Transformer(PRESETS[source]()).eval()
-        explicit = load_tokenizer_arg(tokenizer) if tokenizer else None
-        if explicit is not None:
-            check_vocabulary(explicit, model.config.vocab_size, tokenizer)
-        return model, _MoekitTokens(explicit)
+        return _preset_source(source, engine, seed, tokenizer)
     if not path.is_dir():
         raise ValueError(
             f"{source!r} is neither a folder (a moekit run or a Hugging Face model) nor a "
@@ -181,14 +187,41 @@ def load_source(
             raise ValueError(
                 f"--engine transformers needs a Hugging Face folder; {source!r} is not"
             )
-        from .data.tokenizer import run_tokenizer
-        from .train.rundir import load_trained_model
+        return _run_source(path, tokenizer, text)
+    return _hf_source(path, engine, tokenizer)
 
-        has_own = (path / "tokenizer.json").is_file()
-        found = (
-            run_tokenizer(path, tokenizer, may_build=True) if tokenizer or has_own or text else None
-        )
-        return load_trained_model(path), _MoekitTokens(found)
+
+def _preset_source(source: str, engine: str, seed: int, tokenizer: str | None):
+    """A preset's model with random weights from seed, and the tokenizer asked for."""
+    from .data.tokenizer import check_vocabulary, load_tokenizer_arg
+    from .models import PRESETS, Transformer
+
+    if engine == "transformers":
+        raise ValueError(f"--engine transformers needs a Hugging Face folder, not {source!r}")
+    torch.manual_seed(seed)
+    model = Transformer(PRESETS[source]()).eval()
+    explicit = load_tokenizer_arg(tokenizer) if tokenizer else None
+    if explicit is not None:
+        check_vocabulary(explicit, model.config.vocab_size, tokenizer)
+    return model, _MoekitTokens(explicit)
+
+
+def _run_source(path: Path, tokenizer: str | None, text: bool):
+    """A moekit run's trained model, and its tokenizer (or the one asked for) when it has
+    one or the caller encodes text."""
+    from .data.tokenizer import run_tokenizer
+    from .train.rundir import load_trained_model
+
+    has_own = (path / "tokenizer.json").is_file()
+    found = run_tokenizer(path, tokenizer, may_build=True) if tokenizer or has_own or text else None
+    return load_trained_model(path), _MoekitTokens(found)
+
+
+def _hf_source(path: Path, engine: str, tokenizer: str | None):
+    """A Hugging Face folder's model (transformers' own, or moekit's conversion) and its
+    tokenizer's encode_prompt."""
+    from .data.tokenizer import check_vocabulary, load_tokenizer_arg
+
     if engine == "moekit":
         from .interop import load_hf
 

@@ -40,6 +40,30 @@ finetune_steps, finetune_batch, finetune_lr, eval_per_family, exact_match_per_fa
 
 def finetune_main(argv: list[str]) -> int:
     """`moekit finetune BASE --data FILE --out DIR`, `--resume --out DIR` or `--demo`."""
+    args, extra = _parser().parse_known_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.demo:
+            from .demo import run_demo
+
+            budget = _demo_budget(extra)
+            run_demo(args.out, seeds=args.seeds, show_progress=not args.no_progress, budget=budget)
+            return 0
+        return _finetune(args, extra)
+    except ValueError as error:
+        return command_error("finetune", error)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; continue with `moekit finetune --resume --out {args.out}`",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit finetune",
         description=DESCRIPTION,
@@ -79,27 +103,7 @@ def finetune_main(argv: list[str]) -> int:
         default="ids",
         help="ids: weights recomputed by the router; ids+weights: both from the trace",
     )
-    args, extra = parser.parse_known_args(argv)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        if args.demo:
-            from .demo import run_demo
-
-            budget = _demo_budget(extra)
-            run_demo(args.out, seeds=args.seeds, show_progress=not args.no_progress, budget=budget)
-            return 0
-        return _finetune(args, extra)
-    except ValueError as error:
-        return command_error("finetune", error)
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; continue with `moekit finetune --resume --out {args.out}`",
-            file=sys.stderr,
-        )
-        return 130
+    return parser
 
 
 def _demo_budget(extra: list[str]):
