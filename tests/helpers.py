@@ -1,14 +1,19 @@
-"""Small builders shared by the MoE tests."""
+"""Small helpers shared by the tests: the MoE layer builder (make_moe), inputs, the
+command line in-process and under torchrun, training texts and corpora."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
+import json
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import torch
+from builders import LM_LENGTH, LM_VOCAB
 from torch import nn
 
 from moekit import MoE, MoEConfig
@@ -73,51 +78,6 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-# A tiny language model with an MoE in every layer, for the training-step oracles
-# (gradient accumulation, balance scopes, parallel layouts).
-LM_VOCAB, LM_LENGTH = 40, 6
-# Router settings whose routing is deterministic in training (no noise).
-ROUTER_SETTINGS = {
-    "softmax_topk": {},
-    "sigmoid_topk": dict(router="sigmoid_topk", num_groups=2, topk_groups=1, routed_scaling=2.5),
-    "switch": dict(router="switch", top_k=1, jitter_eps=0.0),
-    "top_p": dict(router="top_p", top_p=0.6),
-}
-
-
-def lm_config(**moe):
-    """ModelConfig of 2 MoE layers (d_model 16, 4 experts of width 12, top-2) and moe's
-    MoEConfig overrides."""
-    from moekit.models import ModelConfig
-
-    settings = dict(d_model=16, d_hidden=12, num_experts=4, top_k=2) | moe
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return ModelConfig(
-            vocab_size=LM_VOCAB,
-            d_model=16,
-            num_layers=2,
-            num_heads=2,
-            max_seq_len=LM_LENGTH,
-            moe=MoEConfig(**settings),
-        )
-
-
-def seeded_lm(config, seed: int = 0):
-    """Transformer(config) after torch.manual_seed(seed), with random selection biases
-    (so the sigmoid router's selection and scores disagree)."""
-    from moekit.models import Transformer
-
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for module in model.modules():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
-                bias.normal_(0.0, 0.2)
-    return model
-
-
 def lm_batch(rows: int = 8, seed: int = 1, ignore: bool = False):
     """(inputs, targets) of rows x LM_LENGTH random tokens; with ignore, a different number
     of targets per row is -100 (not counted by the loss)."""
@@ -142,3 +102,49 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         command, capture_output=True, text=True, timeout=HARD_LIMIT_S, check=False
     )
+
+
+def write_text(path):
+    """A small training text: Python source from the standard library."""
+    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
+    return path
+
+
+def tiny_corpus():
+    """Two domains (code, prose) of 3 training and 1 validation documents each."""
+    from moekit.data import Corpus, Document
+
+    def docs(domain: str, text: str, count: int) -> list[Document]:
+        return [Document(id=f"{domain}/{i}", domain=domain, text=text) for i in range(count)]
+
+    train = docs("code", "def f(x):\n    return x + 1\n", 3) + docs(
+        "prose", "The quick brown fox. ", 3
+    )
+    validation = docs("code", "class A:\n    pass\n", 1) + docs("prose", "A lazy dog sleeps. ", 1)
+    return Corpus(train=train, validation=validation)
+
+
+def write_domain_corpus(path) -> None:
+    """A .jsonl of three domains, 20 documents each (so each has validation documents)."""
+    from moekit.data import generate_problems
+
+    code = inspect.getsource(textwrap).split("\ndef ")
+    prose = (textwrap.__doc__ or "") + (json.__doc__ or "")
+    lines = []
+    for i in range(20):
+        lines.append({"text": "def " + code[1 + i % (len(code) - 1)], "domain": "code"})
+        lines.append({"text": prose[i * 40 : i * 40 + 400] or prose[:400], "domain": "prose"})
+        problem = generate_problems(1, seed=i)[0]
+        lines.append({"text": problem.question + "\n" + problem.solution, "domain": "math"})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+
+def micro_comparison(tmp_path_factory):
+    """`moekit train` of MICRO on write_domain_corpus's three domains (the micro MoE and its
+    dense twin); returns the comparison folder."""
+    folder = tmp_path_factory.mktemp("report")
+    corpus = folder / "corpus.jsonl"
+    write_domain_corpus(corpus)
+    code, _, stderr = run_cli("train", "--data", str(corpus), "--out", str(folder / "cmp"), *MICRO)
+    assert code == 0, stderr
+    return folder / "cmp"

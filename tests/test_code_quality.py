@@ -3,6 +3,7 @@ docs/architecture.md (import-linter, configured in pyproject.toml), and short mo
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import shutil
@@ -55,3 +56,36 @@ def test_no_module_is_longer_than_500_lines():
     }
     too_long = {path: n for path, n in lengths.items() if n > MAX_MODULE_LINES}
     assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}"
+
+
+MAX_CLI_FUNCTION_LINES = 60
+CLI_MODULES = ("cli.py", "*/cli.py", "*_cli.py", "*/*_cli.py", "benchmark.py")
+
+
+def test_no_cli_function_is_longer_than_60_lines():
+    """A command reads as named steps (parse, check, build, run, print), each short."""
+    package = ROOT / "src" / "moekit"
+    too_long = {}
+    for path in sorted({path for pattern in CLI_MODULES for path in package.glob(pattern)}):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLI_FUNCTION_LINES:
+                    too_long[f"{path.relative_to(package)}:{node.name}"] = lines
+    assert not too_long, f"CLI functions over {MAX_CLI_FUNCTION_LINES} lines: {too_long}"
+
+
+def test_no_test_module_imports_another():
+    """Shared models live in tests/builders.py, other shared pieces in helper modules: a
+    test module that imports another runs (and collects) that module's tests' setup too."""
+    found = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not found, f"test modules import test modules: {found}"

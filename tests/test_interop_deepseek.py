@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from builders import DEEPSEEK_CASES, TOKENS_BT, deepseek_case
 from safetensors.torch import load_file, save_file
 
 from moekit.cli import main
@@ -27,91 +28,13 @@ from moekit.train import load_trained_model
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 96
-YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 10000.0,
-    "factor": 4.0,
-    "original_max_position_embeddings": 16,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 0.707,
-    "mscale_all_dim": 1.0,
-}
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    first_k_dense_replace=1,
-    kv_lora_rank=12,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=6,
-    max_position_embeddings=64,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
-CASES = {
-    # DeepSeek-V3: low-rank query, YaRN, 4 groups of 2 experts, 2 groups kept
-    "v3": ("deepseek_v3", dict(q_lora_rank=16, n_group=4, topk_group=2, rope_parameters=YARN)),
-    # a full query projection, the rotary dims in halves, two shared experts
-    "v3_q_proj_halves": (
-        "deepseek_v3",
-        dict(q_lora_rank=None, n_group=2, topk_group=1, rope_interleave=False, n_shared_experts=2),
-    ),
-    # DeepSeek-V2: device-limited routing (group score = best probability), scaled weights
-    "v2_group_limited": (
-        "deepseek_v2",
-        dict(
-            q_lora_rank=16,
-            topk_method="group_limited_greedy",
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=1.5,
-            n_shared_experts=1,
-        ),
-    ),
-    # DeepSeek-V2-Lite's shape: no query compression, plain top-k, YaRN
-    "v2_lite_greedy": (
-        "deepseek_v2",
-        dict(q_lora_rank=None, topk_method="greedy", n_shared_experts=2, rope_parameters=YARN),
-    ),
-}
-
-
-def build(case: str):
-    arch, options = CASES[case]
-    t = transformers
-    if arch == "deepseek_v3":
-        model = t.DeepseekV3ForCausalLM(t.DeepseekV3Config(**COMMON, **options))
-    else:
-        model = t.DeepseekV2ForCausalLM(t.DeepseekV2Config(**COMMON, **options))
-    torch.manual_seed(0)
-    model.eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.1)
-    return model
-
-
-TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-
 
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
     """{case: (transformers model, folder it was saved to)}."""
     folders = {}
-    for case in CASES:
-        model = build(case)
+    for case in DEEPSEEK_CASES:
+        model = deepseek_case(case)
         folder = tmp_path_factory.mktemp(case)
         model.save_pretrained(folder)
         folders[case] = (model, folder)
@@ -130,7 +53,7 @@ def _all_tensors(folder) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", DEEPSEEK_CASES)
 def test_loaded_model_computes_transformers_logits(hf_folders, case):
     hf_model, folder = hf_folders[case]
     ours = load_hf(folder)
@@ -138,7 +61,7 @@ def test_loaded_model_computes_transformers_logits(hf_folders, case):
     torch.testing.assert_close(_logits(ours), _logits(hf_model), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", DEEPSEEK_CASES)
 def test_saved_model_reloads_in_transformers_with_equal_logits(hf_folders, tmp_path, case):
     hf_model, folder = hf_folders[case]
     ours = load_hf(folder)
@@ -148,7 +71,7 @@ def test_saved_model_reloads_in_transformers_with_equal_logits(hf_folders, tmp_p
     torch.testing.assert_close(_logits(back), _logits(ours), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", DEEPSEEK_CASES)
 def test_round_trip_is_bit_exact(hf_folders, tmp_path, case):
     _, folder = hf_folders[case]
     hf = json.loads((folder / "config.json").read_text())
@@ -162,7 +85,7 @@ def test_round_trip_is_bit_exact(hf_folders, tmp_path, case):
         assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", DEEPSEEK_CASES)
 def test_greedy_generation_picks_transformers_tokens(hf_folders, case):
     hf_model, folder = hf_folders[case]
     ours = load_hf(folder)
@@ -192,7 +115,7 @@ def test_fused_expert_layout_is_read_too(hf_folders, tmp_path):
 def test_bf16_checkpoint_with_an_fp32_router_round_trips(tmp_path):
     """transformers keeps DeepSeek-V3's gate and score-correction bias in fp32 in a bf16
     model; they load and save in fp32, the rest in bf16."""
-    build("v3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    deepseek_case("v3").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     for name in tensors:
         if ".mlp.gate." in name:
@@ -209,13 +132,13 @@ def test_bf16_checkpoint_with_an_fp32_router_round_trips(tmp_path):
         assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", DEEPSEEK_CASES)
 def test_inspect_counts_equal_transformers_model(hf_folders, case):
     from moekit.interop.inspect import inspect_target
 
     hf_model, folder = hf_folders[case]
     report = inspect_target(str(folder / "config.json"))
-    assert report["kind"] == f"Hugging Face {CASES[case][0]}"
+    assert report["kind"] == f"Hugging Face {DEEPSEEK_CASES[case][0]}"
     assert report["total"] == sum(p.numel() for p in hf_model.parameters())
 
 

@@ -17,8 +17,8 @@ import re
 
 import pytest
 import torch
+from builders import TOKENS_BT, deepseek_case
 from safetensors.torch import load_file, save_file
-from test_interop_deepseek import TOKENS_BT, build
 
 from moekit.cli import main
 from moekit.interop import load_hf, save_hf
@@ -120,7 +120,7 @@ def _fp8_folder(
     """A tiny DeepSeek model (tests/test_interop_deepseek.py's case, transformers' classes) saved FP8-quantised as the Hub stores
     it, and transformers' model holding transformers' dequantization of those weights (the
     reference). edit(tensors, config) may spoil the checkpoint before it is written."""
-    hf_model = build(case)
+    hf_model = deepseek_case(case)
     dense = folder.parent / f"{folder.name}_dense"
     hf_model.save_pretrained(dense)
     if fused:  # transformers' in-memory names: experts.gate_up_proj (E, 2F, D)

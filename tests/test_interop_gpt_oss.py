@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from builders import TOKENS_BT, gpt_oss_model
 from safetensors.torch import load_file, save_file
 
 from moekit.cli import main
@@ -26,53 +27,10 @@ from moekit.train.rundir import load_trained_model
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 96
-TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-ROPE = {
-    "rope_type": "yarn",
-    "rope_theta": 150000.0,
-    "factor": 4.0,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "truncate": False,
-    "original_max_position_embeddings": 16,
-}
-
-
-def _build(**overrides):
-    """A tiny random GptOssForCausalLM (eager attention), weights drawn wide (std 0.3,
-    sinks std 1); overrides replace any config setting."""
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=4,
-        max_position_embeddings=64,
-        rope_parameters=dict(ROPE),
-        swiglu_limit=1.5,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    config = transformers.GptOssConfig(**(settings | overrides))
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(0.0, 1.0 if name.endswith("sinks") else 0.3)
-    return model
-
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    model = _build()
+    model = gpt_oss_model()
     folder = tmp_path_factory.mktemp("gpt_oss")
     model.save_pretrained(folder)
     return model, folder
@@ -225,7 +183,7 @@ def _mxfp4_folder(hf_model, folder, *, drop=None, edit=None, quant_method="mxfp4
 
 
 def test_mxfp4_checkpoint_loads_with_transformers_logits(tmp_path):
-    hf_model = _build()
+    hf_model = gpt_oss_model()
     folder = _mxfp4_folder(hf_model, tmp_path / "mxfp4")
     ours = load_hf(folder)
     assert ours.layers[0].ffn.experts.w_up.dtype == torch.float32
@@ -248,7 +206,7 @@ def test_mxfp4_checkpoint_loads_with_transformers_logits(tmp_path):
 
 
 def test_mxfp4_loads_in_the_requested_dtype(tmp_path):
-    folder = _mxfp4_folder(_build(), tmp_path / "mxfp4")
+    folder = _mxfp4_folder(gpt_oss_model(), tmp_path / "mxfp4")
     model = load_hf(folder, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
@@ -267,13 +225,13 @@ def test_malformed_mxfp4_checkpoints_are_refused(tmp_path, kind, message):
         "wrong blocks": dict(edit="model.layers.0.mlp.experts.gate_up_proj_blocks"),
         "unknown method": dict(quant_method="gptq"),
     }[kind]
-    folder = _mxfp4_folder(_build(), tmp_path / "bad", **settings)
+    folder = _mxfp4_folder(gpt_oss_model(), tmp_path / "bad", **settings)
     with pytest.raises(ValueError, match=message):
         load_hf(folder)
 
 
 def test_quantized_tensors_without_a_quantization_config_are_refused(tmp_path):
-    folder = _mxfp4_folder(_build(), tmp_path / "bad")
+    folder = _mxfp4_folder(gpt_oss_model(), tmp_path / "bad")
     config = json.loads((folder / "config.json").read_text())
     del config["quantization_config"]
     (folder / "config.json").write_text(json.dumps(config))

@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import test_interop_deepseek as ds
-import test_interop_gpt_oss as oss
 import torch
+from builders import DEEPSEEK_COMMON, VOCAB, gpt_oss_model
 from safetensors.torch import load_file
 
 from moekit.interop import load_hf, save_hf
@@ -28,10 +27,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = ds.VOCAB
 TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 # the interop tests' tiny DeepSeek shapes, with two layers and four experts
-DEEPSEEK = ds.COMMON | dict(num_hidden_layers=2, n_routed_experts=4)
+DEEPSEEK = DEEPSEEK_COMMON | dict(num_hidden_layers=2, n_routed_experts=4)
 
 
 def deepseek_v3():
@@ -50,7 +48,7 @@ def deepseek_v2():
 
 def gpt_oss():
     # the interop tests' tiny gpt-oss (eager attention), two layers, experts of width 16
-    return oss._build(intermediate_size=16, num_hidden_layers=2)
+    return gpt_oss_model(intermediate_size=16, num_hidden_layers=2)
 
 
 def wide(hf_model):

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from builders import TOKEN_CHOICE
 from helpers import make_moe, tokens
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -25,41 +26,6 @@ LOSS_COEFS = dict(
     balance_loss_coef=0.1, z_loss_coef=0.01, importance_loss_coef=0.1, load_loss_coef=0.1
 )
 
-TOKEN_CHOICE = {
-    "softmax_topk": dict(router="softmax_topk"),
-    "softmax_topk_raw": dict(router="softmax_topk", renormalize=False),
-    # DeepSeek-V2: group-limited (group score = its best probability), scaled, raw weights
-    "softmax_topk_groups": dict(
-        router="softmax_topk",
-        num_experts=8,
-        top_k=3,
-        num_groups=4,
-        topk_groups=2,
-        routed_scaling=1.5,
-        renormalize=False,
-    ),
-    "noisy_topk": dict(router="noisy_topk"),
-    "switch": dict(router="switch", top_k=1, jitter_eps=0.2),
-    "sigmoid_topk": dict(
-        router="sigmoid_topk", num_experts=8, num_groups=4, topk_groups=2, routed_scaling=2.5
-    ),
-    "top_p": dict(router="top_p", num_experts=6, top_k=3, top_p=0.6),
-    "gshard": dict(router="gshard", top_k=2),
-    # GRIN / Phi-3.5-MoE; a wide threshold so the masks keep several experts
-    "sparsemixer": dict(router="sparsemixer", jitter_eps=0.2),
-    "sparsemixer_top3": dict(router="sparsemixer", num_experts=6, top_k=3, jitter_eps=0.3),
-    # gpt-oss: biased router and experts, clamped SwiGLU (a small limit so the clamps act)
-    "gpt_oss": dict(
-        router="softmax_topk",
-        router_bias=True,
-        expert_bias=True,
-        activation="swiglu_clamped",
-        swiglu_limit=0.8,
-    ),
-    "sigmoid_topk_bias": dict(
-        router="sigmoid_topk", num_experts=8, num_groups=4, topk_groups=2, router_bias=True
-    ),
-}
 CAPACITY = {
     "dropless": dict(capacity_factor=None),
     "drop": dict(capacity_factor=0.75, overflow="drop"),

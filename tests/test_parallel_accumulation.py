@@ -10,7 +10,8 @@ from datetime import timedelta
 
 import pytest
 import torch
-from helpers import MICRO, ROUTER_SETTINGS, lm_batch, lm_config, seeded_lm, torchrun
+from builders import ROUTER_SETTINGS, lm_config, seeded_lm
+from helpers import MICRO, lm_batch, torchrun
 
 from moekit.cli import main
 from moekit.parallel import build_mesh

@@ -1,9 +1,9 @@
 """Consolidated checkpoints reload at another EP size (4 -> 2 -> 1), on 4 gloo ranks.
 
 The same spawn (one 4-rank world is the expensive part) also runs the EP 2 x DP 2 equality
-cases of test_parallel_equality.py (expert gradients reduce over the DP group only, so a
+cases of test_parallel_equality.py (parallel_checks.py; expert gradients reduce over the DP group only, so a
 doubled gradient fails here) and the trainer's resume at ep 2 x dp 2, which must end
-bit-identical to the uninterrupted run (resume_worker in test_parallel_train.py).
+bit-identical to the uninterrupted run (parallel_checks.resume_worker).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from datetime import timedelta
 
 import pytest
 import torch
+from helpers import write_text
+from parallel_checks import cases, check_case, resume_worker
 from safetensors.torch import load_file
-from test_parallel_equality import cases, check_case
-from test_parallel_train import resume_worker, write_text
 
 from moekit import MoEConfig
 from moekit.checkpoint import load_checkpoint

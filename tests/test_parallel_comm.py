@@ -1,4 +1,4 @@
-"""The communication planner behind `moekit bench --comm`: worked examples of its formulas."""
+"""The communication planner behind `moekit bench comm`: worked examples of its formulas."""
 
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from builders import parallel_config
 
-from moekit import MoEConfig
-from moekit.models import ModelConfig, Transformer
+from moekit.models import Transformer
 from moekit.moe import update_router_biases
 from moekit.parallel import all_reduce_router_loads, build_mesh, parallelize
 from moekit.parallel.all_to_all import ExpertParallelExperts
@@ -25,34 +25,6 @@ from moekit.parallel.meta import sharded_transformer
 
 pytestmark = pytest.mark.distributed
 STEPS, BATCH, SEQ = 10, 4, 16
-
-
-def _config(router: str, mtp_depth: int = 0) -> ModelConfig:
-    """router: a router name, or "deepseek" (multi-head latent attention, sigmoid groups)
-    or "gpt_oss" (attention sinks and a sliding window, biased router and experts, the
-    clamped SwiGLU). mtp_depth: multi-token-prediction modules (models/mtp.py)."""
-    # No balance loss: each rank's f_i * P_i over its own tokens is not the global one (a
-    # known property of data parallelism, not of the sharding); z-loss is a plain mean.
-    common = dict(balance_loss_coef=0.0, z_loss_coef=1e-3, bias_update_rate=0.01)
-    model = dict(
-        vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=SEQ, mtp_depth=mtp_depth
-    )
-    if router == "deepseek":
-        common |= dict(router="sigmoid_topk", num_groups=2, topk_groups=1, num_shared_experts=1)
-        model |= dict(
-            attention="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=8,
-            qk_rope_head_dim=4, v_head_dim=8,
-        )  # fmt: skip
-    elif router == "gpt_oss":
-        common |= dict(
-            router="softmax_topk", router_bias=True, expert_bias=True,
-            activation="swiglu_clamped",
-        )  # fmt: skip
-        model |= dict(attention="sinks", sliding_window=4, sliding_layers=[0], qkv_bias=True)
-    else:
-        common["router"] = router
-    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, top_k=2, **common)
-    return ModelConfig(moe=moe, **model)
 
 
 def _step(model, optimizer, tokens, clip):
@@ -67,7 +39,7 @@ def _step(model, optimizer, tokens, clip):
 
 def _single_process(router: str, batches, mtp_depth: int):
     torch.manual_seed(0)
-    model = Transformer(_config(router, mtp_depth))
+    model = Transformer(parallel_config(router, mtp_depth))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # noqa: E731
     losses = [_step(model, optimizer, b, clip).item() for b in batches]
@@ -83,9 +55,9 @@ def _worker(router: str, ep: int, mtp_depth: int = 0) -> None:
 
     torch.manual_seed(0)
     if router in ("sigmoid_topk", "deepseek", "gpt_oss"):  # built on the meta device
-        model = sharded_transformer(_config(router, mtp_depth), mesh)
+        model = sharded_transformer(parallel_config(router, mtp_depth), mesh)
         torch.manual_seed(0)
-        initial = Transformer(_config(router, mtp_depth)).state_dict()
+        initial = Transformer(parallel_config(router, mtp_depth)).state_dict()
         for name, param in model.named_parameters():  # exactly one process's init
             owner = _owner(model, name)
             want = initial[name]
@@ -93,7 +65,9 @@ def _worker(router: str, ep: int, mtp_depth: int = 0) -> None:
                 want = want[owner.first_expert : owner.first_expert + owner.num_experts]
             assert torch.equal(param.full_tensor(), want), name
     else:  # built whole, then sharded (a given model, as fine-tuning passes one)
-        model = fully_shard_model(parallelize(Transformer(_config(router, mtp_depth)), mesh), mesh)
+        model = fully_shard_model(
+            parallelize(Transformer(parallel_config(router, mtp_depth)), mesh), mesh
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
 
     def clip():

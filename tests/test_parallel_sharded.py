@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import sharded_config
 from safetensors.torch import load_file, save_file
 
 from moekit import MoEConfig
@@ -39,17 +40,6 @@ from moekit.parallel.meta import sharded_transformer
 pytestmark = pytest.mark.distributed
 
 
-def _config(router: str = "sigmoid_topk") -> ModelConfig:
-    # biased router and experts: the expert biases are sharded with the experts
-    moe = MoEConfig(
-        d_model=16, d_hidden=16, num_experts=4, top_k=2, router=router,
-        router_bias=True, expert_bias=True,
-    )  # fmt: skip
-    return ModelConfig(
-        vocab_size=64, d_model=16, num_layers=2, num_heads=2, max_seq_len=16, moe=moe
-    )
-
-
 def _mesh(ep: int, fsdp: bool):
     return build_mesh(ep, timeout=timedelta(seconds=60), device=torch.device("cpu"), fsdp=fsdp)
 
@@ -59,7 +49,7 @@ def _train_and_save(folder: str) -> None:
     gathered weights and moments (the oracle) to reference.safetensors."""
     mesh = _mesh(2, fsdp=True)
     torch.manual_seed(0)
-    model = sharded_transformer(_config(), mesh)
+    model = sharded_transformer(sharded_config(), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     torch.manual_seed(1)
     batches = torch.randint(0, 64, (2, 4, 16))
@@ -105,7 +95,7 @@ def _load_at(folder: str, ep: int, fsdp: bool) -> None:
     from moekit.parallel.fsdp import fully_shard_model
 
     mesh = _mesh(ep, fsdp=fsdp)
-    model = parallelize(Transformer(_config()), mesh)
+    model = parallelize(Transformer(sharded_config()), mesh)
     if fsdp:
         model = fully_shard_model(model, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
@@ -127,7 +117,7 @@ def test_sharded_checkpoint_resumes_at_other_layouts_bit_identical(tmp_path):
     spawn_local(_load_at, (folder, 2, False), world_size=2, timeout_s=180)  # EP 2
     # One plain process, no process group: the checkpoint, and EP 2's save of it.
     for run in ("run", "again"):
-        model = Transformer(_config())
+        model = Transformer(sharded_config())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         load_checkpoint(f"{folder}/{run}", model, optimizer)
         _assert_equals_reference(folder, model, optimizer)
@@ -149,11 +139,11 @@ _KILLED_SAVE = textwrap.dedent(
     import moekit.checkpoint.sharded as sharded
     from moekit.checkpoint import save_sharded_checkpoint
     sys.path.insert(0, {tests!r})
-    from test_parallel_sharded import _config
+    from builders import sharded_config
     from moekit.models import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(_config())
+    model = Transformer(sharded_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     optimizer.step()
@@ -183,7 +173,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert any((run / "checkpoint.tmp" / "shards").iterdir())  # the interrupted save's files
-    model = Transformer(_config())
+    model = Transformer(sharded_config())
     state = load_checkpoint(run, model, torch.optim.AdamW(model.parameters()))
     assert state["step"] == 1
     for name, tensor in load_file(str(saved)).items():
@@ -199,7 +189,7 @@ def _killed_rank_worker(folder: str) -> None:
 
     mesh = build_mesh(1, timeout=timedelta(seconds=10), device=torch.device("cpu"), fsdp=True)
     torch.manual_seed(0)
-    model = sharded_transformer(_config(), mesh)
+    model = sharded_transformer(sharded_config(), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     save_sharded_checkpoint(f"{folder}/run", model, optimizer, {"step": 1}, mesh)
     weights = full_state(model)
@@ -229,7 +219,7 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_
             collective_timeout_s=10,
         )  # fmt: skip
     assert any((tmp_path / "run" / "checkpoint.tmp" / "shards").iterdir())  # the cut save
-    model = Transformer(_config())
+    model = Transformer(sharded_config())
     state = load_checkpoint(tmp_path / "run", model, torch.optim.AdamW(model.parameters()))
     assert state["step"] == 1
     for name, tensor in load_file(str(tmp_path / "step1.safetensors")).items():
@@ -238,7 +228,7 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_
 
 def test_a_corrupt_or_foreign_shard_file_is_refused(tmp_path):
     torch.manual_seed(0)
-    model = Transformer(_config())
+    model = Transformer(sharded_config())
     optimizer = torch.optim.AdamW(model.parameters())
     folder = save_sharded_checkpoint(tmp_path, model, optimizer, {"step": 0}, None)
     assert optimizer_tensors(model, optimizer) == {}  # no state yet: weights only
@@ -247,13 +237,13 @@ def test_a_corrupt_or_foreign_shard_file_is_refused(tmp_path):
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="SHA-256"):
-        load_checkpoint(tmp_path, Transformer(_config()))
+        load_checkpoint(tmp_path, Transformer(sharded_config()))
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    load_checkpoint(tmp_path, Transformer(_config()))
+    load_checkpoint(tmp_path, Transformer(sharded_config()))
     (folder / "shards" / "extra.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="not part of the checkpoint"):
-        load_checkpoint(tmp_path, Transformer(_config()))
+        load_checkpoint(tmp_path, Transformer(sharded_config()))
 
 
 # ---------------------------------------------------------------- meta-device construction
@@ -300,7 +290,7 @@ def _meta_build_worker(world: int) -> None:
     with torch.device("meta"):
         sizes = [p.numel() * 4 for p in Transformer(config).parameters()]
     full_bytes, largest = sum(sizes), max(sizes)
-    sharded_transformer(_config(), mesh)  # one-time costs (imports, kernels) paid first
+    sharded_transformer(sharded_config(), mesh)  # one-time costs (imports, kernels) paid first
     built_on.clear()
     before = _reset_peak_rss()
     torch.manual_seed(0)

@@ -5,23 +5,19 @@ makes the other stop with a clear error instead of hanging."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
-import torch
-from helpers import HARD_LIMIT_S, torchrun
+from helpers import HARD_LIMIT_S, torchrun, write_text
 from safetensors.torch import load_file
 
 from moekit.cli import main
-from moekit.parallel import init_parallel
 
 pytestmark = pytest.mark.distributed
 
@@ -32,12 +28,6 @@ MICRO = [
     "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
     "--train.eval_batches", "2", "--no-progress", "--threads", "1",
 ]  # fmt: skip
-
-
-def write_text(path):
-    """A small training text: Python source from the standard library."""
-    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(textwrap), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -91,55 +81,6 @@ def test_torchrun_resume_reads_the_consolidated_checkpoint(torchrun_job):
 
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def resume_worker(folder: str, text: str) -> None:
-    """Uninterrupted run vs stopped after 2 steps and resumed: bit-identical weights.
-
-    Runs inside a spawned world of 2 or 4 ranks (test_parallel_checkpoint.py: ep 2 x dp 2).
-    """
-    from moekit.train import Trainer
-    from moekit.train.data import prepare_run_data
-    from moekit.train.overrides import build_configs
-
-    mesh = init_parallel(2, timeout_s=30, device=torch.device("cpu"))
-    model_flags = MICRO[: MICRO.index("--steps")]
-    overrides = {
-        key.removeprefix("--"): value for key, value in zip(model_flags[::2], model_flags[1::2])
-    }
-    overrides.update(
-        {
-            "train.steps": "4",
-            "train.batch_size": "4",
-            "train.seq_len": "32",
-            "train.eval_every": "2",
-            "train.eval_batches": "2",
-            "train.checkpoint_every": "2",
-        }
-    )
-    model_config, train_config = build_configs("tiny", overrides)
-
-    def trainer(run, resume=False):
-        data = prepare_run_data(f"{folder}/{run}", data=text, vocab_size=384, mesh=mesh)
-        return Trainer(
-            model_config,
-            train_config,
-            f"{folder}/{run}",
-            data=data,
-            mesh=mesh,
-            resume=resume,
-            show_progress=False,
-        )
-
-    trainer("whole").train()
-    trainer("stopped").train(stop_at=2)
-    resumed_trainer = trainer("stopped", resume=True)
-    assert resumed_trainer.step == 2  # it continues, it does not start over
-    resumed_trainer.train()
-    whole = load_file(f"{folder}/whole/checkpoint/model.safetensors")
-    resumed = load_file(f"{folder}/stopped/checkpoint/model.safetensors")
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, resumed[name]), name
 
 
 def _free_port() -> int:

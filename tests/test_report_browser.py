@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_report_html import micro_comparison, run_cli
+from helpers import micro_comparison, run_cli
 
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 FLAGS = [

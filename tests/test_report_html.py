@@ -5,17 +5,15 @@ labelled domains; the routing log's counts against the model's own expert ids; a
 from __future__ import annotations
 
 import base64
-import inspect
 import json
 import re
-import textwrap
 
 import pytest
 import torch
-from helpers import MICRO, run_cli
+from helpers import micro_comparison, run_cli
 
 from moekit import MoEConfig
-from moekit.data import Tokenizer, generate_problems
+from moekit.data import Tokenizer
 from moekit.models import ModelConfig, Transformer, count_parameters
 from moekit.report import mutual_information
 from moekit.report.gather import gather
@@ -31,29 +29,6 @@ from moekit.train import (
 from moekit.train.evaluation import fixed_eval_batches, fixed_eval_domains
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_domain_corpus(path) -> None:
-    """A .jsonl of three domains, 20 documents each (so each has validation documents)."""
-    code = inspect.getsource(textwrap).split("\ndef ")
-    prose = (textwrap.__doc__ or "") + (json.__doc__ or "")
-    lines = []
-    for i in range(20):
-        lines.append({"text": "def " + code[1 + i % (len(code) - 1)], "domain": "code"})
-        lines.append({"text": prose[i * 40 : i * 40 + 400] or prose[:400], "domain": "prose"})
-        problem = generate_problems(1, seed=i)[0]
-        lines.append({"text": problem.question + "\n" + problem.solution, "domain": "math"})
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-
-
-def micro_comparison(tmp_path_factory):
-    """Train the micro MoE and its dense twin on three domains; returns the folder."""
-    folder = tmp_path_factory.mktemp("report")
-    corpus = folder / "corpus.jsonl"
-    write_domain_corpus(corpus)
-    code, _, stderr = run_cli("train", "--data", str(corpus), "--out", str(folder / "cmp"), *MICRO)
-    assert code == 0, stderr
-    return folder / "cmp"
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, tiny_corpus
 from safetensors.torch import load_file
-from test_tasks_data import tiny_corpus
 
 import moekit.data
 from moekit.train import read_metrics

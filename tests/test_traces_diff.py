@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from builders import identity, make_trace
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_traces_format import identity, make_trace
 
 from moekit.traces import Trace, diff_traces
 

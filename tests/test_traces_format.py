@@ -12,35 +12,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from builders import identity, make_trace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.traces import ModelIdentity, Trace, load_trace, save_trace
+from moekit.traces import Trace, load_trace, save_trace
 from moekit.traces.engines import from_sglang, from_vllm, to_sglang, to_vllm
 from moekit.traces.format import META_FILE, TENSORS_FILE
-
-
-def identity(layers: int = 2, experts: int = 4, top_k: int = 2) -> ModelIdentity:
-    return ModelIdentity(
-        architecture="moekit:softmax_topk", layers=[f"layers.{i}.ffn" for i in range(layers)],
-        blocks=list(range(layers)), num_blocks=layers, num_experts=experts, top_k=top_k,
-        vocab_size=50, d_model=8, dtype="float32",
-    )  # fmt: skip
-
-
-def make_trace(lengths=(3, 5), layers=2, experts=4, top_k=2, seed=0, **parts) -> Trace:
-    g = torch.Generator().manual_seed(seed)
-    T = sum(lengths)
-    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(T * layers)])
-    offsets = torch.tensor([0, *lengths]).cumsum(0)
-    fields = dict(
-        tokens=torch.randint(0, 50, (T,), generator=g), offsets=offsets,
-        ids=ids.reshape(T, layers, top_k).to(torch.int32),
-        weights=torch.rand(T, layers, top_k, generator=g),
-        logits=torch.randn(T, layers, experts, generator=g),
-    )  # fmt: skip
-    fields.update(parts)
-    return Trace(model=identity(layers, experts, top_k), recording={"engine": "test"}, **fields)
 
 
 def _equal(a: Trace, b: Trace) -> None:

@@ -14,9 +14,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from builders import parallel_config, record_layer
 from helpers import make_moe
-from test_parallel_fsdp import _config
-from test_traces_replay import _record
 
 from moekit.models import Transformer
 from moekit.parallel import build_mesh, parallelize, sync_gradients
@@ -44,7 +43,7 @@ def layer_worker() -> None:
             model = parallelize(copy.deepcopy(reference), mesh)
             torch.manual_seed(2)
             x, g = torch.randn(13, 8), torch.randn(13, 8)
-            trace = _record(make_moe(seed=7, **settings).eval(), x, seed=0)
+            trace = record_layer(make_moe(seed=7, **settings).eval(), x, seed=0)
             own = reference.router.route(x, None).ids_TK
             assert not torch.equal(trace.ids[:, 0].long(), own), name  # other experts
             with replay_rows(reference, trace, torch.arange(13), mode):
@@ -83,7 +82,7 @@ def fsdp_worker(ep: int) -> None:
     torch.manual_seed(1)
     batches = torch.randint(0, 64, (3, B, N))
     torch.manual_seed(9)
-    other = Transformer(_config("softmax_topk")).eval()
+    other = Transformer(parallel_config("softmax_topk")).eval()
     traces = [record_forward(other, batch.tolist()) for batch in batches]
 
     def train(model, rows_of_batch, clip):
@@ -102,7 +101,7 @@ def fsdp_worker(ep: int) -> None:
         return losses
 
     torch.manual_seed(0)
-    reference = Transformer(_config("softmax_topk"))
+    reference = Transformer(parallel_config("softmax_topk"))
     model = fully_shard_model(parallelize(copy.deepcopy(reference), mesh), mesh)
     ref_losses = train(
         reference,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import TOKEN_CHOICE
 from helpers import make_moe, tokens
-from test_moe_reference import TOKEN_CHOICE
 
 from moekit import MoEConfig
 from moekit.generate import generate, left_padded

@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import TOKEN_CHOICE, record_layer
 from helpers import make_moe, tokens
-from test_moe_reference import TOKEN_CHOICE
 
 from moekit import MoEConfig
 from moekit.models import Transformer
@@ -44,13 +44,6 @@ def _run(moe, x, seed):
     return out.hidden.detach(), out.aux_loss.detach(), x.grad, grads
 
 
-def _record(moe, x, seed):
-    with record_routing(moe) as recorder:
-        torch.manual_seed(seed)
-        moe(x)
-    return recorder.trace(torch.zeros(1, x.shape[0], dtype=torch.long))
-
-
 def _assert_same(first, second):
     hidden, aux, x_grad, grads = first
     assert torch.equal(hidden, second[0])
@@ -75,7 +68,7 @@ def test_replaying_the_layers_own_trace_changes_nothing(case, train, mode):
     moe.train(train)
     x = tokens(24)
     plain = _run(moe, x, seed=3)
-    trace = _record(moe, x, seed=3)
+    trace = record_layer(moe, x, seed=3)
     with replay_rows(moe, trace, torch.arange(24), mode):
         replayed = _run(moe, x, seed=3)
     if mode == "ids":
@@ -222,7 +215,7 @@ def test_replayed_layer_is_one_graph_and_equals_eager(capacity):
 @pytest.mark.parametrize("router", ["expert_choice", "soft"])
 def test_routers_that_cannot_replay_are_refused(router):
     moe = make_moe(router=router)
-    trace = _record(make_moe(), tokens(8), seed=0)
+    trace = record_layer(make_moe(), tokens(8), seed=0)
     with pytest.raises(ValueError, match=f"router: layer moe uses the {router} router"):
         with replay_rows(moe, trace, torch.arange(8)):
             pass
@@ -230,7 +223,7 @@ def test_routers_that_cannot_replay_are_refused(router):
 
 def test_the_forward_must_route_the_replayed_tokens():
     moe = make_moe()
-    trace = _record(moe, tokens(8), seed=0)
+    trace = record_layer(moe, tokens(8), seed=0)
     with pytest.raises(ValueError, match="the forward routes 6 tokens, the replayed batch holds 8"):
         with replay_rows(moe, trace, torch.arange(8)):
             moe(tokens(6))
@@ -238,7 +231,7 @@ def test_the_forward_must_route_the_replayed_tokens():
 
 def test_bad_traces_are_refused_naming_the_field():
     moe = make_moe(num_experts=4, top_k=2)
-    trace = _record(moe, tokens(8), seed=0)
+    trace = record_layer(moe, tokens(8), seed=0)
     rows = torch.arange(8)
     other_k = make_moe(num_experts=4, top_k=1)
     with pytest.raises(ValueError, match="model.top_k: the trace has 2, the model has 1"):

@@ -16,7 +16,8 @@ import json
 
 import pytest
 import torch
-from helpers import ROUTER_SETTINGS, lm_batch, lm_config, make_moe, seeded_lm, tokens
+from builders import ROUTER_SETTINGS, lm_config, seeded_lm
+from helpers import lm_batch, make_moe, tokens
 
 from moekit import MoEConfig, losses
 from moekit.models import Transformer

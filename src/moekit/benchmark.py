@@ -244,16 +244,14 @@ def _ratio(seconds: float | None, dense_seconds: float) -> str:
     return "n/a" if seconds is None else f"{seconds / dense_seconds:.2f}"
 
 
-def main(argv: list[str] | None = None) -> int | None:
-    """Print the ratio table; see the module docstring for the flags.
-
-    With --comm: the expert-parallel communication planner instead (moekit.parallel.comm).
-    """
-    if argv is not None and "--comm" in argv:
-        from .parallel.comm import main as comm_main
-
-        return comm_main([arg for arg in argv if arg != "--comm"])
-    parser = argparse.ArgumentParser(prog="moekit bench", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekit bench",
+        description=__doc__.split("\n")[0],
+        epilog="sub-commands:\n  moekit bench comm   bytes and time of expert-parallel "
+        "communication per step, for each EP size (`moekit bench comm --help`)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument(
         "--shapes", nargs="+", metavar="T,d,h,E,k", help="default: the four standard shapes"
@@ -283,7 +281,26 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers even if importable")
     parser.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
     parser.add_argument("--keep-freed-memory", action="store_true", help="same as --allocator keep")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@dataclass
+class _Plan:
+    """What one `moekit bench` run times: shapes, dtypes, repetitions, allocator passes."""
+
+    shapes: list[Shape]
+    dtypes: list[str]
+    reps: int
+    warmup: int
+    token_scale: float
+    bf16_native: bool
+    passes: list[str]
+    hf: bool
+    compiled: bool
+
+
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Plan:
+    """The checked settings; a bad shape is a usage error naming it."""
     try:
         shapes = [
             Shape.parse(text)
@@ -291,62 +308,89 @@ def main(argv: list[str] | None = None) -> int | None:
         ]
     except ValueError as error:
         parser.error(str(error))
-
-    torch.set_num_threads(args.threads)
-    reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     bf16_native = _has_cpu_flag("avx512_bf16") or _has_cpu_flag("amx_bf16")
     token_scale = (
         1.0 if bf16_native and args.bf16_token_scale is None else (args.bf16_token_scale or 0.25)
     )
+    passes = {"both": ["default", "keep"], "default": ["default"], "keep": ["keep"]}[args.allocator]
+    return _Plan(
+        shapes=shapes,
+        dtypes=["fp32", "bf16"] if args.dtype == "both" else [args.dtype],
+        reps=3 if args.quick else args.reps,
+        warmup=1 if args.quick else args.warmup,
+        token_scale=token_scale,
+        bf16_native=bf16_native,
+        passes=["keep"] if args.keep_freed_memory else passes,
+        hf=not args.no_hf,
+        compiled=args.compile,
+    )
+
+
+def _print_header(plan: _Plan) -> None:
     print(machine_summary())
     print(
-        f"load average before: {os.getloadavg()[0]:.2f} | median of {reps} reps after {warmup} warmup "
-        f"(bf16: a third, HF: a third) | bf16 at T x {token_scale:g} "
-        f"({'bf16 instructions present' if bf16_native else 'no bf16 instructions: fewer tokens'})"
+        f"load average before: {os.getloadavg()[0]:.2f} | median of {plan.reps} reps after {plan.warmup} warmup "
+        f"(bf16: a third, HF: a third) | bf16 at T x {plan.token_scale:g} "
+        f"({'bf16 instructions present' if plan.bf16_native else 'no bf16 instructions: fewer tokens'})"
     )
     print(
         "ratio = MoE fwd+bwd time / dense SwiGLU fwd+bwd with the same active FLOPs (1.00 = limit); "
         "act mem = saved activations, MoE / dense"
     )
-    passes = {"both": ["default", "keep"], "default": ["default"], "keep": ["keep"]}[args.allocator]
-    if args.keep_freed_memory:
-        passes = ["keep"]
-    for allocator in passes:
-        if allocator == "keep" and not keep_freed_memory():
-            print("allocator: cannot keep freed memory (not glibc); skipped")
-            continue
-        print(
-            f"\nallocator: {'glibc, keeps freed memory' if allocator == 'keep' else 'default (a user loop)'}"
-        )
-        print(
-            f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
-            f"{'loop':>6} | {'compiled':>8} | {'HF eager':>8} | {'HF grouped_mm':>13} | {'act mem':>7} | rows/expert"
-        )
-        for dtype_name in dtypes:
-            for parsed in shapes:
-                shape = dataclasses.replace(parsed)
-                dtype_reps = reps
-                if dtype_name == "bf16":
-                    shape.num_tokens = max(shape.num_experts, int(shape.num_tokens * token_scale))
-                    dtype_reps = max(1, reps // 3)
-                r = run_shape(
-                    shape,
-                    DTYPES[dtype_name],
-                    dtype_reps,
-                    min(warmup, dtype_reps),
-                    not args.no_hf,
-                    compiled=args.compile,
-                )
-                compiled = "n/a" if r["compiled"] is None else f"{r['compiled'] / r['dense']:.2f}"
-                print(
-                    f"{dtype_name:5} | {str(shape):22} | {r['dense'] * 1e3:9.1f} | {shape.flops() / r['dense'] / 1e9:7.1f} | "
-                    f"{_ratio(r['moekit'], r['dense']):>6} | {_ratio(r['loop'], r['dense']):>6} | {compiled:>8} | "
-                    f"{_ratio(r['hf_eager'], r['dense']):>8} | {_ratio(r['hf_grouped_mm'], r['dense']):>13} | "
-                    f"{r['memory']:7.2f} | {r['rows'][0]}-{r['rows'][1]}"
-                    + ("" if r["compile_s"] is None else f" | compile {r['compile_s']:.1f} s"),
-                    flush=True,
-                )
+
+
+def _run_pass(plan: _Plan, allocator: str) -> None:
+    """One allocator pass: a table row per dtype and shape."""
+    if allocator == "keep" and not keep_freed_memory():
+        print("allocator: cannot keep freed memory (not glibc); skipped")
+        return
+    print(
+        f"\nallocator: {'glibc, keeps freed memory' if allocator == 'keep' else 'default (a user loop)'}"
+    )
+    print(
+        f"{'dtype':5} | {'T d h E k':22} | {'dense ms':>9} | {'GFLOP/s':>7} | {'moekit':>6} | "
+        f"{'loop':>6} | {'compiled':>8} | {'HF eager':>8} | {'HF grouped_mm':>13} | {'act mem':>7} | rows/expert"
+    )
+    for dtype_name in plan.dtypes:
+        for parsed in plan.shapes:
+            shape = dataclasses.replace(parsed)
+            reps = plan.reps
+            if dtype_name == "bf16":
+                shape.num_tokens = max(shape.num_experts, int(shape.num_tokens * plan.token_scale))
+                reps = max(1, plan.reps // 3)
+            r = run_shape(
+                shape,
+                DTYPES[dtype_name],
+                reps,
+                min(plan.warmup, reps),
+                plan.hf,
+                compiled=plan.compiled,
+            )
+            print(_row(dtype_name, shape, r), flush=True)
+
+
+def _row(dtype_name: str, shape: Shape, r: dict) -> str:
+    compiled = "n/a" if r["compiled"] is None else f"{r['compiled'] / r['dense']:.2f}"
+    return (
+        f"{dtype_name:5} | {str(shape):22} | {r['dense'] * 1e3:9.1f} | {shape.flops() / r['dense'] / 1e9:7.1f} | "
+        f"{_ratio(r['moekit'], r['dense']):>6} | {_ratio(r['loop'], r['dense']):>6} | {compiled:>8} | "
+        f"{_ratio(r['hf_eager'], r['dense']):>8} | {_ratio(r['hf_grouped_mm'], r['dense']):>13} | "
+        f"{r['memory']:7.2f} | {r['rows'][0]}-{r['rows'][1]}"
+        + ("" if r["compile_s"] is None else f" | compile {r['compile_s']:.1f} s")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the ratio table; see the module docstring for the flags. (`moekit bench comm`,
+    the communication planner, is its own command: moekit.parallel.comm.)"""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    plan = _plan(args, parser)
+    torch.set_num_threads(args.threads)
+    _print_header(plan)
+    for allocator in plan.passes:
+        _run_pass(plan, allocator)
+    return 0
 
 
 def _has_cpu_flag(name: str) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "Generation",
     "KVCache",
     "Step",
+    "check_sampling",
     "generate",
     "left_padded",
     "sample_next",
@@ -117,6 +118,11 @@ def _check_args(
             f"prompt length ({prompt_BT.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
             f"max_seq_len ({model.config.max_seq_len})"
         )
+    check_sampling(temperature, top_k, top_p)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming a sampling setting out of range (see sample_next)."""
     if temperature < 0:
         raise ValueError(f"temperature ({temperature}) must be >= 0")
     if top_k is not None and top_k < 1:

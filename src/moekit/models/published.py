@@ -2,7 +2,7 @@
 
 The configs alone (interop/famous.py adds the published parameter counts and the parts
 those counts leave out, such as DeepSeek-V3's multi-token-prediction module); `moekit
-inspect` and `moekit bench --comm` use them.
+inspect` and `moekit bench comm` use them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 `moekit train` joins and leaves the process group with `with training_mesh(ep, timeout_s)
 as mesh:` and passes the mesh to the Trainer. See docs/scaling.md for what is global under expert parallelism, the gradient groups,
-checkpoints, and the communication planner (`moekit bench --comm`).
+checkpoints, and the communication planner (`moekit bench comm`).
 """
 
 from .all_to_all import ExpertParallelExperts, exchange_seconds

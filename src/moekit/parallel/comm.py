@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import command_error
 from ..models import ModelConfig, count_parameters
 
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient, exp_avg, exp_avg_sq
@@ -167,11 +168,11 @@ def preset_config(name: str) -> ModelConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`moekit bench --comm`: print the plan for each EP size."""
+    """`moekit bench comm`: print the plan for each EP size."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="moekit bench --comm",
+        prog="moekit bench comm",
         description="Bytes sent per step per rank under expert parallelism, and alpha-beta "
         "estimates of all-to-all and gradient all-reduce time (docs/scaling.md).",
     )
@@ -200,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             for ep in args.ep
         ]
     except ValueError as error:
-        print(f"moekit bench --comm: {error}")
-        return 2
+        return command_error("bench comm", error)
     counts = count_parameters(config)
     print(
         f"{args.model}: {counts.total / 1e6:,.1f} M parameters ({expert_parameters(config) / 1e6:,.1f} M in "

@@ -116,10 +116,11 @@ def _use_colour(choice: str) -> bool:
 
 def _route(run_dir, text: str, layers: list[int] | None, colour: bool, tokenizer_path) -> str:
     from ..data.tokenizer import run_tokenizer
-    from ..train.rundir import load_trained_model
+    from ..train.rundir import check_language_model_run, load_trained_model
     from .routing import moe_layers, route_tokens
     from .terminal import format_routing
 
+    check_language_model_run(run_dir, "route")
     tokenizer = run_tokenizer(run_dir, tokenizer_path)
     model = load_trained_model(run_dir)
     available = moe_layers(model)

@@ -17,8 +17,6 @@ import torch
 
 from ..errors import command_error
 from ..routing import router_class
-from ..train.cli import TASKS as ALL_TASKS
-from ..train.cli import train_main as lm_train_main
 from ..train.config import TrainConfig
 from ..train.jobs import default_out_dir
 from . import data as task_data
@@ -35,8 +33,8 @@ from .loop import (
     write_json,
 )
 
-TASKS = tuple(task for task in ALL_TASKS if task != "lm")
-# Per task: default epochs, batch size, learning rate, weight decay, eval_every.
+# Per task: default epochs, batch size, learning rate, weight decay, eval_every. Its keys are
+# the tasks `moekit train --task` may pick besides the language model (cli.py asks TASKS).
 # fmt: off
 DEFAULTS = {
     "classify-text": {"epochs": 4, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.01, "eval_every": 50},
@@ -45,6 +43,7 @@ DEFAULTS = {
     "vit": {"epochs": 10, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "eval_every": 100},
 }
 # fmt: on
+TASKS = tuple(DEFAULTS)
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -248,20 +247,6 @@ def _vit_options(parser: argparse.ArgumentParser) -> None:
     add("--moe-every", type=int, default=2, help="every n-th block has an MoE layer (default 2)")
     add("--patch", type=int, help="patch side in pixels (default 7 for mnist, 2 for digits)")
     add("--balance-coef", type=float, default=0.01, help="Switch balancing loss coefficient (default 0.01)")  # fmt: skip
-
-
-def train_main(argv: list[str]) -> int:
-    """`moekit train [--task NAME] ...`: the language model (train/cli.py) or a task here.
-
-    Only --task is read here; every other argument, --help included, goes to the chosen
-    task's own parser.
-    """
-    picker = argparse.ArgumentParser(prog="moekit train", add_help=False, allow_abbrev=False)
-    picker.add_argument("--task", choices=ALL_TASKS, default="lm")
-    picked, rest = picker.parse_known_args(argv)
-    if picked.task == "lm":
-        return lm_train_main(rest)
-    return main(picked.task, rest)
 
 
 def main(task: str, argv: list[str]) -> int:

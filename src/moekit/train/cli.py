@@ -1,5 +1,6 @@
-"""The language-model commands: `moekit train` (the default task), `prepare`, `eval`,
-`generate`, and `routers`. Each is `NAME_main(argv) -> exit status`, listed in cli.py."""
+"""The language-model commands: `moekit train` (when --task is lm, its default), `prepare`
+and `routers`. Each is `NAME_main(argv) -> exit status`, listed in cli.py; `eval` and
+`generate`, which read a trained run back, are in inference_cli.py."""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
-from ..data.tokenizer import TOKENIZER_HELP
 from ..errors import command_error
-
-# What `moekit train --task` may pick; tasks/cli.py dispatches, and trains all but "lm".
-TASKS = ("lm", "classify-text", "classify-digits", "mmoe-synthetic", "vit")
 
 TRAIN_DESCRIPTION = """\
 Train a model. With no arguments: train the `tiny` MoE preset and its dense twin on the
@@ -34,114 +32,19 @@ train.FIELD: TrainConfig). Ctrl-C saves a checkpoint; --resume --out DIR continu
 --init-from RUN trains one model that starts from RUN's weights (a trained run, or a
 Hugging Face checkpoint made a run by `moekit convert`): RUN's model, tokenizer (and its
 special tokens) and train settings, with --data, --steps and train.* overrides.
-
---task picks what to train: lm (this, the default), classify-text, classify-digits,
-mmoe-synthetic or vit; `moekit train --task NAME --help` shows that task's options.
 """
 
 
-def train_main(argv: list[str]) -> int:
-    """`moekit train` for the language model: one run, or the MoE-versus-dense comparison."""
-    from ..models import PRESETS
+def train_main(argv: list[str], tasks: tuple[str, ...] = ()) -> int:
+    """`moekit train` for the language model: one run, or the MoE-versus-dense comparison.
+
+    cli.py reads --task and calls this for the language model; tasks (the other choices
+    of --task) only go into the help.
+    """
     from ..parallel import training_mesh
     from ..runtime import keep_freed_memory
 
-    parser = argparse.ArgumentParser(
-        prog="moekit train",
-        description=TRAIN_DESCRIPTION,
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--preset",
-        help=f"model preset: {', '.join(PRESETS)} (default tiny)",
-    )
-    parser.add_argument("--task", choices=TASKS, default="lm", help="what to train (default lm)")
-    parser.add_argument(
-        "--no-compare",
-        action="store_true",
-        help="train the preset alone, no dense twin",
-    )
-    parser.add_argument("--out", help="output folder (a run, or a comparison of two runs)")
-    parser.add_argument("--resume", action="store_true", help="continue the stopped job in --out")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        help="run the comparison for seeds 0..N-1 (train.seed onwards) in OUT/seed{i}/ and "
-        "print mean +- std over them (default 1: one comparison in OUT/moe, OUT/dense)",
-    )
-    parser.add_argument(
-        "--init-from",
-        metavar="RUN",
-        help="start from this run's weights, model and tokenizer (e.g. a converted checkpoint)",
-    )
-    parser.add_argument(
-        "--data",
-        help="training text (.txt, .jsonl, folder), a prepared train.bin, or a built-in "
-        "corpus (builtin:default, the default; builtin:packages, the held-out corpus of "
-        "installed packages' docstrings and READMEs)",
-    )
-    parser.add_argument("--steps", type=int, help="optimizer steps (= --train.steps)")
-    parser.add_argument("--batch-size", type=int, help="sequences per step (= --train.batch_size)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (= --train.seq_len)")
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        help="steps between evaluations (= --train.eval_every)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: torch's choice, one per core); use 1 when other "
-        "processes share the cores, since busy-waiting threads then slow down sharply",
-    )
-    parser.add_argument(
-        "--parallel.ep",
-        dest="parallel_ep",
-        type=int,
-        help="expert-parallel size under torchrun (the rest is data parallel; default 1)",
-    )
-    parser.add_argument(
-        "--parallel.fsdp",
-        dest="parallel_fsdp",
-        choices=["true", "false"],
-        default="false",
-        help="shard weights, gradients and optimizer state with FSDP2 under torchrun "
-        "(composes with --parallel.ep; default false)",
-    )
-    parser.add_argument(
-        "--checkpoint.format",
-        dest="checkpoint_format",
-        choices=["sharded", "consolidated"],
-        help="under torchrun: sharded (every rank writes its own shards with "
-        "torch.distributed.checkpoint) or consolidated (rank 0 writes every tensor whole); "
-        "default sharded with --parallel.fsdp true, else consolidated. Both resume at any "
-        "layout and load in one process",
-    )
-    parser.add_argument(
-        "--parallel.timeout",
-        dest="parallel_timeout",
-        type=float,
-        default=300.0,
-        help="seconds a rank waits in a collective before it stops with an error (default 300)",
-    )
-    parser.add_argument(
-        "--routing.replay",
-        dest="routing_replay",
-        metavar="TRACE",
-        help="train on a routing trace's sequences, each token sent to the trace's experts "
-        "(moekit routing record; docs/traces.md); one run, eager",
-    )
-    parser.add_argument(
-        "--routing.replay_mode",
-        dest="routing_replay_mode",
-        choices=["ids", "ids+weights"],
-        default="ids",
-        help="ids: weights recomputed by the router (its gradient flows); ids+weights: both "
-        "from the trace (default ids)",
-    )
-    args, extra = parser.parse_known_args(argv)
+    args, extra = _train_parser(tasks).parse_known_args(argv)
     if args.threads is not None:
         import torch
 
@@ -160,19 +63,7 @@ def train_main(argv: list[str]) -> int:
     except RuntimeError as error:
         if mesh is None:
             raise
-        # A dead or hung rank surfaces here as a failed collective (after the timeout).
-        print(
-            f"moekit train: rank {mesh.rank} of {mesh.world_size} stopped: {error}\n"
-            "(a rank that dies or hangs makes the others' collectives fail within "
-            f"--parallel.timeout {args.parallel_timeout:g} s)",
-            file=sys.stderr,
-        )
-        # Leave at once: the broken process group's teardown at interpreter exit can
-        # abort the process (gloo's background threads), turning exit status 1 into a
-        # SIGABRT after the message was printed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _stop_rank(mesh, error, args.parallel_timeout)
     except KeyboardInterrupt:
         print(
             "\ninterrupted; continue from the last checkpoint with "
@@ -182,54 +73,199 @@ def train_main(argv: list[str]) -> int:
         return 130
 
 
-def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
-    from .. import train
-    from .overrides import build_configs, parse_overrides
+def _stop_rank(mesh, error: RuntimeError, timeout_s: float) -> None:
+    """A dead or hung rank surfaces as a failed collective (after the timeout): say which
+    rank stopped, then leave at once, since the broken process group's teardown at
+    interpreter exit can abort the process (gloo's background threads), turning exit
+    status 1 into a SIGABRT after the message was printed."""
+    print(
+        f"moekit train: rank {mesh.rank} of {mesh.world_size} stopped: {error}\n"
+        "(a rank that dies or hangs makes the others' collectives fail within "
+        f"--parallel.timeout {timeout_s:g} s)",
+        file=sys.stderr,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
-    progress = not args.no_progress
+
+def _train_parser(tasks: tuple[str, ...]) -> argparse.ArgumentParser:
+    from ..models import PRESETS
+
+    description = TRAIN_DESCRIPTION
+    if tasks:
+        task_help = (
+            f"--task picks what to train: lm (this, the default), {', '.join(tasks)}; "
+            "`moekit train --task NAME --help` shows that task's options."
+        )
+        description += "\n" + textwrap.fill(task_help, 88) + "\n"
+    parser = argparse.ArgumentParser(
+        prog="moekit train",
+        usage="moekit train [--task NAME] [options] [--model.FIELD VALUE ...]",
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--preset", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
+    add("--no-compare", action="store_true", help="train the preset alone, no dense twin")
+    add("--out", help="output folder (a run, or a comparison of two runs)")
+    add("--resume", action="store_true", help="continue the stopped job in --out")
+    add(
+        "--seeds",
+        type=int,
+        help="run the comparison for seeds 0..N-1 (train.seed onwards) in OUT/seed{i}/ and "
+        "print mean +- std over them (default 1: one comparison in OUT/moe, OUT/dense)",
+    )
+    add(
+        "--init-from",
+        metavar="RUN",
+        help="start from this run's weights, model and tokenizer (e.g. a converted checkpoint)",
+    )
+    add(
+        "--data",
+        help="training text (.txt, .jsonl, folder), a prepared train.bin, or a built-in "
+        "corpus (builtin:default, the default; builtin:packages, the held-out corpus of "
+        "installed packages' docstrings and READMEs)",
+    )
+    add("--steps", type=int, help="optimizer steps (= --train.steps)")
+    add("--batch-size", type=int, help="sequences per step (= --train.batch_size)")
+    add("--seq-len", type=int, help="tokens per sequence (= --train.seq_len)")
+    add("--eval-every", type=int, help="steps between evaluations (= --train.eval_every)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice, one per core); use 1 when other "
+        "processes share the cores, since busy-waiting threads then slow down sharply",
+    )
+    _parallel_options(parser)
+    _replay_options(parser)
+    return parser
+
+
+def _parallel_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--parallel.ep",
+        dest="parallel_ep",
+        type=int,
+        help="expert-parallel size under torchrun (the rest is data parallel; default 1)",
+    )
+    add(
+        "--parallel.fsdp",
+        dest="parallel_fsdp",
+        choices=["true", "false"],
+        default="false",
+        help="shard weights, gradients and optimizer state with FSDP2 under torchrun "
+        "(composes with --parallel.ep; default false)",
+    )
+    add(
+        "--checkpoint.format",
+        dest="checkpoint_format",
+        choices=["sharded", "consolidated"],
+        help="under torchrun: sharded (every rank writes its own shards with "
+        "torch.distributed.checkpoint) or consolidated (rank 0 writes every tensor whole); "
+        "default sharded with --parallel.fsdp true, else consolidated. Both resume at any "
+        "layout and load in one process",
+    )
+    add(
+        "--parallel.timeout",
+        dest="parallel_timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits in a collective before it stops with an error (default 300)",
+    )
+
+
+def _replay_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--routing.replay",
+        dest="routing_replay",
+        metavar="TRACE",
+        help="train on a routing trace's sequences, each token sent to the trace's experts "
+        "(moekit routing record; docs/traces.md); one run, eager",
+    )
+    add(
+        "--routing.replay_mode",
+        dest="routing_replay_mode",
+        choices=["ids", "ids+weights"],
+        default="ids",
+        help="ids: weights recomputed by the router (its gradient flows); ids+weights: both "
+        "from the trace (default ids)",
+    )
+
+
+def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
+    """The job the arguments ask for: resume, start from a run, replay, one run or the
+    comparison (over one seed or several)."""
+    from .overrides import parse_overrides
+
     overrides = parse_overrides(extra)
     for flag in ("steps", "batch_size", "seq_len", "eval_every"):
         if getattr(args, flag) is not None:
             overrides[f"train.{flag}"] = str(getattr(args, flag))
     if args.resume:
-        if args.out is None:
-            raise ValueError("--resume needs --out DIR, the folder of the job to continue")
-        if overrides or args.data or args.seeds is not None:
-            raise ValueError("--resume uses the settings saved in --out; drop the other settings")
-        if args.init_from:
-            raise ValueError("--resume continues --out; drop --init-from")
-        if _replay_source(args.out) is not None:
-            return _train_replayed(args, overrides, mesh, resume=True)
-        result = train.resume_job(args.out, show_progress=progress, mesh=mesh)
-        if isinstance(result, train.SeedsSummary):
-            _print_summary(result, args.out)
-        elif isinstance(result, train.Comparison):
-            print(train.format_table(result))
-        else:
-            _print_result(result, args.out)
-        return 0
+        return _resume(args, overrides, mesh)
     seeds = 1 if args.seeds is None else args.seeds
     if seeds < 1:
         raise ValueError(f"--seeds ({seeds}) must be >= 1")
     if seeds > 1 and (args.no_compare or args.init_from):
         raise ValueError("--seeds runs the comparison; drop --no-compare and --init-from")
     if args.init_from:
-        if args.preset:
-            raise ValueError("--init-from trains the model of that run; drop --preset")
-        out = args.out = args.out or str(train.default_out_dir(Path(args.init_from).name))
-        result = train.train_from(
-            args.init_from,
-            out,
-            overrides=overrides,
-            data=args.data,
-            show_progress=progress,
-            mesh=mesh,
-        )
-        _print_result(result, out)
-        return 0
+        return _train_from(args, overrides, mesh)
     args.preset = args.preset or "tiny"
     if args.routing_replay:
         return _train_replayed(args, overrides, mesh)
+    return _train_preset(args, overrides, seeds, mesh)
+
+
+def _resume(args: argparse.Namespace, overrides: dict, mesh) -> int:
+    from .. import train
+
+    if args.out is None:
+        raise ValueError("--resume needs --out DIR, the folder of the job to continue")
+    if overrides or args.data or args.seeds is not None:
+        raise ValueError("--resume uses the settings saved in --out; drop the other settings")
+    if args.init_from:
+        raise ValueError("--resume continues --out; drop --init-from")
+    if _replay_source(args.out) is not None:
+        return _train_replayed(args, overrides, mesh, resume=True)
+    result = train.resume_job(args.out, show_progress=not args.no_progress, mesh=mesh)
+    if isinstance(result, train.SeedsSummary):
+        _print_summary(result, args.out)
+    elif isinstance(result, train.Comparison):
+        print(train.format_table(result))
+    else:
+        _print_result(result, args.out)
+    return 0
+
+
+def _train_from(args: argparse.Namespace, overrides: dict, mesh) -> int:
+    from .. import train
+
+    if args.preset:
+        raise ValueError("--init-from trains the model of that run; drop --preset")
+    out = args.out = args.out or str(train.default_out_dir(Path(args.init_from).name))
+    result = train.train_from(
+        args.init_from,
+        out,
+        overrides=overrides,
+        data=args.data,
+        show_progress=not args.no_progress,
+        mesh=mesh,
+    )
+    _print_result(result, out)
+    return 0
+
+
+def _train_preset(args: argparse.Namespace, overrides: dict, seeds: int, mesh) -> int:
+    """The preset alone (--no-compare), or the MoE-versus-dense comparison."""
+    from .. import train
+    from .overrides import build_configs
+
+    progress = not args.no_progress
     model_config, train_config = build_configs(args.preset, overrides)
     if args.no_compare:
         out = args.out = args.out or str(train.default_out_dir(args.preset))
@@ -245,14 +281,9 @@ def _run_train(args: argparse.Namespace, extra: list[str], mesh) -> int:
     out = args.out = args.out or str(train.default_out_dir("compare"))
     if seeds > 1:
         summary = train.compare_seeds(
-            model_config,
-            train_config,
-            out,
-            seeds,
-            data=args.data,
-            show_progress=progress,
+            model_config, train_config, out, seeds, data=args.data, show_progress=progress,
             mesh=mesh,
-        )
+        )  # fmt: skip
         _print_summary(summary, out)
         return 0
     comparison = train.compare(
@@ -349,124 +380,6 @@ def prepare_main(argv: list[str]) -> int:
         return command_error("prepare", error)
     print(f"wrote {path} (and val.bin, tokenizer.json beside it)")
     return 0
-
-
-def eval_main(argv: list[str]) -> int:
-    """`moekit eval`: validation loss and perplexity of a run (or both runs of a comparison)."""
-    parser = argparse.ArgumentParser(
-        prog="moekit eval",
-        description="Print the validation loss and perplexity of a trained run's checkpoint "
-        "(both runs of a comparison folder, every run of a --seeds job). Without --data: on "
-        "the run's validation batches, the ones training evaluated on (the final loss of "
-        "`moekit train` is this number); --data RUN/data/val.bin: the whole validation split.",
-    )
-    parser.add_argument("run_dir", help="a run folder, or a comparison folder")
-    parser.add_argument(
-        "--data",
-        help="evaluate on this text (.txt, .jsonl, folder), .bin, or a built-in corpus's "
-        "validation split (builtin:packages) instead",
-    )
-    parser.add_argument("--max-batches", type=int, help="evaluate only the first batches")
-    parser.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (not copied)")
-    args = parser.parse_args(argv)
-    from .compare import comparison_runs
-    from .inference import evaluate_run
-    from .seeds import SEEDS_FILE, seed_dirs
-
-    run_dir = Path(args.run_dir)
-    folders = [run_dir]
-    if (run_dir / SEEDS_FILE).is_file():
-        seeds = json.loads((run_dir / SEEDS_FILE).read_text(encoding="utf-8"))["seeds"]
-        folders = [f for f in seed_dirs(run_dir, seeds).values() if f.is_dir()]
-    runs = []
-    for folder in folders:
-        comparison = comparison_runs(folder)
-        runs += [folder] if comparison is None else list(comparison.values())
-    try:
-        for run in runs:
-            result = evaluate_run(
-                run, data=args.data, max_batches=args.max_batches, tokenizer=args.tokenizer
-            )
-            where = "the run's validation batches" if result.run_batches else args.data
-            print(
-                f"{run}: validation loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
-                f"({result.num_tokens:,} tokens of {where})"
-            )
-    except ValueError as error:
-        return command_error("eval", error)
-    return 0
-
-
-def generate_main(argv: list[str]) -> int:
-    """`moekit generate`: stream a continuation of a prompt from a trained run."""
-    parser = argparse.ArgumentParser(
-        prog="moekit generate",
-        description="Continue a prompt with a trained run's model, streaming the text.",
-    )
-    parser.add_argument("run_dir", help="a trained run folder (e.g. runs/compare-.../moe)")
-    parser.add_argument(
-        "--prompt", default="", help='text to continue (default "": a new document)'
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=200,
-        help="at most this many tokens (default 200)",
-    )
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set reaching p")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument(
-        "--show-experts",
-        action="store_true",
-        help="after the text, list each token's experts per MoE layer",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the decode step with torch.compile (a one-time cost; faster per token)",
-    )
-    parser.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP + " (not copied)")
-    args = parser.parse_args(argv)
-    from ..data.tokenizer import run_tokenizer
-    from .inference import generate_text
-
-    pieces = []
-    try:
-        tokenizer = run_tokenizer(args.run_dir, args.tokenizer)  # refused before the prompt
-        print(args.prompt, end="", flush=True)
-        for piece in generate_text(
-            args.run_dir,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            show_experts=args.show_experts,
-            compile=args.compile,
-            tokenizer=tokenizer,
-        ):
-            print(piece.text, end="", flush=True)
-            pieces.append(piece)
-        print()
-    except ValueError as error:
-        return command_error("generate", error)
-    if args.show_experts:
-        _print_experts(pieces, tokenizer)
-    return 0
-
-
-def _print_experts(pieces, tokenizer) -> None:
-    print("\ntoken            experts per MoE layer")
-    for piece in pieces:
-        layers = [
-            f"L{i}:{','.join(map(str, ids))}"
-            for i, ids in enumerate(piece.expert_ids)
-            if ids is not None
-        ]
-        print(f"{tokenizer.decode([piece.token])!r:16} {' '.join(layers)}")
 
 
 def routers_main(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ from ..data import (
     tokenize_documents,
 )
 from ..data.tokenizer import run_tokenizer
-from ..generate import stream
+from ..generate import check_sampling, stream
 from .data import evaluation_data
 from .evaluation import autocast, evaluate, fixed_eval_batches
 from .rundir import load_trained_model, run_configs
@@ -144,14 +144,19 @@ def generate_text(
         compile: run the decode step through torch.compile (pays off for long outputs).
         tokenizer: a Tokenizer, or a tokenizer.json (or a folder holding one) instead of
             the run's own (run_tokenizer).
-    Yields:
-        TextPiece per generated token.
+    Returns:
+        An iterator of TextPiece, one per generated token. Every argument is checked (and
+        the model loaded) by this call, before the first piece is asked for.
+    Raises:
+        ValueError: a bad argument, run, tokenizer or prompt (too long for the model).
     """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 0")
+    check_sampling(temperature, top_k, top_p)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = run_tokenizer(run_dir, tokenizer)
     model = load_trained_model(run_dir)
     prompt_ids = tokenizer.encode_prompt(prompt)
-    eos_ids = tokenizer.eos_ids
     room = model.config.max_seq_len - len(prompt_ids)
     if room < 1:
         raise ValueError(
@@ -164,11 +169,18 @@ def generate_text(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        eos_token_id=list(eos_ids) or None,
+        eos_token_id=list(tokenizer.eos_ids) or None,
         return_expert_ids=show_experts,
         generator=torch.Generator().manual_seed(seed),
         compile=compile,
     )
+    return _text_pieces(steps, tokenizer)
+
+
+def _text_pieces(steps: Iterator, tokenizer: Tokenizer) -> Iterator[TextPiece]:
+    """The text of each generated token, once it decodes to whole characters; stops at an
+    end-of-sequence id."""
+    eos_ids = tokenizer.eos_ids
     new_ids: list[int] = []
     shown = ""
     for step in steps:

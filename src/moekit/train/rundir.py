@@ -7,7 +7,8 @@ One Trainer trains one model in one run directory:
     RUN/routing.jsonl        per-layer routing statistics of MoE runs (train/metrics.py)
     RUN/checkpoint/          weights and trainer state (the checkpoint package)
 A converted run (interop/convert.py) and a task run (tasks/loop.py) write the same
-config.json through write_run_config. The checkpoint folder's own layout and its atomic
+config.json through write_run_config; a task run's has a "task" entry, and the readers of
+language-model runs here refuse it by name (check_language_model_run). The checkpoint folder's own layout and its atomic
 swap belong to moekit.checkpoint, a floor below train; checkpoint_dir (which falls back to
 checkpoint.prev/ when a save stopped between its renames) is its answer to "where is this
 run's checkpoint", and every caller above asks it here.
@@ -32,6 +33,7 @@ RUN_FORMAT = 1
 __all__ = [
     "CONFIG_FILE",
     "RUN_FORMAT",
+    "check_language_model_run",
     "checkpoint_dir",
     "is_run_dir",
     "load_trained_model",
@@ -83,9 +85,32 @@ def is_run_dir(path: str | Path) -> bool:
     return isinstance(config, dict) and "model" in config and "format" in config
 
 
+def check_language_model_run(run_dir: str | Path, command: str) -> None:
+    """ValueError in one line when run_dir is a task run (`moekit train --task NAME`, whose
+    config.json describes a classifier, multi-task or vision model): command names who
+    reads only language-model runs. A folder without a readable config.json passes: its
+    reader says what is wrong with it."""
+    try:
+        config = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    _refuse_task_run(config, run_dir, command)
+
+
+def _refuse_task_run(config: dict, run_dir: str | Path, reader: str) -> None:
+    task = config.get("task") if isinstance(config, dict) else None
+    if task is not None:
+        raise ValueError(
+            f"{str(run_dir)!r} is a --task {task} run; {reader} reads language-model runs "
+            "(trained by `moekit train` without --task)"
+        )
+
+
 def run_configs(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig, str | None]:
-    """The model config, train config and data source saved in a run directory."""
+    """The model config, train config and data source saved in a language-model run
+    directory; ValueError naming the task of a task run (check_language_model_run)."""
     saved = read_run_config(run_dir)
+    _refuse_task_run(saved, run_dir, "this command")
     return (
         model_config_from_dict(saved["model"]),
         train_config_from_dict(saved["train"]),
