@@ -1,66 +1,28 @@
-"""Generation: KV cache equals the full forward, sampling rules, streaming, stopping."""
+"""Generation: sampling rules, streaming, stopping, expert ids, the static cache (the
+decoding properties over every attention kind are test_decoding.py's)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from builders import decoder
 
-from moekit import MoEConfig
 from moekit.generate import KVCache, generate, sample_next, stream
-from moekit.models import ModelConfig, Transformer
-
-
-def make_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=32,
-        d_model=16,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=32,
-        moe=MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2),
-    )
-    fields.update(overrides)
-    return Transformer(ModelConfig(**fields)).eval()
 
 
 def prompt(B: int = 2, T: int = 5, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 32, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("moe", [True, False])
-def test_greedy_with_and_without_cache_gives_the_same_tokens_and_logits(moe):
-    model = make_model() if moe else make_model(moe=None)
-    kwargs = dict(max_new_tokens=12, temperature=0.0)
-    cached = generate(model, prompt(), use_cache=True, **kwargs)
-    uncached = generate(model, prompt(), use_cache=False, **kwargs)
-    assert cached.tokens_BN.shape == (2, 12)
-    torch.testing.assert_close(cached.tokens_BN, uncached.tokens_BN)
-    torch.testing.assert_close(cached.logits_BNV, uncached.logits_BNV, atol=1e-5, rtol=1e-4)
-
-
-def test_cache_filled_in_chunks_equals_the_full_forward():
-    # Second chunk: 4 new queries over 7 keys needs the explicit (bottom-right) causal mask.
-    model = make_model()
-    x_BT = prompt(T=7)
-    full = model(x_BT).logits
-    cache = KVCache.for_model(model, batch_size=2, max_len=7)
-    first = model(x_BT[:, :3], kv_cache=cache).logits
-    second = model(x_BT[:, 3:], kv_cache=cache).logits
-    assert cache.length == 7
-    torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-4)
-
-
 def test_full_cache_raises():
-    model = make_model()
+    model = decoder()
     cache = KVCache.for_model(model, batch_size=2, max_len=4)
     with pytest.raises(ValueError, match=r"KV cache is full: 5 positions > max_len \(4\)"):
         model(prompt(T=5), kv_cache=cache)
 
 
 def test_stream_yields_one_step_at_a_time():
-    model = make_model()
+    model = decoder()
     steps = stream(model, prompt(), max_new_tokens=3, temperature=0.0)
     first = next(steps)
     assert first.token_B.shape == (2,) and first.logits_BV.shape == (2, 32)
@@ -71,7 +33,7 @@ def test_stream_yields_one_step_at_a_time():
 def test_generation_stops_when_every_sequence_produced_the_end_token():
     # Sampling with a seeded generator draws the same tokens in both runs until a sequence
     # finishes (sequences of a batch do not interact).
-    model = make_model()
+    model = decoder()
     kwargs = dict(max_new_tokens=12, temperature=2.0)
     free = generate(model, prompt(), generator=torch.Generator().manual_seed(1), **kwargs).tokens_BN
     eos = int(free[0, 1])
@@ -87,7 +49,7 @@ def test_generation_stops_when_every_sequence_produced_the_end_token():
 
 
 def test_single_sequence_stops_at_its_end_token():
-    model = make_model()
+    model = decoder()
     free = generate(model, prompt(B=1), max_new_tokens=6, temperature=0.0).tokens_BN
     eos = int(free[0, 2])
     first_eos = int((free[0] == eos).nonzero()[0])
@@ -99,7 +61,7 @@ def test_single_sequence_stops_at_its_end_token():
 
 def test_several_end_tokens_stop_at_whichever_comes_first():
     # A model may end a reply with any of a few ids (generation_config's eos_token_id list).
-    model = make_model()
+    model = decoder()
     kwargs = dict(max_new_tokens=12, temperature=2.0)
     free = generate(model, prompt(), generator=torch.Generator().manual_seed(1), **kwargs).tokens_BN
     eos_ids = [int(free[0, 1]), int(free[1, 3])]
@@ -121,7 +83,7 @@ def test_several_end_tokens_stop_at_whichever_comes_first():
 
 
 def test_expert_ids_of_generated_tokens_match_a_full_forward():
-    model = make_model()
+    model = decoder()
     result = generate(model, prompt(), max_new_tokens=4, temperature=0.0, return_expert_ids=True)
     assert [ids.shape for ids in result.expert_ids] == [(2, 4, 2), (2, 4, 2)]
     # Each generated token's own routing: positions 5..8 of prompt + generated tokens.
@@ -132,14 +94,14 @@ def test_expert_ids_of_generated_tokens_match_a_full_forward():
 
 
 def test_expert_ids_are_none_for_dense_layers():
-    model = make_model(num_layers=2, moe_every=2)
+    model = decoder("gqa", num_layers=2, moe_every=2)
     result = generate(model, prompt(), max_new_tokens=2, temperature=0.0, return_expert_ids=True)
     assert result.expert_ids[0] is None
     assert result.expert_ids[1].shape == (2, 2, 2)
 
 
 def test_sampling_is_reproducible_with_a_generator():
-    model = make_model()
+    model = decoder()
     kwargs = dict(max_new_tokens=8, temperature=1.0, top_k=10, top_p=0.9)
     a = generate(model, prompt(), generator=torch.Generator().manual_seed(3), **kwargs)
     b = generate(model, prompt(), generator=torch.Generator().manual_seed(3), **kwargs)
@@ -189,17 +151,17 @@ def test_low_temperature_approaches_greedy():
 )
 def test_bad_generation_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        generate(make_model(), prompt(), **kwargs)
+        generate(decoder(), prompt(), **kwargs)
 
 
 def test_zero_new_tokens_returns_empty():
-    result = generate(make_model(), prompt(), max_new_tokens=0)
+    result = generate(decoder(), prompt(), max_new_tokens=0)
     assert result.tokens_BN.shape == (2, 0)
 
 
 def test_expert_ids_with_and_without_cache_agree_up_to_max_seq_len():
     # 5 prompt + 7 new tokens fill max_seq_len (12): the last token's own routing still fits.
-    model = make_model(max_seq_len=12)
+    model = decoder("gqa", max_seq_len=12)
     kwargs = dict(max_new_tokens=7, temperature=0.0, return_expert_ids=True)
     cached = generate(model, prompt(), use_cache=True, **kwargs)
     uncached = generate(model, prompt(), use_cache=False, **kwargs)
@@ -217,49 +179,8 @@ def ragged_prompts(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 32, (n,), generator=gen) for n in LENGTHS]
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-@pytest.mark.parametrize(
-    "moe",
-    [
-        MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2),
-        MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=1, router="switch"),
-        MoEConfig(d_model=16, d_hidden=8, num_experts=4, router="sigmoid_topk", num_groups=2),
-        MoEConfig(d_model=16, d_hidden=8, num_experts=4, router="top_p", num_shared_experts=1),
-    ],
-    ids=["softmax_topk", "switch", "sigmoid_topk", "top_p-shared"],
-)
-def test_batched_greedy_decoding_gives_each_prompt_its_tokens_alone(moe, use_cache):
-    model = make_model(moe=moe, max_seq_len=24)
-    prompts = ragged_prompts()
-    kwargs = dict(max_new_tokens=10, temperature=0.0, use_cache=use_cache)
-    batched = generate(model, prompts, **kwargs)
-    for row, p in enumerate(prompts):
-        alone = generate(model, p.unsqueeze(0), **kwargs)
-        torch.testing.assert_close(batched.tokens_BN[row], alone.tokens_BN[0])
-        torch.testing.assert_close(
-            batched.logits_BNV[row], alone.logits_BNV[0], atol=1e-5, rtol=1e-4
-        )
-
-
-def test_padded_forward_equals_each_sequence_alone():
-    # Left and right padding through one forward: each sequence's real positions match.
-    model = make_model()
-    prompts = ragged_prompts()
-    T = max(LENGTHS)
-    for left in (True, False):
-        tokens_BT = torch.zeros(len(prompts), T, dtype=torch.long)
-        mask_BT = torch.zeros(len(prompts), T, dtype=torch.bool)
-        for b, p in enumerate(prompts):
-            cols = slice(T - len(p), T) if left else slice(0, len(p))
-            tokens_BT[b, cols], mask_BT[b, cols] = p, True
-        logits = model(tokens_BT, attention_mask_BT=mask_BT).logits
-        for b, p in enumerate(prompts):
-            alone = model(p.unsqueeze(0)).logits[0]
-            torch.testing.assert_close(logits[b][mask_BT[b]], alone, atol=1e-5, rtol=1e-4)
-
-
 def test_right_padded_prompt_with_a_mask_equals_the_list_of_prompts():
-    model = make_model()
+    model = decoder()
     prompts = ragged_prompts()
     tokens_BT = torch.zeros(len(prompts), max(LENGTHS), dtype=torch.long)
     mask_BT = torch.zeros_like(tokens_BT)
@@ -272,7 +193,7 @@ def test_right_padded_prompt_with_a_mask_equals_the_list_of_prompts():
 
 
 def test_each_sequence_of_a_ragged_batch_stops_at_its_end_token():
-    model = make_model(max_seq_len=24)
+    model = decoder("gqa", max_seq_len=24)
     prompts = ragged_prompts()
     free = generate(model, prompts, max_new_tokens=10, temperature=0.0).tokens_BN
     eos = int(free[2, 1])
@@ -285,7 +206,7 @@ def test_each_sequence_of_a_ragged_batch_stops_at_its_end_token():
 
 
 def test_static_cache_is_written_in_place_and_keeps_its_shapes():
-    model = make_model()
+    model = decoder()
     cache = KVCache.for_model(model, batch_size=2, max_len=10)
     pointers = [k.data_ptr() for k in cache.k_BGSDh]
     model(prompt(T=4), kv_cache=cache)
@@ -295,43 +216,3 @@ def test_static_cache_is_written_in_place_and_keeps_its_shapes():
     assert [k.data_ptr() for k in cache.k_BGSDh] == pointers
     assert all(k.shape == (2, 2, 10, 4) for k in cache.k_BGSDh)
     assert cache.filled_BS[:, :7].all() and not cache.filled_BS[:, 7:].any()
-
-
-def test_decode_step_compiles_once_and_is_reused():
-    from torch._dynamo.testing import CompileCounter
-
-    from moekit.generate import _decode_step
-
-    torch._dynamo.reset()
-    model = make_model()
-    counter = CompileCounter()
-    step = torch.compile(_decode_step, backend=counter, fullgraph=True, dynamic=False)
-    cache = KVCache.for_model(model, batch_size=2, max_len=16)
-    eager_cache = KVCache.for_model(model, batch_size=2, max_len=16)
-    with torch.no_grad():
-        model(prompt(), kv_cache=cache)
-        model(prompt(), kv_cache=eager_cache)
-        for t in range(6):
-            token_B1 = prompt(T=1, seed=t)
-            logits, _ = step(model, token_B1, cache, None)
-            expected, _ = _decode_step(model, token_B1, eager_cache, None)
-            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
-    assert counter.frame_count == 1
-
-
-def test_compiled_generation_equals_eager_with_sampling_and_expert_ids():
-    torch._dynamo.reset()
-    model = make_model()
-    kwargs = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.95, return_expert_ids=True)
-    eager = generate(model, ragged_prompts(), generator=torch.Generator().manual_seed(0), **kwargs)
-    compiled = generate(
-        model,
-        ragged_prompts(),
-        generator=torch.Generator().manual_seed(0),
-        compile=True,
-        **kwargs,
-    )
-    torch.testing.assert_close(compiled.tokens_BN, eager.tokens_BN)
-    torch.testing.assert_close(compiled.logits_BNV, eager.logits_BNV, atol=1e-4, rtol=1e-4)
-    for a, b in zip(compiled.expert_ids, eager.expert_ids):
-        torch.testing.assert_close(a, b)

@@ -1,6 +1,6 @@
-"""Multi-head latent attention: the compressed cache equals the full forward (ragged and
-left-padded batches, compiled decoding), the config is checked, and the module has
-transformers' DeepseekV3Attention's parameters."""
+"""Multi-head latent attention: the cache holds the latent, the absorbed decode step equals
+the decompressed attention (decoding equals the full forward: test_decoding.py), the config
+is checked, and the module has transformers' DeepseekV3Attention's parameters."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from builders import MLA, decoder
 
 from moekit import MoEConfig
 from moekit.generate import KVCache, generate
@@ -17,27 +18,6 @@ from moekit.models.mla import softmax_scale
 from moekit.models.rope import apply_rope
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MLA = dict(attention="mla", kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=5)
-
-
-def make_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=32,
-        d_model=16,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=32,
-        q_lora_rank=8,
-        **MLA,
-        moe=MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2),
-    )
-    fields.update(overrides)
-    model = Transformer(ModelConfig(**fields)).eval()
-    with torch.no_grad():  # wide weights, so that every part of the attention matters
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    return model
 
 
 def prompt(B: int = 2, T: int = 7, seed: int = 0) -> torch.Tensor:
@@ -45,7 +25,7 @@ def prompt(B: int = 2, T: int = 7, seed: int = 0) -> torch.Tensor:
 
 
 def test_cache_holds_the_latent_and_the_rotary_key_only():
-    model = make_model()
+    model = decoder("mla")
     cache = KVCache.for_model(model, batch_size=2, max_len=9)
     assert all(t.shape == (2, 1, 9, 12) for t in cache.k_BGSDh)  # kv_lora_rank
     assert all(t.shape == (2, 1, 9, 4) for t in cache.v_BGSDh)  # qk_rope_head_dim
@@ -53,21 +33,10 @@ def test_cache_holds_the_latent_and_the_rotary_key_only():
     assert kv_cache_bytes_per_token(model.config) == 2 * (12 + 4) * 2
 
 
-@pytest.mark.parametrize("q_lora_rank", [8, None], ids=["q_lora", "q_proj"])
-def test_cached_decoding_equals_the_full_forward(q_lora_rank):
-    model = make_model(q_lora_rank=q_lora_rank)
-    x_BT = prompt()
-    full = model(x_BT).logits
-    cache = KVCache.for_model(model, batch_size=2, max_len=7)
-    chunks = [model(x_BT[:, :3], kv_cache=cache).logits]
-    chunks += [model(x_BT[:, t : t + 1], kv_cache=cache).logits for t in range(3, 7)]
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-4)
-
-
 def test_absorbed_decode_step_equals_the_decompressed_attention():
     """One decode step in the latent space (W_UK folded into the query, W_UV after the
     softmax) equals decompressing every cached latent into keys and values."""
-    model = make_model()
+    model = decoder("mla")
     cache = KVCache.for_model(model, batch_size=2, max_len=8)
     model(prompt(), kv_cache=cache)
     attn = model.layers[1].attn
@@ -86,47 +55,13 @@ def test_absorbed_decode_step_equals_the_decompressed_attention():
     )
 
 
-LENGTHS = [5, 1, 8, 3]
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_ragged_left_padded_batch_gives_each_prompt_its_tokens_alone(use_cache):
-    yarn = {"type": "yarn", "factor": 4.0, "original_max_seq_len": 8, "mscale_all_dim": 1.0}
-    model = make_model(rope_scaling=yarn)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 32, (n,), generator=gen) for n in LENGTHS]
-    kwargs = dict(max_new_tokens=8, temperature=0.0, use_cache=use_cache)
-    batched = generate(model, prompts, **kwargs)
-    for row, p in enumerate(prompts):
-        alone = generate(model, p.unsqueeze(0), **kwargs)
-        torch.testing.assert_close(batched.tokens_BN[row], alone.tokens_BN[0])
-        torch.testing.assert_close(
-            batched.logits_BNV[row], alone.logits_BNV[0], atol=1e-5, rtol=1e-4
-        )
-
-
-def test_compiled_generation_equals_eager():
-    torch._dynamo.reset()
-    moe = MoEConfig(
-        d_model=16, d_hidden=8, num_experts=4, top_k=2, router="sigmoid_topk", num_groups=2
-    )
-    model = make_model(moe=moe, first_dense_layers=1)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 32, (n,), generator=gen) for n in LENGTHS]
-    kwargs = dict(max_new_tokens=6, temperature=0.0)
-    eager = generate(model, prompts, **kwargs)
-    compiled = generate(model, prompts, compile=True, **kwargs)
-    torch.testing.assert_close(compiled.tokens_BN, eager.tokens_BN)
-    torch.testing.assert_close(compiled.logits_BNV, eager.logits_BNV, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.slow  # about a minute of inductor compilation on two cores
 def test_compiled_training_step_is_one_graph_and_equals_eager():
     torch._dynamo.reset()
     moe = MoEConfig(
         d_model=16, d_hidden=8, num_experts=4, top_k=2, router="sigmoid_topk", num_groups=2
     )
-    model = make_model(moe=moe, first_dense_layers=1).train()
+    model = decoder("mla", moe=moe, first_dense_layers=1).train()
     tokens_BT, targets_BT = prompt(seed=1), prompt(seed=2)
 
     def loss(tokens_BT, targets_BT):
@@ -173,7 +108,7 @@ def test_lora_on_latent_attention_decodes_as_the_merged_model():
     adapted weight. So greedy decoding with adapters equals decoding their merge."""
     from moekit.models.lora import LoRAConfig, add_lora, merge_lora
 
-    model = add_lora(make_model(), LoRAConfig(rank=2, alpha=4.0, targets="attention,experts"))
+    model = add_lora(decoder("mla"), LoRAConfig(rank=2, alpha=4.0, targets="attention,experts"))
     adapted = {n for n, _ in model.named_parameters() if ".lora_A" in n and ".attn." in n}
     assert {n.split(".")[3] for n in adapted} == {"wq_down", "wq_up", "wkv_down", "wkv_up", "wo"}
     generator = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """The decoder options of further families (models/options.py): partial rotary, LayerNorm,
 Granite's multipliers and an output-head bias. Defaults leave the decoder as it was; each
-option equals a hand-written reference, decodes with the KV cache as the full forward does,
-and compiles."""
+option equals a hand-written reference and compiles (each decodes with the KV cache as the
+full forward does: test_decoding.py)."""
 
 # B batch, T tokens, D model, V vocab, H heads, Dh head dim, R rotated dims of a head
 
@@ -12,12 +12,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import ALL_OPTIONS as ALL_ON
+from builders import options_config as config
+from builders import options_decoder as model
 from torch import nn
 
-from moekit import MoEConfig
 from moekit.interop.accounting import count_by_part
 from moekit.models import ModelConfig, Transformer, count_parameters, presets
-from moekit.models.kv_cache import KVCache
 from moekit.models.rope import apply_rope, rope_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,44 +32,6 @@ DEFAULTS = dict(
     logits_scaling=1.0,
     lm_head_bias=False,
 )
-ALL_ON = dict(
-    rotary_dim=4,
-    norm="layer",
-    embedding_multiplier=3.0,
-    residual_multiplier=0.5,
-    attention_multiplier=0.2,
-    logits_scaling=2.5,
-    lm_head_bias=True,
-)
-# One option at a time, then all of them, also with gpt-oss's attention (each must decode as
-# the full forward does).
-OPTIONS = [{name: value} for name, value in ALL_ON.items()] + [
-    ALL_ON,
-    ALL_ON | dict(attention="sinks", sliding_window=3),
-]
-
-
-def config(**overrides) -> ModelConfig:
-    fields = dict(
-        vocab_size=32,
-        d_model=16,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        max_seq_len=16,
-        moe=MoEConfig(d_model=16, d_hidden=8, num_experts=4, top_k=2),
-    )
-    return ModelConfig(**(fields | overrides))
-
-
-def model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    built = Transformer(config(**overrides)).eval()
-    with torch.no_grad():  # biases start at zero: give them values that show
-        for name, param in built.named_parameters():
-            if name.endswith(".bias") or name == "norm.weight":
-                param.copy_(torch.randn_like(param) * 0.5)
-    return built
 
 
 def tokens(B: int = 2, T: int = 7) -> torch.Tensor:
@@ -235,17 +198,7 @@ def test_lm_head_bias_is_added_to_the_logits(tied):
         torch.testing.assert_close(with_bias(x_BT).logits, expected)
 
 
-# --- every path: cached decoding, MTP, compile, accounting ---
-
-
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o)))
-def test_cached_decoding_token_by_token_equals_the_full_forward(options):
-    built, x_BT = model(**options), tokens()
-    cache = KVCache.for_model(built, batch_size=2, max_len=7)
-    with torch.no_grad():
-        full_BTV = built(x_BT).logits
-        steps = [built(x_BT[:, t : t + 1], kv_cache=cache).logits for t in range(7)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full_BTV, atol=1e-5, rtol=1e-4)
+# --- every path: MTP, compile, accounting (cached decoding: test_decoding.py) ---
 
 
 def test_multi_token_prediction_uses_the_options():

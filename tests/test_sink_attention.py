@@ -7,49 +7,12 @@ import math
 
 import pytest
 import torch
+from builders import SINK_WINDOW as WINDOW
+from builders import decoder, decoder_config
 
-from moekit import MoEConfig
-from moekit.generate import KVCache, generate
-from moekit.models import ModelConfig, Transformer
 from moekit.models.attention import Placement
 from moekit.models.kv_cache import padded_positions
 from moekit.models.sink_attention import SinkAttention
-
-WINDOW = 3
-
-
-def make_model(seed: int = 0, **overrides) -> Transformer:
-    """Two layers: layer 0 slides (window 3), layer 1 is full; random sinks."""
-    torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=32,
-        d_model=16,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=32,
-        attention="sinks",
-        sliding_window=WINDOW,
-        sliding_layers=[0],
-        qkv_bias=True,
-        attn_out_bias=True,
-        moe=MoEConfig(
-            d_model=16,
-            d_hidden=8,
-            num_experts=4,
-            top_k=2,
-            router_bias=True,
-            expert_bias=True,
-            activation="swiglu_clamped",
-        ),
-    )
-    fields.update(overrides)
-    model = Transformer(ModelConfig(**fields)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("sinks", "bias")):
-                param.normal_(0.0, 1.0)
-    return model
 
 
 def reference_attention(q_BHTDh, k_BGSDh, v_BGSDh, sinks_H, allowed_B1TS):
@@ -66,15 +29,13 @@ def reference_attention(q_BHTDh, k_BGSDh, v_BGSDh, sinks_H, allowed_B1TS):
     return probs @ v_BHSDh
 
 
-def _config(**overrides) -> ModelConfig:
-    return make_model(**overrides).config
-
-
 @pytest.mark.parametrize("window", [None, 1, WINDOW])
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
 def test_sdpa_with_a_sink_column_equals_the_explicit_softmax(window, padded):
     torch.manual_seed(1)
-    attn = SinkAttention(_config(sliding_window=window or 8, sliding_layers=[0]), layer=0)
+    attn = SinkAttention(
+        decoder_config("sinks", sliding_window=window or 8, sliding_layers=[0]), layer=0
+    )
     attn.window = window
     with torch.no_grad():
         attn.sinks.normal_(0.0, 2.0)
@@ -112,64 +73,16 @@ def test_window_limits_what_a_token_sees():
     tokens = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(0))
     changed = tokens.clone()
     changed[0, 0] = (tokens[0, 0] + 1) % 32
-    sliding = make_model(sliding_layers=None)
-    full = make_model(sliding_window=None, sliding_layers=None)
+    sliding = decoder("sinks", sliding_layers=None)
+    full = decoder("sinks", sliding_window=None, sliding_layers=None)
     with torch.no_grad():
         assert torch.equal(sliding(tokens).logits[0, 5], sliding(changed).logits[0, 5])
         assert not torch.equal(full(tokens).logits[0, 5], full(changed).logits[0, 5])
 
 
-def test_cache_filled_in_chunks_equals_the_full_forward():
-    model = make_model()
-    x_BT = torch.randint(0, 32, (2, 11), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model(x_BT).logits
-        cache = KVCache.for_model(model, batch_size=2, max_len=12)
-        chunks = [model(x_BT[:, a:b], kv_cache=cache).logits for a, b in ((0, 4), (4, 5), (5, 11))]
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_ragged_batch_decodes_each_prompt_as_alone(use_cache):
-    """Left-padded prompts longer and shorter than the window, greedy, cached or not."""
-    model = make_model(max_seq_len=24)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 32, (n,), generator=gen) for n in (5, 1, 8, 3)]
-    kwargs = dict(max_new_tokens=9, temperature=0.0, use_cache=use_cache)
-    batched = generate(model, prompts, **kwargs)
-    for row, p in enumerate(prompts):
-        alone = generate(model, p.unsqueeze(0), **kwargs)
-        torch.testing.assert_close(batched.tokens_BN[row], alone.tokens_BN[0])
-        torch.testing.assert_close(
-            batched.logits_BNV[row], alone.logits_BNV[0], atol=1e-5, rtol=1e-4
-        )
-
-
-def test_cached_and_uncached_generation_agree():
-    model = make_model(max_seq_len=24)
-    prompt = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(5))
-    kwargs = dict(max_new_tokens=12, temperature=0.0)
-    cached = generate(model, prompt, use_cache=True, **kwargs)
-    uncached = generate(model, prompt, use_cache=False, **kwargs)
-    torch.testing.assert_close(cached.tokens_BN, uncached.tokens_BN)
-    torch.testing.assert_close(cached.logits_BNV, uncached.logits_BNV, atol=1e-5, rtol=1e-4)
-
-
-def test_compiled_generation_equals_eager():
-    torch._dynamo.reset()
-    model = make_model(max_seq_len=24)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 32, (n,), generator=gen) for n in (5, 2, 7)]
-    kwargs = dict(max_new_tokens=8, temperature=0.0)
-    eager = generate(model, prompts, **kwargs)
-    compiled = generate(model, prompts, compile=True, **kwargs)
-    torch.testing.assert_close(compiled.tokens_BN, eager.tokens_BN)
-    torch.testing.assert_close(compiled.logits_BNV, eager.logits_BNV, atol=1e-4, rtol=1e-4)
-
-
 def test_training_forward_compiles_whole():
     torch._dynamo.reset()
-    model = make_model().train()
+    model = decoder("sinks").train()
     tokens = torch.randint(0, 32, (2, 12))
 
     def loss(tokens):
@@ -193,4 +106,4 @@ def test_training_forward_compiles_whole():
 )
 def test_bad_window_settings_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
-        _config(**overrides)
+        decoder_config("sinks", **overrides)
