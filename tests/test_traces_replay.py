@@ -81,7 +81,11 @@ def test_replaying_the_layers_own_trace_changes_nothing(case, train, mode):
 def test_replay_weights_of_the_routers_own_ids_are_its_weights(case):
     """Each router's replay_weights, given its own choice, recomputes its own weights bit
     for bit (the formula, not only the where() that prefers them)."""
-    moe = make_moe(**TOKEN_CHOICE[case]).train()
+    moe = make_moe(**TOKEN_CHOICE[case])
+    # sparsemixer's training weights carry a random per-token factor (GRIN's midpoint
+    # estimator: 1 or 1/3) that ids cannot reproduce; its replay weights are the
+    # evaluation ones, which it reproduces in eval mode
+    moe.train(not case.startswith("sparsemixer"))
     torch.manual_seed(0)
     decision = moe.router.route(tokens(32), None)
     weights = moe.router.replay_weights(decision, decision.ids_TK, decision.valid_TK)
