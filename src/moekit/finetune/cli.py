@@ -40,7 +40,9 @@ finetune_steps, finetune_batch, finetune_lr, eval_per_family, exact_match_per_fa
 
 def finetune_main(argv: list[str]) -> int:
     """`moekit finetune BASE --data FILE --out DIR`, `--resume --out DIR` or `--demo`."""
+    argv, settings = _split_settings(argv)
     args, extra = _parser().parse_known_args(argv)
+    extra += settings
     if args.threads is not None:
         import torch
 
@@ -104,6 +106,21 @@ def _parser() -> argparse.ArgumentParser:
         help="ids: weights recomputed by the router; ids+weights: both from the trace",
     )
     return parser
+
+
+# Dotted settings (--routing.replay is an option of its own).
+SETTING_PREFIXES = ("--model.", "--train.", "--lora.", "--finetune.", "--demo.")
+
+
+def _split_settings(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the dotted settings with their values), split before argparse
+    sees them: it would give a setting's value to BASE (`--demo --demo.pretrain_steps 2`)."""
+    rest, settings, i = [], [], 0
+    while i < len(argv):
+        take = 1 if "=" in argv[i] or not argv[i].startswith(SETTING_PREFIXES) else 2
+        (settings if argv[i].startswith(SETTING_PREFIXES) else rest).extend(argv[i : i + take])
+        i += take
+    return rest, settings
 
 
 def _demo_budget(extra: list[str]):

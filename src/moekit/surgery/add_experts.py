@@ -97,7 +97,7 @@ def added_experts_config(config: ModelConfig, num_new: int, method: str) -> Mode
     if method == "offset":
         new_moe = dataclasses.replace(moe, num_experts=moe.num_experts + num_new)
     else:
-        parts = _parts(moe.num_experts, moe.d_hidden, num_new)
+        parts = _parts(config, num_new, method)
         new_moe = dataclasses.replace(
             moe,
             num_experts=moe.num_experts * parts,
@@ -134,7 +134,7 @@ def add_experts(
         if method == "offset":
             _offset_layer(state, prefix, old.num_experts, num_new)
         else:
-            parts = _parts(old.num_experts, old.d_hidden, num_new)
+            parts = config.moe.num_experts // old.num_experts
             _split_layer(state, prefix, parts, old)
             if method == "grow":
                 generator = torch.Generator().manual_seed(seed + layer)
@@ -195,14 +195,23 @@ def _widen_layer(
     state[prefix + "experts.w_down"] = torch.cat((w_down_EFD, zeros), dim=1)
 
 
-def _parts(num_experts: int, d_hidden: int, num_new: int) -> int:
+def _parts(config: ModelConfig, num_new: int, method: str) -> int:
+    """Parts per expert for split and grow; errors name the method and the --num that work."""
+    num_experts, d_hidden = config.moe.num_experts, config.moe.d_hidden
+    # num_new = k * E gives 1 + k parts, each needing d_hidden divisible by it.
+    working = [k * num_experts for k in range(1, d_hidden) if d_hidden % (1 + k) == 0][:3]
+    advice = f"--num {', '.join(map(str, working))}, ..." if working else "no --num does"
+    if add_experts_unsupported(config, "offset") is None:
+        advice += "; or method 'offset', which adds any number"
     if num_new % num_experts:
         raise ValueError(
-            f"split adds a multiple of num_experts ({num_experts}) experts, got {num_new}"
+            f"method {method!r} adds a multiple of num_experts ({num_experts}) experts, "
+            f"got {num_new}: {advice}"
         )
     parts = 1 + num_new // num_experts
     if d_hidden % parts:
         raise ValueError(
-            f"split into {parts} parts needs d_hidden ({d_hidden}) divisible by {parts}"
+            f"method {method!r} with {num_new} new experts splits each into {parts} parts, "
+            f"which needs d_hidden ({d_hidden}) divisible by {parts}: {advice}"
         )
     return parts

@@ -14,6 +14,7 @@ allowed); an unknown key or a value of the wrong type is a ValueError naming the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 
@@ -93,7 +94,8 @@ def apply_overrides(
             moe_changes[name] = parse_setting(MoEConfig, name, raw, key, model.moe, label)
         else:
             raise ValueError(
-                f"unknown setting --{key}; keys are model.FIELD, model.moe.FIELD, train.FIELD"
+                f"unknown setting --{key}{_did_you_mean(key, model)}; "
+                "keys are model.FIELD, model.moe.FIELD, train.FIELD"
             )
     if model.moe is not None and "d_model" in model_changes:
         moe_changes.setdefault("d_model", model_changes["d_model"])
@@ -107,6 +109,21 @@ def apply_overrides(
 
 def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def _did_you_mean(key: str, model: ModelConfig | MoEConfig | None) -> str:
+    """ "(did you mean --model.num_experts?)" for the setting closest to key, or "" (also
+    when the closest is an MoE setting and the model is dense)."""
+    moe_fields = _fields(MoEConfig)
+    moe_keys = [f"model.moe.{name}" for name in moe_fields]
+    moe_keys += [f"model.{name}" for name in moe_fields - _fields(ModelConfig)]
+    keys = [f"train.{name}" for name in _fields(TrainConfig)]
+    keys += [f"model.{name}" for name in _fields(ModelConfig) - {"moe"}]
+    close = difflib.get_close_matches(key, keys + moe_keys, n=1, cutoff=0.7)
+    has_moe = isinstance(model, MoEConfig) or getattr(model, "moe", None) is not None
+    if not close or (close[0] in moe_keys and not has_moe):
+        return ""
+    return f" (did you mean --{close[0]}?)"
 
 
 def parse_setting(
@@ -125,7 +142,7 @@ def parse_setting(
     if cls is MoEConfig and moe is None:
         raise ValueError(f"--{key}: {label} is dense (it has no MoE layers)")
     if name not in _fields(cls) or name == "moe":
-        raise ValueError(f"unknown setting --{key}")
+        raise ValueError(f"unknown setting --{key}{_did_you_mean(key, moe)}")
     hint = typing.get_type_hints(cls)[name]
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if type(None) in options and raw.lower() in ("none", "null"):
