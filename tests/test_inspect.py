@@ -65,6 +65,9 @@ def test_parts_of_a_small_config_by_hand():
 #                                10B active is two digits (10.42B counted: tests/test_interop_minimax_m2.py)
 #   ERNIE-4.5-300B-A47B 300B / 47B  Baidu, ERNIE 4.5 Technical Report (Jun 2025); 47B leaves
 #                                out the input table (tests/test_interop_ernie4_5_moe.py)
+#   Granite 3.1 3B-A800M 3.3B     IBM, granite-3.1-3b-a800m-base model card (Dec 2024); its 800M
+#                                active and the 1B-A400M's 1.3B / 400M leave the tied table out
+#                                or round coarser (tests/test_interop_granitemoe.py)
 WITHIN_1_PERCENT = [
     ("mixtral_8x7b", "total"),
     ("mixtral_8x7b", "active"),
@@ -93,6 +96,7 @@ WITHIN_1_PERCENT = [
     ("ernie_4_5_300b_a47b", "active"),
     ("glm_4_5", "total"),
     ("glm_4_5_air", "total"),
+    ("granite_3_1_3b_a800m", "total"),
 ]
 
 
