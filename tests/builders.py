@@ -44,11 +44,17 @@ COMMON = dict(
 )
 
 
-def hf_model(name: str, **overrides):
-    """The family's tiny random transformers model, in eval mode (overrides: config keys)."""
+def hf_model(name: str, settings: dict | None = None, **overrides):
+    """The family's tiny random transformers model, in eval mode.
+
+    Args:
+        name: a registered architecture.
+        settings: the whole config (default: COMMON | the family's `tiny`).
+        overrides: config keys replacing those.
+    """
     import transformers
 
-    settings = COMMON | ARCHITECTURES[name].tiny | overrides
+    settings = (COMMON | ARCHITECTURES[name].tiny if settings is None else settings) | overrides
     config = transformers.AutoConfig.for_model(name, **settings)
     config._attn_implementation = "eager"
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,13 +46,7 @@ ARCH = get("ernie4_5_moe")
 
 def _hf_folder(tmp_path, **overrides):
     settings = {k: v for k, v in (SETTINGS | overrides).items() if k != "model_type"}
-    config = transformers.AutoConfig.for_model("ernie4_5_moe", **settings)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
+    model = builders.hf_model("ernie4_5_moe", settings=settings)
     model.save_pretrained(tmp_path / "hf")
     return model, tmp_path / "hf"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import builders
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,17 +63,7 @@ TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_
 
 
 def _build(kwargs):
-    config = transformers.AutoConfig.for_model("glm4_moe", **(COMMON | kwargs))
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.1)
-    return model
+    return builders.hf_model("glm4_moe", settings=COMMON | kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,18 +19,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCH = ARCHITECTURES["granitemoe"]
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
+COMMON = builders.COMMON | dict(num_hidden_layers=2)  # the contract's sizes, two layers
 TOKENS_BT = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(2))
 
 
@@ -38,14 +28,7 @@ def _hf_config(**overrides):
 
 
 def _hf_model(**overrides):
-    config = _hf_config(**overrides)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    return model
+    return builders.hf_model("granitemoe", num_hidden_layers=2, **overrides)
 
 
 def _logits(model) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -47,17 +48,7 @@ SETTINGS = dict(
 
 
 def _build(**overrides):
-    config = transformers.MiniMaxM2Config(**(SETTINGS | overrides))
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.MiniMaxM2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.1)
-    return model
+    return builders.hf_model("minimax_m2", settings=SETTINGS, **overrides)
 
 
 def _logits(model) -> torch.Tensor:

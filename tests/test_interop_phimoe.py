@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import builders
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,33 +31,28 @@ VOCAB = 96
 TOKENS_BT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+SETTINGS = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    max_position_embeddings=64,
+    attention_bias=True,
+    lm_head_bias=True,
+    router_jitter_noise=0.4,
+    sliding_window=64,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+
 def _build(**overrides):
     """A tiny random PhimoeForCausalLM (eager attention), weights drawn with std 0.3."""
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        max_position_embeddings=64,
-        attention_bias=True,
-        lm_head_bias=True,
-        router_jitter_noise=0.4,
-        sliding_window=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    config = transformers.PhimoeConfig(**(settings | overrides))
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.PhimoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.3)
-    return model
+    return builders.hf_model("phimoe", settings=SETTINGS, **overrides)
 
 
 @pytest.fixture(scope="module")
