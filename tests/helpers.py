@@ -148,3 +148,15 @@ def micro_comparison(tmp_path_factory):
     code, _, stderr = run_cli("train", "--data", str(corpus), "--out", str(folder / "cmp"), *MICRO)
     assert code == 0, stderr
     return folder / "cmp"
+
+
+def folder_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder (one file or shards), by name."""
+    from safetensors.torch import load_file
+
+    from moekit.interop.hf import weight_files
+
+    tensors = {}
+    for file in set(weight_files(folder).values()):
+        tensors |= load_file(file)
+    return tensors

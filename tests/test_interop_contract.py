@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import VOCAB, hf_model
+from helpers import folder_tensors
 
 from moekit.generate import generate
 from moekit.interop import ARCHITECTURES, hf_config, load_hf, save_hf
@@ -50,15 +51,6 @@ def _logits(model, tokens_BT=TOKENS_BT) -> torch.Tensor:
         return model(tokens_BT).logits
 
 
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out |= load_file(file)
-    return out
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_loaded_model_computes_transformers_logits(hf_folders, name):
     hf_model, folder = hf_folders[name]
@@ -79,7 +71,7 @@ def test_saved_model_reloads_in_transformers_with_equal_logits(hf_folders, tmp_p
 def test_round_trip_is_bit_exact(hf_folders, tmp_path, name):
     _, folder = hf_folders[name]
     save_hf(load_hf(folder), tmp_path / "out", architecture=name)
-    original, again = _tensors(folder), _tensors(tmp_path / "out")
+    original, again = folder_tensors(folder), folder_tensors(tmp_path / "out")
     assert sorted(again) == sorted(original)
     for key, tensor in original.items():
         assert again[key].dtype == tensor.dtype and torch.equal(again[key], tensor), key

@@ -16,12 +16,12 @@ import json
 import pytest
 import torch
 from builders import DEEPSEEK_CASES, TOKENS_BT, deepseek_case
+from helpers import folder_tensors
 from safetensors.torch import load_file, save_file
 
 from moekit.cli import main
 from moekit.generate import generate
 from moekit.interop import load_hf, model_config_from_hf, save_hf
-from moekit.interop.hf import weight_files
 from moekit.models import Transformer
 from moekit.train import load_trained_model
 
@@ -44,13 +44,6 @@ def hf_folders(tmp_path_factory):
 def _logits(model, tokens_BT=TOKENS_BT) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens_BT).logits
-
-
-def _all_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in set(weight_files(folder).values()):
-        tensors |= load_file(file)
-    return tensors
 
 
 @pytest.mark.parametrize("case", DEEPSEEK_CASES)
@@ -78,8 +71,8 @@ def test_round_trip_is_bit_exact(hf_folders, tmp_path, case):
     # the checkpoint's rotary layout is kept (DeepSeek-V3 with rope_interleave false)
     extra = {"rope_interleave": hf["rope_interleave"]} if "rope_interleave" in hf else {}
     save_hf(load_hf(folder), tmp_path / "out", config_extra=extra)
-    original = _all_tensors(folder)
-    again = _all_tensors(tmp_path / "out")
+    original = folder_tensors(folder)
+    again = folder_tensors(tmp_path / "out")
     assert sorted(again) == sorted(original)
     for name, tensor in original.items():
         assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
@@ -127,7 +120,7 @@ def test_bf16_checkpoint_with_an_fp32_router_round_trips(tmp_path):
     assert ours.tok_embed.weight.dtype == torch.bfloat16
     assert ours(TOKENS_BT).logits.isfinite().all()
     save_hf(ours, tmp_path / "out")
-    again = _all_tensors(tmp_path / "out")
+    again = folder_tensors(tmp_path / "out")
     for name, tensor in tensors.items():
         assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
 
@@ -173,7 +166,7 @@ def test_mtp_layers_load_with_mtp_true_and_save_in_deepseeks_layout(hf_folders, 
             tensor.normal_(0.0, 0.3)
     save_hf(model, tmp_path / "a", max_shard_bytes=30_000)
     assert json.loads((tmp_path / "a/config.json").read_text())["num_nextn_predict_layers"] == 1
-    tensors = _all_tensors(tmp_path / "a")
+    tensors = folder_tensors(tmp_path / "a")
     for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "self_attn.kv_b_proj"):
         assert f"model.layers.3.{name}.weight" in tensors, name
     assert "model.layers.3.mlp.gate.e_score_correction_bias" in tensors
@@ -189,7 +182,7 @@ def test_mtp_layers_load_with_mtp_true_and_save_in_deepseeks_layout(hf_folders, 
     for name, value in back.state_dict().items():
         assert torch.equal(value, expected[name]), name
     save_hf(back, tmp_path / "b")
-    again = _all_tensors(tmp_path / "b")
+    again = folder_tensors(tmp_path / "b")
     assert again.keys() == tensors.keys()
     assert all(torch.equal(again[name], tensors[name]) for name in tensors)
     # `moekit convert --mtp` keeps them in the run directory, to train with them

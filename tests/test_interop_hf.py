@@ -13,6 +13,7 @@ import pytest
 import torch
 from builders import VOCAB
 from builders import hf_model as build_hf
+from helpers import folder_tensors
 from safetensors.torch import load_file, save_file
 
 from moekit.interop import load_hf, model_config_from_hf, save_hf
@@ -49,21 +50,14 @@ def test_sharded_checkpoint_is_read_through_its_index(hf_folders):
     assert len(set(weight_files(folder).values())) > 1
 
 
-def _all_tensors(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in set(weight_files(folder).values()):
-        tensors |= load_file(file)
-    return tensors
-
-
 def test_bfloat16_checkpoint_stays_bfloat16_and_round_trips(tmp_path):
     model = build_hf("olmoe").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf")
     assert ours.tok_embed.weight.dtype == torch.bfloat16
     save_hf(ours, tmp_path / "out")
-    for name, tensor in _all_tensors(tmp_path / "hf").items():
-        assert torch.equal(_all_tensors(tmp_path / "out")[name], tensor), name
+    for name, tensor in folder_tensors(tmp_path / "hf").items():
+        assert torch.equal(folder_tensors(tmp_path / "out")[name], tensor), name
 
 
 def test_fused_expert_layout_is_read_too(hf_folders, tmp_path):
@@ -84,7 +78,7 @@ def test_tied_embeddings_load_save_and_reload(tmp_path):
     assert ours.lm_head.weight is ours.tok_embed.weight
     torch.testing.assert_close(_logits(ours), _logits(hf_model), atol=1e-4, rtol=0)
     save_hf(ours, tmp_path / "out")
-    assert "lm_head.weight" not in _all_tensors(tmp_path / "out")
+    assert "lm_head.weight" not in folder_tensors(tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(_logits(back), _logits(ours), atol=1e-5, rtol=0)
 

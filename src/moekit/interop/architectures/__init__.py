@@ -105,23 +105,21 @@ def hf_config(
         ValueError: naming every setting the architecture cannot express (when it was
             chosen, also the next closest architectures and theirs).
     """
-    if config.moe is None:
-        problems_by_architecture(config)  # the dense-model error
-    chosen = architecture is None
-    arch = get(choose_architecture(config) if chosen else architecture)
-    problems = arch.inexpressible(config)
+    by_architecture = problems_by_architecture(config)  # a dense model: its error
+    name = next(iter(by_architecture)) if architecture is None else get(architecture).name
+    problems = by_architecture[name]
     if problems:
-        message = f"the {arch.name} architecture cannot express: {'; '.join(problems)}"
-        if chosen:
-            message += _alternatives(config, arch.name)
+        message = f"the {name} architecture cannot express: {'; '.join(problems)}"
+        if architecture is None:
+            message += _alternatives(by_architecture, name)
         raise ValueError(message)
-    return arch.to_hf(config, dtype)
+    return get(name).to_hf(config, dtype)
 
 
-def _alternatives(config: ModelConfig, closest: str) -> str:
+def _alternatives(by_architecture: dict[str, list[str]], closest: str) -> str:
     others = [
         f"{name}: {'; '.join(problems)}"
-        for name, problems in problems_by_architecture(config).items()
+        for name, problems in by_architecture.items()
         if name != closest
     ][:2]
     return (

@@ -250,6 +250,13 @@ class Architecture:
         return lora_B_up
 
 
+def trailing_layers(hf: dict, depth: int | None) -> tuple[str, ...]:
+    """Name prefixes of the `depth` layers a checkpoint stores after its last decoder layer
+    (the multi-token-prediction modules of DeepSeek-V3, GLM-4.5, MiniMax-M2)."""
+    first = hf.get("num_hidden_layers", 0)
+    return tuple(f"model.layers.{first + k}." for k in range(depth or 0))
+
+
 def common_keys(arch: Architecture, config: ModelConfig, dtype: str) -> dict:
     """The config.json keys the Mixtral-like architectures share."""
     moe = config.moe
@@ -364,10 +371,13 @@ def expect(
 
 
 def moe_config(hf: HFConfig, **fields) -> MoEConfig:
-    """An MoEConfig with transformers' conventions: no z-loss, the balance coefficient
+    """An MoEConfig with transformers' conventions: d_model hidden_size, top_k
+    num_experts_per_tok (unless fields name it), no z-loss, the balance coefficient
     converted (balance_coef), the rest from fields."""
+    if "top_k" not in fields:
+        fields["top_k"] = hf["num_experts_per_tok"]
     fields.setdefault("balance_loss_coef", balance_coef(hf, fields["top_k"]))
-    return MoEConfig(z_loss_coef=0.0, **fields)
+    return MoEConfig(d_model=hf["hidden_size"], z_loss_coef=0.0, **fields)
 
 
 # ---------------------------------------------------------------- grouped-query decoders
@@ -399,8 +409,9 @@ def refuse_gqa_options(hf: HFConfig) -> None:
 
 def gqa_model_config(hf: HFConfig, moe: MoEConfig, rope_theta: float, **fields) -> ModelConfig:
     """The ModelConfig of a grouped-query decoder: the structure read from hf, the rest
-    (biases, q/k norm, dense layers, rope scaling) from fields."""
-    return ModelConfig(
+    (biases, q/k norm, dense layers, rope scaling, attention kind) from fields, which may
+    also replace what is read (a head_dim the family derives, say)."""
+    read = dict(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
@@ -414,8 +425,8 @@ def gqa_model_config(hf: HFConfig, moe: MoEConfig, rope_theta: float, **fields) 
         init_std=float(hf.get("initializer_range", 0.02)),
         activation="swiglu",
         moe=moe,
-        **fields,
     )
+    return ModelConfig(**(read | fields))
 
 
 def gqa_problems(

@@ -23,10 +23,10 @@ from .base import (
     Architecture,
     HFConfig,
     Published,
+    common_keys,
     expect,
     moe_config,
     refuse_common,
-    rope_parameters,
 )
 from .rules import COPY, FUSE_GLU, FUSED_EXPERTS, LAYER, PER_EXPERT, Rule, rope_rows
 
@@ -137,10 +137,8 @@ class DeepseekV2(Architecture):
         num_groups = self.num_groups(hf)
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf["moe_intermediate_size"],
             num_experts=hf["n_routed_experts"],
-            top_k=hf["num_experts_per_tok"],
             router=self.router,
             renormalize=bool(hf.get("norm_topk_prob", False)),
             num_groups=num_groups,
@@ -201,19 +199,12 @@ class DeepseekV2(Architecture):
 
     def to_hf(self, config: ModelConfig, dtype: str) -> dict:
         moe = config.moe
-        return {
-            "architectures": [self.hf_class],
-            "model_type": self.name,
-            "vocab_size": config.vocab_size,
-            "hidden_size": config.d_model,
+        out = common_keys(self, config, dtype) | {
             "intermediate_size": config.d_hidden,
             "moe_intermediate_size": moe.d_hidden,
-            "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_heads,
+            "num_key_value_heads": config.num_heads,  # MLA: every head has its own keys
             "n_shared_experts": moe.num_shared_experts,
             "n_routed_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k,
             "routed_scaling_factor": moe.routed_scaling,
             "n_group": moe.num_groups,
             "topk_group": moe.topk_groups,
@@ -224,21 +215,11 @@ class DeepseekV2(Architecture):
             "qk_rope_head_dim": config.qk_rope_head_dim,
             "qk_nope_head_dim": config.qk_nope_head_dim,
             "v_head_dim": config.v_head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": config.max_seq_len,
-            "rms_norm_eps": config.norm_eps,
-            "tie_word_embeddings": config.tied_embeddings,
-            "initializer_range": config.init_std,
-            "rope_theta": config.rope_theta,
-            "rope_parameters": rope_parameters(config),
             "attention_bias": False,
-            "attention_dropout": 0.0,
-            "use_cache": True,
-            "bos_token_id": None,
-            "eos_token_id": None,
-            "pad_token_id": None,
-            "dtype": dtype,
-        } | self.hf_keys(config)
+        }
+        # transformers' DeepSeek models add no balance loss (moekit reads none back)
+        del out["router_aux_loss_coef"], out["output_router_logits"]
+        return out | self.hf_keys(config)
 
     def hf_keys(self, config: ModelConfig) -> dict:
         greedy = config.moe.num_groups == 1

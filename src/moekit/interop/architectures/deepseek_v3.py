@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...models import ModelConfig
-from .base import HFConfig, Published
+from .base import HFConfig, Published, trailing_layers
 from .deepseek_v2 import DeepseekV2
 from .rules import Rule
 
@@ -87,9 +87,7 @@ class DeepseekV3(DeepseekV2):
     def unloaded_prefixes(self, hf: dict) -> tuple[str, ...]:
         """The MTP layers, stored after the last decoder layer (transformers does not load
         them either)."""
-        first = hf.get("num_hidden_layers", 0)
-        depth = hf.get("num_nextn_predict_layers", 0)
-        return tuple(f"model.layers.{first + i}." for i in range(depth))
+        return trailing_layers(hf, hf.get("num_nextn_predict_layers"))
 
 
 def mtp_rules(config: ModelConfig, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:

@@ -276,7 +276,6 @@ class Ernie4_5Moe(Architecture):
         shared = hf.get("moe_num_shared_experts") or 0
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf.get("moe_intermediate_size"),
             num_experts=num_experts,
             top_k=hf.get("moe_k"),

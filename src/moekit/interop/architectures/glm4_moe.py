@@ -40,8 +40,10 @@ from .base import (
     Published,
     common_keys,
     expect,
+    gqa_model_config,
     moe_config,
     refuse_common,
+    trailing_layers,
 )
 from .deepseek_v2 import ffn_layout_problems
 from .deepseek_v3 import mtp_rules
@@ -193,10 +195,8 @@ class Glm4Moe(Architecture):
         hf.check()
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf["moe_intermediate_size"],
             num_experts=hf["n_routed_experts"],
-            top_k=hf["num_experts_per_tok"],
             router="sigmoid_topk",
             renormalize=bool(hf.get("norm_topk_prob")),
             num_groups=num_groups,
@@ -206,25 +206,16 @@ class Glm4Moe(Architecture):
             d_shared_hidden=hf["moe_intermediate_size"],
             balance_loss_coef=0.0,
         )
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        return gqa_model_config(
+            hf,
+            moe,
+            rope_theta,
             head_dim=head_dim,
             qkv_bias=bool(hf.get("attention_bias", False)),
             qk_norm="head" if hf.get("use_qk_norm", False) else None,
             rotary_dim=None if rotary == head_dim else rotary,
-            max_seq_len=hf.get("max_position_embeddings"),
-            rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            norm_eps=float(hf.get("rms_norm_eps")),
-            tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_std=float(hf.get("initializer_range", 0.02)),
             d_hidden=hf["intermediate_size"],
-            activation="swiglu",
-            moe=moe,
             first_dense_layers=hf.get("first_k_dense_replace"),
         )
 
@@ -279,9 +270,7 @@ class Glm4Moe(Architecture):
     def unloaded_prefixes(self, hf: dict) -> tuple[str, ...]:
         """The MTP layers, stored after the last decoder layer (transformers does not load
         them either)."""
-        first = hf.get("num_hidden_layers", 0)
-        depth = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 1)) or 0
-        return tuple(f"model.layers.{first + i}." for i in range(depth))
+        return trailing_layers(hf, hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 1)))
 
     # ------------------------------------------------------------ tensors
 

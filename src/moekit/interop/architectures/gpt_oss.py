@@ -30,6 +30,7 @@ from .base import (
     Published,
     decoder_options,
     dense_layer_indices,
+    gqa_model_config,
     moe_config,
     no_shared_expert,
     one_attention_bias,
@@ -149,10 +150,8 @@ class GptOss(Architecture):
         hf.check()
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf["intermediate_size"],
             num_experts=hf["num_local_experts"],
-            top_k=hf["num_experts_per_tok"],
             renormalize=True,
             router_bias=True,
             expert_bias=True,
@@ -161,25 +160,16 @@ class GptOss(Architecture):
             swiglu_limit=float(hf.get("swiglu_limit")),
         )
         bias = bool(hf.get("attention_bias"))
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=num_layers,
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
+        return gqa_model_config(
+            hf,
+            moe,
+            rope_theta,
             qkv_bias=bias,
             attn_out_bias=bias,
             attention="sinks",
             sliding_window=window,
             sliding_layers=sliding if window is not None else None,
-            max_seq_len=hf.get("max_position_embeddings"),
-            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            norm_eps=float(hf.get("rms_norm_eps")),
-            tied_embeddings=bool(hf.get("tie_word_embeddings")),
-            init_std=float(hf.get("initializer_range")),
-            moe=moe,
         )
 
     def inexpressible(self, config: ModelConfig) -> list[str]:

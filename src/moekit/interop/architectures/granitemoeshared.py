@@ -128,10 +128,8 @@ class GraniteMoeShared(Architecture):
         shared = hf.get("shared_intermediate_size")
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf.get("intermediate_size"),
             num_experts=hf.get("num_local_experts"),
-            top_k=hf.get("num_experts_per_tok"),
             renormalize=True,
             num_shared_experts=1 if shared else 0,
             d_shared_hidden=shared or None,

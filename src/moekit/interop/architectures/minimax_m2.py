@@ -39,6 +39,7 @@ from .base import (
     no_shared_expert,
     refuse_common,
     rope_parameters,
+    trailing_layers,
 )
 from .rules import DECODER, FUSED_EXPERTS, LAYER, Rule, per_expert
 
@@ -143,10 +144,8 @@ class MiniMaxM2(Architecture):
         hf.check()
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf["intermediate_size"],
             num_experts=hf["num_local_experts"],
-            top_k=hf["num_experts_per_tok"],
             router="sigmoid_topk",
             renormalize=True,
         )
@@ -238,9 +237,7 @@ class MiniMaxM2(Architecture):
 
     def unloaded_prefixes(self, hf: dict) -> tuple[str, ...]:
         """The MTP modules, model.layers.{L + k} (transformers does not build them)."""
-        first = hf.get("num_hidden_layers", 0)
-        depth = hf.get("num_mtp_modules") or 0
-        return tuple(f"model.layers.{first + k}." for k in range(depth))
+        return trailing_layers(hf, hf.get("num_mtp_modules"))
 
 
 def rotary_width(hf: HFConfig, head_dim: int) -> int:

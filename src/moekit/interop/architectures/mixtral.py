@@ -50,10 +50,8 @@ class Mixtral(Architecture):
         hf.check()
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf["intermediate_size"],
             num_experts=hf["num_local_experts"],
-            top_k=hf["num_experts_per_tok"],
             renormalize=True,
         )
         bias = bool(hf.get("attention_bias", False))

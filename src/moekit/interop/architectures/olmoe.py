@@ -47,10 +47,8 @@ class Olmoe(Architecture):
         hf.check()
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf["intermediate_size"],
             num_experts=hf["num_experts"],
-            top_k=hf["num_experts_per_tok"],
             renormalize=bool(hf.get("norm_topk_prob", False)),
         )
         bias = bool(hf.get("attention_bias", False))

@@ -184,7 +184,6 @@ class Phimoe(Architecture):
         hf.check()
         moe = moe_config(
             hf,
-            d_model=hf["hidden_size"],
             d_hidden=hf["intermediate_size"],
             num_experts=hf["num_local_experts"],
             top_k=top_k,

@@ -32,10 +32,8 @@ def read_qwen(hf: HFConfig, required=(), **moe_fields) -> tuple[float, dict]:
     hf.check()
     moe = moe_config(
         hf,
-        d_model=hf["hidden_size"],
         d_hidden=hf["moe_intermediate_size"],
         num_experts=hf["num_experts"],
-        top_k=hf["num_experts_per_tok"],
         renormalize=bool(hf.get("norm_topk_prob", False)),
         **moe_fields,
     )
